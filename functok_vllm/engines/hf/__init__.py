@@ -1,0 +1,1 @@
+"""The transformers engine: model loading, temporary residual-stream hooks, dynamic batching."""

@@ -1,0 +1,60 @@
+"""Temporary residual-stream hooks on a transformers model: attached in a context manager, removed in `finally`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from functok_vllm.offline import go_offline
+
+# fn(h) gets the residual stream leaving a decoder layer, flattened to (tokens, d_model), and returns its
+# replacement of the same shape, or None to leave it unchanged (capture only).
+ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM: `model.model.layers` (Llama, Mistral, Qwen, Gemma) or `transformer.h`."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def _wrap(fn: ResidualFn):
+    def hook(_module, _args, out):
+        h = out[0] if isinstance(out, tuple) else out  # transformers 5 returns a tensor, 4.x a tuple
+        new = fn(h.reshape(-1, h.shape[-1]))  # (batch * seq, d_model)
+        if new is None:
+            return None
+        new = new.view_as(h)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    return hook
+
+
+@contextmanager
+def residual_hooks(model, fns: dict[int, ResidualFn]) -> Iterator[None]:
+    """Run `fns[layer]` on the output of each named decoder layer for the duration of the `with` block."""
+    layers = decoder_layers(model)
+    handles = []
+    try:
+        for layer, fn in fns.items():
+            handles.append(layers[layer].register_forward_hook(_wrap(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) from a Hugging Face directory, offline, in eval mode."""
+    go_offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, tok

@@ -1,0 +1,1 @@
+"""Scripts that make the shipped assets: demo tokenizer and model, SAEs, function tokens."""
