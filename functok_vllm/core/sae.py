@@ -18,6 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
+# metadata.sae_lens_version marks the cfg.json layout: without a version >= 6, SAELens reads the file as a 5.x
+# flat config and drops the nested metadata (hook_name included).
+SAELENS_LAYOUT_VERSION = "6.0.0"
 
 
 class SAELoadError(ValueError):
@@ -48,10 +51,14 @@ class SAEConfig:
 
 
 def layer_from_hook_name(hook_name: str) -> int:
-    """`blocks.9.hook_resid_post` -> 9 (TransformerLens names), `model.layers.9` -> 9; -1 when absent."""
+    """`blocks.9.hook_resid_post` -> 9 (TransformerLens names), `model.layers.9` -> 9; -1 when absent.
+
+    `blocks.9.hook_resid_pre` is the residual stream entering block 9, i.e. the output of decoder layer 8; the
+    embeddings (`blocks.0.hook_resid_pre`) are no decoder layer's output and give -1.
+    """
     for part in hook_name.split("."):
         if part.isdigit():
-            return int(part)
+            return int(part) - 1 if hook_name.endswith("hook_resid_pre") else int(part)
     return -1
 
 
@@ -188,7 +195,7 @@ def config_from_json(raw: dict, where: Path | str = "cfg.json") -> SAEConfig:
         extra=extra,
     )
     if cfg.layer < 0:
-        raise SAELoadError(f"{where}: no layer number in metadata.hook_name {hook_name!r}")
+        raise SAELoadError(f"{where}: metadata.hook_name {hook_name!r} names no decoder layer's output")
     return cfg
 
 
@@ -203,7 +210,8 @@ def config_to_json(cfg: SAEConfig, dtype: torch.dtype) -> dict:
         "reshape_activations": "none",
     }
     out.update({k: v for k, v in cfg.extra.items() if k != "metadata"})
-    out["metadata"] = {**cfg.extra.get("metadata", {}), "hook_name": cfg.hook_name}
+    out["metadata"] = {"sae_lens_version": SAELENS_LAYOUT_VERSION, **cfg.extra.get("metadata", {})}
+    out["metadata"]["hook_name"] = cfg.hook_name
     if cfg.architecture == "topk":
         out["k"] = cfg.k
     out["architecture"] = cfg.architecture
