@@ -83,8 +83,7 @@ EXCLUDE_PREFIXES = (
 def read_metadata(path: str) -> str:
     if path.endswith(".whl"):
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist()
-                     if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+            names = [n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
             if len(names) != 1:
                 sys.exit(f"cpu_requirements.py: no unique METADATA in {path}")
             return zf.read(names[0]).decode()
@@ -100,11 +99,7 @@ def main() -> None:
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: cpu_requirements.py WHEEL_OR_METADATA_FILE [NODEPS_OUT]")
     nodeps_out = sys.argv[2] if len(sys.argv) == 3 else None
-    relax = {
-        canonicalize_name(n)
-        for n in os.environ.get("VLLM_CPU_RELAX_PINS", "").split(",")
-        if n.strip()
-    }
+    relax = {canonicalize_name(n) for n in os.environ.get("VLLM_CPU_RELAX_PINS", "").split(",") if n.strip()}
     env = default_environment()
     env["extra"] = ""
     out: list[str] = []
@@ -127,15 +122,16 @@ def main() -> None:
             except metadata.PackageNotFoundError:
                 have = None
             if have is not None and not req.specifier.contains(have, prereleases=True):
-                print(f"cpu_requirements.py: keeping installed {req.name} {have} "
-                      f"instead of vLLM's pin {req.specifier}", file=sys.stderr)
+                print(
+                    f"cpu_requirements.py: keeping installed {req.name} {have} instead of vLLM's pin {req.specifier}",
+                    file=sys.stderr,
+                )
                 req.specifier = type(req.specifier)("")
         if nodeps_out is not None and name in NODEPS:
             nodeps.append(str(req))
         else:
             out.append(str(req))
-    print("cpu_requirements.py: dropped GPU-only: " + " ".join(dropped),
-          file=sys.stderr)
+    print("cpu_requirements.py: dropped GPU-only: " + " ".join(dropped), file=sys.stderr)
     if nodeps_out is not None:
         with open(nodeps_out, "w") as f:
             f.write("".join(r + "\n" for r in nodeps))

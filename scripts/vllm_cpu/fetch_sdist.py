@@ -32,7 +32,9 @@ def index_url() -> str:
             try:
                 out = subprocess.run(
                     [sys.executable, "-m", "pip", "config", "get", key],
-                    capture_output=True, text=True, timeout=60,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
                 )
             except (OSError, subprocess.SubprocessError):
                 break
@@ -68,7 +70,7 @@ def main() -> None:
         sys.exit(f"fetch_sdist.py: {filename} not found on {page_url}")
     link = urllib.parse.urljoin(page_url, links[0])
     url, _, frag = link.partition("#")
-    want = frag[len("sha256="):] if frag.startswith("sha256=") else None
+    want = frag[len("sha256=") :] if frag.startswith("sha256=") else None
 
     if target.is_file() and want and hashlib.sha256(target.read_bytes()).hexdigest() == want:
         print(target)

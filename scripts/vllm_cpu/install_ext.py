@@ -29,8 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 MARKER = ".functok_cpu_ext"
-CUDA_LIBS = (b"libcudart.so", b"libcuda.so", b"libtorch_cuda.so",
-             b"libc10_cuda.so", b"libnvrtc.so")
+CUDA_LIBS = (b"libcudart.so", b"libcuda.so", b"libtorch_cuda.so", b"libc10_cuda.so", b"libnvrtc.so")
 
 
 def sha256(path: Path) -> str:
@@ -117,12 +116,18 @@ def install(version: str, product_dir: Path) -> int:
         print(f"install_ext.py: installed {dst} ({dst.stat().st_size} bytes)")
 
     marker = vdir / MARKER
-    marker.write_text(json.dumps({
-        "vllm": version,
-        "files": {n: sha256(f) for n, f in installed.items()},
-        "sizes": {n: f.stat().st_size for n, f in installed.items()},
-        "removed": removed,
-    }, indent=1) + "\n")
+    marker.write_text(
+        json.dumps(
+            {
+                "vllm": version,
+                "files": {n: sha256(f) for n, f in installed.items()},
+                "sizes": {n: f.stat().st_size for n, f in installed.items()},
+                "removed": removed,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
     # Keep RECORD truthful: drop removed files, add ours and the marker.
     record = Path(d._path) / "RECORD"  # type: ignore[attr-defined]

@@ -86,16 +86,14 @@ def patch_cmake(root: Path) -> None:
     text = replace(
         text,
         "# Build oneDNN for GEMM kernels\n" + onednn_if,
-        "# Build oneDNN for GEMM kernels (disabled by functok: no GitHub access)\n"
-        "if (FALSE)",
+        "# Build oneDNN for GEMM kernels (disabled by functok: no GitHub access)\nif (FALSE)",
         path,
     )
     # dnnl_kernels.cpp in the generic, AVX512 and AVX2 source lists.
     lines = text.split("\n")
     kept = [ln for ln in lines if ln.strip() != '"csrc/cpu/dnnl_kernels.cpp"']
     if len(lines) - len(kept) != 3:
-        die(f"{path}: expected 3 dnnl_kernels.cpp source lines, "
-            f"found {len(lines) - len(kept)}")
+        die(f"{path}: expected 3 dnnl_kernels.cpp source lines, found {len(lines) - len(kept)}")
     text = "\n".join(kept)
     for var in ("_C_LIBS", "_C_AVX512_LIBS", "_C_AVX2_LIBS"):
         text = replace(text, f"set({var} numa dnnl_ext)", f"set({var} numa)", path)
@@ -106,10 +104,7 @@ def patch_cmake(root: Path) -> None:
 def patch_bindings(root: Path) -> None:
     path = root / "csrc" / "cpu" / "torch_bindings.cpp"
     text = path.read_text()
-    old = (
-        "  // Quantization\n"
-        "#if defined(__AVX512F__) || defined(__AVX2__) ||"
-    )
+    old = "  // Quantization\n#if defined(__AVX512F__) || defined(__AVX2__) ||"
     new = (
         "  // Quantization (oneDNN ops: disabled by functok, no dnnl_kernels.cpp)\n"
         "#if 0 && defined(__AVX512F__) || 0 && defined(__AVX2__) ||"

@@ -34,7 +34,7 @@ VOCAB = 512
 
 def make_model(path: str) -> None:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -91,7 +91,7 @@ def hf_greedy(path: str, prompt_ids: list[list[int]]) -> list[list[int]]:
                 do_sample=False,
                 pad_token_id=3,
             )
-            outs.append(y[0, len(ids):].tolist())
+            outs.append(y[0, len(ids) :].tolist())
     return outs
 
 
@@ -156,13 +156,10 @@ def main() -> int:
         eager = mode == "eager"
         t0 = time.time()
         prompt_ids, tokens, texts, t_init, t_gen = vllm_greedy(path, eager)
-        print(
-            f"[smoke] vllm {mode}: init {t_init:.1f}s, generate {t_gen:.2f}s, "
-            f"total {time.time() - t0:.1f}s"
-        )
+        print(f"[smoke] vllm {mode}: init {t_init:.1f}s, generate {t_gen:.2f}s, total {time.time() - t0:.1f}s")
         if hf_tokens is None:
             hf_tokens = hf_greedy(path, prompt_ids)
-        for p, ids, v, h, txt in zip(PROMPTS, prompt_ids, tokens, hf_tokens, texts):
+        for p, ids, v, h, txt in zip(PROMPTS, prompt_ids, tokens, hf_tokens, texts, strict=False):
             same = v == h
             ok &= same
             print(f"[smoke]   {mode} prompt {p!r} ids={ids}")

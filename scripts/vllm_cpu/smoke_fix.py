@@ -81,6 +81,4 @@ def apply() -> None:
     """Install the fix (idempotent)."""
     from vllm.utils import cpu_triton_utils
 
-    cpu_triton_utils._compute_slot_mapping_kernel_impl = (
-        compute_slot_mapping_kernel_impl
-    )
+    cpu_triton_utils._compute_slot_mapping_kernel_impl = compute_slot_mapping_kernel_impl
