@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--tokens", type=int, default=49152, help="held-out tokens to evaluate on")
     se.add_argument("--out", default=None, help="write the table as JSON here")
     se.set_defaults(func=_sae_eval)
+
+    from analysis.cli import add_parser as add_analyze
+
+    add_analyze(sub)
+
+    from functok_vllm.server.main import add_parser as add_serve
+
+    add_serve(sub)
     return p
 
 

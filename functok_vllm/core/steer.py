@@ -56,6 +56,14 @@ class SteeringLayer(torch.nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
 
+    def add_delta(self, h: torch.Tensor) -> torch.Tensor:
+        """`delta(h)` when no clamp column of this layer is owned (`SteeringTable.clamps_in_use`): the gather alone.
+
+        Equal to `delta` then (the clamp term is an exact zero). For eager engines that may choose per step; compiled
+        engines call `delta`, whose graph never changes.
+        """
+        return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
+
 
 @dataclass
 class _Slot:
@@ -91,6 +99,10 @@ class SteeringTable:
     @property
     def slots_in_use(self) -> int:
         return len(self._by_key)
+
+    def clamps_in_use(self, layer: int) -> bool:
+        """Does any slot own a clamp column at this layer? If not, `add_delta` equals `delta` there."""
+        return len(self._free_cols[layer]) < self.max_clamps
 
     def acquire(self, spec: SteeringSpec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""

@@ -1,0 +1,98 @@
+"""`functok analyze <cmd>`: coverage, reactivation, loss-split, features, steer-sweep, report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+
+ANALYSIS_DIR = Path(__file__).resolve().parent
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s} must be at least 1")
+    return v
+
+
+def fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{s} must be in (0, 1]")
+    return v
+
+
+def _runner(module: str):
+    def run(args):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.function_tokens is None:
+            args.function_tokens = str(Path(args.model) / "function_tokens.json")
+        return importlib.import_module(f"analysis.{module}").main(args)
+
+    return run
+
+
+def _add(sub, name: str, module: str, help: str, corpus: bool = True, saes: bool = True, max_tokens=None):
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--model", default=str(DEMO_MODEL), help="model directory (transformers)")
+    if saes:
+        p.add_argument("--saes", default=str(DEMO_SAES), help="directory of SAELens SAE directories, one per layer")
+    p.add_argument("--function-tokens", default=None, help="function-token JSON (default: MODEL/function_tokens.json)")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--out", default=f"out/analysis/{name}", help="output directory")
+    if corpus:
+        p.add_argument("--corpus", nargs="+", default=None, help="text files (default: held-out split of the corpus)")
+        p.add_argument("--max-tokens", type=positive_int, default=max_tokens, help="token budget (default: all)")
+        p.add_argument("--seq-len", type=positive_int, default=256)
+        p.add_argument("--batch-size", type=positive_int, default=8)
+    p.set_defaults(func=_runner(module))
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `analyze` and its commands on the `functok` subparsers."""
+    a = subparsers.add_parser("analyze", help="offline analysis of function tokens and SAE features")
+    sub = a.add_subparsers(dest="analysis", required=True)
+
+    p = _add(sub, "coverage", "coverage", "token-feature bipartite graph and cumulative feature coverage by rank")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+
+    p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
+    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+    p.add_argument("--top-frac", type=fraction, default=0.01, help="predictive: next token in the top share of lens")
+
+    p = _add(sub, "loss-split", "loss_split", "next-token loss by function/content class over checkpoints", saes=False)
+    p.add_argument("--checkpoints", nargs="+", default=None, help="model dirs (default: MODEL/checkpoints/* + MODEL)")
+
+    p = _add(sub, "features", "features", "top contexts and logit-lens tokens of features", max_tokens=32768)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids (default: the most frequent)")
+    p.add_argument("--top", type=positive_int, default=8, help="how many frequent features when none are given")
+
+    p = _add(sub, "steer-sweep", "steer_sweep", "steer at last function vs last content vs all positions", False)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--feature", type=int, required=True)
+    p.add_argument("--strengths", type=float, nargs="+", default=[0, 10, 20, 40, 80, 160])
+    p.add_argument("--target", default=None, help="target token (default: the feature's top logit-lens token)")
+    p.add_argument("--generate", type=int, default=12, help="greedy tokens to generate per policy")
+
+    p = _add(sub, "report", "report", "regenerate analysis/REPORT.md and its figures for the shipped model", False)
+    p.set_defaults(out=str(ANALYSIS_DIR))
+    p.add_argument("--prompts", default=str(ANALYSIS_DIR / "prompts.jsonl"))
+    p.add_argument("--max-tokens", type=positive_int, default=49152, help="held-out token budget (coverage)")
+    p.add_argument("--loss-tokens", type=positive_int, default=24576, help="held-out tokens per checkpoint (loss)")
+    p.add_argument("--rebuild-prompts", action="store_true", help="rewrite the prompt set from held-out text first")
+    return a

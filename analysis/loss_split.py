@@ -1,0 +1,146 @@
+"""Next-token loss split by (current token, next token) class over training checkpoints (memory consolidation).
+
+Position t predicts token t+1 with cross-entropy loss; it falls into one of four groups by whether token t and token
+t+1 are function tokens. Pairs that touch a document separator (EOS) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from analysis.data import check_corpus, n_batches, sequences, token_stream
+from analysis.io import figure, out_dir, save_figure, write_csv, write_json
+from functok_vllm.errors import CLIError
+
+GROUPS = ("function->function", "function->content", "content->function", "content->content")
+
+
+@dataclass
+class LossSplitConfig:
+    max_tokens: int | None = None  # None: the whole corpus
+    seq_len: int = 256
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("seq_len must be >= 2 and batch_size >= 1")
+
+
+def group_of(cur: torch.Tensor, nxt: torch.Tensor, fn_mask: torch.Tensor) -> torch.Tensor:
+    """(n,) current and next ids -> (n,) index into GROUPS."""
+    return 2 * (~fn_mask[cur]).long() + (~fn_mask[nxt]).long()
+
+
+def group_sums(ce: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor, fn_mask: torch.Tensor, skip_id: int = -1):
+    """(4,) token counts and (4,) loss sums per group; pairs where either token is skip_id are left out."""
+    keep = (cur != skip_id) & (nxt != skip_id)
+    g = group_of(cur[keep], nxt[keep], fn_mask)
+    return torch.bincount(g, minlength=4), torch.bincount(g, weights=ce[keep].double(), minlength=4)
+
+
+def group_stats(counts: torch.Tensor, sums: torch.Tensor) -> dict:
+    """Per group: tokens, share of tokens, mean loss, share of the total loss."""
+    n, total = int(counts.sum()), float(sums.sum())
+    return {
+        name: {
+            "tokens": int(counts[i]),
+            "token_share": int(counts[i]) / n if n else 0.0,
+            "mean_loss": float(sums[i]) / int(counts[i]) if counts[i] else None,
+            "loss_share": float(sums[i]) / total if total else 0.0,
+        }
+        for i, name in enumerate(GROUPS)
+    } | {"all": {"tokens": n, "mean_loss": total / n if n else None}}
+
+
+@torch.no_grad()
+def loss_split(am, stream: torch.Tensor, cfg: LossSplitConfig, desc: str = "loss split", progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    counts = torch.zeros(4, dtype=torch.long)
+    sums = torch.zeros(4, dtype=torch.float64)
+    total = n_batches(stream, cfg.seq_len, cfg.batch_size)
+    for batch in tqdm(sequences(stream, cfg.seq_len, cfg.batch_size), total=total, desc=desc, disable=not progress):
+        logits = am.forward(batch)  # (b, seq, vocab)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device), reduction="none")
+        c, s = group_sums(ce.cpu(), batch[:, :-1].flatten(), batch[:, 1:].flatten(), am.fn_mask.cpu(), am.eos_id)
+        counts += c
+        sums += s
+    return group_stats(counts, sums)
+
+
+def discover_checkpoints(model_dir: str | Path) -> list[tuple[str, int | None, Path]]:
+    """(label, step, path) of `checkpoints/step-*` under the model directory, then the final model itself."""
+    d = Path(model_dir)
+    found = []
+    for p in sorted((d / "checkpoints").glob("step-*")):
+        if (p / "config.json").is_file() and p.name.removeprefix("step-").isdigit():
+            found.append((p.name, int(p.name.removeprefix("step-")), p))
+    report = d / "training_report.json"
+    step = json.loads(report.read_text()).get("config", {}).get("steps") if report.is_file() else None
+    return sorted(found, key=lambda c: c[1]) + [("final", step, d)]
+
+
+def over_checkpoints(am, checkpoints: list[tuple[str, int | None, Path]], stream: torch.Tensor, cfg: LossSplitConfig):
+    """The loss split of each checkpoint on the same tokens; `am` supplies the tokenizer and function-token mask."""
+    from analysis.model import HFAnalysisModel, load_checkpoint
+
+    rows = []
+    for label, step, path in checkpoints:
+        ck = HFAnalysisModel(load_checkpoint(path), am.tokenizer, {}, am.fn_mask)
+        rows.append({"checkpoint": label, "step": step, "groups": loss_split(ck, stream, cfg, desc=label)})
+    return rows
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    return [
+        {"checkpoint": r["checkpoint"], "step": r["step"], "group": g, **r["groups"][g]}
+        for r in results
+        for g in GROUPS
+    ]
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    fig, axes = figure(2, width=4.2)
+    steps = [r["step"] if r["step"] is not None else i for i, r in enumerate(results)]
+    for g in GROUPS:
+        axes[0].plot(steps, [r["groups"][g]["mean_loss"] for r in results], marker="o", label=g)
+        axes[1].plot(steps, [r["groups"][g]["loss_share"] for r in results], marker="o", label=g)
+    axes[0].set_ylabel("mean next-token loss (nats)")
+    axes[1].set_ylabel("share of total loss")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def main(args) -> int:
+    from analysis.model import check_model_dir, load_hf
+
+    check_corpus(args.corpus)
+
+    cfg = LossSplitConfig(args.max_tokens, args.seq_len, args.batch_size)
+    if args.checkpoints:
+        checkpoints = [(Path(p).name, None, check_model_dir(p)) for p in args.checkpoints]
+    else:
+        checkpoints = discover_checkpoints(check_model_dir(args.model))
+    if not checkpoints:
+        raise CLIError("no checkpoints to evaluate")
+    am = load_hf(args.model, None, args.function_tokens)
+    stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
+    results = over_checkpoints(am, checkpoints, stream, cfg)
+    out = out_dir(args.out)
+    paths = [
+        write_json(out / "loss_split.json", results),
+        write_csv(out / "loss_split.csv", table_rows(results)),
+        plot(results, out / "loss_split.png"),
+    ]
+    for r in results:
+        shares = ", ".join(f"{g} {r['groups'][g]['loss_share']:.1%}" for g in GROUPS)
+        print(f"{r['checkpoint']}: loss {r['groups']['all']['mean_loss']:.3f}; share of loss: {shares}")
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0

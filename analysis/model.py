@@ -1,0 +1,169 @@
+"""The narrow model interface the analysis runs on, and its transformers implementation (load_model + residual_hooks).
+
+An engine gives the analysis four things: token ids of a text, logits of token sequences while running given
+residual functions at given decoder layers (capture: return None; steer: return the new residual), the SAEs by layer
+with the function-token mask, and the unembedding the logit lens reads. A vLLM engine can provide the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from functok_vllm.core import SAE, FunctionTokens, SAELoadError
+from functok_vllm.core.sae import config_from_json
+from functok_vllm.engines.hf.hooks import ResidualFn, load_model, residual_hooks
+from functok_vllm.errors import CLIError
+
+
+class AnalysisModel(Protocol):
+    saes: dict[int, SAE]
+    fn_mask: torch.Tensor  # (vocab,) bool
+    vocab_size: int
+    max_len: int
+    eos_id: int  # -1: none
+    device: torch.device
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def forward(self, ids: torch.Tensor, fns: dict[int, ResidualFn] | None = None, logits: bool = True): ...
+
+    def unembed(self) -> torch.Tensor: ...
+
+
+@dataclass
+class HFAnalysisModel:
+    """A transformers causal LM with its tokenizer, SAEs by layer and function-token mask."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    saes: dict[int, SAE] = field(default_factory=dict)
+    fn_mask: torch.Tensor | None = None  # (vocab,) bool
+    function_tokens: FunctionTokens | None = None
+
+    def __post_init__(self):
+        if self.fn_mask is None:
+            self.fn_mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if self.fn_mask.shape != (self.vocab_size,):
+            raise ValueError(f"fn_mask has shape {tuple(self.fn_mask.shape)}, the model's vocab is {self.vocab_size}")
+        d_model = self.unembed().shape[1]
+        for layer, sae in self.saes.items():
+            if sae.d_in != d_model:
+                raise CLIError(f"the SAE at layer {layer} reads d_in={sae.d_in}, the model's hidden size is {d_model}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return -1 if eos is None else int(eos)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, fns: dict[int, ResidualFn] | None = None, logits: bool = True):
+        """(batch, seq) ids -> (batch, seq, vocab) float32 logits (None with logits=False), running `fns` at layers."""
+        with residual_hooks(self.model, fns or {}):
+            out = self.model(input_ids=ids.to(self.device), **({} if logits else {"logits_to_keep": 1}))
+        return out.logits.float() if logits else None
+
+    def unembed(self) -> torch.Tensor:
+        """(vocab, d_model) effective unembedding: W_U with the final norm's weight folded in as a diagonal scale."""
+        w = self.model.get_output_embeddings().weight.detach().float()
+        norm = getattr(getattr(self.model, "model", None), "norm", None)
+        g = getattr(norm, "weight", None)
+        return w * g.detach().float()[None, :] if g is not None else w
+
+
+def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAE]:
+    """{layer: SAE} from a directory of SAELens directories (one per layer); CLIError names what is missing."""
+    d = Path(saes_dir)
+    if not d.is_dir():
+        raise CLIError(f"SAE directory {d} does not exist")
+    found = {}
+    for sub in sorted(p for p in d.iterdir() if (p / "cfg.json").is_file()):
+        try:
+            layer = config_from_json(json.loads((sub / "cfg.json").read_text()), sub / "cfg.json").layer
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{sub / 'cfg.json'}: not valid JSON ({e})") from None
+        except SAELoadError as e:
+            raise CLIError(str(e)) from None
+        found[layer] = sub
+    if not found:
+        raise CLIError(f"SAE directory {d} holds no SAE (subdirectories with cfg.json)")
+    want = sorted(found) if layers is None else layers
+    for layer in want:
+        if layer not in found:
+            have = ", ".join(map(str, sorted(found)))
+            raise CLIError(f"no SAE for layer {layer} in {d} (layers with SAEs: {have})")
+    try:
+        return {layer: SAE.load(found[layer]) for layer in want}
+    except SAELoadError as e:
+        raise CLIError(str(e)) from None
+
+
+def load_function_tokens(path: str | Path) -> FunctionTokens:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"function-token file {p} does not exist")
+    try:
+        return FunctionTokens.load(p)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CLIError(f"function-token file {p} is not a `functok function-tokens` JSON ({e})") from None
+
+
+def check_model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CLIError(f"model directory {p} does not exist or has no config.json")
+    return p
+
+
+def load_hf(
+    model_dir: str | Path,
+    saes_dir: str | Path | None,
+    function_tokens: str | Path,
+    layers: list[int] | None = None,
+) -> HFAnalysisModel:
+    """Check every input first (cheap), then load: the analysis model on the transformers engine, in float32."""
+    model_dir = check_model_dir(model_dir)
+    fts = load_function_tokens(function_tokens)
+    saes = load_saes(saes_dir, layers) if saes_dir is not None else {}
+    model, tok = load_model(model_dir)
+    n_layers = len(model.model.layers) if hasattr(model, "model") else None
+    for layer in saes:
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise CLIError(f"the SAE for layer {layer} does not fit a model with {n_layers} decoder layers")
+    mask = fts.mask(model.get_output_embeddings().weight.shape[0])
+    return HFAnalysisModel(model, tok, saes, mask, fts)
+
+
+def load_checkpoint(path: str | Path) -> torch.nn.Module:
+    """A training checkpoint (config + weights, no tokenizer) as a float32 eval-mode model."""
+    from functok_vllm.offline import go_offline
+
+    go_offline()
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

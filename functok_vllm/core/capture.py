@@ -1,0 +1,144 @@
+"""Capture-mode reductions over SAE activations: token-feature edge bitsets, first-reach ranks, re-activation sets.
+
+The steering core's counterpart for reading instead of writing: the same residual hooks feed these ops, which run on
+the device in batches and never hold activations for more than one batch. torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from functok_vllm.core.sae import SAE
+
+MAX_CHUNK_ELEMS = 1 << 25  # (rows, d_sae) activations of one chunk stay under 128 MiB in float32
+_BIT = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # (8,)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)  # (256,)
+
+
+def encode_chunks(sae: SAE, h: torch.Tensor, max_elems: int = MAX_CHUNK_ELEMS) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, (rows, d_sae) activations) over row chunks of h (tokens, d_in), so a d_sae of 2^20 fits in memory."""
+    rows = max(1, max_elems // sae.d_sae)
+    for start in range(0, h.shape[0], rows):
+        yield start, sae.encode(h[start : start + rows])
+
+
+def unpack_bits(packed: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """(rows, bytes) uint8 -> (rows, n_bits) bool, bit j of byte b is column 8 * b + j."""
+    bit = _BIT.to(packed.device)
+    return ((packed[:, :, None] & bit) != 0).reshape(packed.shape[0], -1)[:, :n_bits]
+
+
+class EdgeBits:
+    """The token-feature bipartite graph of one SAE layer as packed bits, (tokens seen) x d_sae, on the device.
+
+    Rows are assigned to token ids in order of first sight (`row_of[token_id]`, -1 if unseen), so memory grows with the
+    distinct tokens seen, one bit per (token, feature). Also counts token occurrences and feature firings.
+    """
+
+    def __init__(self, d_sae: int, vocab_size: int, device="cpu", capacity: int = 256):
+        self.d_sae, self.vocab_size, self.device = d_sae, vocab_size, torch.device(device)
+        self.n_bytes = (d_sae + 7) // 8
+        self.row_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)  # (vocab,)
+        self.token_of = torch.empty(0, dtype=torch.long, device=device)  # (rows,)
+        self.bits = torch.zeros(capacity, self.n_bytes, dtype=torch.uint8, device=device)  # (capacity, bytes)
+        self.token_count = torch.zeros(vocab_size, dtype=torch.long, device=device)  # (vocab,)
+        self.feature_count = torch.zeros(d_sae, dtype=torch.long, device=device)  # (d_sae,) positions active
+
+    @property
+    def n_rows(self) -> int:
+        return self.token_of.shape[0]
+
+    def _rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Row of each token id, assigning rows to ids not seen before. (tokens,) -> (tokens,)"""
+        new = torch.unique(token_ids[self.row_of[token_ids] < 0])
+        if len(new):
+            need = self.n_rows + len(new)
+            if need > self.bits.shape[0]:
+                cap = max(need, 2 * self.bits.shape[0])
+                grown = torch.zeros(cap, self.n_bytes, dtype=torch.uint8, device=self.device)
+                grown[: self.n_rows] = self.bits[: self.n_rows]
+                self.bits = grown
+            self.row_of[new] = torch.arange(self.n_rows, need, device=self.device)
+            self.token_of = torch.cat([self.token_of, new])
+        return self.row_of[token_ids]
+
+    @torch.no_grad()
+    def add(self, token_ids: torch.Tensor, active: torch.Tensor) -> None:
+        """Record the edges of one batch: token_ids (tokens,), active (tokens, d_sae) bool."""
+        token_ids = token_ids.to(self.device)
+        rows = self._rows(token_ids)
+        self.token_count += torch.bincount(token_ids, minlength=self.vocab_size)
+        self.feature_count += active.sum(0)
+        pos, feat = active.nonzero(as_tuple=True)
+        pair = torch.unique(rows[pos] * self.d_sae + feat)  # distinct (row, feature), so bits of one byte are distinct
+        row, feat = pair // self.d_sae, pair % self.d_sae
+        byte = row * self.n_bytes + feat // 8
+        byte_ids, inv = torch.unique(byte, return_inverse=True)
+        bits = torch.zeros(len(byte_ids), dtype=torch.long, device=self.device)
+        bits.index_add_(0, inv, (1 << (feat % 8)).long())  # a sum of distinct powers of two is their OR
+        flat = self.bits.view(-1)
+        flat[byte_ids] |= bits.to(torch.uint8)
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) token ids -> (n, d_sae) bool edge rows (all False for a token never seen)."""
+        r = self.row_of[token_ids.to(self.device)]
+        out = unpack_bits(self.bits[r.clamp(min=0)], self.d_sae)
+        return out & (r >= 0)[:, None]
+
+    def degree(self, chunk_rows: int = 1024) -> torch.Tensor:
+        """(vocab,) number of features each token reaches (0 for unseen tokens)."""
+        deg = torch.zeros(self.vocab_size, dtype=torch.long, device=self.device)
+        pop = _POPCOUNT.to(self.device)
+        for s in range(0, self.n_rows, chunk_rows):
+            e = min(s + chunk_rows, self.n_rows)
+            deg[self.token_of[s:e]] = pop[self.bits[s:e].long()].sum(1).long()
+        return deg
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.degree().sum())
+
+    def first_rank(self, order: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+        """(d_sae,) 1-based rank in `order` (token ids, best first) of the first token reaching a feature; 0: none."""
+        n = len(order)
+        best = torch.full((self.d_sae,), n + 1, dtype=torch.long, device=self.device)
+        order = order.to(self.device)
+        for s in range(0, n, chunk_rows):
+            edges = self.rows(order[s : s + chunk_rows])  # (chunk, d_sae)
+            rank = torch.arange(s + 1, s + 1 + edges.shape[0], device=self.device)[:, None]
+            best = torch.minimum(best, torch.where(edges, rank, n + 1).min(0).values)
+        return torch.where(best > n, 0, best)
+
+    def coverage_curve(self, order: torch.Tensor) -> torch.Tensor:
+        """(len(order),) number of features reached by the top-k tokens of `order`, for k = 1..len(order)."""
+        first = self.first_rank(order)
+        return torch.bincount(first[first > 0] - 1, minlength=len(order))[: len(order)].cumsum(0)
+
+
+def reactivated(active: torch.Tensor, is_function: torch.Tensor) -> torch.Tensor:
+    """Features active at a position that were already active at an earlier content-token position of the same
+    sequence: active (tokens, d_sae) bool, is_function (tokens,) bool -> (tokens, d_sae) bool."""
+    t = active.shape[0]
+    pos = torch.arange(t, device=active.device)
+    content = active & ~is_function[:, None]  # (tokens, d_sae)
+    first = torch.where(content, pos[:, None], t).min(0).values  # (d_sae,) first content position with the feature
+    return active & (first[None, :] < pos[:, None])
+
+
+class RunningTopK:
+    """The k largest activations seen so far of each of n features, with the global position where each occurred."""
+
+    def __init__(self, n_features: int, k: int, device="cpu"):
+        self.values = torch.full((n_features, k), -torch.inf, device=device)  # (n, k)
+        self.where = torch.full((n_features, k), -1, dtype=torch.long, device=device)  # (n, k)
+
+    @torch.no_grad()
+    def add(self, acts: torch.Tensor, offset: int) -> None:
+        """acts (tokens, n) for global positions offset .. offset + tokens - 1."""
+        pos = torch.arange(offset, offset + acts.shape[0], device=acts.device).expand(acts.shape[1], -1)  # (n, tokens)
+        vals = torch.cat([self.values, acts.t().to(self.values)], 1)
+        where = torch.cat([self.where, pos.to(self.where.device)], 1)
+        top = vals.topk(self.values.shape[1], dim=1)
+        self.values, self.where = top.values, where.gather(1, top.indices)

@@ -1,0 +1,189 @@
+"""The engine interface the server talks to: sampling parameters, requests, streamed deltas, the abstract Engine.
+
+An engine runs one model with the steering core attached and streams each request's tokens as they are produced.
+The transformers engine (`engines/hf`) implements it in-process; a vLLM AsyncLLM adapter implements the same methods.
+Engines never see HTTP: the server validates the request body, builds a `GenerateRequest` and reads `Delta`s.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from functok_vllm.core.spec import SteeringSpec
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as given; `param` names the offending field (the server answers HTTP 400)."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
+        super().__init__(f"{param}: {message}")
+        self.param, self.message, self.code = param, message, code
+
+
+class EngineFull(RuntimeError):
+    """Too many requests are running or queued; the server answers 429 with a Retry-After header."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (not started yet, or shutting down); the server answers 503."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # OpenAI's default; 0 means greedy (argmax)
+    top_p: float = 1.0
+    max_tokens: int | None = None  # None: until the context is full
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # a per-request generator: the same seed gives the same tokens whatever the batch mates
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, fixed-length runs)
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise RequestError("temperature", f"{self.temperature!r} must be in [0, 2]")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise RequestError("top_p", f"{self.top_p!r} must be in (0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestError("max_tokens", f"{self.max_tokens!r} must be at least 1")
+        self.stop = tuple(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError("stop", f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(not s for s in self.stop):
+            raise RequestError("stop", "stop strings must not be empty")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise RequestError("seed", f"{self.seed!r} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    steering: SteeringSpec | None = None  # already validated against the engine (`Engine.check_steering`)
+
+
+@dataclass
+class Delta:
+    """What one request produced since its previous delta; counts are running totals."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # one of FINISH_REASONS on the last delta, else None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steered_positions: int = 0  # token positions (prompt and generated) where this request's steering was applied
+    error: str | None = None  # set when finish_reason == "error"
+
+
+@dataclass
+class SteeringInfo:
+    """What steering an engine can apply: an SAE per layer, and the function-token set."""
+
+    d_sae: dict[int, int]  # layer -> SAE width
+    clamp_ok: dict[int, bool]  # layer -> False for TopK SAEs (no per-feature activation to clamp)
+    sae: dict[int, dict]  # layer -> {"architecture", "hook_name", "path"}
+    function_token_ids: list[int]
+    function_token_strings: list[str]
+
+
+class Engine(ABC):
+    """One served model with steering. Async methods run on the server's event loop."""
+
+    model_name: str
+    max_model_len: int
+
+    @property
+    @abstractmethod
+    def tokenizer(self):
+        """A Hugging Face tokenizer (encode, decode, apply_chat_template)."""
+
+    @abstractmethod
+    def steering_info(self) -> SteeringInfo: ...
+
+    @property
+    @abstractmethod
+    def num_running(self) -> int:
+        """Requests in the running batch."""
+
+    @property
+    @abstractmethod
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the worker (and warm it up); called once before the first request."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the worker; requests still running finish with finish_reason "abort"."""
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        """Stream the request's deltas; the last has a finish_reason.
+
+        Raises RequestError (bad request), EngineFull (no room) or EngineStopped from the first `__anext__`, before
+        any delta.
+        Closing the iterator early aborts the request and frees its place in the batch.
+        """
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is (queued or running); unknown ids are ignored."""
+
+    # ---- shared helpers --------------------------------------------------------------------------------------------
+
+    def is_healthy(self) -> bool:
+        """False once the engine can no longer serve (its worker died); /health then answers 503."""
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Engine counters for /metrics (e.g. prefills, decode_steps, decode_rows); {} when an engine keeps none."""
+        return {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ending with the assistant's turn to speak."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_steering(self, spec: SteeringSpec, max_edits: int) -> None:
+        """SpecError unless every edit names a loaded SAE layer, a feature inside it, and a mode it supports."""
+        info = self.steering_info()
+        spec.check(info.d_sae, max_edits, info.clamp_ok)
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, param: str = "prompt") -> None:
+        """RequestError unless the prompt is non-empty and the prompt plus max_tokens fits in the context."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError(param, "the prompt is empty (it must hold at least one token)")
+        if n >= self.max_model_len:
+            raise RequestError(
+                param,
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                "and at least one must be left for the completion",
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and n + max_tokens > self.max_model_len:
+            raise RequestError(
+                "max_tokens",
+                f"{max_tokens} tokens requested after a prompt of {n} tokens, but this model's context is "
+                f"{self.max_model_len} tokens (at most {self.max_model_len - n} are left)",
+                code="context_length_exceeded",
+            )

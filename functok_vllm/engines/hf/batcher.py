@@ -1,0 +1,269 @@
+"""The transformers engine's dynamic batching loop: one worker thread; requests join and leave the running batch.
+
+Each loop iteration takes new requests and aborts from a thread-safe inbox, admits waiting requests while the batch
+has room (each is prefilled alone, into its own key/value buffer, see `ragged.py`), then runs one decode step for
+the whole batch: one forward of one token per request. A request leaves the batch the moment it finishes.
+
+Isolation (a request decoded next to others returns exactly the tokens it returns alone): attention reads only the
+request's own buffer, positions are the request's own, the steering slot of every token comes from the core's
+`build_slot_index` (filler rows get slot 0), sampling uses the request's own generator, and the decode batch is
+padded with filler rows to a multiple of `row_multiple` so the matmul kernels see the same row-count class whether a
+request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core.batch import last_function_position
+from functok_vllm.engines.base import Delta, GenerateRequest, SamplingParams
+from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.hf.ragged import KVBuffer
+from functok_vllm.engines.hf.textout import TextStream
+
+log = logging.getLogger("functok.engine")
+
+
+@dataclass(eq=False)  # compared by identity
+class Seq:
+    """A request inside the worker."""
+
+    req: GenerateRequest
+    emit: Callable[[Delta], None]  # thread-safe hand-off to the request's consumer
+    max_new: int
+    text: TextStream
+    generator: torch.Generator | None = None
+    slot: int = 0
+    policy: int = 0
+    last_fn: int = -1
+    kv: KVBuffer | None = None
+    out_ids: list[int] = field(default_factory=list)
+    steered: int = 0
+
+    def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None) -> Delta:
+        return Delta(text, ids, finish, len(self.req.prompt_ids), len(self.out_ids), self.steered, error)
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """One token from (vocab,) logits with temperature and top-p (nucleus), drawn with the request's generator."""
+    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    if p.top_p < 1:
+        probs, order = probs.sort(descending=True)
+        probs[(probs.cumsum(0) - probs) >= p.top_p] = 0  # keep the smallest prefix reaching top_p (never empty)
+        return int(order[torch.multinomial(probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Batcher:
+    """The worker thread: owns the model's forwards, the steering table and every request's state."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        table: SteeringTable | None,
+        fn_mask: torch.Tensor | None,
+        max_running: int,
+        row_multiple: int,
+        eos_ids: set[int],
+    ):
+        self.model, self.tokenizer, self.table, self.fn_mask = model, tokenizer, table, fn_mask
+        self.max_running, self.row_multiple, self.eos_ids = max_running, row_multiple, eos_ids
+        cfg = model.config
+        self.kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        self.dtype, self.device = model.dtype, model.device
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0}
+        self._steer_on = False  # does this forward steer any token? read by the hooks
+        self._live = dict.fromkeys(table.layers if table else (), 0)  # layer -> running requests steering there
+        self._stop = False
+        self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
+
+    # ---- called from the event loop thread ------------------------------------------------------------------------
+
+    def submit(self, seq: Seq) -> None:
+        self.inbox.put(("submit", seq))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self._stop = True
+        self.inbox.put(("wake", None))
+        self.thread.join()
+        self._abort_all()  # requests submitted while the worker was stopping
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self._stop
+
+    # ---- the worker thread ----------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        hooks = {layer: self._hook(layer, op) for layer, op in self.table.layers.items()} if self.table else {}
+        with torch.inference_mode(), residual_hooks(self.model, hooks):
+            while not self._stop:
+                self._drain(block=not (self.running or self.waiting))
+                self._admit()
+                if self.running:
+                    try:
+                        self._decode()
+                    except Exception as e:  # a bug or out of memory: fail this batch, keep serving
+                        log.exception("decode step failed; failing %d running requests", len(self.running))
+                        for seq in list(self.running):
+                            self._finish(seq, "error", error=f"decode step failed: {type(e).__name__}")
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        self._drain(block=False)
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, "abort")
+
+    def _hook(self, layer: int, op):
+        def steer(h):  # (tokens, d_model) -> h + this step's steering; None (unchanged) when nothing steers here
+            if not (self._steer_on and self._live[layer]):
+                return None
+            return h + (op.delta(h) if self.table.clamps_in_use(layer) else op.add_delta(h))
+
+        return steer
+
+    def _drain(self, block: bool) -> None:
+        try:
+            msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = msg
+            if kind == "submit":
+                self.waiting.append(arg)
+            elif kind == "abort":
+                for seq in [s for s in (*self.waiting, *self.running) if s.req.request_id == arg]:
+                    self._finish(seq, "abort")
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            try:
+                seq.slot = self.table.acquire(seq.req.steering) if self.table else 0
+            except SlotsFull:
+                return  # stays first in line until a running request releases its slot
+            self.waiting.popleft()
+            self.running.append(seq)
+            for layer in seq.req.steering.layers if seq.slot else ():
+                self._live[layer] += 1
+            try:
+                self._prefill(seq)
+            except Exception as e:
+                log.exception("prefill failed for request %s", seq.req.request_id)
+                self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}")
+
+    def _prefill(self, seq: Seq) -> None:
+        spec = seq.req.steering
+        ids = torch.tensor(seq.req.prompt_ids, dtype=torch.long, device=self.device)  # (n,)
+        n = ids.shape[0]
+        if spec is not None and self.fn_mask is not None:
+            seq.policy = POLICY_CODES[spec.positions]
+            seq.last_fn = last_function_position(ids, self.fn_mask)
+        layers, kv_heads, head_dim = self.kv_shape
+        seq.kv = KVBuffer(layers, kv_heads, n + seq.max_new, head_dim, self.dtype, self.device)
+        positions = torch.arange(n, device=self.device)
+        self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
+        out = self.model(
+            input_ids=ids[None], position_ids=positions[None], functok_rows=[seq.kv], use_cache=False, logits_to_keep=1
+        )
+        seq.kv.length = n
+        self.stats["prefills"] += 1
+        self._advance(seq, self._sample(out.logits[:, -1], [seq])[0])
+
+    def _decode(self) -> None:
+        rows = list(self.running)
+        b = len(rows)
+        r = -(-b // self.row_multiple) * self.row_multiple  # filler rows: token 0 at position 0, slot 0, no buffer
+        fill = [0] * (r - b)
+        ids = torch.tensor([s.out_ids[-1] for s in rows] + fill, dtype=torch.long, device=self.device)  # (r,)
+        positions = torch.tensor([s.kv.length for s in rows] + fill, dtype=torch.long, device=self.device)  # (r,)
+        req = torch.arange(r, device=self.device).clamp_(max=b)  # filler rows point at the slot-0 entry b
+        self._set_steering(ids, positions, rows, req)
+        out = self.model(
+            input_ids=ids[:, None],
+            position_ids=positions[:, None],
+            functok_rows=[s.kv for s in rows] + [None] * (r - b),
+            use_cache=False,
+        )
+        for s in rows:
+            s.kv.length += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += b
+        for s, token in zip(rows, self._sample(out.logits[:b, -1], rows), strict=True):  # logits (b, vocab)
+            self._advance(s, token)
+
+    def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> None:
+        """Write this forward's per-token slots into the steering table; count steered positions per request."""
+        self._steer_on = False
+        if self.table is None or not any(s.slot for s in seqs):
+            return
+        per_req = lambda attr: torch.tensor([getattr(s, attr) for s in seqs] + [0], device=self.device)  # noqa: E731
+        step = StepIndex(
+            input_ids=ids,
+            positions=positions,
+            req=req,
+            slot=per_req("slot"),
+            policy=per_req("policy"),
+            prompt_len=torch.tensor([len(s.req.prompt_ids) for s in seqs] + [0], device=self.device),
+            last_fn=per_req("last_fn"),
+        )
+        slots = build_slot_index(step, self.fn_mask)  # (tokens,)
+        self.table.set_slot_index(slots)
+        counts = torch.zeros(len(seqs) + 1, dtype=torch.long, device=self.device)  # (requests + 1,)
+        counts.index_add_(0, req, (slots != 0).long())
+        for s, c in zip(seqs, counts.tolist(), strict=False):  # the last entry counts filler rows (always 0)
+            s.steered += c
+        self._steer_on = bool(counts.sum())
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> list[int]:
+        tokens = logits.argmax(-1).tolist()
+        for i, s in enumerate(seqs):
+            if not s.req.sampling.greedy:
+                tokens[i] = sample_row(logits[i], s.req.sampling, s.generator)
+        return tokens
+
+    def _advance(self, seq: Seq, token: int) -> None:
+        seq.out_ids.append(token)
+        if token in self.eos_ids and not seq.req.sampling.ignore_eos:
+            self._finish(seq, "stop", [token])
+            return
+        text = seq.text.push(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop", [token], text)
+        elif len(seq.out_ids) >= seq.max_new:
+            self._finish(seq, "length", [token], text)
+        else:
+            seq.emit(seq.delta(text, [token]))
+
+    def _finish(self, seq: Seq, reason: str, ids: list[int] = (), text: str = "", error: str | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            return  # already finished
+        if self.table is not None and seq.slot:
+            self.table.release(seq.req.steering)
+            for layer in seq.req.steering.layers:
+                self._live[layer] -= 1
+        seq.kv = None
+        seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error))

@@ -1,0 +1,176 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions with steering; models, steering, health, metrics.
+
+Every request is validated here, at the edge (pydantic, then the steering spec against the loaded SAEs, then the
+prompt against the context); the engine receives only requests it can run. Errors are OpenAI-style bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from functok_vllm.core.spec import MODES, POSITIONS, SpecError, SteeringSpec
+from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
+from functok_vllm.errors import CLIError
+from functok_vllm.server.config import ServerConfig
+from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
+from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.middleware import Gate
+from functok_vllm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Steering,
+    api_form,
+    parse_steering,
+    resolve_steering,
+    sampling_params,
+)
+from functok_vllm.server.serving import Job, complete, stream
+
+log = logging.getLogger("functok.server")
+
+
+def build_presets(engine: Engine, config: ServerConfig) -> dict[str, SteeringSpec]:
+    """The config's presets as specs, each checked like a request's steering; CLIError names a bad one."""
+    out = {}
+    for name, obj in config.presets.items():
+        try:
+            spec = parse_steering(obj, f"presets.{name}", config.limits)
+            if spec is None:
+                raise CLIError(f"presets.{name}: a preset needs at least one edit")
+            engine.check_steering(spec, config.limits.max_edits)
+        except APIError as e:
+            raise CLIError(e.message) from None
+        except SpecError as e:
+            raise CLIError(f"presets.{name}.{e.field}: {e.message}") from None
+        out[name] = spec
+    return out
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    presets = build_presets(engine, config)
+    limits = config.limits
+    metrics = Metrics(engine)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await engine.start()
+        log.info("serving %s (context %d tokens)", engine.model_name, engine.max_model_len)
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="functok-vllm", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(Gate, metrics=metrics, api_key=config.api_key, max_body_bytes=limits.max_body_bytes)
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_healthy():
+            raise APIError(503, "the engine has stopped", code="engine_dead")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_page():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": engine.model_name, "object": "model", "created": started, "owned_by": "functok"}
+        return {"object": "list", "data": [card | {"max_model_len": engine.max_model_len}]}
+
+    @app.get("/v1/steering")
+    async def steering():
+        info = engine.steering_info()
+        return {
+            "model": engine.model_name,
+            "layers": [
+                {"layer": layer, "d_sae": d_sae, "clamp": info.clamp_ok[layer], **info.sae.get(layer, {})}
+                for layer, d_sae in sorted(info.d_sae.items())
+            ],
+            "function_tokens": {
+                "count": len(info.function_token_ids),
+                "ids": info.function_token_ids,
+                "tokens": info.function_token_strings,
+            },
+            "presets": {name: api_form(spec) for name, spec in presets.items()},
+            "modes": list(MODES),
+            "positions": list(POSITIONS),
+            "limits": asdict(limits),
+        }
+
+    def prepare(body, request: Request) -> Steering:
+        if body.model != engine.model_name:
+            msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
+            raise APIError(404, msg, "model", "model_not_found")
+        s = resolve_steering(body, presets, limits)
+        if s.spec is not None and s.preset is None:
+            try:
+                engine.check_steering(s.spec, limits.max_edits)
+            except SpecError as e:
+                raise APIError(400, f"{s.source}.{e.field}: {e.message}", f"{s.source}.{e.field}") from None
+        request.state.steered = str(s.spec is not None).lower()
+        return s
+
+    async def run(kind, body, ids: list[int], max_tokens, steering: Steering, request: Request, t0: float):
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            engine.check_prompt(ids, max_tokens, "messages" if kind == "chat" else "prompt")
+            if max_tokens is None:  # "as many as fit", within the server's cap
+                max_tokens = min(limits.max_tokens, engine.max_model_len - len(ids))
+            params = sampling_params(body, max_tokens, limits)
+            deltas = engine.generate(GenerateRequest(rid, ids, params, steering.spec))
+            first = await anext(deltas)
+        except RequestError as e:
+            raise APIError(400, str(e), e.param, e.code) from None
+        except EngineFull as e:
+            raise APIError(429, str(e), code="server_full", headers={"Retry-After": str(e.retry_after)}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), code="engine_stopped") from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        job = Job(kind, rid, engine.model_name, steering, body.return_token_ids, include_usage, t0)
+        if body.stream:
+            return StreamingResponse(stream(job, first, deltas, metrics), media_type="text/event-stream")
+        return JSONResponse(await complete(job, first, deltas, request, metrics))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        t0 = time.monotonic()
+        steering = prepare(body, request)
+        prompt = body.prompt_text_or_ids()
+        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await run("completions", body, ids, body.max_tokens, steering, request, t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        t0 = time.monotonic()
+        steering = prepare(body, request)
+        try:
+            ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        except (TemplateError, ValueError) as e:  # ValueError: the tokenizer has no chat template
+            raise APIError(400, f"messages: the model's chat template cannot render them ({e})", "messages") from None
+        return await run("chat", body, ids, body.max_new(), steering, request, t0)
+
+    return app
+
+
+async def _http_error(_request, exc: HTTPException) -> JSONResponse:
+    return APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers).response()
+
+
+async def _server_error(_request, exc: Exception) -> JSONResponse:
+    log.error("internal error: %s", type(exc).__name__)
+    return APIError(500, f"internal server error ({type(exc).__name__})", code="internal_error").response()

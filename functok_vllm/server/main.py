@@ -1,0 +1,114 @@
+"""`functok serve`: load a model with its SAEs and function tokens, and serve it OpenAI-style with steering."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from functok_vllm.errors import CLIError
+from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+
+ENGINES = ("hf", "vllm")
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("serve", help="serve a model with per-request SAE steering (OpenAI-compatible HTTP API)")
+    sp.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face model directory (default: the demo model)")
+    sp.add_argument(
+        "--sae",
+        action="append",
+        default=None,
+        help="SAELens SAE directory, or a directory of them; repeat for several (default: the demo model's SAEs)",
+    )
+    sp.add_argument("--function-tokens", default=None, help="function-token JSON (default: MODEL/function_tokens.json)")
+    sp.add_argument("--config", default=None, help="JSON file with limits and steering presets")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or FUNCTOK_API_KEY)")
+    sp.add_argument("--engine", choices=ENGINES, default="hf")
+    sp.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
+    sp.add_argument("--max-model-len", type=int, default=None)
+    sp.add_argument("--threads", type=int, default=2, help="CPU threads for the model (hf engine)")
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sp.set_defaults(func=serve)
+
+
+def sae_dirs(given: list[str] | None, model: Path) -> list[Path]:
+    """Each --sae is one SAE directory (cfg.json inside) or a directory of them; default: the demo SAEs."""
+    if given is None:
+        given = [str(DEMO_SAES)] if model.resolve() == DEMO_MODEL.resolve() else []
+    out = []
+    for g in given:
+        p = Path(g)
+        if (p / "cfg.json").is_file():
+            out.append(p)
+        elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "cfg.json").is_file())):
+            out.extend(subs)
+        else:
+            raise CLIError(f"--sae {p}: neither an SAE directory (with cfg.json) nor a directory of them")
+    return out
+
+
+def build_engine(args, limits):
+    from functok_vllm.core import SAELoadError
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise CLIError(f"--model {model}: not a Hugging Face model directory (no config.json)")
+    saes = sae_dirs(args.sae, model)
+    fn = Path(args.function_tokens) if args.function_tokens else model / "function_tokens.json"
+    if saes and not fn.is_file():
+        raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
+    if args.engine == "vllm":
+        try:
+            from functok_vllm.engines.vllm.engine import engine_from_cli
+        except ImportError as e:
+            raise CLIError(f"--engine vllm is not available here ({e}); use --engine hf") from None
+        return engine_from_cli(args, limits, saes, fn)
+    from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
+
+    try:
+        cfg = HFEngineConfig(
+            model,
+            saes,
+            fn if saes else None,
+            served_model_name=args.served_model_name,
+            max_model_len=args.max_model_len,
+            max_running=limits.max_running,
+            max_waiting=limits.max_waiting,
+            max_edits=limits.max_edits,
+            max_clamps=max(64, limits.max_edits),
+            threads=args.threads,
+        )
+        return HFEngine(cfg)
+    except (SAELoadError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from functok_vllm.server.app import create_app
+    from functok_vllm.server.config import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.load(args.config) if args.config else ServerConfig()
+    config.api_key = args.api_key or os.environ.get("FUNCTOK_API_KEY") or None
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port {args.port} is not a TCP port")
+    engine = build_engine(args, config.limits)
+    app = create_app(engine, config)
+    info = engine.steering_info()
+    layers = ", ".join(map(str, sorted(info.d_sae))) or "none"
+    print(
+        f"functok serve: {engine.model_name} on http://{args.host}:{args.port} (SAEs at layers {layers}; "
+        f"{len(info.function_token_ids)} function tokens; API key {'required' if config.api_key else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"functok serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,56 @@
+"""Shared fixtures: the shipped demo model, its tokenizer, SAEs and function tokens (loaded once per session)."""
+
+import re
+
+import pytest
+import torch
+
+from functok_vllm.core import SAE, FunctionTokens
+from functok_vllm.engines.hf.hooks import load_model
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
+
+torch.set_num_threads(2)  # the test machine has 2 cores, shared with other jobs
+
+
+@pytest.fixture(scope="session")
+def demo_model_and_tokenizer():
+    return load_model(DEMO_MODEL, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_model_and_tokenizer):
+    """functok-tiny in float32, eval mode. Shared: attach hooks only inside `residual_hooks` blocks."""
+    return demo_model_and_tokenizer[0]
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model_and_tokenizer):
+    return demo_model_and_tokenizer[1]
+
+
+@pytest.fixture(scope="session")
+def demo_saes() -> dict[int, SAE]:
+    """The shipped SAEs by layer (float32): {0: SAE, 1: SAE, 2: SAE}."""
+    saes = [SAE.load(p) for p in sorted(DEMO_SAES.glob("layer_*"))]
+    return {sae.layer: sae for sae in saes}
+
+
+@pytest.fixture(scope="session")
+def demo_function_tokens() -> FunctionTokens:
+    return FunctionTokens.load(DEMO_FUNCTION_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def logit_lens_feature(demo_model, demo_tokenizer, demo_saes, demo_function_tokens):
+    """(layer, feature, token): the layer-2 feature whose decoder row, read through the final norm and unembedding,
+    most raises a whole-word content token (a visible steering direction at strengths ~10-20)."""
+    layer = 2
+    vocab = len(demo_tokenizer)
+    words = torch.tensor([re.fullmatch(r" [a-z]{4,}", demo_tokenizer.decode([i])) is not None for i in range(vocab)])
+    words &= ~demo_function_tokens.mask(vocab)
+    with torch.no_grad():
+        logits = (demo_saes[layer].W_dec * demo_model.model.norm.weight) @ demo_model.lm_head.weight.T  # (d_sae, vocab)
+        logits[:, ~words] = -torch.inf
+        best, token = logits.max(1)
+    feature = int(best.argmax())
+    return layer, feature, demo_tokenizer.decode([int(token[feature])])
