@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible completions and chat completions with steering; models, steering, health, metrics.
+"""The FastAPI app: OpenAI-style completions and chat with steering; models, steering, analysis, health, metrics.
 
 Every request is validated here, at the edge (pydantic, then the steering spec against the loaded SAEs, then the
 prompt against the context); the engine receives only requests it can run. Errors are OpenAI-style bodies.
@@ -6,6 +6,7 @@ prompt against the context); the engine receives only requests it can run. Error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -22,7 +23,9 @@ from starlette.exceptions import HTTPException
 from functok_vllm.core.spec import MODES, POSITIONS, SpecError, SteeringSpec
 from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.errors import CLIError
+from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.config import ServerConfig
+from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
@@ -35,7 +38,7 @@ from functok_vllm.server.protocol import (
     resolve_steering,
     sampling_params,
 )
-from functok_vllm.server.serving import Job, complete, stream
+from functok_vllm.server.serving import Job, complete, next_delta, stream, timeout_error
 
 log = logging.getLogger("functok.server")
 
@@ -62,20 +65,39 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     limits = config.limits
     metrics = Metrics(engine)
     started = int(time.time())
+    drain = Drain(limits.drain_timeout)
+    stopped = False
+
+    async def stop_engine():  # once: at the drain deadline (aborting what still runs) or at shutdown
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            await engine.shutdown()
 
     @asynccontextmanager
     async def lifespan(_app):
         await engine.start()
         log.info("serving %s (context %d tokens)", engine.model_name, engine.max_model_len)
         yield
-        await engine.shutdown()
+        await stop_engine()
+        if analyzer is not None:
+            analyzer.close()
 
     app = FastAPI(title="functok-vllm", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
-    app.add_middleware(Gate, metrics=metrics, api_key=config.api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(
+        Gate,
+        metrics=metrics,
+        api_key=config.api_key,
+        max_body_bytes=limits.max_body_bytes,
+        drain=drain,
+        metrics_public=config.metrics_public,
+    )
+    app.state.drain, app.state.stop_engine = drain, stop_engine
+    analyzer = add_analysis_route(app, engine, limits)
 
     @app.get("/health")
     async def health():
@@ -133,7 +155,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 max_tokens = min(limits.max_tokens, engine.max_model_len - len(ids))
             params = sampling_params(body, max_tokens, limits)
             deltas = engine.generate(GenerateRequest(rid, ids, params, steering.spec))
-            first = await anext(deltas)
+            first = await next_delta(deltas, t0 + limits.request_timeout)
+        except asyncio.TimeoutError:
+            metrics.finished.labels("timeout", str(steering.spec is not None).lower()).inc()
+            raise timeout_error(limits.request_timeout) from None
         except RequestError as e:
             raise APIError(400, str(e), e.param, e.code) from None
         except EngineFull as e:
@@ -141,7 +166,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except EngineStopped as e:
             raise APIError(503, str(e), code="engine_stopped") from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        job = Job(kind, rid, engine.model_name, steering, body.return_token_ids, include_usage, t0)
+        job = Job(
+            kind, rid, engine.model_name, steering, body.return_token_ids, include_usage, t0, limits.request_timeout
+        )
         if body.stream:
             return StreamingResponse(stream(job, first, deltas, metrics), media_type="text/event-stream")
         return JSONResponse(await complete(job, first, deltas, request, metrics))
@@ -152,7 +179,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         steering = prepare(body, request)
         prompt = body.prompt_text_or_ids()
         ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await run("completions", body, ids, body.max_tokens, steering, request, t0)
+        given = "max_tokens" in body.model_fields_set  # OpenAI's default of 16, within this server's cap
+        max_tokens = body.max_tokens if given else min(body.max_tokens, limits.max_tokens)
+        return await run("completions", body, ids, max_tokens, steering, request, t0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -1,8 +1,10 @@
-"""Server configuration: request limits and named steering presets, read from a JSON file (`functok serve --config`).
+"""Server configuration: request limits and named steering presets, from a JSON file (`--config`) and CLI flags.
 
-    {"limits": {"max_edits": 8, "max_abs_strength": 200, "max_tokens": 256},
+    {"limits": {"max_edits": 8, "max_abs_strength": 200, "max_tokens": 256, "request_timeout": 120},
      "presets": {"calm": {"edits": [{"layer": 2, "feature": 1234, "strength": 8.0}], "positions": "function"}}}
 
+Every limit is also a `functok serve` flag (`--max-running 16`, `--request-timeout 60`, ...) that overrides the file.
+What each limit answers when it is hit is in its help text; `GET /v1/steering` shows the limits in force.
 Presets are validated like a request's `steering` object when the server starts (against the loaded SAEs too), so a
 bad preset stops the server instead of failing requests later.
 """
@@ -14,29 +16,52 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from functok_vllm.core.spec import MAX_ABS_STRENGTH
 from functok_vllm.errors import CLIError
+
+
+def _limit(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class Limits:
-    max_edits: int = 16  # edits per request (each clamp takes one of the engine's clamp columns at its layer)
-    max_abs_strength: float = 1000.0  # |strength| and |value|; residual norms of large models reach a few hundred
-    max_tokens: int = 4096  # per request, on top of the model's context length
-    max_running: int = 32  # requests decoded together
-    max_waiting: int = 128  # requests queued beyond the running batch; more get 429
-    max_body_bytes: int = 1 << 20  # request bodies above this get 413
+    max_edits: int = _limit(16, "edits per request; more get 400")
+    max_abs_strength: float = _limit(1000.0, "largest |strength| and |value| of an edit; larger get 400")
+    max_tokens: int = _limit(4096, "largest max_tokens a request may ask for (more get 400); chat default")
+    max_running: int = _limit(32, "requests decoded together in one batch")
+    max_waiting: int = _limit(128, "requests queued beyond the running batch; more get 429 with Retry-After")
+    max_body_bytes: int = _limit(1 << 20, "request body size; larger bodies get 413")
+    request_timeout: float = _limit(
+        600.0,
+        "seconds from a request's arrival to its last token; past it the generation is aborted and the answer is "
+        "504 (code 'timeout'), or, once a stream has started, a final error event with code 'timeout'",
+    )
+    drain_timeout: float = _limit(
+        30.0,
+        "seconds SIGTERM/SIGINT waits for in-flight requests (new ones get 503); then the rest are aborted "
+        "(503 / an error event) and the server exits 0",
+    )
+    max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
+    max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
 
     def __post_init__(self):
+        from functok_vllm.core.spec import MAX_ABS_STRENGTH
+
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise CLIError(f"limits.{f.name} must be a number, got {v!r}")
-        for name in ("max_edits", "max_tokens", "max_running", "max_body_bytes"):
+            if isinstance(f.default, int) and not isinstance(v, int):
+                raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
+        for name in ("max_edits", "max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_waiting < 0:
-            raise CLIError(f"limits.max_waiting must be at least 0, got {self.max_waiting}")
+        for name in ("max_waiting", "max_analysis_waiting"):
+            if getattr(self, name) < 0:
+                raise CLIError(f"limits.{name} must be at least 0, got {getattr(self, name)}")
+        for name in ("request_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise CLIError(f"limits.{name} must be a positive number of seconds, got {getattr(self, name)}")
         if not 0 < self.max_abs_strength <= MAX_ABS_STRENGTH:
             raise CLIError(f"limits.max_abs_strength must be in (0, {MAX_ABS_STRENGTH:g}], got {self.max_abs_strength}")
 
@@ -45,7 +70,8 @@ class Limits:
 class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     presets: dict[str, dict] = field(default_factory=dict)  # name -> steering object, checked by the server at start
-    api_key: str | None = None  # bearer token for /v1/*; never logged
+    api_key: str | None = None  # bearer token for every endpoint but /health (and /metrics when public); never logged
+    metrics_public: bool = True  # /metrics answers without the API key (Prometheus scrapers rarely carry one)
 
     def __post_init__(self):
         for name, spec in self.presets.items():

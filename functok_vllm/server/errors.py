@@ -14,9 +14,18 @@ ERROR_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "not_implemented_error",
     503: "server_error",
+    504: "timeout_error",
 }
-DEFAULT_CODES = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 500: "internal_error"}
+DEFAULT_CODES = {
+    400: "invalid_value",
+    404: "not_found",
+    405: "method_not_allowed",
+    500: "internal_error",
+    501: "not_implemented",
+    504: "timeout",
+}
 MAX_SHOWN = 120  # characters of a bad value echoed back in an error message
 UNION_TAG = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?")  # how pydantic names union members
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 from functok_vllm.errors import CLIError
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+from functok_vllm.server.config import Limits
 
 ENGINES = ("hf", "vllm")
 
@@ -26,12 +29,28 @@ def add_parser(sub) -> None:
     sp.add_argument("--config", default=None, help="JSON file with limits and steering presets")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or FUNCTOK_API_KEY)")
+    sp.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (and /metrics while public); "
+        "or set FUNCTOK_API_KEY",
+    )
+    sp.add_argument(
+        "--metrics-public",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /metrics without the API key (default: yes)",
+    )
     sp.add_argument("--engine", choices=ENGINES, default="hf")
     sp.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     sp.add_argument("--max-model-len", type=int, default=None)
     sp.add_argument("--threads", type=int, default=2, help="CPU threads for the model (hf engine)")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    lim = sp.add_argument_group("limits", "each overrides the --config file's 'limits' (default in brackets)")
+    for f in fields(Limits):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{f.default}]"
+        lim.add_argument(flag, dest=f"limit_{f.name}", type=type(f.default), default=None, metavar="N", help=help_text)
     sp.set_defaults(func=serve)
 
 
@@ -92,10 +111,14 @@ def serve(args) -> int:
 
     from functok_vllm.server.app import create_app
     from functok_vllm.server.config import ServerConfig
+    from functok_vllm.server.drain import DrainingServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.load(args.config) if args.config else ServerConfig()
+    given = {f.name: getattr(args, f"limit_{f.name}") for f in fields(Limits)}
+    config.limits = replace(config.limits, **{k: v for k, v in given.items() if v is not None})  # validated again
     config.api_key = args.api_key or os.environ.get("FUNCTOK_API_KEY") or None
+    config.metrics_public = args.metrics_public
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     engine = build_engine(args, config.limits)
@@ -110,5 +133,11 @@ def serve(args) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"functok serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uv = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5
+    )
+    server = DrainingServer(uv, app.state.drain, app.state.stop_engine)
+    server.run()
+    if not server.started:
+        raise CLIError(f"the server did not start on {args.host}:{args.port} (see the log above)")
     return 0

@@ -35,12 +35,15 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "functok:requests",
-            "HTTP requests to the generation endpoints, by endpoint, status code and whether they were steered.",
+            "HTTP requests to the generation and analysis endpoints, by endpoint, status code and whether steered.",
             ["endpoint", "status", "steered"],
             registry=r,
         )
         self.finished = Counter(
-            "functok:request_finished", "Generations by finish reason.", ["finish_reason", "steered"], registry=r
+            "functok:request_finished",
+            "Generations by finish reason (abort and timeout included).",
+            ["finish_reason", "steered"],
+            registry=r,
         )
         self.prompt_tokens = Counter("functok:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("functok:generation_tokens", "Tokens generated.", registry=r)

@@ -1,28 +1,37 @@
-"""ASGI middleware in front of the routes: the API key check, the request body size limit, per-request metrics."""
+"""ASGI middleware in front of the routes: the API key, draining, the request body size limit, per-request metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 
+from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
 
-GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+COUNTED_PATHS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/analysis/reactivation": "analysis_reactivation",
+}
+OPEN_PATHS = ("/health",)  # answer without the API key; /metrics too unless the server says otherwise
 
 
 class Gate:
-    """Answers 401 without a valid bearer token on /v1/* (when a key is set) and 413 for oversized bodies; counts
-    every request to the generation endpoints by status code and by `request.state.steered` (set by the route)."""
+    """In this order: 401 without a valid bearer token (when a key is set; every path but the open ones), 503 while the
+    server drains (see `drain.py`), 413 for oversized bodies. Counts the requests in flight for the drain, and every
+    request to the counted endpoints by status code and by `request.state.steered` (set by the route)."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int, drain: Drain, metrics_public):
+        self.app, self.metrics, self.max_body, self.drain = app, metrics, max_body_bytes, drain
+        self.key = _digest(api_key.encode()) if api_key else None
+        self.open = set(OPEN_PATHS) | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        endpoint = GENERATION_PATHS.get(scope["path"])
+        endpoint = COUNTED_PATHS.get(scope["path"])
         status = 500
         state = scope.setdefault("state", {})
 
@@ -37,19 +46,29 @@ class Gate:
             if error is not None:
                 await _send_error(send_counting, error)
             else:
-                await self.app(scope, receive, send_counting)
+                self.drain.inflight += 1
+                try:
+                    await self.app(scope, receive, send_counting)
+                finally:
+                    self.drain.inflight -= 1
         finally:
             if endpoint is not None:
                 self.metrics.requests.labels(endpoint, str(status), state.get("steered", "unknown")).inc()
 
     async def _check(self, scope, receive):
         """(error or None, the receive callable the app should use)."""
-        if self.key is not None and scope["path"].startswith("/v1/"):
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.key):
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"] not in self.open:
+            got = headers.get(b"authorization", b"")
+            scheme, _, token = got.partition(b" ")
+            same = hmac.compare_digest(_digest(token.strip()), self.key)  # digests: equal lengths, constant time
+            if not (same and scheme.lower() == b"bearer"):
                 why = "no API key was given" if not got else "the API key is not valid"
                 return APIError(401, f"{why}; send 'Authorization: Bearer <key>'", code="invalid_api_key"), receive
-        length = dict(scope["headers"]).get(b"content-length")
+        if self.drain.draining and scope["path"] != "/metrics":
+            msg = "the server is shutting down and takes no new requests"
+            return APIError(503, msg, code="draining", headers={"Retry-After": "5", "Connection": "close"}), receive
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return _too_large(int(length), self.max_body), receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -66,6 +85,10 @@ class Gate:
             if size > self.max_body:
                 return _too_large(size, self.max_body), receive
         return None, _replay(body, None, receive)
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 def _too_large(size: int, limit: int) -> APIError:
@@ -85,5 +108,6 @@ def _replay(chunks: list[bytes], pending, receive):
 async def _send_error(send, error: APIError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

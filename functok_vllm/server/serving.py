@@ -27,6 +27,7 @@ class Job:
     return_token_ids: bool
     include_usage: bool
     t0: float  # arrival, time.monotonic()
+    timeout: float  # seconds from arrival to the last token (limits.request_timeout)
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -46,6 +47,14 @@ class Job:
             metrics.generation_tokens.inc(d.completion_tokens)
             metrics.steered_positions.inc(d.steered_positions)
             metrics.finished.labels(d.finish_reason, str(self.steering.spec is not None).lower()).inc()
+
+    @property
+    def deadline(self) -> float:
+        return self.t0 + self.timeout
+
+    def timed_out(self, metrics: Metrics) -> APIError:
+        metrics.finished.labels("timeout", str(self.steering.spec is not None).lower()).inc()
+        return timeout_error(self.timeout)
 
     def usage(self) -> dict:
         d = self.last
@@ -74,6 +83,25 @@ class Job:
         return body
 
 
+def timeout_error(limit: float) -> APIError:
+    msg = f"the request did not finish within this server's limit of {limit:g} s (request_timeout); it was aborted"
+    return APIError(504, msg, code="timeout")
+
+
+async def next_delta(deltas: AsyncIterator[Delta], deadline: float) -> Delta:
+    """The next delta; asyncio.TimeoutError once `deadline` (time.monotonic()) passes first, after closing `deltas`
+    (which aborts the request and frees its place in the batch)."""
+
+    async def take():
+        return await anext(deltas)
+
+    try:
+        return await asyncio.wait_for(take(), max(deadline - time.monotonic(), 0))
+    except asyncio.TimeoutError:
+        await deltas.aclose()
+        raise
+
+
 def _raise_for(d: Delta) -> None:
     if d.finish_reason == "error":
         raise APIError(500, f"generation failed: {d.error}", code="engine_error")
@@ -82,7 +110,7 @@ def _raise_for(d: Delta) -> None:
 
 
 async def complete(job: Job, first: Delta, deltas: AsyncIterator[Delta], request: Request, metrics: Metrics) -> dict:
-    """The whole response as one JSON object; a client that disconnects first aborts the generation."""
+    """The whole response as one JSON object; a client that disconnects first, or the deadline, aborts generation."""
 
     async def drain():
         job.take(first, metrics)
@@ -92,12 +120,15 @@ async def complete(job: Job, first: Delta, deltas: AsyncIterator[Delta], request
 
     work = asyncio.ensure_future(drain())
     gone = asyncio.ensure_future(_disconnected(request))
-    done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    left = max(job.deadline - time.monotonic(), 0)
+    done, _ = await asyncio.wait({work, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
     if work not in done:
         work.cancel()  # the cancelled drain closes `deltas`, which aborts the request and frees its batch place
         await asyncio.gather(work, return_exceptions=True)
         await deltas.aclose()
+        if gone not in done:
+            raise job.timed_out(metrics)
         metrics.finished.labels("abort", str(job.steering.spec is not None).lower()).inc()
         raise APIError(499, "the client disconnected", code="client_disconnected")  # nginx's "client closed request"
     work.result()
@@ -119,7 +150,8 @@ async def complete(job: Job, first: Delta, deltas: AsyncIterator[Delta], request
 
 
 async def stream(job: Job, first: Delta, deltas: AsyncIterator[Delta], metrics: Metrics) -> AsyncIterator[str]:
-    """Server-sent events. A disconnect cancels this generator inside `deltas`, whose cleanup aborts the request."""
+    """Server-sent events. A disconnect cancels this generator inside `deltas`, whose cleanup aborts the request; the
+    deadline ends the stream with an error event (code "timeout") and `data: [DONE]`."""
     finished = False
     try:
         if job.kind == "chat":
@@ -141,8 +173,13 @@ async def stream(job: Job, first: Delta, deltas: AsyncIterator[Delta], metrics: 
                 yield _event(chunk)
             if finished:
                 break
-            d = await anext(deltas)
-        if job.include_usage and finished and job.last.finish_reason not in ("error", "abort"):
+            try:
+                d = await next_delta(deltas, job.deadline)
+            except asyncio.TimeoutError:
+                finished = True  # counted as "timeout", not "abort"
+                yield _event(job.timed_out(metrics).body())
+                break
+        if job.include_usage and job.last.finish_reason in ("stop", "length"):
             yield _event(job.envelope(True) | {"choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
     finally:
