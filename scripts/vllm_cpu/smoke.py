@@ -4,7 +4,8 @@
 Creates a tiny random Llama (hidden 128, 2 layers, 2 heads of head_dim 64,
 vocab 512) with a 512-word WordLevel tokenizer in a temporary directory,
 generates 8 greedy tokens for 2 prompts with vLLM (eager mode, then
-compiled mode) and with transformers, and checks the tokens are identical.
+compiled mode) and with transformers, and checks the tokens are identical. Needs functok-vllm installed (its vLLM
+plugin carries the CPU slot-mapping fix).
 
 Usage: python scripts/vllm_cpu/smoke.py [--modes eager,compiled]
 Exit status 0 iff every requested mode matches transformers.
@@ -18,14 +19,9 @@ import sys
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-# Runtime fix for vLLM 0.32.0's CPU slot-mapping fallback.  Applied at import
-# time (not under __main__) so that a spawned engine-core process, which
-# re-imports this module, gets it too.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import smoke_fix  # noqa: E402
-
-if os.environ.get("FUNCTOK_SMOKE_NO_FIX") != "1":  # "1": demonstrate the bug
-    smoke_fix.apply()
+# vLLM 0.32.0's no-Triton CPU fallback of the slot-mapping kernel needs a runtime fix in every process that builds a
+# model runner. The functok plugin (entry point vllm.general_plugins -> functok_vllm.engines.vllm.plugin:register,
+# live once functok-vllm is installed) applies it; see functok_vllm/engines/vllm/cpu_fix.py.
 
 PROMPTS = ["w10 w20 w30 w40", "w7 w300 w12"]
 MAX_TOKENS = 8

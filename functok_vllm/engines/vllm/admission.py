@@ -1,0 +1,135 @@
+"""API-process side of steering on vLLM: validate a request's spec (bad spec -> HTTP 400) and salt its prefix cache.
+
+`install()` wraps `InputProcessor.process_inputs`, the step every `LLM`/`AsyncLLM`/`vllm serve` request passes through
+in the API process before it reaches the engine core. For a request with `extra_args["steering"]` it
+
+1. parses and checks the spec against the configured SAEs (cfg.json only) and raises `VLLMValidationError`, which
+   the OpenAI server answers with a 400, which `LLM.generate` raises;
+2. rewrites the spec to its canonical key, so the workers parse one well-formed string;
+3. sets `cache_salt` from that key. vLLM's prefix cache hashes the salt into the first KV block, so a steered
+   request never reuses, nor leaves behind, blocks that an unsteered or differently steered request could hit.
+   Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
+   last function token) that goes into the salt too, since the same tokens are then steered differently.
+
+Without `steering` in `extra_args` the wrapper only passes the call through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache, wraps
+
+from functok_vllm.core.batch import last_function_position
+from functok_vllm.core.function_tokens import FunctionTokens
+from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.engines.vllm.config import EXTENSION, XARG, FunctokConfig, from_additional_config
+
+PARAM = f"vllm_xargs.{XARG}"
+
+
+def install() -> None:
+    """Wrap `InputProcessor.process_inputs` once (idempotent)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor.process_inputs, "_functok", False):
+        return
+    original = InputProcessor.process_inputs
+
+    @wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        given = (getattr(params, "extra_args", None) or {}).get(XARG)
+        if given is None:
+            return original(self, request_id, prompt, params, *args, **kwargs)
+        spec, cfg = _validated(self.vllm_config, given)
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        sp = request.sampling_params
+        extra = {k: v for k, v in (sp.extra_args or {}).items() if k != XARG}
+        if spec is not None:
+            extra[XARG] = spec.key()
+            vocab = self.model_config.get_vocab_size()
+            salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
+            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+        sp.extra_args = extra or None
+        return request
+
+    process_inputs._functok = True
+    InputProcessor.process_inputs = process_inputs
+
+
+def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
+    from vllm.exceptions import VLLMValidationError
+
+    if not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
+        raise VLLMValidationError(
+            f"steering needs the functok worker extension (start vLLM with --worker-extension-cls {EXTENSION})",
+            parameter=PARAM,
+        )
+    cfg = from_additional_config(vllm_config.additional_config, vllm_config.model_config.model)
+    try:
+        spec = parse_user_spec(given, cfg)
+    except SpecError as e:
+        raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
+    return spec, cfg
+
+
+def parse_user_spec(given, cfg: FunctokConfig) -> SteeringSpec | None:
+    """A client's spec (JSON string or dict) -> SteeringSpec checked against the SAEs; None for no edits.
+
+    Parsed with the functok server's own request model, so both servers accept exactly the same steering objects.
+    """
+    from functok_vllm.server.config import Limits
+    from functok_vllm.server.errors import APIError
+    from functok_vllm.server.protocol import parse_steering
+
+    if isinstance(given, str):
+
+        def no_constants(name):
+            raise ValueError(f"{name} is not a number JSON allows")
+
+        try:
+            given = json.loads(given, parse_constant=no_constants)
+        except ValueError as e:
+            raise SpecError(PARAM, f"not a valid JSON object ({e})") from None
+    if not isinstance(given, dict):
+        raise SpecError(PARAM, f"must be a JSON object, got {type(given).__name__}")
+    try:
+        spec = parse_steering(given, PARAM, Limits(max_edits=cfg.max_edits))
+    except APIError as e:
+        raise SpecError(e.param or PARAM, e.message.removeprefix(f"{e.param}: ")) from None
+    if spec is not None:
+        try:
+            cfg.check(spec)
+        except SpecError as e:
+            raise SpecError(f"{PARAM}.{e.field}", e.message) from None
+    return spec
+
+
+def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str) -> str:
+    """Prefix-cache salt: equal only for requests whose every cached token is steered the same way."""
+    key = spec.key()
+    if prompt_ids is None:  # prompt embeddings: nothing to compare, share nothing
+        key += f"|request={request_id}"
+    elif spec.positions in ("prompt", "generated"):
+        key += f"|prompt_len={len(prompt_ids)}"
+    elif spec.positions == "last_function":
+        key += f"|last_function={last_function_position(prompt_ids, fn_mask)}"
+    return "functok:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _extension_loaded(qualname: str | None) -> bool:
+    if not qualname:
+        return False
+    if qualname == EXTENSION:
+        return True
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from functok_vllm.engines.vllm.worker import SteeringWorkerExtension
+
+    cls = resolve_obj_by_qualname(qualname)
+    return isinstance(cls, type) and issubclass(cls, SteeringWorkerExtension)
+
+
+@lru_cache(maxsize=4)
+def _fn_mask(path: str, vocab: int):
+    return FunctionTokens.load(path).mask(vocab)

@@ -1,0 +1,149 @@
+"""Steering through stock `vllm serve` (worker extension + plugin) and through `functok serve --engine vllm`, each a
+real process on loopback driven with the openai client; the spec travels as `vllm_xargs.steering` (a JSON string)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from functok_vllm.engines.vllm.config import EXTENSION
+from functok_vllm.paths import DEMO_MODEL
+
+try:
+    import vllm._C  # noqa: F401
+
+    NO_VLLM = None
+except Exception as e:  # ImportError, or OSError from a broken build
+    NO_VLLM = f"vllm._C does not load ({type(e).__name__}: {e}); build it with scripts/build_vllm_cpu.sh"
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
+
+ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+PROMPT = "The king said to his son, and the"
+SPEC = {"edits": [{"layer": 2, "feature": 5, "strength": 20.0}], "positions": "all"}
+BAD = {  # spec -> the field the 400 names
+    '{"edits": [{"layer": 9, "feature": 1, "strength": 1.0}]}': "edits[0].layer",
+    '{"edits": [{"layer": 2, "feature": 2048, "strength": 1.0}]}': "edits[0].feature",
+    '{"edits": [{"layer": 2, "feature": 1, "strength": 1.0}': "not a valid JSON object",
+    '{"edits": [{"layer": 2, "feature": 1, "strenght": 1.0}]}': "strenght",
+    '{"edits": [{"layer": 2, "feature": 1, "mode": "clamp"}]}': "needs 'value'",
+}
+
+
+def start(cmd: list[str], log_path, env: dict) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited:\n{log_path.read_text()[-6000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    pytest.fail(f"server did not start:\n{log_path.read_text()[-6000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def complete(client: openai.OpenAI, spec: dict | None, model: str) -> str:
+    extra = {"vllm_xargs": {"steering": json.dumps(spec)}} if spec else None
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0, extra_body=extra)
+    return r.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def texts() -> dict[str, dict[str, str]]:
+    """Each server's (unsteered, steered) text, for comparing the two servers."""
+    return {}
+
+
+@pytest.fixture(scope="class")
+def stock(tmp_path_factory):
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(DEMO_MODEL), "--host", "127.0.0.1"]
+    cmd += ["--worker-extension-cls", EXTENSION, "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
+    cmd += ["--served-model-name", "tiny", "--max-num-seqs", "8"]
+    proc, url = start(cmd, tmp_path_factory.mktemp("vllm") / "serve.log", os.environ | ENV)
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    stop(proc)
+
+
+class TestStockVLLMServe:
+    def test_steering_changes_the_output_and_leaves_unsteered_requests_alone(self, stock, texts):
+        plain = complete(stock, None, "tiny")
+        steered = complete(stock, SPEC, "tiny")
+        assert steered != plain
+        assert complete(stock, None, "tiny") == plain  # same prompt again, after a steered run (prefix cache on)
+        assert complete(stock, SPEC, "tiny") == steered
+        texts["vllm serve"] = {"plain": plain, "steered": steered}
+
+    @pytest.mark.parametrize("bad", BAD)
+    def test_a_bad_spec_is_a_400_naming_the_problem(self, stock, bad):
+        with pytest.raises(openai.BadRequestError) as e:
+            stock.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=4, extra_body={"vllm_xargs": {"steering": bad}}
+            )
+        assert BAD[bad] in str(e.value)
+
+    def test_chat_completions_are_steered_too(self, stock):
+        msgs = [{"role": "user", "content": "Tell me about the king."}]
+        out = [
+            stock.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, extra_body=extra)
+            .choices[0]
+            .message.content
+            for extra in ({"ignore_eos": True}, {"ignore_eos": True, "vllm_xargs": {"steering": json.dumps(SPEC)}})
+        ]
+        assert out[0] != out[1]
+
+
+@pytest.fixture(scope="class")
+def functok_vllm(tmp_path_factory):
+    cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--engine", "vllm", "--max-model-len", "256"]
+    env = os.environ | ENV | {"FUNCTOK_VLLM_ARGS": json.dumps({"enforce_eager": True, "max_num_seqs": 8})}
+    proc, url = start(cmd, tmp_path_factory.mktemp("functok") / "serve.log", env)
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), url
+    stop(proc)
+
+
+class TestFunctokServeVLLM:
+    def test_same_text_as_stock_vllm_and_reports_steered_positions(self, functok_vllm, texts):
+        client, url = functok_vllm
+        plain = complete(client, None, "functok-tiny")
+        steered = complete(client, SPEC, "functok-tiny")
+        assert steered != plain
+        if "vllm serve" in texts:
+            assert {"plain": plain, "steered": steered} == texts["vllm serve"]
+        body = {"model": "functok-tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "steering": SPEC}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        assert r["choices"][0]["text"] == steered
+        n = r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+        assert r["steering"]["steered_positions"] == n - 1  # "all": every token that went through the model
+
+    def test_a_bad_spec_is_a_400(self, functok_vllm):
+        client, _ = functok_vllm
+        with pytest.raises(openai.BadRequestError, match="layer"):
+            client.completions.create(
+                model="functok-tiny",
+                prompt=PROMPT,
+                max_tokens=4,
+                extra_body={"vllm_xargs": {"steering": next(iter(BAD))}},
+            )
