@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from functok_vllm.core.spec import SteeringSpec
+from functok_vllm.core.spec import SpecError, SteeringSpec
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
@@ -167,6 +167,21 @@ class Engine(ABC):
         """SpecError unless every edit names a loaded SAE layer, a feature inside it, and a mode it supports."""
         info = self.steering_info()
         spec.check(info.d_sae, max_edits, info.clamp_ok)
+
+    def check_request(self, r: GenerateRequest, running_ids, vocab_size: int, max_edits: int) -> None:
+        """RequestError unless the request id is new, the prompt fits and its ids are in the vocabulary, and its
+        steering (if any) can be applied. Both engines call this before admitting a request."""
+        if r.request_id in running_ids:
+            raise RequestError("request_id", f"{r.request_id!r} is already running")
+        self.check_prompt(r.prompt_ids, r.sampling.max_tokens)
+        bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        if r.steering is not None:
+            try:
+                self.check_steering(r.steering, max_edits)
+            except SpecError as e:
+                raise RequestError(f"steering.{e.field}", e.message) from None
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, param: str = "prompt") -> None:
         """RequestError unless the prompt is non-empty and the prompt plus max_tokens fits in the context."""

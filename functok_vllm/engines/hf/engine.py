@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import SAE, FunctionTokens, SAELoadError, SpecError, SteeringSpec, SteeringTable
+from functok_vllm.core import SAE, FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
 from functok_vllm.engines.base import (
     Delta,
     Engine,
     EngineFull,
     EngineStopped,
     GenerateRequest,
-    RequestError,
     SamplingParams,
     SteeringInfo,
 )
@@ -181,7 +180,7 @@ class HFEngine(Engine):
         await asyncio.to_thread(self.batcher.stop)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        self._validate(request)
+        self.check_request(request, self._inflight, self.vocab_size, self.cfg.max_edits)
         if not self.batcher.alive:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         if len(self._inflight) >= self.cfg.max_running + self.cfg.max_waiting:
@@ -215,21 +214,6 @@ class HFEngine(Engine):
 
     def abort(self, request_id: str) -> None:
         self.batcher.abort(request_id)
-
-    # ---- validation -------------------------------------------------------------------------------------------------
-
-    def _validate(self, r: GenerateRequest) -> None:
-        if r.request_id in self._inflight:
-            raise RequestError("request_id", f"{r.request_id!r} is already running")
-        self.check_prompt(r.prompt_ids, r.sampling.max_tokens)
-        bad = [t for t in r.prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if r.steering is not None:
-            try:
-                self.check_steering(r.steering, self.cfg.max_edits)
-            except SpecError as e:
-                raise RequestError(f"steering.{e.field}", e.message) from None
 
 
 class Outbox:

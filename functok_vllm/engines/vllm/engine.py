@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import POLICY_CODES, FunctionTokens, SpecError, SteeringSpec, StepIndex, build_slot_index
+from functok_vllm.core import POLICY_CODES, FunctionTokens, SteeringSpec, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, Engine, EngineFull, GenerateRequest, RequestError, SteeringInfo
 from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, to_xarg
@@ -130,7 +130,7 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
-        self._validate(request)
+        self.check_request(request, self._inflight, self.vocab_size, self.cfg.max_edits)
         if len(self._inflight) >= self.cfg.max_running + self.cfg.max_waiting:
             raise EngineFull(
                 f"the server is full ({self.num_running} requests running, {self.num_waiting} waiting)", retry_after=1
@@ -171,21 +171,6 @@ class VLLMEngine(Engine):
     def abort(self, request_id: str) -> None:
         if self.llm is not None and request_id in self._inflight:
             asyncio.get_running_loop().create_task(self.llm.abort(request_id))
-
-    # ---- validation -------------------------------------------------------------------------------------------------
-
-    def _validate(self, r: GenerateRequest) -> None:
-        if r.request_id in self._inflight:
-            raise RequestError("request_id", f"{r.request_id!r} is already running")
-        self.check_prompt(r.prompt_ids, r.sampling.max_tokens)
-        bad = [t for t in r.prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if r.steering is not None:
-            try:
-                self.check_steering(r.steering, self.cfg.max_edits)
-            except SpecError as e:
-                raise RequestError(f"steering.{e.field}", e.message) from None
 
 
 class SteeredCounter:
