@@ -18,9 +18,6 @@ Writes benchmarks/results/bench_analysis_rss.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import RESULTS, prompts  # noqa: E402
+from common import prompts, write_result  # noqa: E402
 
 from analysis.coverage import CoverageConfig, build_graphs, summarize  # noqa: E402
 from analysis.data import sequences, token_stream  # noqa: E402
@@ -197,22 +194,8 @@ def main() -> int:
         diff = (three["rss_kib_after_requests"] - one["rss_kib_after_requests"]) / 1024
         print(f"3 SAEs - 1 SAE after requests: {diff:.1f} MiB")
     print(f"load average (1/5/15 min): {load}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "bench_analysis_rss.json"
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-    out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "args": vars(args),
-                "machine": machine,
-                "loadavg": load,
-                "coverage_vs_forward": cov,
-                "server_rss": rss,
-            },
-            indent=1,
-        )
-    )
+    payload = {"args": vars(args), "loadavg": load, "coverage_vs_forward": cov, "server_rss": rss}
+    out = write_result("bench_analysis_rss", payload)
     print(f"wrote {out}")
     return 0
 

@@ -15,9 +15,6 @@ ratio to K = 0. Writes benchmarks/results/bench_k.json and benchmarks/results/th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import RESULTS, EngineModes, prompts  # noqa: E402
+from bench_server import EngineModes  # noqa: E402
+from common import RESULTS, prompts, write_result  # noqa: E402
 
 from functok_vllm.core import SteeringSpec  # noqa: E402
 
@@ -121,22 +119,8 @@ def main() -> int:
     print(f"{'K':>4}{'seconds':>10}{'tokens/s':>12}{'vs K=' + str(args.ks[0]):>10}")
     for k, r in res.items():
         print(f"{k:>4}{r['seconds']:>10.3f}{r['tokens_per_s']:>12.1f}{r['ratio_vs_first']:>10.3f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "bench_k.json"
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-    out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "args": vars(args),
-                "machine": machine,
-                "loadavg": load,
-                "mean_decode_batch": mean_batch,
-                "results": res,
-            },
-            indent=1,
-        )
-    )
+    payload = {"args": vars(args), "loadavg": load, "mean_decode_batch": mean_batch, "results": res}
+    out = write_result("bench_k", payload)
     title = f"functok-tiny, HF engine, {args.requests} req x {args.tokens} tok, {args.threads} threads"
     png = plot(res, RESULTS / "throughput_vs_k.png", title)
     print(f"wrote {out}, {png}")

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -31,24 +28,14 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import SAE, SteeringSpec, SteeringTable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import prompts, write_result  # noqa: E402
+
+from functok_vllm.core import SAE, SteeringSpec, SteeringTable  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
 from functok_vllm.engines.hf.hooks import load_model, residual_hooks
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
-
-RESULTS = Path(__file__).resolve().parent / "results"
-TEXT = (
-    "It was a bright cold day in the spring, and the old soldier walked slowly along the river towards the town, "
-    "thinking of the war, of his son who had gone to the army, and of the letter he had not yet dared to open. "
-    "The princess stood at the window and watched the carriages arrive one after another, while her father sat in "
-    "his study and wrote to the Emperor about the harvest, the roads and the price of grain in Moscow this year."
-)
-
-
-def prompts(n: int) -> list[str]:
-    words = TEXT.split()
-    return [" ".join(words[(7 * i) % 20 : (7 * i) % 20 + 6 + (5 * i) % 37]) for i in range(n)]
 
 
 def specs(n: int) -> list[SteeringSpec]:
@@ -233,15 +220,8 @@ def main() -> int:
         print(f"{name:<28}{r['seconds']:>10.3f}{r['tokens_per_s']:>12.1f}")
     for name, v in ratios.items():
         print(f"{name:<60}{v:>8.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"bench_server-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-    out.write_text(
-        json.dumps(
-            {"args": vars(args), "machine": machine, "mean_decode_batch": mean_batch, "results": res, "ratios": ratios},
-            indent=1,
-        )
-    )
+    payload = {"args": vars(args), "mean_decode_batch": mean_batch, "results": res, "ratios": ratios}
+    out = write_result("bench_server", payload, stamp=True)
     print(f"wrote {out}")
     return 0
 

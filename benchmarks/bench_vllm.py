@@ -21,28 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import prompts, write_result  # noqa: E402
+
 MODEL = Path(__file__).resolve().parent.parent / "models" / "functok-tiny"
 EXTENSION = "functok_vllm.engines.vllm.worker.SteeringWorkerExtension"
 KS = (1, 4, 16)
-TEXT = (
-    "It was a bright cold day in the spring, and the old soldier walked slowly along the river towards the town, "
-    "thinking of the war, of his son who had gone to the army, and of the letter he had not yet dared to open. "
-    "The princess stood at the window and watched the carriages arrive one after another, while her father sat in "
-    "his study and wrote to the Emperor about the harvest, the roads and the price of grain in Moscow this year."
-)
-
-
-def prompts(n: int) -> list[str]:
-    words = TEXT.split()
-    return [" ".join(words[(7 * i) % 20 : (7 * i) % 20 + 6 + (5 * i) % 37]) for i in range(n)]
 
 
 def spec(i: int) -> dict:
@@ -151,11 +141,8 @@ def main() -> int:
         rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
 
     table(rows, args.requests, args.tokens)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench_vllm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    meta = {"requests": args.requests, "tokens": args.tokens, "repeats": args.repeats, "cpus": os.cpu_count()}
-    meta |= {"machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg()}
-    path.write_text(json.dumps({"config": meta, "runs": rows}, indent=2) + "\n")
+    meta = {"requests": args.requests, "tokens": args.tokens, "repeats": args.repeats}
+    path = write_result("bench_vllm", {"config": meta, "runs": rows}, stamp=True)
     print(f"\nwrote {path}")
     return 0
 
