@@ -6,7 +6,9 @@ It starts `functok serve` on a free loopback port, samples the server's resident
 every --rss-interval seconds, and runs locust with unsteered, steered, streamed and recorded users (and reactivation
 scoring when the server has it). RecordedUser sends a fixed set of greedy requests and logs each (request, output)
 pair; afterwards every recorded request is sent again alone and must return the same token ids it returned under load.
-Exit status 0 only when there were requests, no failures, and no replay differed. Not part of the default test run.
+Memory is judged on the steady state: the lowest RSS of each minute (between transient request peaks), from the
+second minute (after warm-up) to the last. Exit status 0 only when there were requests, no failures, no replay
+differed, and that floor grew by at most --max-growth-mib. Not part of the default test run.
 """
 
 from __future__ import annotations
@@ -69,6 +71,20 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float | None:
     return None if var == 0 else 60 * sum((t - mt) * (r - mr) for t, r in samples) / var
 
 
+def floors(samples: list[tuple[float, float]], window_s: float = 60.0) -> list[tuple[float, float]]:
+    """(window start, lowest RSS in the window) for each full window of the run: the memory the server holds between
+    requests. A leak raises it; a request's transient working set (a reactivation batch peaks ~50 MiB for a few
+    seconds, then is given back) does not, though it would tilt a slope fitted to the raw samples."""
+    if not samples:
+        return []
+    out = []
+    for k in range(int(samples[-1][0] // window_s)):
+        inside = [r for t, r in samples if k * window_s <= t < (k + 1) * window_s]
+        if inside:
+            out.append((k * window_s, min(inside)))
+    return out
+
+
 def post(url: str, body: dict, api_key: str) -> dict:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     req = urllib.request.Request(url, json.dumps(body).encode(), headers)
@@ -105,7 +121,10 @@ def replay(url: str, record_file: Path, sample: int, api_key: str) -> dict:
 
 
 def rss_report(before: float | None, samples: list, after: float | None) -> dict:
+    """Raw samples (first, last, max, slopes) and the steady state: per-minute floors from the second minute on (the
+    first holds the one-time warm-up: the first requests of each kind allocate what they keep reusing)."""
     under = [r for _, r in samples]
+    steady = floors(samples)[1:]
     return {
         "before_load_mib": before,
         "first_under_load_mib": under[0] if under else None,
@@ -117,6 +136,11 @@ def rss_report(before: float | None, samples: list, after: float | None) -> dict
         "slope_second_half_mib_per_min": (
             None if (s := slope_mib_per_min(samples[len(samples) // 2 :])) is None else round(s, 3)
         ),
+        "minute_floors_mib": [r for _, r in floors(samples)],
+        "steady_start_mib": steady[0][1] if steady else None,
+        "steady_end_mib": steady[-1][1] if steady else None,
+        "steady_growth_mib": round(steady[-1][1] - steady[0][1], 1) if len(steady) >= 2 else None,
+        "floor_slope_mib_per_min": None if (s := slope_mib_per_min(steady)) is None else round(s, 3),
     }
 
 
@@ -130,6 +154,9 @@ def markdown(result: dict) -> str:
         f"{rss['first_under_load_mib']}, last under load {rss['last_under_load_mib']}, max {rss['max_mib']}, "
         f"after replay {rss['after_replay_mib']} ({rss['samples']} samples; slope {rss['slope_mib_per_min']} MiB/min, "
         f"second half {rss['slope_second_half_mib_per_min']} MiB/min)",
+        f"- steady state (lowest RSS of each minute, from the second): {rss['steady_start_mib']} -> "
+        f"{rss['steady_end_mib']} MiB, growth {rss['steady_growth_mib']} MiB (limit {result['max_growth_mib']}), "
+        f"slope {rss['floor_slope_mib_per_min']} MiB/min; minute floors {rss['minute_floors_mib']}",
         f"- replay alone: {rep['cases_replayed']} cases, {rep['responses_compared']} responses under load compared, "
         f"{rep['cases_differing']} cases differing; {rep['cases_disagreeing_under_load']} cases whose outputs under "
         "load disagreed among themselves",
@@ -156,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("loadtest/results/soak"))
     p.add_argument("--rss-interval", type=float, default=5.0, help="seconds between VmRSS samples")
     p.add_argument("--sample", type=int, default=16, help="recorded cases to replay alone")
+    p.add_argument(
+        "--max-growth-mib",
+        type=float,
+        default=16.0,
+        help="most the steady-state RSS (per-minute floor, second minute to last) may grow for a pass",
+    )
     p.add_argument("--serve-args", default="", help="extra `functok serve` options")
     p.add_argument("--locust-args", default=WEIGHTS, help=f"locust options (default: {WEIGHTS!r})")
     p.add_argument("--api-key", default=os.environ.get("FUNCTOK_API_KEY", ""))
@@ -186,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_summary(out, CSV_PREFIX, run | {"server": "started here", "locust_exit_code": rc})
     passed = rc == 0 and summary["requests"] > 0 and summary["failures"] == 0 and replayed["cases_differing"] == 0
     passed = passed and replayed["cases_replayed"] > 0
+    rss = rss_report(before, sampler.samples, after)
+    growth = rss["steady_growth_mib"]
+    passed = passed and (growth is None or growth <= args.max_growth_mib)  # runs under 3 minutes: no steady state
     result = run | {
         "passed": passed,
+        "max_growth_mib": args.max_growth_mib,
         "summary": summary,
-        "rss": rss_report(before, sampler.samples, after),
+        "rss": rss,
         "rss_samples": sampler.samples,
         "replay": replayed,
     }

@@ -57,3 +57,17 @@ def test_refuses_a_non_loopback_host(tmp_path):
         assert p.returncode == 2, host
         assert "--host" in p.stderr and "127.0.0.1" in p.stderr, p.stderr
     assert not (tmp_path / "x" / "locust.log").exists()
+
+
+def test_soak_judges_memory_on_the_floor_between_transient_peaks():
+    from loadtest.soak import rss_report
+
+    warm = [(t, 460.0) for t in range(0, 20, 5)]  # before the first requests
+    spikes = {300: 640.0, 305: 610.0, 560: 620.0}  # a reactivation batch's working set, given back seconds later
+    flat = warm + [(t, spikes.get(t, 592.5)) for t in range(20, 600, 5)]
+    r = rss_report(460.0, flat, 592.5)
+    assert r["steady_start_mib"] == r["steady_end_mib"] == 592.5 and r["steady_growth_mib"] == 0.0
+    assert r["max_mib"] == 640.0 and r["first_under_load_mib"] == 460.0  # raw samples: peaks and warm-up included
+    leak = warm + [(t, 592.5 + t / 60) for t in range(20, 600, 5)]  # 1 MiB a minute, steadily
+    r = rss_report(460.0, leak, 602.5)
+    assert r["steady_growth_mib"] == 7.0 and abs(r["floor_slope_mib_per_min"] - 1.0) < 0.05

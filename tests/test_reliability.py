@@ -199,6 +199,30 @@ def test_sigterm_drains_then_a_second_signal_aborts_and_the_exit_status_is_0(tmp
         server.stop()
 
 
+def test_drain_timeout_aborts_what_is_still_running_then_exits_0(tmp_path):
+    server = ServerProc(tmp_path, "--drain-timeout", "0.5")
+    try:
+        streams = [[] for _ in range(4)]  # 4 x 480 greedy tokens: seconds of work, far more than the 0.5 s allowed
+        threads = [threading.Thread(target=read_stream, args=(server.url, 480, out)) for out in streams]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while any(len(out) < 2 for out in streams):  # all are generating
+            assert time.monotonic() < deadline, streams
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)  # one signal: the drain deadline, not a second signal, ends it
+        for t in threads:
+            t.join(timeout=60)
+        for out in streams:
+            assert out[0] == 200 and out[-1] == "[DONE]"  # every stream still ends well-formed
+            assert json.loads(out[-2])["error"]["code"] == "aborted"
+        assert server.proc.wait(timeout=60) == 0
+        log = server.log.read_text()
+        assert "drain timeout (0.5s): aborting the 4 requests still in flight" in log and "Traceback" not in log
+    finally:
+        server.stop()
+
+
 # ---- bad SAE files are refused at start-up ---------------------------------------------------------------------
 
 

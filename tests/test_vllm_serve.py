@@ -147,3 +147,12 @@ class TestFunctokServeVLLM:
                 max_tokens=4,
                 extra_body={"vllm_xargs": {"steering": next(iter(BAD))}},
             )
+
+    def test_reactivation_scoring_is_a_501_that_says_where_it_runs(self, functok_vllm):
+        _, url = functok_vllm
+        r = httpx.post(f"{url}/v1/analysis/reactivation", json={"prompts": ["The king said"]}, timeout=60)
+        assert r.status_code == 501
+        err = r.json()["error"]
+        assert err["code"] == "not_implemented" and err["type"] == "not_implemented_error"
+        assert "transformers" in err["message"]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # and the server is still serving
