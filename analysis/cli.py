@@ -67,6 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = _add(sub, "coverage", "coverage", "token-feature bipartite graph and cumulative feature coverage by rank")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+    p.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="run the forwards on transformers (default) or on vLLM (capture mode of the steering worker extension)",
+    )
 
     p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
     p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')

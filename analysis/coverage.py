@@ -14,7 +14,8 @@ import torch
 
 from analysis.data import check_corpus, n_batches, sequences, token_stream
 from analysis.io import figure, out_dir, save_figure, write_csv, write_json
-from functok_vllm.core.capture import EdgeBits, encode_chunks
+from functok_vllm.core.capture import EdgeBits
+from functok_vllm.errors import CLIError
 
 MILESTONES = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -32,31 +33,16 @@ class CoverageConfig:
             raise ValueError("seq_len must be >= 2, batch_size and table_rows >= 1")
 
 
-def _capture(sae, graph: EdgeBits, flat_ids: torch.Tensor, skip_id: int):
-    def fn(h):  # h: (tokens, d_model)
-        for start, acts in encode_chunks(sae, h.to(sae.W_enc.dtype)):  # acts: (rows, d_sae)
-            ids = flat_ids[start : start + acts.shape[0]]
-            keep = ids != skip_id  # document separators are not text
-            graph.add(ids[keep], acts[keep] > 0)
-        return None
-
-    return fn
-
-
 def build_graphs(am, stream: torch.Tensor, cfg: CoverageConfig, progress: bool = True) -> dict[int, EdgeBits]:
-    """{layer: EdgeBits} over the token stream, one forward pass per batch with capture hooks at every layer; EOS
-    positions (document separators) add no edges."""
-    from tqdm import tqdm
-
+    """{layer: EdgeBits} over the token stream cut into windows of seq_len tokens, each window one sequence; EOS
+    positions (document separators) add no edges. The engine runs the forwards (`am.capture_edges`): the
+    transformers engine in batches of batch_size windows, vLLM with its own scheduler."""
     layers = list(cfg.layers) if cfg.layers is not None else sorted(am.saes)
-    graphs = {layer: EdgeBits(am.saes[layer].d_sae, am.vocab_size, device=am.device) for layer in layers}
+    if cfg.seq_len > am.max_len:
+        raise CLIError(f"--seq-len {cfg.seq_len} is longer than the model's context ({am.max_len} tokens)")
     batches = sequences(stream, cfg.seq_len, cfg.batch_size)
     total = n_batches(stream, cfg.seq_len, cfg.batch_size)
-    for batch in tqdm(batches, total=total, desc="coverage", disable=not progress):  # batch: (b, seq)
-        flat = batch.reshape(-1).to(am.device)
-        fns = {layer: _capture(am.saes[layer], graphs[layer], flat, am.eos_id) for layer in layers}
-        am.forward(batch, fns, logits=False)
-    return graphs
+    return am.capture_edges(batches, layers, total, progress)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -173,11 +159,16 @@ def write(summary: dict, out: Path, table_rows: int = 100) -> list[Path]:
 
 def main(args) -> int:
     from analysis.model import load_hf
+    from analysis.vllm_model import load_vllm
 
     check_corpus(args.corpus)
 
     cfg = CoverageConfig(tuple(args.layers) if args.layers else None, args.max_tokens, args.seq_len, args.batch_size)
-    am = load_hf(args.model, args.saes, args.function_tokens, cfg.layers and list(cfg.layers))
+    layers = cfg.layers and list(cfg.layers)
+    if getattr(args, "engine", "transformers") == "vllm":
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers)
+    else:
+        am = load_hf(args.model, args.saes, args.function_tokens, layers)
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
     summary = summarize(build_graphs(am, stream, cfg), am.fn_mask, am.decode)
     paths = write(summary, Path(args.out), cfg.table_rows)

@@ -2,7 +2,8 @@
 
 An engine gives the analysis four things: token ids of a text, logits of token sequences while running given
 residual functions at given decoder layers (capture: return None; steer: return the new residual), the SAEs by layer
-with the function-token mask, and the unembedding the logit lens reads. A vLLM engine can provide the same.
+with the function-token mask, and the unembedding the logit lens reads; and the coverage graph of token windows
+(`capture_edges`), which the vLLM engine also provides (`analysis/vllm_model.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 import torch
 
 from functok_vllm.core import SAE, FunctionTokens, SAELoadError
+from functok_vllm.core.capture import CoverageCapture, EdgeBits
 from functok_vllm.core.sae import config_from_json
 from functok_vllm.engines.hf.hooks import ResidualFn, load_model, residual_hooks
 from functok_vllm.errors import CLIError
@@ -36,9 +38,28 @@ class AnalysisModel(Protocol):
 
     def unembed(self) -> torch.Tensor: ...
 
+    def capture_edges(self, batches, layers: list[int], total: int | None, progress: bool) -> dict[int, EdgeBits]: ...
+
+
+class TokenizerMixin:
+    """encode/decode/eos_id over `self.tokenizer` (a transformers tokenizer), shared by the analysis models."""
+
+    tokenizer: object
+
+    @property
+    def eos_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return -1 if eos is None else int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
 
 @dataclass
-class HFAnalysisModel:
+class HFAnalysisModel(TokenizerMixin):
     """A transformers causal LM with its tokenizer, SAEs by layer and function-token mask."""
 
     model: torch.nn.Module
@@ -66,19 +87,8 @@ class HFAnalysisModel:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
     @property
-    def eos_id(self) -> int:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return -1 if eos is None else int(eos)
-
-    @property
     def device(self) -> torch.device:
         return self.model.get_output_embeddings().weight.device
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids))
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, fns: dict[int, ResidualFn] | None = None, logits: bool = True):
@@ -86,6 +96,15 @@ class HFAnalysisModel:
         with residual_hooks(self.model, fns or {}):
             out = self.model(input_ids=ids.to(self.device), **({} if logits else {"logits_to_keep": 1}))
         return out.logits.float() if logits else None
+
+    def capture_edges(self, batches, layers: list[int], total: int | None = None, progress: bool = True):
+        """{layer: EdgeBits} over batches (b, seq) of token windows: one forward a batch, capture hooks at `layers`."""
+        from tqdm import tqdm
+
+        cap = CoverageCapture(self.saes, layers, self.vocab_size, self.eos_id, self.device)
+        for batch in tqdm(batches, total=total, desc="coverage", disable=not progress):  # (b, seq)
+            self.forward(batch, cap.fns(batch.reshape(-1)), logits=False)  # hooks see (b * seq, d_model)
+        return cap.graphs
 
     def unembed(self) -> torch.Tensor:
         """(vocab, d_model) effective unembedding: W_U with the final norm's weight folded in as a diagonal scale."""
@@ -97,6 +116,14 @@ class HFAnalysisModel:
 
 def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAE]:
     """{layer: SAE} from a directory of SAELens directories (one per layer); CLIError names what is missing."""
+    try:
+        return {layer: SAE.load(path) for layer, path in sae_dirs(saes_dir, layers).items()}
+    except SAELoadError as e:
+        raise CLIError(str(e)) from None
+
+
+def sae_dirs(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, Path]:
+    """{layer: SAE directory} for `layers` (default: every layer found), reading only the cfg.json files."""
     d = Path(saes_dir)
     if not d.is_dir():
         raise CLIError(f"SAE directory {d} does not exist")
@@ -116,10 +143,7 @@ def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int
         if layer not in found:
             have = ", ".join(map(str, sorted(found)))
             raise CLIError(f"no SAE for layer {layer} in {d} (layers with SAEs: {have})")
-    try:
-        return {layer: SAE.load(found[layer]) for layer in want}
-    except SAELoadError as e:
-        raise CLIError(str(e)) from None
+    return {layer: found[layer] for layer in want}
 
 
 def load_function_tokens(path: str | Path) -> FunctionTokens:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prompts, write_result  # noqa: E402
+from common import prompts, start_server, write_result  # noqa: E402
 
 from functok_vllm.core import SAE, SteeringSpec, SteeringTable  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
@@ -117,26 +115,10 @@ class HTTPModes:
     """16 concurrent openai-client streams to a `functok serve` subprocess."""
 
     def __init__(self, ps, ss, tokens, threads):
-        import httpx
         import openai
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--port", str(port), "--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        self.proc, base = start_server(["--threads", str(threads)])
+        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         self.ps, self.ss, self.tokens = ps, ss, tokens
         self.pool = ThreadPoolExecutor(len(ps))
 

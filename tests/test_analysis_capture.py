@@ -109,3 +109,20 @@ def test_running_top_k_keeps_the_largest_with_positions():
     top.add(torch.tensor([[2.0, 4.0], [0.5, 6.0]]), offset=2)  # positions 2, 3
     assert top.values.tolist() == [[3.0, 2.0], [6.0, 5.0]]
     assert top.where.tolist() == [[1, 2], [3, 0]]
+
+
+def test_edge_state_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(1)
+    a = EdgeBits(d_sae=21, vocab_size=300, capacity=3)
+    for _ in range(3):
+        a.add(torch.randint(0, 300, (40,), generator=g), torch.rand(40, 21, generator=g) < 0.2)
+    save_file(a.state(), str(tmp_path / "g.safetensors"))
+    b = EdgeBits.from_state(load_file(str(tmp_path / "g.safetensors")))
+    assert stored_edges(b) == stored_edges(a) and b.n_edges == a.n_edges > 0
+    assert torch.equal(b.token_count, a.token_count) and torch.equal(b.feature_count, a.feature_count)
+    assert torch.equal(b.row_of, a.row_of)
+    new = torch.tensor([299, 0, 299])  # rows keep growing after a reload
+    b.add(new, torch.ones(3, 21, dtype=torch.bool))
+    assert b.rows(torch.tensor([299, 0])).all()

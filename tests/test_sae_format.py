@@ -173,3 +173,14 @@ def test_resolve_sae_local_dir_and_offline_release(tmp_path, monkeypatch):
         resolve_sae("llama_scope_lxr_8x:40", cache_dir=tmp_path)
     with pytest.raises(CLIError, match="neither an existing directory nor release:sae_id"):
         resolve_sae(str(tmp_path / "no_such_sae"), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "standard"])
+def test_active_is_exactly_encode_above_zero(arch):
+    sae = _random_sae(arch)
+    if arch == "jumprelu":
+        sae.threshold[:8] = -0.3  # a negative threshold: relu still decides
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))  # (tokens, d_in)
+    active = sae.active(x)
+    assert active.dtype == torch.bool and active.any() and not active.all()
+    assert torch.equal(active, sae.encode(x) > 0)

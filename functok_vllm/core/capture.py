@@ -17,11 +17,15 @@ _BIT = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # (8,)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)  # (256,)
 
 
-def encode_chunks(sae: SAE, h: torch.Tensor, max_elems: int = MAX_CHUNK_ELEMS) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, (rows, d_sae) activations) over row chunks of h (tokens, d_in), so a d_sae of 2^20 fits in memory."""
+def encode_chunks(
+    sae: SAE, h: torch.Tensor, max_elems: int = MAX_CHUNK_ELEMS, active_only: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, (rows, d_sae) activations) over row chunks of h (tokens, d_in), so a d_sae of 2^20 fits in memory;
+    with active_only, (rows, d_sae) bool `activations > 0` instead (cheaper: no activation values are formed)."""
     rows = max(1, max_elems // sae.d_sae)
+    fn = sae.active if active_only else sae.encode
     for start in range(0, h.shape[0], rows):
-        yield start, sae.encode(h[start : start + rows])
+        yield start, fn(h[start : start + rows])
 
 
 def unpack_bits(packed: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -70,8 +74,8 @@ class EdgeBits:
         token_ids = token_ids.to(self.device)
         rows = self._rows(token_ids)
         self.token_count += torch.bincount(token_ids, minlength=self.vocab_size)
-        self.feature_count += active.sum(0)
         pos, feat = active.nonzero(as_tuple=True)
+        self.feature_count += torch.bincount(feat, minlength=self.d_sae)  # a bool sum over tokens is far slower
         pair = torch.unique(rows[pos] * self.d_sae + feat)  # distinct (row, feature), so bits of one byte are distinct
         row, feat = pair // self.d_sae, pair % self.d_sae
         byte = row * self.n_bytes + feat // 8
@@ -80,6 +84,27 @@ class EdgeBits:
         bits.index_add_(0, inv, (1 << (feat % 8)).long())  # a sum of distinct powers of two is their OR
         flat = self.bits.view(-1)
         flat[byte_ids] |= bits.to(torch.uint8)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The graph as CPU tensors (what `from_state` reads back): safetensors-ready, for handing between processes."""
+        return {
+            "bits": self.bits[: self.n_rows].cpu().contiguous(),  # (rows, bytes)
+            "token_of": self.token_of.cpu().contiguous(),  # (rows,)
+            "token_count": self.token_count.cpu().contiguous(),  # (vocab,)
+            "feature_count": self.feature_count.cpu().contiguous(),  # (d_sae,)
+            "d_sae": torch.tensor(self.d_sae),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], device="cpu") -> EdgeBits:
+        vocab, d_sae = state["token_count"].shape[0], int(state["d_sae"])
+        g = cls(d_sae, vocab, device=device, capacity=max(1, state["bits"].shape[0]))
+        g.token_of = state["token_of"].to(device)
+        g.bits[: g.n_rows] = state["bits"].to(device)
+        g.row_of[g.token_of] = torch.arange(g.n_rows, device=g.device)
+        g.token_count = state["token_count"].to(device)
+        g.feature_count = state["feature_count"].to(device)
+        return g
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n,) token ids -> (n, d_sae) bool edge rows (all False for a token never seen)."""
@@ -115,6 +140,34 @@ class EdgeBits:
         """(len(order),) number of features reached by the top-k tokens of `order`, for k = 1..len(order)."""
         first = self.first_rank(order)
         return torch.bincount(first[first > 0] - 1, minlength=len(order))[: len(order)].cumsum(0)
+
+
+class CoverageCapture:
+    """Capture mode for the coverage graph: {layer: EdgeBits}, fed the residual stream at SAE layers by any engine.
+
+    `observe(layer, ids, h)` encodes h (tokens, d_model) with the layer's SAE in row chunks and records the edges of
+    the positions whose token is not `skip_id` (document separators are not text). The transformers engine calls it
+    from its residual hooks, the vLLM worker from its layer hooks: one implementation of the reduction for both.
+    """
+
+    def __init__(self, saes: dict[int, SAE], layers: list[int], vocab_size: int, skip_id: int = -1, device="cpu"):
+        self.saes, self.skip_id = saes, skip_id
+        self.graphs = {layer: EdgeBits(saes[layer].d_sae, vocab_size, device=device) for layer in layers}
+
+    @torch.no_grad()
+    def observe(self, layer: int, token_ids: torch.Tensor, h: torch.Tensor) -> None:
+        """token_ids (tokens,), h (tokens, d_model): the residual stream leaving `layer` at those tokens."""
+        sae, graph = self.saes[layer], self.graphs[layer]
+        token_ids = token_ids.to(h.device)
+        for start, active in encode_chunks(sae, h.to(sae.W_enc.dtype), active_only=True):  # (rows, d_sae) bool
+            ids = token_ids[start : start + active.shape[0]]
+            keep = ids != self.skip_id
+            graph.add(ids[keep], active[keep])
+
+    def fns(self, token_ids: torch.Tensor) -> dict:
+        """Residual functions in capture mode (they return None: the stream is unchanged) for a forward over
+        `token_ids` (tokens,) flattened in the order the engine flattens its hidden states."""
+        return {layer: (lambda h, layer=layer: self.observe(layer, token_ids, h)) for layer in self.graphs}
 
 
 def reactivated(active: torch.Tensor, is_function: torch.Tensor) -> torch.Tensor:

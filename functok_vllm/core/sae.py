@@ -93,9 +93,23 @@ class SAE:
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(tokens, d_in) -> (tokens, d_sae) feature activations, exactly as SAELens computes them."""
-        pre = self._sae_in(x) @ self.W_enc + self.b_enc  # (tokens, d_sae)
-        return self.activation(pre)
+        """(tokens, d_in) -> (tokens, d_sae) feature activations, as SAELens computes them (the bias add is fused)."""
+        return self.activation(self.pre(x))
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, d_in) -> (tokens, d_sae) encoder pre-activations, one fused matmul + bias (addmm)."""
+        return torch.addmm(self.b_enc, self._sae_in(x), self.W_enc)
+
+    def active(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, d_in) -> (tokens, d_sae) bool, exactly `encode(x) > 0` without forming the activations: capture
+        mode needs only which features fire. relu(pre) * (pre > t) > 0 holds iff pre > max(t, 0)."""
+        pre = self.pre(x)
+        if self.cfg.architecture == "jumprelu":
+            return pre > self.threshold.clamp(min=0)
+        if self.cfg.architecture == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, vals > 0)
+        return pre > 0
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.cfg.architecture == "jumprelu":

@@ -19,6 +19,7 @@ canonical `SteeringSpec.key()` string, which the workers parse back.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,6 +66,16 @@ class FunctokConfig:
     def check(self, spec: SteeringSpec) -> None:
         """SpecError unless every edit names a configured SAE layer, a feature inside it and a mode it supports."""
         spec.check(self.d_sae, self.max_edits, self.clamp_ok)
+
+
+def cpu_defaults() -> None:
+    """Without CUDA: VLLM_TARGET_DEVICE=cpu (our CPU build's version string does not say "cpu", so vLLM would not
+    detect it) and a 1 GiB KV cache, unless already set. Call before vLLM resolves its platform (first engine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def from_additional_config(additional_config, model: str | None = None) -> FunctokConfig:

@@ -21,7 +21,14 @@ import torch
 from functok_vllm.core import POLICY_CODES, FunctionTokens, SteeringSpec, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, Engine, EngineFull, GenerateRequest, RequestError, SteeringInfo
-from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, to_xarg
+from functok_vllm.engines.vllm.config import (
+    CONFIG_KEY,
+    EXTENSION,
+    XARG,
+    cpu_defaults,
+    from_additional_config,
+    to_xarg,
+)
 
 log = logging.getLogger("functok.engine")
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # anything else vLLM reports becomes "error"
@@ -210,8 +217,7 @@ def engine_from_cli(args, limits, saes: list[Path], function_tokens: Path) -> VL
     """The engine `functok serve --engine vllm` runs (compiled mode; on CPU, a 1 GiB KV cache unless set)."""
     from functok_vllm.errors import CLIError
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cpu_defaults()
     try:
         cfg = VLLMEngineConfig(
             Path(args.model),

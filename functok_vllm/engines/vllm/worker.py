@@ -14,7 +14,9 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   (`SteeredLayerMixin`). Because that is in the module tree when Dynamo traces the model, the compiled graph contains
   the gather-add and clamp matmuls reading the table's buffers, which are graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`), finished ones are released.
-- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index.
+- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
+  and in capture mode (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the
+  step's token ids are handed to the capture hooks.
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
 sum, which the next layer's fused add+norm (or the final norm) forms. A steered layer returns `(delta, h)` with
@@ -38,6 +40,7 @@ import torch
 from functok_vllm.core import SAE, FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
 from functok_vllm.core import steer as core_steer
 from functok_vllm.engines.vllm.batch_state import BatchSteering
+from functok_vllm.engines.vllm.capture import RunnerCapture, tp_rank
 from functok_vllm.engines.vllm.config import FunctokConfig, from_additional_config, spec_from_xarg
 
 log = logging.getLogger("functok.vllm")
@@ -60,6 +63,8 @@ class SteeringRunnerMixin:
     """Mixed into the V1 model runner's class (see the module docstring)."""
 
     functok: BatchSteering | None = None
+    functok_capture: RunnerCapture | None = None  # a capture session (offline analysis), see capture.py
+    functok_step_tokens = 0
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -67,6 +72,7 @@ class SteeringRunnerMixin:
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         st = self.functok
+        self.functok_step_tokens = scheduler_output.total_num_scheduled_tokens  # the unpadded rows of this forward
         if st is not None:
             st.finish(scheduler_output.finished_req_ids)
             st.resumed += len(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
@@ -77,15 +83,22 @@ class SteeringRunnerMixin:
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         st = self.functok
+        ids = input_ids if input_ids is not None else self.input_ids.gpu
         if st is not None:
             if positions is None:  # no positions to select by: this forward runs unsteered
                 st.clear()
             else:
                 pos = positions if positions.dim() == 1 else positions[0]  # M-RoPE (3, tokens): row 0 is the text
-                ids = input_ids if input_ids is not None else self.input_ids.gpu[: pos.shape[0]]
                 rows = self.input_batch.req_ids[: self.input_batch.num_reqs]
-                st.prepare(rows, ids, pos, self.query_start_loc.gpu)
-        return super()._model_forward(input_ids, positions, *args, **kwargs)
+                st.prepare(rows, ids[: pos.shape[0]], pos, self.query_start_loc.gpu)
+        cap = self.functok_capture
+        if cap is None:
+            return super()._model_forward(input_ids, positions, *args, **kwargs)
+        cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
+        try:
+            return super()._model_forward(input_ids, positions, *args, **kwargs)
+        finally:
+            cap.ids = None
 
 
 class SteeringWorkerExtension:
@@ -101,6 +114,22 @@ class SteeringWorkerExtension:
     @model_runner.setter
     def model_runner(self, runner) -> None:
         self.__dict__["_functok_runner"] = steered_runner(runner)
+
+    def functok_capture_begin(self, layers: list[int], skip_id: int = -1) -> None:
+        """Start capture mode: every forward from now on adds its token-feature edges at `layers` (positions holding
+        `skip_id` add none) until `functok_capture_save`. Needs an eager engine; one session at a time."""
+        runner = self.model_runner
+        if runner.functok_capture is not None:
+            raise RuntimeError("a functok capture is already running on this worker")
+        runner.functok_capture = RunnerCapture(runner, list(layers), skip_id, decoder_layers)
+
+    def functok_capture_save(self, out_dir: str) -> list[str]:
+        """End capture mode; write out_dir/layer_{L}.safetensors (`EdgeBits.state()`) and return the paths."""
+        runner = self.model_runner
+        cap, runner.functok_capture = runner.functok_capture, None
+        if cap is None:
+            raise RuntimeError("no functok capture is running on this worker")
+        return cap.save(out_dir, write=tp_rank() == 0)
 
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""

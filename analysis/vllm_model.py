@@ -1,0 +1,128 @@
+"""The analysis model on the vLLM engine: coverage runs as capture mode of the steering worker extension.
+
+`functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off) with the worker extension,
+starts a capture session on every worker, sends each corpus window as a prompt with `max_tokens=1` (so each window
+token is forwarded exactly once, in whatever batches vLLM's scheduler makes), and reads back the graphs the workers
+wrote. The SAEs stay on the workers; this process reads only their cfg.json. The other analyses (reactivation, loss
+split, features, steer sweep) need logits and per-position activations in this process and run on the transformers
+engine only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from analysis.model import TokenizerMixin
+from functok_vllm.core import FunctionTokens, SAELoadError
+from functok_vllm.core.capture import EdgeBits
+from functok_vllm.errors import CLIError
+
+CAPTURE_CHUNK = 1024  # windows handed to LLM.generate at a time (the progress bar moves per chunk)
+
+
+def vllm_available() -> str | None:
+    """None if vLLM and its compiled ops import, else why not."""
+    from functok_vllm.engines.vllm.config import cpu_defaults
+
+    cpu_defaults()
+    try:
+        import vllm._C  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from a broken build
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class VLLMAnalysisModel(TokenizerMixin):
+    """A model on vLLM with its SAEs (metadata here, weights on the workers) and function-token mask."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        sae_dirs: list[Path],
+        function_tokens: Path,
+        dtype: str = "float32",
+        engine_args: dict | None = None,
+    ):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, cpu_defaults, from_additional_config
+
+        cpu_defaults()
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        mc = AutoConfig.from_pretrained(str(model_dir))
+        self.vocab_size = mc.vocab_size
+        self.max_len = int(mc.max_position_embeddings) - 1  # room for the one sampled token vLLM insists on
+        raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens)}
+        try:
+            steer_cfg = from_additional_config({CONFIG_KEY: raw}, str(model_dir))
+        except (ValueError, SAELoadError) as e:
+            raise CLIError(str(e)) from None
+        self.saes = steer_cfg.sae_meta  # {layer: SAEMeta}: d_sae, d_in, architecture (weights live on the workers)
+        for layer, meta in self.saes.items():
+            if not 0 <= layer < mc.num_hidden_layers:
+                raise CLIError(f"the SAE for layer {layer} does not fit a model with {mc.num_hidden_layers} layers")
+            if meta.d_in != mc.hidden_size:
+                raise CLIError(f"{meta.path}: d_in {meta.d_in} does not match the model's hidden size {mc.hidden_size}")
+        self.fn_mask = FunctionTokens.load(function_tokens).mask(self.vocab_size)
+        args = dict(
+            model=str(model_dir),
+            dtype=dtype,
+            enforce_eager=True,  # capture hooks run only where the model runs as Python modules
+            enable_prefix_caching=False,  # a cached prefix is not forwarded again, so its edges would be missed
+            max_model_len=int(mc.max_position_embeddings),
+            seed=0,
+            worker_extension_cls=EXTENSION,
+            additional_config={CONFIG_KEY: raw},
+        )
+        self.llm = LLM(**(args | (engine_args or {})))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the graphs land; the capture itself runs on the workers' devices
+
+    def capture_edges(self, batches, layers: list[int], total: int | None = None, progress: bool = True):
+        """{layer: EdgeBits} over batches (b, seq) of token windows, each window one prompt (prefill only)."""
+        from tqdm import tqdm
+        from vllm import SamplingParams
+
+        windows = [row.tolist() for batch in batches for row in batch]
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        tmp = Path(tempfile.mkdtemp(prefix="functok-capture-"))
+        try:
+            self.llm.collective_rpc("functok_capture_begin", args=(list(layers), self.eos_id))
+            try:
+                with tqdm(total=len(windows), desc="coverage (vLLM)", unit="window", disable=not progress) as bar:
+                    for s in range(0, len(windows), CAPTURE_CHUNK):
+                        chunk = windows[s : s + CAPTURE_CHUNK]
+                        self.llm.generate([{"prompt_token_ids": w} for w in chunk], params, use_tqdm=False)
+                        bar.update(len(chunk))
+            finally:
+                self.llm.collective_rpc("functok_capture_save", args=(str(tmp),))
+            from safetensors.torch import load_file
+
+            return {layer: EdgeBits.from_state(load_file(str(tmp / f"layer_{layer}.safetensors"))) for layer in layers}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def load_vllm(
+    model_dir: str | Path, saes_dir: str | Path, function_tokens: str | Path, layers: list[int] | None = None
+) -> VLLMAnalysisModel:
+    """Check every input first (cheap, as `load_hf` does), then start vLLM with the SAEs of `layers` (default: all)."""
+    from analysis.model import check_model_dir, load_function_tokens, sae_dirs
+
+    why = vllm_available()
+    if why is not None:
+        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
+    model_dir = check_model_dir(model_dir)
+    load_function_tokens(function_tokens)
+    return VLLMAnalysisModel(model_dir, list(sae_dirs(saes_dir, layers).values()), Path(function_tokens))

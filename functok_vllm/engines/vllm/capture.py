@@ -1,0 +1,90 @@
+"""Capture mode on the vLLM worker: temporary layer hooks feed the core's `CoverageCapture`, saved to files at the end.
+
+The offline analysis (`analysis/vllm_model.py`) drives it over RPC:
+
+    llm.collective_rpc("functok_capture_begin", args=(layers, skip_id))
+    llm.generate(windows, SamplingParams(max_tokens=1))      # prefill only: every window token is forwarded once
+    llm.collective_rpc("functok_capture_save", args=(out_dir,))  # out_dir/layer_{L}.safetensors, EdgeBits.state()
+
+Hooks run only where the model runs as Python modules, so capture needs `enforce_eager=True` (no torch.compile, no
+CUDA graphs); it is refused otherwise. Tensor parallel: the residual stream leaving a layer is replicated, so every
+rank builds the same graph and only TP rank 0 writes it. Pipeline parallel: each rank captures and writes the layers it
+holds. Memory on the device: the (distinct tokens) x d_sae bits of each layer, plus one chunk of activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from functok_vllm.core.capture import CoverageCapture
+
+log = logging.getLogger("functok.vllm")
+
+
+class RunnerCapture:
+    """A capture session on one model runner: forward hooks on the chosen decoder layers, removed by `close`."""
+
+    def __init__(self, runner, layers: list[int], skip_id: int, decoder_layers):
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        cc = runner.vllm_config.compilation_config
+        if cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE:
+            raise RuntimeError("functok capture needs an eager model (start vLLM with enforce_eager=True)")
+        steer = runner.functok
+        held = sorted(steer.table.layers) if steer is not None else []
+        missing = [layer for layer in layers if layer not in held]
+        if missing:
+            raise ValueError(f"no SAE on this worker for layers {missing} (SAE layers here: {held})")
+        saes = {layer: steer.table.layers[layer].sae for layer in layers}
+        vocab = runner.model_config.get_vocab_size()
+        self.capture = CoverageCapture(saes, layers, vocab, skip_id, device=runner.device)
+        self.ids: torch.Tensor | None = None  # (tokens,) ids of the forward running now, set by the runner
+        mods = decoder_layers(runner.get_model())
+        self.handles = [mods[layer].register_forward_hook(self._hook(layer)) for layer in layers]
+
+    def _hook(self, layer: int):
+        def hook(module, args, out):
+            if self.ids is None:  # a forward the runner did not announce (a warm-up or dummy run): not corpus text
+                return None
+            if isinstance(out, tuple):
+                hidden, residual = out
+                h = hidden if residual is None else hidden + residual  # (padded tokens, d_model) leaving the layer
+            else:
+                h = out
+            self.capture.observe(layer, self.ids, h[: self.ids.shape[0]])
+            return None
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def save(self, out_dir: str | Path, write: bool) -> list[str]:
+        """Remove the hooks and write each layer's graph as out_dir/layer_{L}.safetensors (if `write`)."""
+        self.close()
+        if not write:
+            return []
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for layer, graph in self.capture.graphs.items():
+            path = out / f"layer_{layer}.safetensors"
+            save_file(graph.state(), str(path))
+            paths.append(str(path))
+        log.info("functok capture: wrote %s", ", ".join(paths))
+        return paths
+
+
+def tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank()
+    except AssertionError:  # no tensor-parallel group (a single process): rank 0
+        return 0

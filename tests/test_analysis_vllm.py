@@ -1,0 +1,81 @@
+"""`functok analyze coverage` on vLLM (capture mode of the steering worker extension) against the transformers engine:
+the same corpus windows give the same graph, so the same numbers in the JSON and the CSV (up to a float tie at a
+threshold, see TOL). The vLLM run needs the CPU build (skipped only if vllm._C cannot load); the argument checks below
+need no vLLM."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.vllm_model import vllm_available
+
+FUNCTOK = str(Path(sys.executable).parent / "functok")
+NO_VLLM = vllm_available()
+# 3,000 held-out tokens in 100-token windows: 30 windows, 4 transformers batches of 8 (the last one short), none of
+# which is how vLLM's scheduler batches them; document separators fall inside windows.
+# The engines' float32 kernels differ (vLLM's fused norms and CPU attention), so a pre-activation that sits exactly
+# on a JumpReLU threshold can land on either side: at 16,384 tokens one edge of 172,664 differed at layer 1 for that
+# reason (the transformers pre-activation equalled the threshold). On these 3,000 tokens every number is equal on
+# cpu2; the tolerance only keeps such a tie from failing the test on another CPU.
+TOL = 1e-3
+ARGS = ["--max-tokens", "3000", "--seq-len", "100", "--batch-size", "8", "--threads", "2"]
+
+
+def coverage(engine: str, out: Path) -> subprocess.CompletedProcess:
+    cmd = [FUNCTOK, "analyze", "coverage", "--engine", engine, "--out", str(out), *ARGS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # the CLI finds the CPU platform itself
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM is not None, reason=f"vllm._C does not load: {NO_VLLM}")
+def test_vllm_coverage_equals_transformers_coverage(tmp_path):
+    hf, vl = tmp_path / "hf", tmp_path / "vllm"
+    r = coverage("transformers", hf)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = coverage("vllm", vl)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "coverage (vLLM)" in r.stderr  # the capture ran on vLLM, with its progress bar
+
+    a, b = json.loads((hf / "coverage.json").read_text()), json.loads((vl / "coverage.json").read_text())
+    assert a["tokens"] == b["tokens"] > 2900  # text tokens (document separators add no edges and are not counted)
+    assert set(a["layers"]) == set(b["layers"]) == {"0", "1", "2"}
+    for layer, s in a["layers"].items():
+        assert s["edges"] > 10_000 and 0 < s["feature_nodes"] <= s["d_sae"]  # a real graph, not an empty one
+        for key, value in s.items():  # node and edge counts, reach, degrees, coverage shares
+            assert b["layers"][layer][key] == pytest.approx(value, rel=TOL, abs=TOL), (layer, key)
+    ta, tb = _table(hf), _table(vl)  # every rank, with degree and cumulative coverage at each layer
+    assert [r[:5] for r in ta] == [r[:5] for r in tb]  # rank, id, token, count, is_function: no float in them
+    for ra, rb in zip(ta, tb, strict=True):
+        assert [float(x) for x in rb[5:]] == pytest.approx([float(x) for x in ra[5:]], rel=TOL, abs=TOL), ra[:3]
+    assert sum(ra != rb for ra, rb in zip(ta, tb, strict=True)) <= len(ta) // 100  # (on cpu2: none differ)
+
+
+def _table(out: Path) -> list[list[str]]:
+    rows = list(csv.reader((out / "coverage.csv").open()))
+    assert rows[0][:5] == ["rank", "id", "token", "count", "is_function"]
+    return rows[1:]
+
+
+def test_vllm_engine_refuses_a_layer_without_an_sae_before_starting(tmp_path):
+    cmd = [FUNCTOK, "analyze", "coverage", "--engine", "vllm", "--layers", "3", "--out", str(tmp_path), *ARGS]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    if NO_VLLM is None:
+        assert "no SAE for layer 3" in r.stderr
+    else:
+        assert "vLLM is not usable here" in r.stderr
+
+
+def test_an_unknown_engine_is_refused(tmp_path):
+    r = subprocess.run(
+        [FUNCTOK, "analyze", "coverage", "--engine", "tensorrt", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "invalid choice: 'tensorrt'" in r.stderr
