@@ -60,6 +60,15 @@ def _add(sub, name: str, module: str, help: str, corpus: bool = True, saes: bool
     return p
 
 
+def add_engine(p, how: str) -> None:
+    p.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help=f"run the forwards on transformers (default) or on vLLM ({how})",
+    )
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `analyze` and its commands on the `functok` subparsers."""
     a = subparsers.add_parser("analyze", help="offline analysis of function tokens and SAE features")
@@ -67,12 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = _add(sub, "coverage", "coverage", "token-feature bipartite graph and cumulative feature coverage by rank")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
-    p.add_argument(
-        "--engine",
-        choices=["transformers", "vllm"],
-        default="transformers",
-        help="run the forwards on transformers (default) or on vLLM (capture mode of the steering worker extension)",
-    )
+    add_engine(p, "capture mode of the steering worker extension")
 
     p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
     p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')
@@ -81,6 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = _add(sub, "loss-split", "loss_split", "next-token loss by function/content class over checkpoints", saes=False)
     p.add_argument("--checkpoints", nargs="+", default=None, help="model dirs (default: MODEL/checkpoints/* + MODEL)")
+    add_engine(p, "next-token losses from its prompt logprobs, one engine per checkpoint")
 
     p = _add(sub, "features", "features", "top contexts and logit-lens tokens of features", max_tokens=32768)
     p.add_argument("--layer", type=int, required=True)

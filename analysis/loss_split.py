@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from analysis.data import check_corpus, n_batches, sequences, token_stream
 from analysis.io import figure, out_dir, save_figure, write_csv, write_json
@@ -59,15 +58,14 @@ def group_stats(counts: torch.Tensor, sums: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def loss_split(am, stream: torch.Tensor, cfg: LossSplitConfig, desc: str = "loss split", progress: bool = True) -> dict:
-    from tqdm import tqdm
-
+    """Group counts and loss sums over the stream's windows; the engine computes the losses (`am.token_losses`)."""
     counts = torch.zeros(4, dtype=torch.long)
     sums = torch.zeros(4, dtype=torch.float64)
     total = n_batches(stream, cfg.seq_len, cfg.batch_size)
-    for batch in tqdm(sequences(stream, cfg.seq_len, cfg.batch_size), total=total, desc=desc, disable=not progress):
-        logits = am.forward(batch)  # (b, seq, vocab)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device), reduction="none")
-        c, s = group_sums(ce.cpu(), batch[:, :-1].flatten(), batch[:, 1:].flatten(), am.fn_mask.cpu(), am.eos_id)
+    batches = sequences(stream, cfg.seq_len, cfg.batch_size)
+    fn_mask = am.fn_mask.cpu()
+    for batch, ce in am.token_losses(batches, total, progress, desc):  # (b, seq), (b, seq - 1)
+        c, s = group_sums(ce.flatten(), batch[:, :-1].flatten(), batch[:, 1:].flatten(), fn_mask, am.eos_id)
         counts += c
         sums += s
     return group_stats(counts, sums)
@@ -85,14 +83,22 @@ def discover_checkpoints(model_dir: str | Path) -> list[tuple[str, int | None, P
     return sorted(found, key=lambda c: c[1]) + [("final", step, d)]
 
 
-def over_checkpoints(am, checkpoints: list[tuple[str, int | None, Path]], stream: torch.Tensor, cfg: LossSplitConfig):
-    """The loss split of each checkpoint on the same tokens; `am` supplies the tokenizer and function-token mask."""
+def over_checkpoints(
+    am, checkpoints: list[tuple[str, int | None, Path]], stream: torch.Tensor, cfg: LossSplitConfig, open_model=None
+):
+    """The loss split of each checkpoint on the same tokens; `am` supplies the tokenizer and function-token mask.
+    `open_model(path)` gives a checkpoint's model (default: a float32 transformers model); each is closed after."""
     from analysis.model import HFAnalysisModel, load_checkpoint
 
+    if open_model is None:
+        open_model = lambda path: HFAnalysisModel(load_checkpoint(path), am.tokenizer, {}, am.fn_mask)  # noqa: E731
     rows = []
     for label, step, path in checkpoints:
-        ck = HFAnalysisModel(load_checkpoint(path), am.tokenizer, {}, am.fn_mask)
-        rows.append({"checkpoint": label, "step": step, "groups": loss_split(ck, stream, cfg, desc=label)})
+        ck = open_model(path)
+        try:
+            rows.append({"checkpoint": label, "step": step, "groups": loss_split(ck, stream, cfg, desc=label)})
+        finally:
+            getattr(ck, "close", lambda: None)()
     return rows
 
 
@@ -130,9 +136,14 @@ def main(args) -> int:
         checkpoints = discover_checkpoints(check_model_dir(args.model))
     if not checkpoints:
         raise CLIError("no checkpoints to evaluate")
-    am = load_hf(args.model, None, args.function_tokens)
+    if getattr(args, "engine", "transformers") == "vllm":
+        from analysis.vllm_model import open_vllm
+
+        am, open_model = open_vllm(args.model, args.function_tokens)  # tokenizer + mask here, models in vLLM
+    else:
+        am, open_model = load_hf(args.model, None, args.function_tokens), None
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
-    results = over_checkpoints(am, checkpoints, stream, cfg)
+    results = over_checkpoints(am, checkpoints, stream, cfg, open_model)
     out = out_dir(args.out)
     paths = [
         write_json(out / "loss_split.json", results),

@@ -3,7 +3,8 @@
 An engine gives the analysis four things: token ids of a text, logits of token sequences while running given
 residual functions at given decoder layers (capture: return None; steer: return the new residual), the SAEs by layer
 with the function-token mask, and the unembedding the logit lens reads; and the coverage graph of token windows
-(`capture_edges`), which the vLLM engine also provides (`analysis/vllm_model.py`).
+(`capture_edges`) and next-token losses (`token_losses`), which the vLLM engine also provides
+(`analysis/vllm_model.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class AnalysisModel(Protocol):
     def unembed(self) -> torch.Tensor: ...
 
     def capture_edges(self, batches, layers: list[int], total: int | None, progress: bool) -> dict[int, EdgeBits]: ...
+
+    def token_losses(self, batches, total: int | None, progress: bool, desc: str): ...
 
 
 class TokenizerMixin:
@@ -105,6 +108,17 @@ class HFAnalysisModel(TokenizerMixin):
         for batch in tqdm(batches, total=total, desc="coverage", disable=not progress):  # (b, seq)
             self.forward(batch, cap.fns(batch.reshape(-1)), logits=False)  # hooks see (b * seq, d_model)
         return cap.graphs
+
+    def token_losses(self, batches, total: int | None = None, progress: bool = True, desc: str = "loss"):
+        """(batch (b, seq), next-token cross-entropy (b, seq - 1)) for each batch: one forward a batch."""
+        import torch.nn.functional as F
+        from tqdm import tqdm
+
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress):  # (b, seq)
+            logits = self.forward(batch)  # (b, seq, vocab)
+            tgt = batch[:, 1:].flatten().to(logits.device)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt, reduction="none")  # (b * (seq - 1),)
+            yield batch, ce.view(batch.shape[0], -1).cpu()
 
     def unembed(self) -> torch.Tensor:
         """(vocab, d_model) effective unembedding: W_U with the final norm's weight folded in as a diagonal scale."""

@@ -3,15 +3,16 @@
 `functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off) with the worker extension,
 starts a capture session on every worker, sends each corpus window as a prompt with `max_tokens=1` (so each window
 token is forwarded exactly once, in whatever batches vLLM's scheduler makes), and reads back the graphs the workers
-wrote. The SAEs stay on the workers; this process reads only their cfg.json. The other analyses (reactivation, loss
-split, features, steer sweep) need logits and per-position activations in this process and run on the transformers
-engine only.
+wrote. The SAEs stay on the workers; this process reads only their cfg.json. `functok analyze loss-split --engine
+vllm` reads next-token losses from vLLM's prompt logprobs (no hooks, no SAEs). Reactivation, features and the steer
+sweep need per-position activations and logits in this process and run on the transformers engine only.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class VLLMAnalysisModel(TokenizerMixin):
         model_dir: Path,
         sae_dirs: list[Path],
         function_tokens: Path,
+        tokenizer_dir: Path | None = None,  # training checkpoints hold no tokenizer: the final model's is used
         dtype: str = "float32",
         engine_args: dict | None = None,
     ):
@@ -54,31 +56,35 @@ class VLLMAnalysisModel(TokenizerMixin):
         cpu_defaults()
         from vllm import LLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer_dir = tokenizer_dir or model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         mc = AutoConfig.from_pretrained(str(model_dir))
         self.vocab_size = mc.vocab_size
         self.max_len = int(mc.max_position_embeddings) - 1  # room for the one sampled token vLLM insists on
-        raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens)}
-        try:
-            steer_cfg = from_additional_config({CONFIG_KEY: raw}, str(model_dir))
-        except (ValueError, SAELoadError) as e:
-            raise CLIError(str(e)) from None
-        self.saes = steer_cfg.sae_meta  # {layer: SAEMeta}: d_sae, d_in, architecture (weights live on the workers)
+        self.fn_mask = FunctionTokens.load(function_tokens).mask(self.vocab_size)
+        self.saes, extension = {}, {}
+        if sae_dirs:
+            raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens)}
+            try:
+                steer_cfg = from_additional_config({CONFIG_KEY: raw}, str(model_dir))
+            except (ValueError, SAELoadError) as e:
+                raise CLIError(str(e)) from None
+            self.saes = steer_cfg.sae_meta  # {layer: SAEMeta}: d_sae, d_in, architecture (weights on the workers)
+            extension = {"worker_extension_cls": EXTENSION, "additional_config": {CONFIG_KEY: raw}}
         for layer, meta in self.saes.items():
             if not 0 <= layer < mc.num_hidden_layers:
                 raise CLIError(f"the SAE for layer {layer} does not fit a model with {mc.num_hidden_layers} layers")
             if meta.d_in != mc.hidden_size:
                 raise CLIError(f"{meta.path}: d_in {meta.d_in} does not match the model's hidden size {mc.hidden_size}")
-        self.fn_mask = FunctionTokens.load(function_tokens).mask(self.vocab_size)
         args = dict(
             model=str(model_dir),
+            tokenizer=str(tokenizer_dir),
             dtype=dtype,
             enforce_eager=True,  # capture hooks run only where the model runs as Python modules
-            enable_prefix_caching=False,  # a cached prefix is not forwarded again, so its edges would be missed
+            enable_prefix_caching=False,  # a cached prefix is not forwarded again: its edges and losses would be missed
             max_model_len=int(mc.max_position_embeddings),
             seed=0,
-            worker_extension_cls=EXTENSION,
-            additional_config={CONFIG_KEY: raw},
+            **extension,
         )
         self.llm = LLM(**(args | (engine_args or {})))
 
@@ -110,6 +116,25 @@ class VLLMAnalysisModel(TokenizerMixin):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def token_losses(self, batches, total: int | None = None, progress: bool = True, desc: str = "loss (vLLM)"):
+        """(window (1, seq), next-token cross-entropy (1, seq - 1)) for every window of the batches, from vLLM's prompt
+        logprobs: position t's loss is -log p(token t+1 | tokens <= t), read from the full distribution (raw logprobs,
+        before any sampling setting), in windows of vLLM's own batching."""
+        from tqdm import tqdm
+        from vllm import SamplingParams
+
+        windows = [row for batch in batches for row in batch]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        with tqdm(total=len(windows), desc=desc, unit="window", disable=not progress) as bar:
+            for s in range(0, len(windows), CAPTURE_CHUNK):
+                chunk = windows[s : s + CAPTURE_CHUNK]
+                outs = self.llm.generate([{"prompt_token_ids": w.tolist()} for w in chunk], params, use_tqdm=False)
+                for w, out in zip(chunk, outs, strict=True):
+                    nxt = w[1:].tolist()
+                    lp = [-pl[t].logprob for pl, t in zip(out.prompt_logprobs[1:], nxt, strict=True)]
+                    yield w[None], torch.tensor(lp, dtype=torch.float32)[None]  # (1, seq), (1, seq - 1)
+                bar.update(len(chunk))
+
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
 
@@ -126,3 +151,33 @@ def load_vllm(
     model_dir = check_model_dir(model_dir)
     load_function_tokens(function_tokens)
     return VLLMAnalysisModel(model_dir, list(sae_dirs(saes_dir, layers).values()), Path(function_tokens))
+
+
+@dataclass
+class TokenizerOnly(TokenizerMixin):
+    """What the loss split needs in this process when the models run in vLLM: the tokenizer and function tokens."""
+
+    tokenizer: object
+    fn_mask: torch.Tensor  # (vocab,) bool
+
+
+def open_vllm(model_dir: str | Path, function_tokens: str | Path):
+    """For `loss-split --engine vllm`: (tokenizer + function-token mask, a function that starts a checkpoint on vLLM,
+    without SAEs, using the final model's tokenizer). Inputs are checked first, as `load_vllm` does."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from analysis.model import check_model_dir, load_function_tokens
+
+    why = vllm_available()
+    if why is not None:
+        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
+    model_dir = check_model_dir(model_dir)
+    fts = load_function_tokens(function_tokens)
+    base = TokenizerOnly(
+        AutoTokenizer.from_pretrained(str(model_dir)), fts.mask(AutoConfig.from_pretrained(str(model_dir)).vocab_size)
+    )
+
+    def open_model(path: Path) -> VLLMAnalysisModel:
+        return VLLMAnalysisModel(Path(path), [], Path(function_tokens), tokenizer_dir=model_dir)
+
+    return base, open_model

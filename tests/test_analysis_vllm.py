@@ -1,7 +1,7 @@
-"""`functok analyze coverage` on vLLM (capture mode of the steering worker extension) against the transformers engine:
-the same corpus windows give the same graph, so the same numbers in the JSON and the CSV (up to a float tie at a
-threshold, see TOL). The vLLM run needs the CPU build (skipped only if vllm._C cannot load); the argument checks below
-need no vLLM."""
+"""`functok analyze coverage` and `loss-split` on vLLM against the transformers engine. Coverage (capture mode of the
+steering worker extension): the same corpus windows give the same graph, so the same numbers in the JSON and the CSV
+(up to a float tie at a threshold, see TOL). Loss split (vLLM's prompt logprobs): the same groups and losses. The vLLM
+runs need the CPU build (skipped only if vllm._C cannot load); the argument checks below need no vLLM."""
 
 import csv
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from analysis.vllm_model import vllm_available
+from functok_vllm.paths import DEMO_MODEL
 
 FUNCTOK = str(Path(sys.executable).parent / "functok")
 NO_VLLM = vllm_available()
@@ -60,6 +61,28 @@ def _table(out: Path) -> list[list[str]]:
     rows = list(csv.reader((out / "coverage.csv").open()))
     assert rows[0][:5] == ["rank", "id", "token", "count", "is_function"]
     return rows[1:]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM is not None, reason=f"vllm._C does not load: {NO_VLLM}")
+def test_vllm_loss_split_equals_transformers_loss_split(tmp_path):
+    ck = DEMO_MODEL / "checkpoints" / "step-00140"  # a training checkpoint: no tokenizer of its own
+    args = ["--checkpoints", str(ck), "--max-tokens", "3000", "--seq-len", "100", "--threads", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    got = {}
+    for engine in ("transformers", "vllm"):
+        out = tmp_path / engine
+        cmd = [FUNCTOK, "analyze", "loss-split", "--engine", engine, "--out", str(out), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (got[engine],) = json.loads((out / "loss_split.json").read_text())
+    a, b = got["transformers"]["groups"], got["vllm"]["groups"]
+    assert a["all"]["tokens"] > 2500 and 3 < a["all"]["mean_loss"] < 9  # an early checkpoint: a high, real loss
+    for group, stats in a.items():
+        assert b[group]["tokens"] == stats["tokens"], group  # the same pairs, grouped the same way
+        for key in ("mean_loss", "loss_share", "token_share"):
+            if key in stats:
+                assert b[group][key] == pytest.approx(stats[key], rel=1e-4), (group, key)
 
 
 def test_vllm_engine_refuses_a_layer_without_an_sae_before_starting(tmp_path):
