@@ -22,7 +22,7 @@ from functok_vllm.core import FunctionTokens, SAELoadError
 from functok_vllm.core.capture import EdgeBits
 from functok_vllm.errors import CLIError
 
-CAPTURE_CHUNK = 1024  # windows handed to LLM.generate at a time (the progress bar moves per chunk)
+WINDOW_CHUNK = 1024  # windows handed to LLM.generate at a time (the progress bar moves per chunk)
 
 
 def vllm_available() -> str | None:
@@ -35,6 +35,12 @@ def vllm_available() -> str | None:
     except Exception as e:  # ImportError, or OSError from a broken build
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def require_vllm() -> None:
+    why = vllm_available()
+    if why is not None:
+        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
 
 
 class VLLMAnalysisModel(TokenizerMixin):
@@ -104,8 +110,8 @@ class VLLMAnalysisModel(TokenizerMixin):
             self.llm.collective_rpc("functok_capture_begin", args=(list(layers), self.eos_id))
             try:
                 with tqdm(total=len(windows), desc="coverage (vLLM)", unit="window", disable=not progress) as bar:
-                    for s in range(0, len(windows), CAPTURE_CHUNK):
-                        chunk = windows[s : s + CAPTURE_CHUNK]
+                    for s in range(0, len(windows), WINDOW_CHUNK):
+                        chunk = windows[s : s + WINDOW_CHUNK]
                         self.llm.generate([{"prompt_token_ids": w} for w in chunk], params, use_tqdm=False)
                         bar.update(len(chunk))
             finally:
@@ -126,8 +132,8 @@ class VLLMAnalysisModel(TokenizerMixin):
         windows = [row for batch in batches for row in batch]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         with tqdm(total=len(windows), desc=desc, unit="window", disable=not progress) as bar:
-            for s in range(0, len(windows), CAPTURE_CHUNK):
-                chunk = windows[s : s + CAPTURE_CHUNK]
+            for s in range(0, len(windows), WINDOW_CHUNK):
+                chunk = windows[s : s + WINDOW_CHUNK]
                 outs = self.llm.generate([{"prompt_token_ids": w.tolist()} for w in chunk], params, use_tqdm=False)
                 for w, out in zip(chunk, outs, strict=True):
                     nxt = w[1:].tolist()
@@ -145,9 +151,7 @@ def load_vllm(
     """Check every input first (cheap, as `load_hf` does), then start vLLM with the SAEs of `layers` (default: all)."""
     from analysis.model import check_model_dir, load_function_tokens, sae_dirs
 
-    why = vllm_available()
-    if why is not None:
-        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
+    require_vllm()
     model_dir = check_model_dir(model_dir)
     load_function_tokens(function_tokens)
     return VLLMAnalysisModel(model_dir, list(sae_dirs(saes_dir, layers).values()), Path(function_tokens))
@@ -168,9 +172,7 @@ def open_vllm(model_dir: str | Path, function_tokens: str | Path):
 
     from analysis.model import check_model_dir, load_function_tokens
 
-    why = vllm_available()
-    if why is not None:
-        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
+    require_vllm()
     model_dir = check_model_dir(model_dir)
     fts = load_function_tokens(function_tokens)
     base = TokenizerOnly(
