@@ -149,6 +149,8 @@ def sae_dirs(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int,
             raise CLIError(f"{sub / 'cfg.json'}: not valid JSON ({e})") from None
         except SAELoadError as e:
             raise CLIError(str(e)) from None
+        if layer in found:
+            raise CLIError(f"{sub}: a second SAE for layer {layer} (the first is {found[layer]})")
         found[layer] = sub
     if not found:
         raise CLIError(f"SAE directory {d} holds no SAE (subdirectories with cfg.json)")

@@ -48,7 +48,7 @@ def count_tokens(
 
     def flush(docs):
         nonlocal n_docs
-        for enc in tok.encode_batch(docs):
+        for enc in tok.encode_batch(docs, add_special_tokens=False):  # a BOS per document is not corpus text
             ids = np.asarray(enc.ids, dtype=np.int64)
             counts[:] += np.bincount(ids, minlength=vocab)[:vocab]
             doc_freq[np.unique(ids)] += 1

@@ -43,6 +43,17 @@ def test_layer_without_an_sae(tmp_path):
     assert_refused(r, "no SAE for layer 3", "layers with SAEs: 0, 1, 2")
 
 
+def test_two_saes_for_one_layer(tmp_path):
+    import shutil
+
+    from functok_vllm.paths import DEMO_SAES
+
+    for name in ("a", "b"):
+        shutil.copytree(DEMO_SAES / "layer_1", tmp_path / "saes" / name)
+    r = run("coverage", "--saes", str(tmp_path / "saes"), "--max-tokens", "64", "--out", str(tmp_path / "o"))
+    assert_refused(r, f"{tmp_path / 'saes' / 'b'}: a second SAE for layer 1")
+
+
 def test_prompt_longer_than_the_context(tmp_path):
     prompts = tmp_path / "p.jsonl"
     lines = [json.dumps({"prompt": "Hello there."}), json.dumps({"text": "the cat sat " * 400})]

@@ -94,6 +94,29 @@ def test_cli_finds_the_constructed_answer(tmp_path, coverage):
         assert t["doc_fraction"] == pytest.approx(n_docs / N_DOCS)
 
 
+def test_a_bos_the_tokenizer_adds_is_not_counted(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer(GPT2)  # then a Llama-style post-processor: a BOS before every encoded text
+    tok.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 50256)])
+    assert tok.encode("Z the").ids[0] == 50256
+    (tmp_path / "bos").mkdir()
+    tok.save(str(tmp_path / "bos" / "tokenizer.json"))
+    expected = write_planned_corpus(tmp_path / "planned.txt")
+    r = run_cli(
+        "--tokenizer",
+        str(tmp_path / "bos"),
+        "--corpus",
+        str(tmp_path / "planned.txt"),
+        "--out",
+        str(tmp_path / "o.json"),
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["total_tokens"] == sum(n for n, _ in expected.values())  # the planned words, no BOS among them
+    assert all(t["id"] != 50256 for t in out["tokens"])
+
+
 def head_of(name: str, tmp: Path, n_bytes: int = 200_000) -> Path:
     """The first ~n_bytes of a shared corpus file, cut at a line end, copied into tmp."""
     head = (DEFAULT_CORPUS_DIR / name).read_bytes()[:n_bytes].decode("utf-8", errors="ignore")

@@ -355,6 +355,9 @@ def test_serve_refuses_bad_setup_with_exit_2(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(bad))
     r = run("--config", str(tmp_path / "c.json"), "--port", "1")
     assert r.returncode == 2 and "presets.loud.edits[0].feature" in r.stderr and "4096" in r.stderr
+    (tmp_path / "latin1.json").write_bytes('{"presets": {"caf\u00e9": {}}}'.encode("latin-1"))  # not UTF-8
+    r = run("--config", str(tmp_path / "latin1.json"), "--port", "1")
+    assert r.returncode == 2 and "latin1.json is not valid JSON" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_metrics_and_a_log_without_secrets(server, http):

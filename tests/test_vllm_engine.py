@@ -138,6 +138,15 @@ def test_slots_follow_batch_membership_and_equal_specs_share(state, demo_tokeniz
     assert state.table.slots_in_use == 1 and state.stats()["rejoins"] == 1
 
 
+def test_a_request_re_added_at_the_same_row_gets_its_new_spec(state, demo_tokenizer):
+    ids = demo_tokenizer.encode(PROMPTS[1])
+    state.add_request("r", ids, None)
+    assert not any(run_step(state, [("r", ids[:4], 0)])["r"])  # unsteered, same rows as the next step
+    steer = {"steering": spec({"layer": 0, "feature": 1, "strength": 3.0}, positions="all").key()}
+    state.add_request("r", ids, steer)  # vLLM re-adds it at the same index (a streamed-input update)
+    assert all(run_step(state, [("r", ids, 0)])["r"])
+
+
 def test_a_spec_the_worker_cannot_apply_runs_unsteered(state, demo_tokenizer):
     ids = demo_tokenizer.encode(PROMPTS[2])
     for rid, bad in (("json", "{not json"), ("layer", spec({"layer": 3, "feature": 1, "strength": 1.0}).key())):

@@ -137,13 +137,9 @@ class Engine(ABC):
         """Stream the request's deltas; the last has a finish_reason.
 
         Raises RequestError (bad request), EngineFull (no room) or EngineStopped from the first `__anext__`, before
-        any delta.
+        any delta; a failure after that arrives as a last delta with finish_reason "error".
         Closing the iterator early aborts the request and frees its place in the batch.
         """
-
-    @abstractmethod
-    def abort(self, request_id: str) -> None:
-        """Drop a request wherever it is (queued or running); unknown ids are ignored."""
 
     # ---- shared helpers --------------------------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ class ServerConfig:
             raise CLIError(f"config file {p} does not exist")
         try:
             raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON
             raise CLIError(f"config file {p} is not valid JSON: {e}") from None
         if not isinstance(raw, dict) or set(raw) - {"limits", "presets"}:
             raise CLIError(f"config file {p}: expected an object with only 'limits' and 'presets'")

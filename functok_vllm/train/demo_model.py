@@ -103,7 +103,7 @@ def train_demo(out_dir: Path, cfg: DemoConfig = DemoConfig(), device: str = "cpu
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     split = load_split()
-    tok = train_tokenizer(split.train, out_dir)
+    tok = train_tokenizer(split.train, out_dir, cfg.vocab_size)
     train_ids, val_ids = encode_split(tok, split.train), encode_split(tok, split.val)
     print(f"tokenizer: vocab {len(tok)}; train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
 

@@ -111,17 +111,23 @@ class Batcher:
 
     def _main(self) -> None:
         hooks = {layer: self._hook(layer, op) for layer, op in self.table.layers.items()} if self.table else {}
-        with torch.inference_mode(), residual_hooks(self.model, hooks):
-            while not self._stop:
-                self._drain(block=not (self.running or self.waiting))
-                self._admit()
-                if self.running:
-                    try:
-                        self._decode()
-                    except Exception as e:  # a bug or out of memory: fail this batch, keep serving
-                        log.exception("decode step failed; failing %d running requests", len(self.running))
-                        for seq in list(self.running):
-                            self._finish(seq, "error", error=f"decode step failed: {type(e).__name__}")
+        try:
+            with torch.inference_mode(), residual_hooks(self.model, hooks):
+                while not self._stop:
+                    self._drain(block=not (self.running or self.waiting))
+                    self._admit()
+                    if self.running:
+                        try:
+                            self._decode()
+                        except Exception as e:  # a bug or out of memory: fail this batch, keep serving
+                            log.exception("decode step failed; failing %d running requests", len(self.running))
+                            for seq in list(self.running):
+                                self._finish(seq, "error", error=f"decode step failed: {type(e).__name__}")
+        except Exception:  # outside a step (admission, a queue message): no request may be left without an ending
+            log.exception("the engine's worker thread failed; aborting every request")
+            self._stop = True
+            raise
+        finally:
             self._abort_all()
 
     def _abort_all(self) -> None:
@@ -230,9 +236,10 @@ class Batcher:
         self.table.set_slot_index(slots)
         counts = torch.zeros(len(seqs) + 1, dtype=torch.long, device=self.device)  # (requests + 1,)
         counts.index_add_(0, req, (slots != 0).long())
-        for s, c in zip(seqs, counts.tolist(), strict=False):  # the last entry counts filler rows (always 0)
+        counts = counts.tolist()  # one device sync a step
+        for s, c in zip(seqs, counts, strict=False):  # the last entry counts filler rows (always 0)
             s.steered += c
-        self._steer_on = bool(counts.sum())
+        self._steer_on = any(counts)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> list[int]:
         tokens = logits.argmax(-1).tolist()

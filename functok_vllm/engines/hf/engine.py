@@ -212,9 +212,6 @@ class HFEngine(Engine):
             if not finished:
                 self.batcher.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
-        self.batcher.abort(request_id)
-
 
 class Outbox:
     """Deltas from the worker thread to the event loop, one wake-up for all that arrive before the loop runs.

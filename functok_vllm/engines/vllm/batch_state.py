@@ -46,6 +46,7 @@ class ReqMeta:
 class BatchSteering:
     def __init__(self, table: SteeringTable, fn_mask: torch.Tensor, parse_spec):
         self.table, self.fn_mask = table, fn_mask
+        self.fn_mask_cpu = fn_mask.cpu()  # for the once-per-request prompt scan, without a device sync
         self.parse_spec = parse_spec  # extra_args value -> SteeringSpec | None; raises ValueError/TypeError if bad
         self.device = table.slot_index.device
         self.meta: dict[str, ReqMeta] = {}  # steered requests the worker knows, by request id
@@ -80,8 +81,9 @@ class BatchSteering:
         policy = POLICY_CODES[spec.positions]
         last_fn = -1
         if spec.positions == "last_function":
-            last_fn = last_function_position(prompt_ids, self.fn_mask)
+            last_fn = last_function_position(prompt_ids, self.fn_mask_cpu)
         self.meta[req_id] = ReqMeta(spec, policy, len(prompt_ids), last_fn)
+        self._rows = None  # a row re-added at the same index (a streamed-input update) must be rebuilt too
 
     def finish(self, req_ids) -> None:
         for rid in req_ids:

@@ -8,7 +8,6 @@ core's `build_slot_index` (the worker applies the same selection; vLLM has no ch
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -167,6 +166,13 @@ class VLLMEngine(Engine):
                 yield Delta(c.text, list(c.token_ids), reason, n, len(out_ids), counter.upto(out_ids), error)
         except VLLMValidationError as e:  # vLLM refused the request before running it
             raise RequestError(e.parameter or "request", str(e)) from None
+        except Exception as e:  # the engine died or failed mid-request: an ending the client can read, not a cut
+            if finished:
+                raise
+            log.exception("vLLM failed request %s", request.request_id)
+            finished = True  # nothing left to abort
+            error = f"the vLLM engine failed: {type(e).__name__}"
+            yield Delta("", [], "error", n, len(out_ids), counter.upto(out_ids), error)
         finally:
             self._inflight.discard(request.request_id)
             if not finished and self.llm is not None:
@@ -174,10 +180,6 @@ class VLLMEngine(Engine):
                     await self.llm.abort(request.request_id)
                 except Exception:  # the engine is shutting down or dead: nothing left to abort
                     log.debug("abort of %s failed", request.request_id, exc_info=True)
-
-    def abort(self, request_id: str) -> None:
-        if self.llm is not None and request_id in self._inflight:
-            asyncio.get_running_loop().create_task(self.llm.abort(request_id))
 
 
 class SteeredCounter:
