@@ -48,8 +48,8 @@ def activation_frequency(am, stream: torch.Tensor, cfg: FeaturesConfig) -> torch
         keep = (batch.reshape(-1) != am.eos_id).to(am.device)
 
         def fn(h, keep=keep):  # (tokens, d_model)
-            for start, acts in encode_chunks(sae, h.to(sae.W_enc.dtype)):
-                counts.add_(((acts > 0) & keep[start : start + acts.shape[0], None]).sum(0).cpu())
+            for start, active in encode_chunks(sae, h.to(sae.W_enc.dtype), active_only=True):  # (rows, d_sae) bool
+                counts.add_((active & keep[start : start + active.shape[0], None]).sum(0).cpu())
 
         am.forward(batch, {cfg.layer: fn}, logits=False)
     return counts

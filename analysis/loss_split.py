@@ -84,21 +84,34 @@ def discover_checkpoints(model_dir: str | Path) -> list[tuple[str, int | None, P
 
 
 def over_checkpoints(
-    am, checkpoints: list[tuple[str, int | None, Path]], stream: torch.Tensor, cfg: LossSplitConfig, open_model=None
+    am,
+    checkpoints: list[tuple[str, int | None, Path]],
+    stream: torch.Tensor,
+    cfg: LossSplitConfig,
+    open_model=None,
+    am_dir: str | Path | None = None,
 ):
     """The loss split of each checkpoint on the same tokens; `am` supplies the tokenizer and function-token mask.
-    `open_model(path)` gives a checkpoint's model (default: a float32 transformers model); each is closed after."""
+    `open_model(path)` gives a checkpoint's model (default: a float32 transformers model, or `am` itself for the
+    checkpoint at `am_dir`, the model it was loaded from: no second load); each opened one is closed after."""
     from analysis.model import HFAnalysisModel, load_checkpoint
 
     if open_model is None:
-        open_model = lambda path: HFAnalysisModel(load_checkpoint(path), am.tokenizer, {}, am.fn_mask)  # noqa: E731
+        own = Path(am_dir).resolve() if am_dir is not None else None
+
+        def open_model(path):
+            if own is not None and Path(path).resolve() == own:
+                return am
+            return HFAnalysisModel(load_checkpoint(path), am.tokenizer, {}, am.fn_mask)
+
     rows = []
     for label, step, path in checkpoints:
         ck = open_model(path)
         try:
             rows.append({"checkpoint": label, "step": step, "groups": loss_split(ck, stream, cfg, desc=label)})
         finally:
-            getattr(ck, "close", lambda: None)()
+            if ck is not am:
+                getattr(ck, "close", lambda: None)()
     return rows
 
 
@@ -143,7 +156,7 @@ def main(args) -> int:
     else:
         am, open_model = load_hf(args.model, None, args.function_tokens), None
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
-    results = over_checkpoints(am, checkpoints, stream, cfg, open_model)
+    results = over_checkpoints(am, checkpoints, stream, cfg, open_model, am_dir=args.model)
     out = out_dir(args.out)
     paths = [
         write_json(out / "loss_split.json", results),

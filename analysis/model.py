@@ -172,6 +172,14 @@ def load_function_tokens(path: str | Path) -> FunctionTokens:
         raise CLIError(f"function-token file {p} is not a `functok function-tokens` JSON ({e})") from None
 
 
+def function_token_mask(fts: FunctionTokens, vocab_size: int) -> torch.Tensor:
+    """(vocab,) bool; CLIError if the set was made with another tokenizer (ids outside the vocabulary)."""
+    try:
+        return fts.mask(vocab_size)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def check_model_dir(path: str | Path) -> Path:
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -194,7 +202,7 @@ def load_hf(
     for layer in saes:
         if n_layers is not None and not 0 <= layer < n_layers:
             raise CLIError(f"the SAE for layer {layer} does not fit a model with {n_layers} decoder layers")
-    mask = fts.mask(model.get_output_embeddings().weight.shape[0])
+    mask = function_token_mask(fts, model.get_output_embeddings().weight.shape[0])
     return HFAnalysisModel(model, tok, saes, mask, fts)
 
 

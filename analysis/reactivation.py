@@ -48,13 +48,6 @@ def top_k(vocab_size: int, top_frac: float) -> int:
     return max(1, round(top_frac * vocab_size))
 
 
-def predictive(directions: torch.Tensor, unembed: torch.Tensor, target: int, k: int) -> torch.Tensor:
-    """(n, d_model) decoder directions -> (n,) bool: `target` is among the top k of each one's logit-lens scores."""
-    return predictive_pairs(
-        directions, torch.arange(len(directions)), torch.full((len(directions),), target), unembed, k
-    )
-
-
 def predictive_pairs(
     directions: torch.Tensor, which: torch.Tensor, targets: torch.Tensor, unembed: torch.Tensor, k: int, chunk=1024
 ) -> torch.Tensor:
@@ -71,7 +64,7 @@ def predictive_pairs(
 
 def _capture(sae, store: dict, layer: int):
     def fn(h):  # (tokens, d_model)
-        store[layer] = torch.cat([acts > 0 for _, acts in encode_chunks(sae, h.to(sae.W_enc.dtype))])
+        store[layer] = torch.cat([a for _, a in encode_chunks(sae, h.to(sae.W_enc.dtype), active_only=True)])
         return None
 
     return fn

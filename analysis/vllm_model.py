@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.model import TokenizerMixin
+from analysis.model import TokenizerMixin, function_token_mask
 from functok_vllm.core import FunctionTokens, SAELoadError
 from functok_vllm.core.capture import EdgeBits
 from functok_vllm.errors import CLIError
@@ -67,7 +67,7 @@ class VLLMAnalysisModel(TokenizerMixin):
         mc = AutoConfig.from_pretrained(str(model_dir))
         self.vocab_size = mc.vocab_size
         self.max_len = int(mc.max_position_embeddings) - 1  # room for the one sampled token vLLM insists on
-        self.fn_mask = FunctionTokens.load(function_tokens).mask(self.vocab_size)
+        self.fn_mask = function_token_mask(FunctionTokens.load(function_tokens), self.vocab_size)
         self.saes, extension = {}, {}
         if sae_dirs:
             raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens)}
@@ -175,9 +175,8 @@ def open_vllm(model_dir: str | Path, function_tokens: str | Path):
     require_vllm()
     model_dir = check_model_dir(model_dir)
     fts = load_function_tokens(function_tokens)
-    base = TokenizerOnly(
-        AutoTokenizer.from_pretrained(str(model_dir)), fts.mask(AutoConfig.from_pretrained(str(model_dir)).vocab_size)
-    )
+    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    base = TokenizerOnly(AutoTokenizer.from_pretrained(str(model_dir)), function_token_mask(fts, vocab))
 
     def open_model(path: Path) -> VLLMAnalysisModel:
         return VLLMAnalysisModel(Path(path), [], Path(function_tokens), tokenizer_dir=model_dir)

@@ -26,9 +26,9 @@
 #   VLLM_CPU_BUILD_LOG   log file (default /tmp/vllm_build.log)
 #   VLLM_CPU_RELAX_PINS  comma separated requirement names for which an
 #                        already installed version is kept even if outside
-#                        vLLM's pin (default "transformers": vLLM 0.32.0 pins
-#                        transformers<5.20 but works with 5.23 for Llama;
-#                        set VLLM_CPU_RELAX_PINS= for the stock pins)
+#                        vLLM's pin (default "transformers"; the repo's
+#                        constraints.txt pins 5.19, inside vLLM's <5.20, so
+#                        this only matters for a venv built differently)
 #   VLLM_CPU_KEEP_SRC=1  keep the extracted/compiled source tree in the cache
 #   VLLM_CPU_FORCE=1     redo the install steps even if the marker is present
 # At run time vLLM needs VLLM_TARGET_DEVICE=cpu (the wheel's version string
@@ -75,7 +75,10 @@ say "torch $TORCH_HAVE ok"
 
 mkdir -p "$CACHE/wheels"
 CONSTRAINTS="$CACHE/constraints.txt"
-echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
+# vLLM's requirements resolve to the versions the project was tested with (the repo's constraints.txt, torch
+# pinned there too), not to whatever is newest on the day of a new machine's first build.
+REPO_CONSTRAINTS="$SCRIPT_DIR/../constraints.txt"
+{ [ -f "$REPO_CONSTRAINTS" ] && grep -v '^torch==' "$REPO_CONSTRAINTS"; echo "torch==$TORCH_VERSION"; } >"$CONSTRAINTS"
 pip_() { "$PY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || die "pip $* failed"; }
 
 # --- 1. vLLM Python package + requirements ---------------------------------

@@ -54,6 +54,13 @@ def test_two_saes_for_one_layer(tmp_path):
     assert_refused(r, f"{tmp_path / 'saes' / 'b'}: a second SAE for layer 1")
 
 
+def test_function_tokens_from_another_tokenizer(tmp_path):
+    bad = tmp_path / "ft.json"
+    bad.write_text(json.dumps({"tokens": [{"id": 12, "token": ","}, {"id": 50256, "token": "<|endoftext|>"}]}))
+    r = run("coverage", "--function-tokens", str(bad), "--max-tokens", "64", "--out", str(tmp_path / "o"))
+    assert_refused(r, "[50256] are outside this model's vocabulary of 8192")
+
+
 def test_prompt_longer_than_the_context(tmp_path):
     prompts = tmp_path / "p.jsonl"
     lines = [json.dumps({"prompt": "Hello there."}), json.dumps({"text": "the cat sat " * 400})]

@@ -13,8 +13,7 @@ import torch
 class FunctionTokens:
     ids: list[int]
     strings: list[str] = field(default_factory=list)
-    coverage: float = 0.40  # the paper's rule: the most frequent tokens that together cover 40% of occurrences
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # what `functok function-tokens` recorded: coverage, corpus, tokenizer
 
     def __post_init__(self):
         if any(i < 0 for i in self.ids):
@@ -27,13 +26,17 @@ class FunctionTokens:
         return cls(
             [t["id"] for t in toks],
             [t["token"] for t in toks],
-            d.get("coverage", 0.40),
             {k: v for k, v in d.items() if k != "tokens"},
         )
 
     def mask(self, vocab_size: int, device=None) -> torch.Tensor:
         """(vocab_size,) bool lookup table: mask[input_ids] marks function-token positions with one gather."""
+        outside = [i for i in self.ids if i >= vocab_size]
+        if outside:
+            raise ValueError(
+                f"function token ids {outside[:5]} are outside this model's vocabulary of {vocab_size}: "
+                "the function-token file was made with another tokenizer"
+            )
         m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        ids = [i for i in self.ids if i < vocab_size]
-        m[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        m[torch.tensor(self.ids, dtype=torch.long, device=device)] = True
         return m

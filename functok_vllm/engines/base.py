@@ -95,9 +95,25 @@ class SteeringInfo:
 
     d_sae: dict[int, int]  # layer -> SAE width
     clamp_ok: dict[int, bool]  # layer -> False for TopK SAEs (no per-feature activation to clamp)
-    sae: dict[int, dict]  # layer -> {"architecture", "hook_name", "path"}
+    sae: dict[int, dict]  # layer -> {"architecture", "hook_name", "d_in"}
     function_token_ids: list[int]
     function_token_strings: list[str]
+
+    @classmethod
+    def build(cls, saes: dict, function_tokens) -> SteeringInfo:
+        """From {layer: anything with d_sae, d_in, architecture, hook_name} (an SAEConfig, vLLM's SAEMeta) and a
+        FunctionTokens (or None)."""
+        ft = function_tokens
+        return cls(
+            d_sae={layer: c.d_sae for layer, c in saes.items()},
+            clamp_ok={layer: c.architecture != "topk" for layer, c in saes.items()},
+            sae={
+                layer: {"architecture": c.architecture, "hook_name": c.hook_name, "d_in": c.d_in}
+                for layer, c in saes.items()
+            },
+            function_token_ids=list(ft.ids) if ft else [],
+            function_token_strings=list(ft.strings) if ft else [],
+        )
 
 
 class Engine(ABC):
@@ -112,7 +128,8 @@ class Engine(ABC):
         """A Hugging Face tokenizer (encode, decode, apply_chat_template)."""
 
     @abstractmethod
-    def steering_info(self) -> SteeringInfo: ...
+    def steering_info(self) -> SteeringInfo:
+        """Fixed once the engine is built: engines compute it once (it is read twice per steered request)."""
 
     @property
     @abstractmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -71,8 +72,7 @@ def sae_dirs(given: list[str] | None, model: Path) -> list[Path]:
 
 
 def build_engine(args, limits):
-    from functok_vllm.core import SAELoadError
-
+    """The engine `functok serve` runs, from the command line and the limits; CLIError names a bad input."""
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise CLIError(f"--model {model}: not a Hugging Face model directory (no config.json)")
@@ -80,29 +80,28 @@ def build_engine(args, limits):
     fn = Path(args.function_tokens) if args.function_tokens else model / "function_tokens.json"
     if saes and not fn.is_file():
         raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
-    if args.engine == "vllm":
-        try:
-            from functok_vllm.engines.vllm.engine import engine_from_cli
-        except ImportError as e:
-            raise CLIError(f"--engine vllm is not available here ({e}); use --engine hf") from None
-        return engine_from_cli(args, limits, saes, fn)
-    from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
-
+    common = dict(
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_running=limits.max_running,
+        max_waiting=limits.max_waiting,
+        max_edits=limits.max_edits,
+        max_clamps=max(64, limits.max_edits),
+    )
     try:
-        cfg = HFEngineConfig(
-            model,
-            saes,
-            fn if saes else None,
-            served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len,
-            max_running=limits.max_running,
-            max_waiting=limits.max_waiting,
-            max_edits=limits.max_edits,
-            max_clamps=max(64, limits.max_edits),
-            threads=args.threads,
-        )
-        return HFEngine(cfg)
-    except (SAELoadError, ValueError) as e:
+        if args.engine == "vllm":
+            try:
+                from functok_vllm.engines.vllm.config import cpu_defaults
+                from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
+            except ImportError as e:
+                raise CLIError(f"--engine vllm is not available here ({e}); use --engine hf") from None
+            cpu_defaults()  # on CPU: the platform and a 1 GiB KV cache unless set; compiled mode
+            extra = json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}"))  # any other AsyncEngineArgs
+            return VLLMEngine(VLLMEngineConfig(model, saes, fn if saes else None, engine_args=extra, **common))
+        from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
+
+        return HFEngine(HFEngineConfig(model, saes, fn if saes else None, threads=args.threads, **common))
+    except (ValueError, OSError) as e:  # SAELoadError and JSON errors are ValueErrors
         raise CLIError(str(e)) from None
 
 

@@ -29,16 +29,14 @@ class Job:
     t0: float  # arrival, time.monotonic()
     timeout: float  # seconds from arrival to the last token (limits.request_timeout)
     created: int = field(default_factory=lambda: int(time.time()))
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # joined once by `text` (+= on a str would copy per token)
     token_ids: list[int] = field(default_factory=list)
     last: Delta | None = None
-    first_seen: bool = False
 
     def take(self, d: Delta, metrics: Metrics) -> None:
-        if not self.first_seen:
-            self.first_seen = True
+        if self.last is None:
             metrics.ttft.observe(time.monotonic() - self.t0)
-        self.text += d.text
+        self.pieces.append(d.text)
         self.token_ids += d.token_ids
         self.last = d
         if d.finish_reason is not None:
@@ -47,6 +45,10 @@ class Job:
             metrics.generation_tokens.inc(d.completion_tokens)
             metrics.steered_positions.inc(d.steered_positions)
             metrics.finished.labels(d.finish_reason, str(self.steering.spec is not None).lower()).inc()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     @property
     def deadline(self) -> float:
@@ -134,10 +136,11 @@ async def complete(job: Job, first: Delta, deltas: AsyncIterator[Delta], request
     work.result()
     _raise_for(job.last)
     d = job.last
+    text = job.text
     if job.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": job.text}}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
     else:
-        choice = {"index": 0, "text": job.text}
+        choice = {"index": 0, "text": text}
     choice |= {"logprobs": None, "finish_reason": d.finish_reason}
     if job.return_token_ids:
         choice["token_ids"] = job.token_ids

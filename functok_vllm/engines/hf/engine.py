@@ -150,18 +150,12 @@ class HFEngine(Engine):
     def is_healthy(self) -> bool:
         return self.batcher.alive
 
+    @functools.cached_property
+    def _steering_info(self) -> SteeringInfo:
+        return SteeringInfo.build({layer: sae.cfg for layer, sae in self.saes.items()}, self.function_tokens)
+
     def steering_info(self) -> SteeringInfo:
-        ft = self.function_tokens
-        return SteeringInfo(
-            d_sae={layer: sae.d_sae for layer, sae in self.saes.items()},
-            clamp_ok={layer: sae.cfg.architecture != "topk" for layer, sae in self.saes.items()},
-            sae={
-                layer: {"architecture": sae.cfg.architecture, "hook_name": sae.cfg.hook_name, "d_in": sae.d_in}
-                for layer, sae in self.saes.items()
-            },
-            function_token_ids=list(ft.ids) if ft else [],
-            function_token_strings=list(ft.strings) if ft else [],
-        )
+        return self._steering_info
 
     async def start(self) -> None:
         self.batcher.thread.start()

@@ -28,10 +28,6 @@ class KVBuffer:
         self.v = torch.empty(layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.length = 0  # positions written by completed forwards; the engine advances it after each forward
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, functok_rows=(), **_):
     """Row b's new keys/values go into functok_rows[b] (None: a filler row, output zeros); it attends to its own.

@@ -8,9 +8,8 @@ core's `build_slot_index` (the worker applies the same selection; vLLM has no ch
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from functok_vllm.engines.vllm.config import (
     CONFIG_KEY,
     EXTENSION,
     XARG,
-    cpu_defaults,
     from_additional_config,
     to_xarg,
 )
@@ -94,19 +92,12 @@ class VLLMEngine(Engine):
     def is_healthy(self) -> bool:
         return self.llm is None or not self.llm.errored
 
+    @functools.cached_property
+    def _steering_info(self) -> SteeringInfo:
+        return SteeringInfo.build(self.steer_cfg.sae_meta if self.steer_cfg else {}, self.function_tokens)
+
     def steering_info(self) -> SteeringInfo:
-        metas = self.steer_cfg.sae_meta if self.steer_cfg else {}
-        ft = self.function_tokens
-        return SteeringInfo(
-            d_sae={layer: m.d_sae for layer, m in metas.items()},
-            clamp_ok={layer: m.architecture != "topk" for layer, m in metas.items()},
-            sae={
-                layer: {"architecture": m.architecture, "hook_name": m.hook_name, "d_in": m.d_in}
-                for layer, m in metas.items()
-            },
-            function_token_ids=list(ft.ids) if ft else [],
-            function_token_strings=list(ft.strings) if ft else [],
-        )
+        return self._steering_info
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -198,7 +189,8 @@ class SteeredCounter:
             return 0
         end = len(self.prompt) + len(out_ids) - 1  # the newest token has not been through the model
         if end > self.done:
-            seq = (self.prompt + out_ids)[self.done : end]
+            p = len(self.prompt)
+            seq = self.prompt[self.done : end] + out_ids[max(self.done - p, 0) : end - p]  # no copy of the whole
             k = len(seq)
             one = lambda v: torch.tensor([v])  # noqa: E731
             step = StepIndex(
@@ -213,26 +205,3 @@ class SteeredCounter:
             self.count += int(build_slot_index(step, self.fn_mask).count_nonzero())
             self.done = end
         return self.count
-
-
-def engine_from_cli(args, limits, saes: list[Path], function_tokens: Path) -> VLLMEngine:
-    """The engine `functok serve --engine vllm` runs (compiled mode; on CPU, a 1 GiB KV cache unless set)."""
-    from functok_vllm.errors import CLIError
-
-    cpu_defaults()
-    try:
-        cfg = VLLMEngineConfig(
-            Path(args.model),
-            saes,
-            function_tokens if saes else None,
-            served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len,
-            max_running=limits.max_running,
-            max_waiting=limits.max_waiting,
-            max_edits=limits.max_edits,
-            max_clamps=max(64, limits.max_edits),
-            engine_args=json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}")),
-        )
-        return VLLMEngine(cfg)
-    except (ValueError, OSError) as e:
-        raise CLIError(str(e)) from None
