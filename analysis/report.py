@@ -19,12 +19,20 @@ from analysis.features import FeaturesConfig, top_contexts
 from analysis.io import out_dir, write_jsonl
 from analysis.render import render
 from functok_vllm.core import last_function_position
+from functok_vllm.paths import ROOT
 
 N_PROMPTS = 30
 STEER_PROMPTS = 8  # prompts of the steering study
 STEER_FEATURES = 16  # candidate features of the steering study
 NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the mean residual norm
+SHIPPED_PROMPTS = (Path(__file__).resolve().parent / "prompts.jsonl").resolve()  # written by make_prompts
 STUDY_MULTIPLE = 2.0  # strength of the steering study and of the shown continuations
+
+
+def rel(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it (the same on every machine)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def make_prompts(am, n: int = N_PROMPTS, max_tokens: int = 40, min_cut: int = 10) -> list[str]:
@@ -140,6 +148,7 @@ def main(args) -> int:
     timings = {}
     am = load_hf(args.model, args.saes, args.function_tokens)
     prompts_path = Path(args.prompts)
+    made = args.rebuild_prompts or not prompts_path.is_file() or prompts_path.resolve() == SHIPPED_PROMPTS
     if args.rebuild_prompts or not prompts_path.is_file():
         write_jsonl(prompts_path, [{"prompt": p} for p in make_prompts(am)])
     prompts = read_prompts(prompts_path)
@@ -160,7 +169,7 @@ def main(args) -> int:
     t = time.time()
     ckpts = loss_split.discover_checkpoints(args.model)
     ls_cfg = loss_split.LossSplitConfig(max_tokens=min(args.loss_tokens, args.max_tokens))
-    ls = loss_split.over_checkpoints(am, ckpts, stream[: ls_cfg.max_tokens], ls_cfg)
+    ls = loss_split.over_checkpoints(am, ckpts, stream[: ls_cfg.max_tokens], ls_cfg, am_dir=args.model)
     loss_split.plot(ls, figs / "loss_split.png")
     timings["loss_split"] = time.time() - t
 
@@ -180,16 +189,22 @@ def main(args) -> int:
     timings["steering"] = time.time() - t
 
     fts = json.loads(Path(args.function_tokens).read_text())
+    archs = {sae.cfg.architecture for sae in am.saes.values()}
     ctx = {
-        "model": str(args.model),
-        "saes": str(args.saes),
+        "model": rel(args.model),
+        "saes": rel(args.saes),
+        "architectures": "/".join(sorted({{"jumprelu": "JumpReLU", "topk": "TopK"}.get(a, a) for a in archs})),
+        "multiple": STUDY_MULTIPLE,
         "function_tokens": fts,
         "heldout_fn_share": function_token_share(cov),
         "coverage": cov,
         "milestones": coverage.milestone_rows(cov["table"]),
         "reactivation": rsum,
         "n_prompts": len(prompts),
-        "prompts_path": prompts_path.name,
+        "prompts_path": rel(prompts_path),
+        "prompts_origin": "openings of held-out paragraphs cut after a function token"
+        if made
+        else "given by --prompts",
         "loss_split": ls,
         "norm": norm,
         "study": study,

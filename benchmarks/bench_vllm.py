@@ -78,14 +78,18 @@ def child(mode: str, args) -> dict:
             t = time.perf_counter()
             outs = llm.generate(ids, ps, use_tqdm=False)
             dt = time.perf_counter() - t
-            assert all(len(o.outputs[0].token_ids) == args.tokens for o in outs)
+            if any(len(o.outputs[0].token_ids) != args.tokens for o in outs):
+                raise SystemExit(f"{name}: a request did not generate {args.tokens} tokens")
             if rep:
                 times[name].append(dt)
+    stats = ext.collective_rpc("functok_stats")[0]
+    if stats["bad_specs"] or stats["slots_full"] or not stats["steered_tokens"]:  # a K=... row ran unsteered
+        raise SystemExit(f"steering was not applied as asked, the steered timings mean nothing: {stats}")
     return {
         "mode": mode,
         "init_s": {"stock": stock_init, "ext": ext_init},
         "runs_s": {w: [round(t, 4) for t in ts] for w, ts in times.items()},
-        "worker_stats": ext.collective_rpc("functok_stats")[0],
+        "worker_stats": stats,
     }
 
 

@@ -86,6 +86,8 @@ def main():
         eager = op(h)
         checks.append(float((out - eager).abs().max()))
     results["cuda_graph_replay_max_abs_diff"] = checks
+    if max(checks) > 0:  # replay must read the updated buffers: exactly what eager computes from them
+        raise SystemExit(f"CUDA-graph replay differs from eager (max |diff| per replay: {checks})")
 
     # 2. Cost per layer at prefill and decode sizes, K = 1 and 64 distinct specs in the batch.
     W1 = torch.randn(d, 2 * 14336, device=dev, dtype=dtype) / d**0.5

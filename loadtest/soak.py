@@ -154,9 +154,13 @@ def markdown(result: dict) -> str:
         f"{rss['first_under_load_mib']}, last under load {rss['last_under_load_mib']}, max {rss['max_mib']}, "
         f"after replay {rss['after_replay_mib']} ({rss['samples']} samples; slope {rss['slope_mib_per_min']} MiB/min, "
         f"second half {rss['slope_second_half_mib_per_min']} MiB/min)",
-        f"- steady state (lowest RSS of each minute, from the second): {rss['steady_start_mib']} -> "
-        f"{rss['steady_end_mib']} MiB, growth {rss['steady_growth_mib']} MiB (limit {result['max_growth_mib']}), "
-        f"slope {rss['floor_slope_mib_per_min']} MiB/min; minute floors {rss['minute_floors_mib']}",
+        (
+            f"- steady state (lowest RSS of each minute, from the second): {rss['steady_start_mib']} -> "
+            f"{rss['steady_end_mib']} MiB, growth {rss['steady_growth_mib']} MiB (limit {result['max_growth_mib']}), "
+            f"slope {rss['floor_slope_mib_per_min']} MiB/min; minute floors {rss['minute_floors_mib']}"
+            if result["memory_judged"]
+            else "- memory NOT judged: a steady state needs a run of at least 3 minutes (warm-up minute + 2)"
+        ),
         f"- replay alone: {rep['cases_replayed']} cases, {rep['responses_compared']} responses under load compared, "
         f"{rep['cases_differing']} cases differing; {rep['cases_disagreeing_under_load']} cases whose outputs under "
         "load disagreed among themselves",
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = passed and (growth is None or growth <= args.max_growth_mib)  # runs under 3 minutes: no steady state
     result = run | {
         "passed": passed,
+        "memory_judged": growth is not None,
         "max_growth_mib": args.max_growth_mib,
         "summary": summary,
         "rss": rss,

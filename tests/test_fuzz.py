@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 import schemathesis
+from helpers import ServerProc, is_error_body
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
-from test_reliability import ServerProc, is_error_body
 
 KEY = "sk-fuzz-5d2a"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import PROMPTS
 
 from functok_vllm.core import POLICY_CODES, SteeringSpec, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.engines.base import Delta, EngineFull, EngineStopped, GenerateRequest, RequestError, SamplingParams
@@ -13,14 +14,6 @@ from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
 from functok_vllm.engines.hf.hooks import decoder_layers, residual_hooks
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 
-PROMPTS = [
-    "The king said to his son",
-    "Once upon a time, there was a",
-    "She walked into the room and",
-    "War is",
-    "My dear friend, I have written to you because",
-    "It was the best of",
-]
 SAE_DIRS = sorted(DEMO_SAES.glob("layer_*"))
 
 

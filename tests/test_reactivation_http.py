@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_reliability import ServerProc, is_error_body
+from helpers import ServerProc, is_error_body
 
 from analysis.model import HFAnalysisModel
 from analysis.reactivation import ReactivationConfig, score_prompts

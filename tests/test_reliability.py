@@ -1,10 +1,8 @@
 """Limits, faults and security of `functok serve` as a real process on loopback: timeouts, SIGTERM draining, bad SAE
-files at start-up, the API key on every endpoint, and logs without secrets. `ServerProc` is shared with test_fuzz.py
-and test_reactivation_http.py."""
+files at start-up, the API key on every endpoint, and logs without secrets."""
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_server import metric, wait_idle
+from helpers import ServerProc, is_error_body, metric, wait_idle
 
 from functok_vllm.cli import build_parser
 from functok_vllm.core import SAE, SAEConfig
@@ -24,49 +22,6 @@ from functok_vllm.paths import DEMO_SAES
 KEY = "sk-reliability-93be1f"
 SECRET = "Quetzalcoatl pumpernickel saxophone"  # a prompt that must never reach the log
 MODEL = "functok-tiny"
-
-
-class ServerProc:
-    """`functok serve ARGS` on a free loopback port, its output in `log`; ready once GET /health answers 200."""
-
-    def __init__(self, tmp: Path, *args: str, config: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--port", str(port), *args]
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config))
-            cmd += ["--config", str(tmp / "config.json")]
-        self.url, self.log = f"http://127.0.0.1:{port}", tmp / "server.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"server did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-def is_error_body(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    assert code is None or err["code"] == code, err
-    return err
 
 
 # ---- one server with an API key, private metrics, and a request timeout far below any generation's length ----------

@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import PROMPTS, ServerProc, metric, wait_idle
 
 from functok_vllm.engines.hf.hooks import residual_hooks
 
@@ -22,44 +22,16 @@ SECRET_PROMPT = "Zanzibar quokka marmalade"  # must never reach the server's log
 LIMITS = {"max_edits": 4, "max_abs_strength": 100, "max_tokens": 400, "max_running": 8, "max_waiting": 2}
 LIMITS["max_body_bytes"] = 32 * 1024
 PRESET = {"edits": [{"layer": 1, "feature": 77, "mode": "clamp", "value": 4.0}], "positions": "all"}
-PROMPTS = [
-    "The king said to his son",
-    "Once upon a time, there was a",
-    "She walked into the room and",
-    "War is",
-    "My dear friend, I have written to you because",
-    "It was the best of",
-]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base url, log path) of one server for the whole module."""
-    tmp = tmp_path_factory.mktemp("serve")
-    (tmp / "config.json").write_text(json.dumps({"limits": LIMITS, "presets": {"calm": PRESET}}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--port", str(port), "--api-key", KEY]
-    cmd += ["--config", str(tmp / "config.json")]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()}")
-    yield url, log
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc = ServerProc(
+        tmp_path_factory.mktemp("serve"), "--api-key", KEY, config={"limits": LIMITS, "presets": {"calm": PRESET}}
+    )
+    yield proc.url, proc.log
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +55,6 @@ def complete(client, prompt, steering=None, max_tokens=16, **extra):
 
 def ids_of(r) -> list[int]:
     return r.choices[0].token_ids
-
-
-def metric(http, name: str, **labels) -> float:
-    """The value of one sample on /metrics (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in http.get("/metrics").text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == name or (want and head.startswith(name + "{") and all(p in head for p in want.split(","))):
-            return float(value)
-    return 0.0
 
 
 def test_health_models_and_steering_info(server, client, http):
@@ -269,15 +231,6 @@ def test_malformed_json_oversized_body_and_api_key(server, http, client):
     with pytest.raises(openai.BadRequestError, match="steering.edits"):
         complete(client, SECRET_PROMPT, {"edits": [EDIT | {"layer": 9}]})
     assert complete(client, SECRET_PROMPT).choices[0].finish_reason == "length"  # still serving
-
-
-def wait_idle(http, deadline_s=60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if metric(http, "functok:num_requests_running") == metric(http, "functok:num_requests_waiting") == 0:
-            return
-        time.sleep(0.1)
-    pytest.fail("the server did not become idle")
 
 
 def test_client_disconnect_mid_stream_aborts(http):

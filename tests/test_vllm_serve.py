@@ -1,6 +1,7 @@
 """Steering through stock `vllm serve` (worker extension + plugin) and through `functok serve --engine vllm`, each a
 real process on loopback driven with the openai client; the spec travels as `vllm_xargs.steering` (a JSON string)."""
 
+import asyncio
 import json
 import os
 import socket
@@ -72,9 +73,24 @@ def complete(client: openai.OpenAI, spec: dict | None, model: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def texts() -> dict[str, dict[str, str]]:
-    """Each server's (unsteered, steered) text, for comparing the two servers."""
-    return {}
+def texts() -> dict[str, str]:
+    """The transformers engine's (unsteered, steered) greedy text for PROMPT: what both vLLM servers must return."""
+    from functok_vllm.core import SteeringSpec
+    from functok_vllm.engines.base import GenerateRequest, SamplingParams
+    from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
+    from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+
+    async def run() -> dict[str, str]:
+        hf = HFEngine(HFEngineConfig(DEMO_MODEL, sorted(DEMO_SAES.glob("layer_*")), DEMO_FUNCTION_TOKENS, warmup=False))
+        await hf.start()
+        out = {}
+        for name, spec in (("plain", None), ("steered", SteeringSpec.from_dict(SPEC))):
+            req = GenerateRequest(name, hf.encode(PROMPT), SamplingParams(0, max_tokens=10), spec)
+            out[name] = "".join([d.text async for d in hf.generate(req)])
+        await hf.shutdown()
+        return out
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="class")
@@ -94,7 +110,7 @@ class TestStockVLLMServe:
         assert steered != plain
         assert complete(stock, None, "tiny") == plain  # same prompt again, after a steered run (prefix cache on)
         assert complete(stock, SPEC, "tiny") == steered
-        texts["vllm serve"] = {"plain": plain, "steered": steered}
+        assert {"plain": plain, "steered": steered} == texts  # the transformers engine's greedy text
 
     @pytest.mark.parametrize("bad", BAD)
     def test_a_bad_spec_is_a_400_naming_the_problem(self, stock, bad):
@@ -130,8 +146,7 @@ class TestFunctokServeVLLM:
         plain = complete(client, None, "functok-tiny")
         steered = complete(client, SPEC, "functok-tiny")
         assert steered != plain
-        if "vllm serve" in texts:
-            assert {"plain": plain, "steered": steered} == texts["vllm serve"]
+        assert {"plain": plain, "steered": steered} == texts  # so also stock `vllm serve`'s
         body = {"model": "functok-tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "steering": SPEC}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         assert r["choices"][0]["text"] == steered
