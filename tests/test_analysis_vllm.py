@@ -1,7 +1,7 @@
 """`functok analyze coverage` and `loss-split` on vLLM against the transformers engine. Coverage (capture mode of the
 steering worker extension): the same corpus windows give the same graph, so the same numbers in the JSON and the CSV
 (up to a float tie at a threshold, see TOL). Loss split (vLLM's prompt logprobs): the same groups and losses. The vLLM
-runs need the CPU build (skipped only if vllm._C cannot load); the argument checks below need no vLLM."""
+runs are skipped, with the reason, only where `vllm_status()` says vLLM cannot run; the argument checks need no vLLM."""
 
 import csv
 import json
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from analysis.vllm_model import vllm_available
+from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_MODEL
 
 FUNCTOK = str(Path(sys.executable).parent / "functok")
-NO_VLLM = vllm_available()
+NO_VLLM = None if vllm_status().ok else vllm_status().line()
 # 3,000 held-out tokens in 100-token windows: 30 windows, 4 transformers batches of 8 (the last one short), none of
 # which is how vLLM's scheduler batches them; document separators fall inside windows.
 # The engines' float32 kernels differ (vLLM's fused norms and CPU attention), so a pre-activation that sits exactly
@@ -34,7 +34,7 @@ def coverage(engine: str, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(NO_VLLM is not None, reason=f"vllm._C does not load: {NO_VLLM}")
+@pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))
 def test_vllm_coverage_equals_transformers_coverage(tmp_path):
     hf, vl = tmp_path / "hf", tmp_path / "vllm"
     r = coverage("transformers", hf)
@@ -64,7 +64,7 @@ def _table(out: Path) -> list[list[str]]:
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(NO_VLLM is not None, reason=f"vllm._C does not load: {NO_VLLM}")
+@pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))
 def test_vllm_loss_split_equals_transformers_loss_split(tmp_path):
     ck = DEMO_MODEL / "checkpoints" / "step-00140"  # a training checkpoint: no tokenizer of its own
     args = ["--checkpoints", str(ck), "--max-tokens", "3000", "--seq-len", "100", "--threads", "2"]
@@ -93,7 +93,7 @@ def test_vllm_engine_refuses_a_layer_without_an_sae_before_starting(tmp_path):
     if NO_VLLM is None:
         assert "no SAE for layer 3" in r.stderr
     else:
-        assert "vLLM is not usable here" in r.stderr
+        assert "vLLM not usable here" in r.stderr
 
 
 def test_an_unknown_engine_is_refused(tmp_path):

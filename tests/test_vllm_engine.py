@@ -1,6 +1,6 @@
 """Steering on vLLM: the worker's per-step batch state, the API-process admission hook, and vLLM's greedy tokens
 against the transformers engine's, in eager and compiled mode, alone and in mixed batches, under chunked prefill,
-preemption and prefix caching (the vLLM tests run the CPU build; they are skipped only if vllm._C cannot load)."""
+preemption and prefix caching (skipped, with the reason, only where `vllm_status()` says vLLM cannot run)."""
 
 import asyncio
 import itertools
@@ -18,16 +18,12 @@ from functok_vllm.engines.base import GenerateRequest, RequestError, SamplingPar
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
 from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.admission import cache_salt, parse_user_spec  # noqa: E402
+from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
 from functok_vllm.engines.vllm.config import EXTENSION, from_additional_config, spec_from_xarg, to_xarg  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 
-try:
-    import vllm._C  # noqa: E402, F401
-
-    NO_VLLM = None
-except Exception as e:  # ImportError, or OSError from a broken build
-    NO_VLLM = f"vllm._C does not load ({type(e).__name__}: {e}); build it with scripts/build_vllm_cpu.sh"
+NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
 
 SAE_DIRS = sorted(DEMO_SAES.glob("layer_*"))

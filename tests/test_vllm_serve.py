@@ -13,15 +13,11 @@ import httpx
 import openai
 import pytest
 
+from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.engines.vllm.config import EXTENSION
 from functok_vllm.paths import DEMO_MODEL
 
-try:
-    import vllm._C  # noqa: F401
-
-    NO_VLLM = None
-except Exception as e:  # ImportError, or OSError from a broken build
-    NO_VLLM = f"vllm._C does not load ({type(e).__name__}: {e}); build it with scripts/build_vllm_cpu.sh"
+NO_VLLM = None if vllm_status().ok else vllm_status().line()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
 
 ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}

