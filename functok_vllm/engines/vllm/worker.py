@@ -19,8 +19,9 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   step's token ids are handed to the capture hooks.
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
-sum, which the next layer's fused add+norm (or the final norm) forms. A steered layer returns `(delta, h)` with
-h = hidden_states + residual: the next add gives h + delta, exactly the transformers engine's hooked output.
+sum, which the next layer's fused add+norm (or the final norm) forms. A steered layer returns
+`(hidden_states + delta(h), residual)` (`SteeredLayerMixin`): the next add gives h + delta, the transformers engine's
+hooked output.
 
 Tensor parallel: the residual stream is replicated on every rank, and every rank holds the same SAEs and tables and
 sees the same scheduler output, so each applies the same update (untested here). Pipeline parallel: a rank steers
@@ -48,15 +49,20 @@ GRAPH_KEY = "functok_graph"  # additional_config key holding the steering finger
 
 
 class SteeredLayerMixin:
-    """Mixed into a decoder layer's class: its output plus `functok_steer.delta` of the residual stream."""
+    """Mixed into a decoder layer's class (`Steered<Layer>`): THE ADD of the vLLM path happens here.
+
+    A vLLM decoder layer returns `(hidden, residual)` whose sum is the residual stream h leaving it. The steered layer
+    returns `(hidden + delta(h), residual)`, with the add (and the clamp encode of h) inside the one opaque custom op
+    `functok::steered_hidden` (`core/steer.py` says why it must be opaque to Inductor); the next layer's fused
+    add+norm, or the final norm, then forms h + delta, what the transformers engine's hook produces.
+    """
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
             hidden, residual = out
-            h = hidden + residual  # (tokens, d_model) residual stream leaving this layer
-            return self.functok_steer.delta(h), h
-        return out + self.functok_steer.delta(out)
+            return self.functok_steer.steered_hidden(hidden, residual), residual
+        return self.functok_steer.steered_hidden(out, torch.zeros_like(out))
 
 
 class SteeringRunnerMixin:

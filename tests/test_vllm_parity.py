@@ -1,0 +1,180 @@
+"""vLLM compiled and eager, with the steering extension, against an independent reference on a model that is not
+the demo's: a random-weight Llama with grouped-query attention and SAEs on layers 1 and 2 of 4, the setting where
+vLLM's compiled mode once computed a different model for every request (issue 12). The reference is a plain
+transformers forward of the whole sequence (eager attention, no KV cache) with the steering update applied by a
+forward hook; a clamp's activation comes from sae-lens's own `encode`. Log-probabilities are compared with a
+tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from functok_vllm.core.sae import SAE, SAEConfig  # noqa: E402
+from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
+from functok_vllm.engines.vllm.config import EXTENSION  # noqa: E402
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
+
+STATUS = vllm_status()
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not STATUS.ok, reason=STATUS.line())]
+
+TOL = 1e-4  # float32 log-probabilities; the bug this guards against moved them by ~0.5
+NEW = 6  # greedy tokens generated per request
+LAYERS = (1, 2)
+PROMPTS = [
+    "The old house by the river was empty, and the children of the village said that",
+    "Once upon a time, there was a little girl who lived in a village near the forest.",
+]
+SPECS = [
+    None,
+    {"edits": [{"layer": 1, "feature": 3, "strength": 4.0}], "positions": "all"},
+    {"edits": [{"layer": 2, "feature": 5, "mode": "clamp", "value": 6.0}], "positions": "prompt"},
+    {
+        "edits": [{"layer": 1, "feature": 7, "strength": -3.0}, {"layer": 2, "feature": 0, "mode": "ablate"}],
+        "positions": "all",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory):
+    """A 4-layer Llama (hidden 256, 4 query heads, 2 KV heads) with the demo tokenizer, and JumpReLU SAEs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("random-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    for f in DEMO_MODEL.glob("tokenizer*"):
+        shutil.copy(f, root / "model" / f.name)
+    for layer in LAYERS:
+        g = torch.Generator().manual_seed(layer)
+        W_enc = torch.randn(256, 512, generator=g) * 0.2
+        c = SAEConfig(d_in=256, d_sae=512, architecture="jumprelu", hook_name=f"blocks.{layer}.hook_resid_post")
+        SAE(c, W_enc, torch.zeros(512), W_enc.T.contiguous(), torch.zeros(256), torch.full((512,), 0.1)).save(
+            root / "saes" / f"layer_{layer}"
+        )
+    return root
+
+
+def vllm_outputs(root, enforce_eager: bool) -> list:
+    """(prompt ids, prompt logprobs, generated ids, generated logprobs) for every (prompt, spec), in one batch."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(root / "model"),
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=16,
+        seed=0,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=False,
+        worker_extension_cls=EXTENSION,
+        additional_config={"functok": {"saes": [str(root / "saes")], "function_tokens": str(DEMO_FUNCTION_TOKENS)}},
+    )
+    try:
+        params = [
+            SamplingParams(
+                temperature=0,
+                max_tokens=NEW,
+                logprobs=0,
+                prompt_logprobs=0,
+                extra_args={"steering": json.dumps(s)} if s else None,
+            )
+            for s in SPECS
+        ]
+        keys = [(i, j) for i in range(len(PROMPTS)) for j in range(len(SPECS))]
+        outs = llm.generate([PROMPTS[i] for i, _ in keys], [params[j] for _, j in keys], use_tqdm=False)
+        result = {}
+        for k, o in zip(keys, outs, strict=True):
+            g = o.outputs[0]
+            prompt_lp = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
+            gen_lp = [d[t].logprob for d, t in zip(g.logprobs, g.token_ids, strict=True)]
+            result[k] = (list(o.prompt_token_ids), prompt_lp, list(g.token_ids), gen_lp)
+        return result
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def reference_logprobs(model, saes, ids: list[int], n_prompt: int, spec) -> torch.Tensor:
+    """(seq - 1, vocab) next-token log-probabilities after ids[:t], t >= 1: a plain forward with the spec applied by
+    forward hooks on the decoder layers."""
+
+    def hook_for(layer):
+        def hook(_mod, _args, out):
+            h = out[0] if isinstance(out, tuple) else out  # (1, seq, d_model)
+            sel = torch.zeros(h.shape[1], dtype=torch.bool)
+            sel[: n_prompt if spec["positions"] == "prompt" else h.shape[1]] = True
+            new = h.clone()
+            for e in spec["edits"]:
+                if e["layer"] != layer:
+                    continue
+                sae = saes[layer]
+                w = sae.W_dec[e["feature"]]
+                if e.get("mode", "add") == "add":
+                    new[0, sel] += e["strength"] * w
+                else:
+                    act = sae.encode(h[0])[:, e["feature"]]  # sae-lens's own encode, from the unsteered h
+                    new[0, sel] += (e.get("value", 0.0) - act[sel])[:, None] * w
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        return hook
+
+    handles = []
+    try:
+        if spec is not None:
+            handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in LAYERS]
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # (seq, vocab)
+    finally:
+        for h in handles:
+            h.remove()
+    return lp[:-1]
+
+
+@pytest.fixture(scope="module")
+def reference(random_llama):
+    from sae_lens import SAE as LensSAE
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(random_llama / "model"), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    saes = {}
+    for layer in LAYERS:
+        lens = LensSAE.load_from_disk(str(random_llama / "saes" / f"layer_{layer}"), device="cpu")
+        lens.W_dec.data = lens.W_dec.data.float()
+        saes[layer] = lens
+    return lambda ids, n, spec: reference_logprobs(model, saes, ids, n, spec)
+
+
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_vllm_matches_a_plain_forward_with_hooks(random_llama, reference, mode):
+    got = vllm_outputs(random_llama, enforce_eager=mode == "eager")
+    for (i, j), (prompt_ids, prompt_lp, gen_ids, gen_lp) in got.items():
+        ids = prompt_ids + gen_ids
+        rows = reference(ids, len(prompt_ids), SPECS[j])  # (seq - 1, vocab)
+        want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        n = len(prompt_ids) - 1
+        err_prompt = (torch.tensor(prompt_lp) - want[:n]).abs().max().item()
+        err_gen = (torch.tensor(gen_lp) - want[n:]).abs().max().item()
+        assert err_prompt < TOL and err_gen < TOL, (mode, i, SPECS[j], err_prompt, err_gen)
+        best = rows[n:].max(-1).values  # greedy: each generated token is the reference's argmax (up to a tie)
+        assert ((best - want[n:]) < TOL).all(), (mode, i, SPECS[j], gen_ids)
+    for i in range(len(PROMPTS)):  # every spec changes the model: the agreement above is not the unsteered one
+        for j in range(1, len(SPECS)):
+            assert got[i, j][1] != got[i, 0][1], (i, SPECS[j])
