@@ -26,7 +26,7 @@ from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex,
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.hooks import residual_hooks
-from functok_vllm.engines.hf.ragged import KVBuffer
+from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.textout import TextStream
 
 log = logging.getLogger("functok.engine")
@@ -68,6 +68,7 @@ class Batcher:
     def __init__(
         self,
         model,
+        ragged: RaggedAttention,
         tokenizer,
         table: SteeringTable | None,
         fn_mask: torch.Tensor | None,
@@ -75,11 +76,9 @@ class Batcher:
         row_multiple: int,
         eos_ids: set[int],
     ):
-        self.model, self.tokenizer, self.table, self.fn_mask = model, tokenizer, table, fn_mask
+        self.model, self.ragged, self.tokenizer, self.table, self.fn_mask = model, ragged, tokenizer, table, fn_mask
         self.max_running, self.row_multiple, self.eos_ids = max_running, row_multiple, eos_ids
-        cfg = model.config
-        self.kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        self.dtype, self.device = model.dtype, model.device
+        self.device = model.device
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -184,12 +183,15 @@ class Batcher:
         if spec is not None and self.fn_mask is not None:
             seq.policy = POLICY_CODES[spec.positions]
             seq.last_fn = last_function_position(ids, self.fn_mask)
-        layers, kv_heads, head_dim = self.kv_shape
-        seq.kv = KVBuffer(layers, kv_heads, n + seq.max_new, head_dim, self.dtype, self.device)
+        seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
         positions = torch.arange(n, device=self.device)
         self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
         out = self.model(
-            input_ids=ids[None], position_ids=positions[None], functok_rows=[seq.kv], use_cache=False, logits_to_keep=1
+            input_ids=ids[None],
+            position_ids=positions[None],
+            use_cache=False,
+            logits_to_keep=1,
+            **self.ragged.forward_kwargs([seq.kv]),
         )
         seq.kv.length = n
         self.stats["prefills"] += 1
@@ -207,8 +209,8 @@ class Batcher:
         out = self.model(
             input_ids=ids[:, None],
             position_ids=positions[:, None],
-            functok_rows=[s.kv for s in rows] + [None] * (r - b),
             use_cache=False,
+            **self.ragged.forward_kwargs([s.kv for s in rows] + [None] * (r - b)),
         )
         for s in rows:
             s.kv.length += 1

@@ -31,8 +31,8 @@ from functok_vllm.engines.base import (
     SteeringInfo,
 )
 from functok_vllm.engines.hf.batcher import Batcher, Seq
-from functok_vllm.engines.hf.hooks import load_model
-from functok_vllm.engines.hf.ragged import use_ragged_attention
+from functok_vllm.engines.hf.hooks import decoder_layers, load_model
+from functok_vllm.engines.hf.ragged import RaggedAttention
 from functok_vllm.engines.hf.textout import TextStream
 
 log = logging.getLogger("functok.engine")
@@ -99,12 +99,12 @@ class HFEngine(Engine):
         torch.set_num_threads(cfg.threads)
         dtype = DTYPES[cfg.dtype]
         self.model, self._tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
-        use_ragged_attention(self.model)
+        self.ragged = RaggedAttention(self.model)  # UnsupportedModel (a ValueError) for a family it cannot serve
         mc = self.model.config
         self.model_name = cfg.served_model_name or cfg.model.name
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.vocab_size = mc.vocab_size
-        self.saes = load_saes(cfg.saes, mc.hidden_size, mc.num_hidden_layers, dtype, cfg.device)
+        self.saes = load_saes(cfg.saes, mc.hidden_size, len(decoder_layers(self.model)), dtype, cfg.device)
         self.function_tokens = None
         fn_mask, table = None, None
         if self.saes:
@@ -125,7 +125,7 @@ class HFEngine(Engine):
         eos = self.model.generation_config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos]), self._tokenizer.eos_token_id} - {None}
         self.batcher = Batcher(
-            self.model, self._tokenizer, table, fn_mask, cfg.max_running, cfg.decode_row_multiple, eos_ids
+            self.model, self.ragged, self._tokenizer, table, fn_mask, cfg.max_running, cfg.decode_row_multiple, eos_ids
         )
         self._inflight: set[str] = set()
         self._outbox: Outbox | None = None

@@ -15,13 +15,20 @@ from functok_vllm.offline import go_offline
 ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
+# Where causal LMs keep their decoder layers: Llama, Mistral, Qwen2/3, Gemma-2, Phi-3 (`model.layers`), GPT-2
+# (`transformer.h`), GPT-NeoX (`gpt_neox.layers`), multimodal wrappers (`model.language_model.layers`).
+LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a causal LM: `model.model.layers` (Llama, Mistral, Qwen, Gemma) or `transformer.h`."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
+    """The decoder layers of a causal LM: the first of LAYER_PATHS that names a non-empty ModuleList."""
+    for path in LAYER_PATHS:
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for {', '.join(LAYER_PATHS)})")
 
 
 def _wrap(fn: ResidualFn):
