@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -184,3 +185,52 @@ def test_active_is_exactly_encode_above_zero(arch):
     active = sae.active(x)
     assert active.dtype == torch.bool and active.any() and not active.all()
     assert torch.equal(active, sae.encode(x) > 0)
+
+
+def _lens_saved(tmp_path, lens, kind: str, hook_name: str):
+    """An SAE saved by sae-lens itself (random weights), the way public releases are laid out."""
+    cls, cfg_cls = {
+        "standard": (lens.StandardSAE, lens.StandardSAEConfig),
+        "jumprelu": (lens.JumpReLUSAE, lens.JumpReLUSAEConfig),
+        "topk": (lens.TopKSAE, lens.TopKSAEConfig),
+    }[kind]
+    cfg = cfg_cls(d_in=16, d_sae=64, **({"k": 8} if kind == "topk" else {}))
+    cfg.metadata.hook_name = hook_name
+    torch.manual_seed(0)
+    sae = cls(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+        if kind == "jumprelu":
+            sae.threshold.uniform_(0.0, 0.2)
+    out = tmp_path / f"{kind}-{hook_name}"
+    sae.save_model(str(out))
+    return sae, out
+
+
+@pytest.mark.parametrize(
+    "kind,hook_name,layer",
+    [
+        ("jumprelu", "blocks.3.hook_resid_post", 3),
+        ("standard", "blocks.3.hook_resid_pre", 2),
+        ("topk", "blocks.5.hook_resid_post", 5),
+    ],
+)
+def test_sae_lens_saved_residual_saes_load_and_encode_as_sae_lens_does(tmp_path, lens, kind, hook_name, layer):
+    theirs, path = _lens_saved(tmp_path, lens, kind, hook_name)
+    ours = SAE.load(path)
+    assert ours.layer == layer and ours.cfg.architecture == kind
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        want = theirs.encode(x)
+    torch.testing.assert_close(ours.encode(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hook_name",
+    ["blocks.3.hook_mlp_out", "blocks.3.hook_attn_out", "blocks.3.hook_resid_mid", "blocks.3.attn.hook_z"],
+)
+def test_saes_reading_another_tensor_than_the_residual_stream_are_refused_naming_the_hook(tmp_path, lens, hook_name):
+    _, path = _lens_saved(tmp_path, lens, "jumprelu", hook_name)
+    with pytest.raises(SAELoadError, match=rf"cfg.json: hook point '{re.escape(hook_name)}' is not supported"):
+        SAE.load(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +51,33 @@ class SAEConfig:
             self.layer = layer_from_hook_name(self.hook_name)
 
 
+# Hook names of the residual stream between blocks, the one place functok reads and steers (group 1: the block).
+RESIDUAL_HOOKS = (
+    re.compile(r"blocks\.(\d+)\.hook_resid_(?:post|pre)"),  # TransformerLens / SAELens
+    re.compile(r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)"),  # Hugging Face: a decoder layer's output
+)
+
+
 def layer_from_hook_name(hook_name: str) -> int:
     """`blocks.9.hook_resid_post` -> 9 (TransformerLens names), `model.layers.9` -> 9; -1 when absent.
 
     `blocks.9.hook_resid_pre` is the residual stream entering block 9, i.e. the output of decoder layer 8; the
-    embeddings (`blocks.0.hook_resid_pre`) are no decoder layer's output and give -1.
+    embeddings (`blocks.0.hook_resid_pre`) are no decoder layer's output and give -1. Any other hook point (the MLP
+    or attention output, `hook_resid_mid`, `attn.hook_z`, a transcoder's input) reads another tensor than the one
+    functok steers, and is refused with SAELoadError naming it rather than applied in the wrong place.
     """
-    for part in hook_name.split("."):
-        if part.isdigit():
-            return int(part) - 1 if hook_name.endswith("hook_resid_pre") else int(part)
-    return -1
+    if not hook_name:
+        return -1
+    for pattern in RESIDUAL_HOOKS:
+        m = pattern.fullmatch(hook_name)
+        if m:
+            block = int(m.group(1))
+            return block - 1 if hook_name.endswith("hook_resid_pre") else block
+    raise SAELoadError(
+        f"hook point {hook_name!r} is not supported: functok reads and steers the residual stream between blocks "
+        "(blocks.L.hook_resid_post, blocks.L.hook_resid_pre, model.layers.L), and an SAE at this hook reads another "
+        "tensor"
+    )
 
 
 class SAE:
@@ -199,15 +217,18 @@ def config_from_json(raw: dict, where: Path | str = "cfg.json") -> SAEConfig:
     known = {"d_in", "d_sae", "architecture", "apply_b_dec_to_input", "k", "dtype", "metadata", "hook_name"}
     extra = {k: v for k, v in raw.items() if k not in known}
     extra["metadata"] = meta
-    cfg = SAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        architecture=arch,
-        hook_name=hook_name,
-        k=int(raw.get("k") or 0),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        extra=extra,
-    )
+    try:
+        cfg = SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture=arch,
+            hook_name=hook_name,
+            k=int(raw.get("k") or 0),
+            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            extra=extra,
+        )
+    except SAELoadError as e:
+        raise SAELoadError(f"{where}: {e}") from None
     if cfg.layer < 0:
         raise SAELoadError(f"{where}: metadata.hook_name {hook_name!r} names no decoder layer's output")
     return cfg
