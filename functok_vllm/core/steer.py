@@ -111,10 +111,11 @@ def steered_hidden(
     Why opaque: traced as plain ops, Inductor (torch 2.13, vLLM 0.32's CPU backend) fused the read of the MLP's output
     in `hidden + residual` into a kernel scheduled before the `_C.onednn_mm` call that writes that output, so every
     request, steered or not, was computed from a stale buffer (issue 12). An opaque op is scheduled after its inputs
-    exist, whatever the compiler fuses around it. (tokens, d_model) in and out; never aliases an input.
+    exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input.
     """
     tables = (slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value)
-    return hidden + steer_delta(hidden + residual, *tables, clamp_owner)
+    h = (hidden + residual).reshape(-1, hidden.shape[-1])  # (tokens, d_model), also from vLLM's Transformers
+    return hidden + steer_delta(h, *tables, clamp_owner).view(hidden.shape)  # backend's (1, tokens, d_model)
 
 
 @steered_hidden.register_fake
