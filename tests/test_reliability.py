@@ -1,5 +1,5 @@
 """Limits, faults and security of `functok serve` as a real process on loopback: timeouts, SIGTERM draining, bad SAE
-files at start-up, the API key on every endpoint, and logs without secrets."""
+and function-token files at start-up, the API key on every endpoint, and logs without secrets."""
 
 import json
 import signal
@@ -17,7 +17,7 @@ from helpers import ServerProc, is_error_body, metric, wait_idle
 
 from functok_vllm.cli import build_parser
 from functok_vllm.core import SAE, SAEConfig
-from functok_vllm.paths import DEMO_SAES
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
 
 KEY = "sk-reliability-93be1f"
 SECRET = "Quetzalcoatl pumpernickel saxophone"  # a prompt that must never reach the log
@@ -222,3 +222,31 @@ def test_a_bad_sae_file_stops_start_up_naming_it(tmp_path):
         assert named in r.stderr and "Traceback" not in r.stderr + r.stdout, r.stderr
     assert "cannot be read as safetensors" in results[0].stderr
     assert "d_in 64 does not match the model's hidden size 256" in results[1].stderr
+
+
+def test_a_bad_function_token_file_stops_start_up_naming_the_file_and_field(tmp_path):
+    good = json.loads(DEMO_FUNCTION_TOKENS.read_text())
+    no_token = good | {"tokens": [{"id": t["id"]} for t in good["tokens"]]}
+    negative = good | {"tokens": [{"id": -1, "token": ","}]}
+    cases = {  # file body, the field the message must name, engine
+        "no_token": (json.dumps(no_token), "tokens[0].token: missing", "hf"),
+        "no_token_vllm": (json.dumps(no_token), "tokens[0].token: missing", "vllm"),
+        "negative": (json.dumps(negative), "tokens[0].id: must be a non-negative integer", "hf"),
+        "no_tokens": (json.dumps({"coverage": 0.4}), "tokens: missing", "hf"),
+        "not_json": ("{not json", "cannot be read as JSON", "hf"),
+    }
+
+    def serve(name: str):
+        body, _, engine = cases[name]
+        path = tmp_path / f"{name}.json"
+        path.write_text(body)
+        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--function-tokens", str(path), "--engine", engine]
+        return path, subprocess.run(cmd + ["--port", "1"], capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = dict(zip(cases, pool.map(serve, cases), strict=True))
+    for name, (path, r) in results.items():
+        assert r.returncode == 2, (name, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and cases[name][1] in lines[0], (name, r.stderr)

@@ -267,7 +267,7 @@ async def collect(engine, rid, ids, s):
     toks, last = [], None
     async for d in engine.generate(GenerateRequest(rid, ids, SamplingParams(0, max_tokens=MAX_TOKENS), s)):
         toks, last = toks + d.token_ids, d
-    return toks, last.steered_positions
+    return toks, last.steered_positions  # vLLM: what its worker applied (`functok_applied`), not a recount
 
 
 @pytest.fixture(scope="class")
@@ -310,6 +310,9 @@ class TestEager:
         assert after["resumed"] > before["resumed"], "the 9-block KV cache should have forced preemption"
         assert after["slots_in_use"] == 0 and after["known_steered_requests"] == 0  # all released
         assert after["bad_specs"] == 0 and after["slots_full"] == 0
+        # steered_positions above is the worker's own count (functok_applied), read once for every steered request;
+        # recomputed after preemption, it still counts each position once, as the transformers engine does
+        assert after["applied_kept"] == 0
 
     def test_prefix_cache_never_mixes_steered_and_unsteered_blocks(self, eager, cases, reference, loop):
         from vllm import SamplingParams as VSP

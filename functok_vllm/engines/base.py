@@ -85,7 +85,9 @@ class Delta:
     finish_reason: str | None = None  # one of FINISH_REASONS on the last delta, else None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    steered_positions: int = 0  # token positions (prompt and generated) where this request's steering was applied
+    # Token positions (prompt and generated) where the engine actually applied this request's steering, each counted
+    # once. Exact on the last delta; earlier deltas may say less (the vLLM engine reads it from its worker at the end).
+    steered_positions: int = 0
     error: str | None = None  # set when finish_reason == "error"
 
 

@@ -98,4 +98,7 @@ class ServerConfig:
         presets = raw.get("presets", {})
         if not isinstance(presets, dict):
             raise CLIError(f"config file {p}: 'presets' must map names to steering objects")
-        return cls(Limits(**limits), presets)
+        try:
+            return cls(Limits(**limits), presets)
+        except CLIError as e:
+            raise CLIError(f"config file {p}: {e}") from None

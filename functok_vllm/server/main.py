@@ -80,6 +80,13 @@ def build_engine(args, limits):
     fn = Path(args.function_tokens) if args.function_tokens else model / "function_tokens.json"
     if saes and not fn.is_file():
         raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
+    if saes:
+        from functok_vllm.core.function_tokens import FunctionTokens
+
+        try:
+            FunctionTokens.load(fn)  # every field checked before any engine loads a model
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     common = dict(
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,

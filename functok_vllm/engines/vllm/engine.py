@@ -1,24 +1,37 @@
 """The vLLM engine for `functok serve --engine vllm`: an AsyncLLM with the steering worker extension, as an `Engine`.
 
 The server validates requests and builds `GenerateRequest`s exactly as for the transformers engine; this adapter
-passes the spec to vLLM as `extra_args["steering"]` (JSON, as a client of `vllm serve` sends it), streams
-`RequestOutputKind.DELTA` outputs as `Delta`s, and counts each request's steered positions on the CPU with the
-core's `build_slot_index` (the worker applies the same selection; vLLM has no channel to report per-request counts).
+passes the spec to vLLM as `extra_args["steering"]` (JSON, as a client of `vllm serve` sends it) and streams
+`RequestOutputKind.DELTA` outputs as `Delta`s.
+
+Steering is never claimed unless applied. A request with clamp/ablate edits WAITS (as in the transformers engine)
+until `ClampBudget` admits it: the budget never grants more clamp columns at a layer than the worker's pool holds, so
+the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
+A request that could never fit is refused (RequestError, HTTP 400). `steered_positions` is what the worker applied:
+read from it (`collective_rpc("functok_applied")`) when the request ends, so only the last delta carries it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from functok_vllm.core import POLICY_CODES, FunctionTokens, SteeringSpec, StepIndex, build_slot_index
-from functok_vllm.core.batch import last_function_position
-from functok_vllm.engines.base import Delta, Engine, EngineFull, GenerateRequest, RequestError, SteeringInfo
+from functok_vllm.core import FunctionTokens, SteeringSpec
+from functok_vllm.engines.base import (
+    Delta,
+    Engine,
+    EngineFull,
+    EngineStopped,
+    GenerateRequest,
+    RequestError,
+    SteeringInfo,
+)
+from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.config import (
     CONFIG_KEY,
     EXTENSION,
@@ -59,6 +72,81 @@ class VLLMEngineConfig:
         return {CONFIG_KEY: raw | {"max_edits": self.max_edits, "max_clamps": max(self.max_clamps, self.max_edits)}}
 
 
+class ClampBudget:
+    """Clamp/ablate columns per layer that admitted requests hold, never more than `capacity` (the worker's pool).
+
+    Each request counts its own columns although equal specs share them in the worker, so this never admits more than
+    fits. First come, first served: a request waits until every earlier waiting one has been admitted.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used: Counter[int] = Counter()
+        self.queue: deque[tuple[Counter, asyncio.Future]] = deque()
+        self.closed = False
+
+    @staticmethod
+    def need(spec: SteeringSpec | None) -> Counter:
+        """layer -> clamp columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
+        return Counter(e.layer for e in spec.edits if e.mode != "add") if spec is not None else Counter()
+
+    def check(self, need: Counter) -> None:
+        """RequestError if the request could never be admitted."""
+        for layer, n in sorted(need.items()):
+            if n > self.capacity:
+                raise RequestError(
+                    "steering.edits",
+                    f"{n} clamp/ablate edits at layer {layer}, but this engine's clamp pool holds {self.capacity} "
+                    "a layer (max_clamps), so the request could never run",
+                )
+
+    def _fits(self, need: Counter) -> bool:
+        return all(self.used[layer] + n <= self.capacity for layer, n in need.items())
+
+    async def acquire(self, need: Counter) -> None:
+        """Take `need`'s columns, waiting for earlier requests and for room; EngineStopped if closed meanwhile."""
+        if self.closed:
+            raise EngineStopped("the engine is shutting down")
+        if not self.queue and self._fits(need):
+            self.used.update(need)
+            return
+        entry = (need, asyncio.get_running_loop().create_future())
+        self.queue.append(entry)
+        try:
+            await entry[1]
+        except BaseException:  # cancelled (timeout, client gone) or closed: give back whatever was granted
+            fut = entry[1]
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(need)
+            elif entry in self.queue:
+                self.queue.remove(entry)
+                self._grant()
+            raise
+
+    def release(self, need: Counter) -> None:
+        self.used.subtract(need)
+        self._grant()
+
+    def close(self) -> None:
+        """Fail every waiting request with EngineStopped; no more are admitted."""
+        self.closed = True
+        while self.queue:
+            _, fut = self.queue.popleft()
+            if not fut.done():
+                fut.set_exception(EngineStopped("the engine is shutting down"))
+
+    def _grant(self) -> None:
+        while self.queue and self._fits(self.queue[0][0]):
+            need, fut = self.queue.popleft()
+            if not fut.done():
+                self.used.update(need)
+                fut.set_result(None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+
 class VLLMEngine(Engine):
     def __init__(self, cfg: VLLMEngineConfig):
         from transformers import AutoConfig, AutoTokenizer
@@ -71,8 +159,11 @@ class VLLMEngine(Engine):
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self.steer_cfg = from_additional_config(cfg.additional_config()) if cfg.saes else None
         self.function_tokens = FunctionTokens.load(self.steer_cfg.function_tokens) if self.steer_cfg else None
-        self.fn_mask = self.function_tokens.mask(self.vocab_size) if self.function_tokens else None
+        if self.function_tokens is not None:
+            self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now, not in the worker
         self.llm = None
+        self.budget: ClampBudget | None = None
+        self._stopped = False
         self._inflight: set[str] = set()
 
     # ---- Engine interface -------------------------------------------------------------------------------------------
@@ -82,15 +173,19 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     @property
+    def _admitted(self) -> int:
+        return len(self._inflight) - (self.budget.waiting if self.budget else 0)
+
+    @property
     def num_running(self) -> int:
-        return min(len(self._inflight), self.cfg.max_running)
+        return min(self._admitted, self.cfg.max_running)
 
     @property
     def num_waiting(self) -> int:
-        return max(len(self._inflight) - self.cfg.max_running, 0)
+        return len(self._inflight) - self.num_running
 
     def is_healthy(self) -> bool:
-        return self.llm is None or not self.llm.errored
+        return self.llm is not None and not self._stopped and not self.llm.errored
 
     @functools.cached_property
     def _steering_info(self) -> SteeringInfo:
@@ -115,10 +210,23 @@ class VLLMEngine(Engine):
             worker_extension_cls=EXTENSION if c.saes else "",
             additional_config=c.additional_config(),
         )
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**(args | c.engine_args)))
+        args |= c.engine_args
+        if c.saes:  # the pool the worker allocates (install_steering), from the config it is given
+            worker = from_additional_config(args["additional_config"], str(c.model))
+            self.budget = ClampBudget(max(worker.max_clamps, worker.max_edits))
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     async def shutdown(self) -> None:
+        """Requests still running or waiting end with finish_reason "abort"; later ones get EngineStopped."""
+        self._stopped = True
+        if self.budget is not None:
+            self.budget.close()
         if self.llm is not None:
+            if self._inflight:
+                try:
+                    await self.llm.abort(list(self._inflight))  # each gets a final "abort" output
+                except Exception:
+                    log.debug("abort at shutdown failed", exc_info=True)
             self.llm.shutdown()
             self.llm = None
 
@@ -127,12 +235,17 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
+        if self.llm is None or self._stopped:
+            raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.max_edits)
+        need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
+        if need:
+            self.budget.check(need)
         if len(self._inflight) >= self.cfg.max_running + self.cfg.max_waiting:
             raise EngineFull(
                 f"the server is full ({self.num_running} requests running, {self.num_waiting} waiting)", retry_after=1
             )
-        p, ids, spec = request.sampling, list(request.prompt_ids), request.steering
+        p, ids, spec, rid = request.sampling, list(request.prompt_ids), request.steering, request.request_id
         n = len(ids)
         params = VSamplingParams(
             temperature=p.temperature,
@@ -140,68 +253,60 @@ class VLLMEngine(Engine):
             max_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - n),
             stop=list(p.stop) or None,
             seed=p.seed,
+            ignore_eos=p.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={XARG: to_xarg(spec)} if spec is not None else None,
+            extra_args={XARG: to_xarg(spec), TAG: rid} if spec is not None else None,
         )
-        counter = SteeredCounter(spec, ids, self.fn_mask)
-        out_ids: list[int] = []
-        self._inflight.add(request.request_id)
-        finished = False
+        completion = 0
+        self._inflight.add(rid)
+        held = submitted = finished = False
         try:
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params, request.request_id):
+            if need:
+                await self.budget.acquire(need)  # waits while the clamp pool is taken
+                held = True
+            submitted = True
+            async for out in self.llm.generate({"prompt_token_ids": ids}, params, rid):
                 c = out.outputs[0]
-                out_ids += c.token_ids
+                completion += len(c.token_ids)
                 finished = out.finished
                 reason = FINISH.get(c.finish_reason, "error") if finished else None
                 error = f"vLLM finished the request with {c.finish_reason!r}" if reason == "error" else None
-                yield Delta(c.text, list(c.token_ids), reason, n, len(out_ids), counter.upto(out_ids), error)
+                steered = await self._applied(rid) if finished and spec is not None else 0
+                yield Delta(c.text, list(c.token_ids), reason, n, completion, steered, error)
+        except EngineStopped:  # shut down while it waited for the clamp pool: an abort, as for a queued request
+            finished = True
+            yield Delta("", [], "abort", n, 0, 0)
         except VLLMValidationError as e:  # vLLM refused the request before running it
             raise RequestError(e.parameter or "request", str(e)) from None
         except Exception as e:  # the engine died or failed mid-request: an ending the client can read, not a cut
             if finished:
                 raise
-            log.exception("vLLM failed request %s", request.request_id)
             finished = True  # nothing left to abort
-            error = f"the vLLM engine failed: {type(e).__name__}"
-            yield Delta("", [], "error", n, len(out_ids), counter.upto(out_ids), error)
+            if self._stopped:
+                yield Delta("", [], "abort", n, completion, 0)
+                return
+            log.exception("vLLM failed request %s", rid)
+            yield Delta("", [], "error", n, completion, 0, f"the vLLM engine failed: {type(e).__name__}")
         finally:
-            self._inflight.discard(request.request_id)
-            if not finished and self.llm is not None:
+            if submitted and not finished and self.llm is not None:
                 try:
-                    await self.llm.abort(request.request_id)
+                    await self.llm.abort(rid)  # before the budget is released: the worker frees its columns first
                 except Exception:  # the engine is shutting down or dead: nothing left to abort
-                    log.debug("abort of %s failed", request.request_id, exc_info=True)
+                    log.debug("abort of %s failed", rid, exc_info=True)
+            self._inflight.discard(rid)
+            if held:
+                self.budget.release(need)
 
-
-class SteeredCounter:
-    """Positions where a request's steering applies among the tokens forwarded so far (prompt + all but the newest
-    generated token), computed with the core's `build_slot_index`, incrementally."""
-
-    def __init__(self, spec: SteeringSpec | None, prompt_ids: list[int], fn_mask: torch.Tensor | None):
-        self.spec, self.prompt, self.fn_mask = spec, prompt_ids, fn_mask
-        self.done, self.count = 0, 0
-        if spec is not None and fn_mask is not None:
-            self.policy = POLICY_CODES[spec.positions]
-            self.last_fn = last_function_position(prompt_ids, fn_mask)
-
-    def upto(self, out_ids: list[int]) -> int:
-        if self.spec is None or self.fn_mask is None or not out_ids:
+    async def _applied(self, rid: str) -> int:
+        """Positions where the worker steered the request (0, logged, when it cannot say: never a guess)."""
+        if self._stopped or self.llm is None:
             return 0
-        end = len(self.prompt) + len(out_ids) - 1  # the newest token has not been through the model
-        if end > self.done:
-            p = len(self.prompt)
-            seq = self.prompt[self.done : end] + out_ids[max(self.done - p, 0) : end - p]  # no copy of the whole
-            k = len(seq)
-            one = lambda v: torch.tensor([v])  # noqa: E731
-            step = StepIndex(
-                torch.tensor(seq),
-                torch.arange(self.done, end),
-                torch.zeros(k, dtype=torch.long),
-                one(1),
-                one(self.policy),
-                one(len(self.prompt)),
-                one(self.last_fn),
-            )
-            self.count += int(build_slot_index(step, self.fn_mask).count_nonzero())
-            self.done = end
-        return self.count
+        try:
+            got = await self.llm.collective_rpc("functok_applied", args=(rid,))
+        except Exception:
+            log.warning("could not read the applied steering of request %s; reporting 0", rid, exc_info=True)
+            return 0
+        counts = [g for g in got if g is not None]
+        if not counts:
+            log.warning("the worker has no record of steering request %s; reporting 0 steered positions", rid)
+        return max(counts, default=0)  # pipeline parallel: the ranks holding the steered layers

@@ -84,7 +84,7 @@ class SteeringRunnerMixin:
             st.resumed += len(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
             for r in scheduler_output.scheduled_new_reqs:
                 extra = r.sampling_params.extra_args if r.sampling_params is not None else None
-                st.add_request(r.req_id, r.prompt_token_ids, extra)
+                st.add_request(r.req_id, r.prompt_token_ids, extra, r.num_computed_tokens)
         return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
@@ -137,6 +137,13 @@ class SteeringWorkerExtension:
             raise RuntimeError("no functok capture is running on this worker")
         return cap.save(out_dir, write=tp_rank() == 0)
 
+    def functok_applied(self, tag: str) -> int | None:
+        """Positions where this worker steered the request named `tag` (its `extra_args["functok_id"]`, else its
+        vLLM request id), each counted once; None if it knows no such steered request. For
+        `collective_rpc("functok_applied", args=(tag,))` when the request has ended; a finished one is read once."""
+        st = self.model_runner.functok
+        return st.applied(tag) if st is not None else None
+
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""
         st = self.model_runner.functok
@@ -166,12 +173,17 @@ def steered_runner(runner):
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """`model.model.layers` (Llama-style vLLM models) or the language model's, for multimodal wrappers."""
+    """The decoder layers of a vLLM model: `model.layers` (Llama-style models, and the Hugging Face model inside
+    vLLM's Transformers backend, e.g. GPT-NeoX) or `transformer.h` (GPT-2), also inside a multimodal wrapper's
+    `language_model`."""
     for owner in (model, getattr(model, "language_model", None)):
-        layers = getattr(getattr(owner, "model", None), "layers", None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise SAELoadError(f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers)")
+        for base, attr in (("model", "layers"), ("transformer", "h")):
+            layers = getattr(getattr(owner, base, None), attr, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return layers
+    raise SAELoadError(
+        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers and transformer.h)"
+    )
 
 
 def install_steering(runner) -> BatchSteering:
