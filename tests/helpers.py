@@ -82,3 +82,22 @@ def wait_idle(http, deadline_s=60) -> None:
             return
         time.sleep(0.1)
     pytest.fail("the server did not become idle")
+
+
+def batch_state(saes, function_tokens, max_clamps: int):
+    """A vLLM worker's per-step steering state (`BatchSteering`) over the demo SAEs, parsing specs as the worker does;
+    no vLLM engine needed."""
+    from functok_vllm.core import SteeringTable
+    from functok_vllm.engines.vllm.batch_state import BatchSteering
+    from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg
+
+    table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
+    cfg = from_additional_config({})
+
+    def parse(value):
+        s = spec_from_xarg(value)
+        if s is not None:
+            cfg.check(s)
+        return s
+
+    return BatchSteering(table, function_tokens.mask(8192), parse)

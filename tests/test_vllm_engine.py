@@ -11,8 +11,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import batch_state  # noqa: E402
 
-from functok_vllm.core import POSITIONS, SpecError, SteeringSpec, SteeringTable  # noqa: E402
+from functok_vllm.core import POSITIONS, SpecError, SteeringSpec  # noqa: E402
 from functok_vllm.core.batch import last_function_position  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
@@ -49,16 +50,7 @@ def spec(*edits, positions="function") -> SteeringSpec:
 
 @pytest.fixture()
 def state(demo_saes, demo_function_tokens):
-    table = SteeringTable(demo_saes, max_slots=8, max_clamps=8, max_tokens=256)
-    cfg = from_additional_config({})
-
-    def parse(value):
-        s = spec_from_xarg(value)
-        if s is not None:
-            cfg.check(s)
-        return s
-
-    return BatchSteering(table, demo_function_tokens.mask(8192), parse)
+    return batch_state(demo_saes, demo_function_tokens, max_clamps=8)
 
 
 def run_step(st: BatchSteering, chunks: list[tuple[str, list[int], int]], pad: int = 3) -> dict[str, list[int]]:

@@ -12,14 +12,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import batch_state  # noqa: E402
 
-from functok_vllm.core import SteeringSpec, SteeringTable  # noqa: E402
+from functok_vllm.core import SteeringSpec  # noqa: E402
 from functok_vllm.engines.base import EngineStopped, GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
 from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg  # noqa: E402
 from functok_vllm.engines.vllm.engine import ClampBudget  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 
@@ -53,16 +53,7 @@ def clamp2(f1: int, f2: int) -> SteeringSpec:
 
 @pytest.fixture()
 def state(demo_saes, demo_function_tokens):
-    table = SteeringTable(demo_saes, max_slots=8, max_clamps=POOL, max_tokens=256)
-    cfg = from_additional_config({})
-
-    def parse(value):
-        s = spec_from_xarg(value)
-        if s is not None:
-            cfg.check(s)
-        return s
-
-    return BatchSteering(table, demo_function_tokens.mask(8192), parse)
+    return batch_state(demo_saes, demo_function_tokens, max_clamps=POOL)
 
 
 def step(st: BatchSteering, chunks: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:
