@@ -62,9 +62,9 @@ class SteeringLayer(torch.nn.Module):
         """(tokens, d_model) residual stream -> (tokens, d_model) steering update. No checks, no Python loops."""
         return steer_delta(h, *self.tables())
 
-    def steered_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """For a layer whose output is the pair (hidden, residual) summing to the residual stream h: hidden plus
-        `delta(h)`, computed inside one opaque custom op (`functok::steered_hidden`, see there for why)."""
+    def steered_hidden(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """For a layer whose output is the pair (hidden, residual) summing to the residual stream h (or one tensor
+        h, residual None): hidden plus `delta(h)`, in one opaque custom op (`functok::steered_hidden`: why there)."""
         return torch.ops.functok.steered_hidden(hidden, residual, *self.tables())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def steer_delta(
 @torch.library.custom_op("functok::steered_hidden", mutates_args=())
 def steered_hidden(
     hidden: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None,
     slot_index: torch.Tensor,
     add_table: torch.Tensor,
     b_dec: torch.Tensor,
@@ -114,8 +114,9 @@ def steered_hidden(
     exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input.
     """
     tables = (slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value)
-    h = (hidden + residual).reshape(-1, hidden.shape[-1])  # (tokens, d_model), also from vLLM's Transformers
-    return hidden + steer_delta(h, *tables, clamp_owner).view(hidden.shape)  # backend's (1, tokens, d_model)
+    h = hidden if residual is None else hidden + residual  # the residual stream, maybe (1, tokens, d_model): vLLM's
+    h = h.reshape(-1, hidden.shape[-1])  # Transformers backend keeps a batch dim; (tokens, d_model) from here
+    return hidden + steer_delta(h, *tables, clamp_owner).view(hidden.shape)
 
 
 @steered_hidden.register_fake

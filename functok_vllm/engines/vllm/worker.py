@@ -62,7 +62,7 @@ class SteeredLayerMixin:
         if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
             hidden, residual = out
             return self.functok_steer.steered_hidden(hidden, residual), residual
-        return self.functok_steer.steered_hidden(out, torch.zeros_like(out))
+        return self.functok_steer.steered_hidden(out, None)  # one tensor is the whole residual stream
 
 
 class SteeringRunnerMixin:
