@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from analysis.coverage import CoverageConfig, build_graphs  # noqa: E402
-from analysis.data import sequences, token_stream  # noqa: E402
+from functok_vllm.analysis.coverage import CoverageConfig, build_graphs  # noqa: E402
+from functok_vllm.analysis.data import sequences, token_stream  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def measure(am, stream: torch.Tensor, bare, repeats: int, pid_of) -> dict:
 
 
 def bench_hf(n_tokens: int, repeats: int) -> dict:
-    from analysis.model import load_hf
+    from functok_vllm.analysis.model import load_hf
 
     am = load_hf(DEMO_MODEL, DEMO_SAES, DEMO_FUNCTION_TOKENS)
     stream = token_stream(am.encode, am.eos_id, None, n_tokens)  # held-out split of the shared corpus
@@ -100,7 +100,7 @@ def bench_hf(n_tokens: int, repeats: int) -> dict:
 def bench_vllm(n_tokens: int, repeats: int) -> dict:
     import psutil
 
-    from analysis.vllm_model import load_vllm
+    from functok_vllm.analysis.vllm_model import load_vllm
 
     am = load_vllm(DEMO_MODEL, DEMO_SAES, DEMO_FUNCTION_TOKENS)  # sets the CPU defaults before vLLM is imported
     from vllm import SamplingParams

@@ -21,7 +21,16 @@ def random_sae(d_in: int, d_sae: int, layer: int, device, dtype) -> SAE:
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", hook_name=f"blocks.{layer}.hook_resid_post")
-    sae = SAE(cfg, W_dec.t().contiguous(), torch.zeros(d_sae), W_dec, torch.zeros(d_in), torch.full((d_sae,), 0.1))
+    sae = SAE(
+        cfg,
+        {
+            "W_enc": W_dec.t().contiguous(),
+            "b_enc": torch.zeros(d_sae),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(d_in),
+            "threshold": torch.full((d_sae,), 0.1),
+        },
+    )
     return sae.to(device=device, dtype=dtype)
 
 

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--force", action="store_true", help="derive again even if the directory is complete")
     pm.set_defaults(func=_prepare_model)
 
-    from analysis.cli import add_parser as add_analyze
+    from functok_vllm.analysis.cli import add_parser as add_analyze
 
     add_analyze(sub)
 

@@ -89,15 +89,9 @@ def batch_state(saes, function_tokens, max_clamps: int):
     no vLLM engine needed."""
     from functok_vllm.core import SteeringTable
     from functok_vllm.engines.vllm.batch_state import BatchSteering
-    from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg
+    from functok_vllm.engines.vllm.config import from_additional_config
+    from functok_vllm.engines.vllm.worker import _local_spec
 
     table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
     cfg = from_additional_config({})
-
-    def parse(value):
-        s = spec_from_xarg(value)
-        if s is not None:
-            cfg.check(s)
-        return s
-
-    return BatchSteering(table, function_tokens.mask(8192), parse)
+    return BatchSteering(table, function_tokens.mask(8192), lambda value: _local_spec(value, cfg, table))

@@ -78,7 +78,16 @@ def test_million_feature_dictionary_stays_exact():
 def test_encode_chunks_equals_one_encode():
     g = torch.Generator().manual_seed(1)
     cfg = SAEConfig(d_in=6, d_sae=40, architecture="jumprelu", hook_name="blocks.0.hook_resid_post")
-    sae = SAE(cfg, torch.randn(6, 40, generator=g), torch.zeros(40), torch.randn(40, 6), torch.zeros(6), torch.ones(40))
+    sae = SAE(
+        cfg,
+        {
+            "W_enc": torch.randn(6, 40, generator=g),
+            "b_enc": torch.zeros(40),
+            "W_dec": torch.randn(40, 6),
+            "b_dec": torch.zeros(6),
+            "threshold": torch.ones(40),
+        },
+    )
     h = torch.randn(23, 6, generator=g)
     chunks = list(encode_chunks(sae, h, max_elems=40 * 5))  # 5 rows a chunk
     assert [s for s, _ in chunks] == [0, 5, 10, 15, 20]

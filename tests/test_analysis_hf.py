@@ -4,8 +4,8 @@ computation (the model's own `output_hidden_states`), batch-size invariance, and
 import pytest
 import torch
 
-from analysis import coverage, steer_sweep
-from analysis.model import HFAnalysisModel
+from functok_vllm.analysis import coverage, steer_sweep
+from functok_vllm.analysis.model import HFAnalysisModel
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis import coverage, features, loss_split, reactivation, steer_sweep
-from analysis.model import HFAnalysisModel
+from functok_vllm.analysis import coverage, features, loss_split, reactivation, steer_sweep
+from functok_vllm.analysis.model import HFAnalysisModel
 from functok_vllm.core import SAE, SAEConfig
 from functok_vllm.errors import CLIError
 
@@ -61,7 +61,16 @@ def synthetic_sae() -> SAE:
     W_dec[1] = torch.eye(V)[3]  # feature 1 reads as token 3's column: lens top token NEXT[3] = 6
     W_dec[V] = torch.eye(V)[1]  # feature 8 reads as token 1's column: lens top token NEXT[1] = 5
     cfg = SAEConfig(d_in=V, d_sae=V + 1, architecture="jumprelu", hook_name="blocks.0.hook_resid_post")
-    return SAE(cfg, W_enc, torch.zeros(V + 1), W_dec, torch.zeros(V), torch.full((V + 1,), 0.5))
+    return SAE(
+        cfg,
+        {
+            "W_enc": W_enc,
+            "b_enc": torch.zeros(V + 1),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(V),
+            "threshold": torch.full((V + 1,), 0.5),
+        },
+    )
 
 
 @pytest.fixture

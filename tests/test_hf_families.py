@@ -88,7 +88,9 @@ def build(family: str, root) -> tuple:
     d, d_sae, layer = cfg.hidden_size, 16, cfg.num_hidden_layers // 2
     w_dec = torch.nn.functional.normalize(torch.randn(d_sae, d), dim=1)  # (d_sae, d), unit rows
     sae_cfg = SAEConfig(d_in=d, d_sae=d_sae, architecture="standard", hook_name=f"blocks.{layer}.hook_resid_post")
-    sae = SAE(sae_cfg, w_dec.T.contiguous(), torch.zeros(d_sae), w_dec, torch.zeros(d))
+    sae = SAE(
+        sae_cfg, {"W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "W_dec": w_dec, "b_dec": torch.zeros(d)}
+    )
     sae.save(root / "sae")
     return model_dir, root / "sae", layer, w_dec[3]
 

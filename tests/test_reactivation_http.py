@@ -9,8 +9,8 @@ import httpx
 import pytest
 from helpers import ServerProc, is_error_body
 
-from analysis.model import HFAnalysisModel
-from analysis.reactivation import ReactivationConfig, score_prompts
+from functok_vllm.analysis.model import HFAnalysisModel
+from functok_vllm.analysis.reactivation import ReactivationConfig, score_prompts
 
 PATH = "/v1/analysis/reactivation"
 PROMPTS = [
@@ -51,7 +51,7 @@ def test_http_scores_equal_in_process_scores(http, in_process):
     r = http.post(PATH, json={"model": "functok-tiny", "prompts": PROMPTS})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["object"] == "analysis.reactivation" and body["layers"] == [0, 1, 2]
+    assert body["object"] == "functok_vllm.analysis.reactivation" and body["layers"] == [0, 1, 2]
     assert body["results"] == as_json(score_prompts(in_process, PROMPTS))
     assert body["results"][0]["positions"] and set(body["results"][0]["layers"]) == {"0", "1", "2"}
     r = http.post(PATH, json={"prompts": PROMPTS[:2], "layers": [2, 0], "top_frac": 0.05, "detail": False})

@@ -194,7 +194,15 @@ def narrow(tmp: Path) -> tuple[Path, str]:
     """A well-formed SAE whose d_in (64) is not the model's hidden size (256)."""
     d = tmp / "narrow" / "layer_1"
     cfg = SAEConfig(d_in=64, d_sae=32, architecture="standard", hook_name="blocks.1.hook_resid_post")
-    SAE(cfg, torch.zeros(64, 32), torch.zeros(32), torch.zeros(32, 64), torch.zeros(64)).save(d)
+    SAE(
+        cfg,
+        {
+            "W_enc": torch.zeros(64, 32),
+            "b_enc": torch.zeros(32),
+            "W_dec": torch.zeros(32, 64),
+            "b_dec": torch.zeros(64),
+        },
+    ).save(d)
     return d, str(d)
 
 

@@ -174,7 +174,7 @@ BAD = [  # (change to GOOD, status, param, text the message must show)
     ({"steering": {"edits": [EDIT | {"strength": 1e6}]}}, 400, "steering.edits[0].strength", "1000000"),
     ({"steering": {"edits": [EDIT | {"strength": math.nan}]}}, 400, "steering.edits[0].strength", "finite"),
     ({"steering": {"edits": [EDIT | {"strength": math.inf}]}}, 400, "steering.edits[0].strength", "finite"),
-    ({"steering": {"edits": [EDIT] * 5}}, 400, "steering", "5 edits"),
+    ({"steering": {"edits": [EDIT] * 5}}, 400, "steering.edits", "5 edits"),
     ({"steering": {"edits": [EDIT | {"mode": "push"}]}}, 400, "steering.edits[0].mode", "push"),
     (
         {"steering": {"edits": [{"layer": 2, "feature": 1, "strenght": 5.0}]}},

@@ -33,7 +33,16 @@ def server(model_dir, tmp_path_factory):
     W_enc = torch.randn(576, 256, generator=g) / 24
     W_dec = W_enc.T / W_enc.T.norm(dim=1, keepdim=True)
     cfg = SAEConfig(d_in=576, d_sae=256, architecture="jumprelu", hook_name="blocks.15.hook_resid_post")
-    SAE(cfg, W_enc, torch.zeros(256), W_dec.contiguous(), torch.zeros(576), torch.full((256,), 0.1)).save(tmp / "sae")
+    SAE(
+        cfg,
+        {
+            "W_enc": W_enc,
+            "b_enc": torch.zeros(256),
+            "W_dec": W_dec.contiguous(),
+            "b_dec": torch.zeros(576),
+            "threshold": torch.full((256,), 0.1),
+        },
+    ).save(tmp / "sae")
     proc = ServerProc(tmp, "--model", str(model_dir), "--sae", str(tmp / "sae"), "--function-tokens", str(FN))
     yield proc
     proc.stop()

@@ -21,8 +21,9 @@ from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.admission import cache_salt, parse_user_spec  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import EXTENSION, from_additional_config, spec_from_xarg, to_xarg  # noqa: E402
+from functok_vllm.engines.vllm.config import EXTENSION, from_additional_config, spec_from_xarg  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
+from functok_vllm.steering import to_json as to_xarg  # noqa: E402
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
@@ -177,14 +178,14 @@ def test_admission_canonicalises_and_drops_empty_specs():
 
 def test_config_defaults_and_function_token_lookup(tmp_path):
     demo = from_additional_config({})
-    assert sorted(demo.d_sae) == [0, 1, 2] and demo.function_tokens == DEMO_FUNCTION_TOKENS
+    assert sorted(demo.sae_configs) == [0, 1, 2] and demo.function_tokens == DEMO_FUNCTION_TOKENS
     saes = {"saes": [str(SAE_DIRS[1])]}
     assert from_additional_config({"functok": saes}, str(DEMO_MODEL)).function_tokens.parent == DEMO_MODEL
     with pytest.raises(ValueError, match="function_tokens"):  # never the demo's tokens for someone else's SAEs
         from_additional_config({"functok": saes}, str(tmp_path))
     with pytest.raises(ValueError, match="unknown keys"):
         from_additional_config({"functok": {"sae": []}})
-    with pytest.raises(ValueError, match="not an SAE directory"):
+    with pytest.raises(ValueError, match="neither an SAE directory"):
         from_additional_config({"functok": {"saes": [str(tmp_path)], "function_tokens": str(DEMO_FUNCTION_TOKENS)}})
 
 

@@ -52,9 +52,16 @@ def random_saes(root, layers, d_in: int, d_sae: int = 512) -> None:
         W_enc = torch.randn(d_in, d_sae, generator=g) * (3.0 / d_in**0.5)
         c = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", hook_name=f"blocks.{layer}.hook_resid_post")
         W_dec = W_enc.T / W_enc.T.norm(dim=1, keepdim=True)  # unit rows: a strength is a norm in the stream
-        SAE(c, W_enc, torch.zeros(d_sae), W_dec.contiguous(), torch.zeros(d_in), torch.full((d_sae,), 0.1)).save(
-            root / "saes" / f"layer_{layer}"
-        )
+        SAE(
+            c,
+            {
+                "W_enc": W_enc,
+                "b_enc": torch.zeros(d_sae),
+                "W_dec": W_dec.contiguous(),
+                "b_dec": torch.zeros(d_in),
+                "threshold": torch.full((d_sae,), 0.1),
+            },
+        ).save(root / "saes" / f"layer_{layer}")
 
 
 def random_llama(root):

@@ -22,6 +22,7 @@ from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering  # noqa: E402
 from functok_vllm.engines.vllm.engine import ClampBudget  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
+from functok_vllm.steering import SteeringLimits  # noqa: E402
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
@@ -165,8 +166,7 @@ def small(loop):
         SAE_DIRS,
         DEMO_FUNCTION_TOKENS,
         max_running=8,
-        max_edits=POOL,
-        max_clamps=POOL,
+        steering=SteeringLimits(max_edits=POOL, max_clamps=POOL),
         enforce_eager=True,
         max_model_len=256,
         engine_args={"block_size": BLOCK, "enable_prefix_caching": True},

@@ -75,23 +75,3 @@ class SteeringSpec:
     def from_dict(cls, d: dict) -> SteeringSpec:
         """Internal constructor for already-validated dicts (the HTTP edge validates user input with pydantic)."""
         return cls(tuple(Edit(**e) for e in d.get("edits", ())), d.get("positions", "function"))
-
-    def check(self, d_sae_by_layer: dict[int, int], max_edits: int, clamp_ok_by_layer: dict[int, bool] | None = None):
-        """Check against what is loaded: every layer has an SAE, every feature is in [0, d_sae)."""
-        if len(self.edits) > max_edits:
-            raise SpecError("edits", f"{len(self.edits)} edits; at most {max_edits} are allowed")
-        for i, e in enumerate(self.edits):
-            if e.layer not in d_sae_by_layer:
-                have = ", ".join(map(str, sorted(d_sae_by_layer))) or "none"
-                raise SpecError(f"edits[{i}].layer", f"no SAE is loaded at layer {e.layer} (layers with SAEs: {have})")
-            if not 0 <= e.feature < d_sae_by_layer[e.layer]:
-                raise SpecError(
-                    f"edits[{i}].feature",
-                    f"{e.feature} is outside [0, {d_sae_by_layer[e.layer]}) for the SAE at layer {e.layer}",
-                )
-            if e.mode != "add" and clamp_ok_by_layer is not None and not clamp_ok_by_layer.get(e.layer, True):
-                raise SpecError(
-                    f"edits[{i}].mode",
-                    f"{e.mode} needs a per-feature activation; the SAE at layer "
-                    f"{e.layer} is TopK, whose activations depend on every feature",
-                )

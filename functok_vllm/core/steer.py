@@ -6,7 +6,7 @@ zero vector for unsteered requests. Before each forward an engine writes one slo
 buffers that are updated in place, so one compiled graph (Inductor, CUDA graphs) serves every mix of requests, and
 its cost does not depend on how many distinct specs share the batch.
 
-Edits at one layer are all computed from the residual stream as it arrives at that layer, then summed.
+Edits at one layer are all computed from the tensor at its SAE's hook point as it arrives there, then summed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from functok_vllm.core.sae import SAE
+from functok_vllm.core.sae import SAE, normalize
 from functok_vllm.core.spec import SteeringSpec
 
 
@@ -24,47 +24,58 @@ class SlotsFull(RuntimeError):
 
 
 class SteeringLayer(torch.nn.Module):
-    """Steering tables of one layer. `delta(h)` is what steering adds to the residual stream h at this layer."""
+    """Steering tables of one layer. `delta(h)` is what steering adds at this layer, h being the tensor its SAE reads
+    (its hook point, `sae.cfg.hook`)."""
 
     def __init__(self, sae: SAE, slot_index: torch.Tensor, max_slots: int, max_clamps: int, dtype, device):
         super().__init__()
         d = sae.d_in
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.hook = sae.cfg.hook  # where the engine applies `delta`
+        self.norm = sae.cfg.normalize_activations  # static: the graph is built for it
         self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
         self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
         b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
         self.register_buffer("b_dec", b_dec.to(device=device, dtype=dtype).clone(), persistent=False)  # (d_model,)
         # Clamp columns: a flat pool of (slot, feature) pairs; column j belongs to slot clamp_owner[j] (-1: free).
-        self.register_buffer("clamp_W_enc", z(d, max_clamps), persistent=False)  # (d_model, clamps)
-        self.register_buffer("clamp_b_enc", z(max_clamps), persistent=False)
+        # act_j = relu(sae_in @ W_mag[:, j] + b_mag[j]) * (sae_in @ W_gate[:, j] + b_gate[j] > threshold[j]), the
+        # magnitude path being the gate's except for gated SAEs (`sae_arch.ClampColumns`).
+        self.register_buffer("clamp_W_gate", z(d, max_clamps), persistent=False)  # (d_model, clamps)
+        self.register_buffer("clamp_b_gate", z(max_clamps), persistent=False)
         self.register_buffer("clamp_threshold", z(max_clamps), persistent=False)  # 0 for ReLU SAEs
+        gated = sae.cfg.architecture == "gated"
+        self.register_buffer("clamp_W_mag", z(d, max_clamps) if gated else None, persistent=False)
+        self.register_buffer("clamp_b_mag", z(max_clamps) if gated else None, persistent=False)
         self.register_buffer("clamp_W_dec", z(max_clamps, d), persistent=False)  # (clamps, d_model)
         self.register_buffer("clamp_value", z(max_clamps), persistent=False)
         owner = torch.full((max_clamps,), -1, dtype=torch.long, device=device)
         self.register_buffer("clamp_owner", owner, persistent=False)
         self.sae = sae.to(device=device, dtype=dtype)
 
-    def tables(self) -> tuple[torch.Tensor, ...]:
-        """The buffers `steer_delta` reads, in its argument order after h."""
+    def tables(self) -> tuple:
+        """What `steer_delta` reads, in its argument order after h."""
         return (
             self.slot_index,
             self.add_table,
             self.b_dec,
-            self.clamp_W_enc,
-            self.clamp_b_enc,
+            self.clamp_W_gate,
+            self.clamp_b_gate,
             self.clamp_threshold,
+            self.clamp_W_mag,
+            self.clamp_b_mag,
             self.clamp_W_dec,
             self.clamp_value,
             self.clamp_owner,
+            self.norm,
         )
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """(tokens, d_model) residual stream -> (tokens, d_model) steering update. No checks, no Python loops."""
+        """(tokens, d_model) tensor at the hook point -> (tokens, d_model) update. No checks, no Python loops."""
         return steer_delta(h, *self.tables())
 
     def steered_hidden(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """For a layer whose output is the pair (hidden, residual) summing to the residual stream h (or one tensor
-        h, residual None): hidden plus `delta(h)`, in one opaque custom op (`functok::steered_hidden`: why there)."""
+        """For a module output that is the pair (hidden, residual) summing to the tensor h the SAE reads (or one
+        tensor h, residual None): hidden plus `delta(h)`, in one opaque custom op (`functok::steered_hidden`: why)."""
         return torch.ops.functok.steered_hidden(hidden, residual, *self.tables())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -80,16 +91,34 @@ class SteeringLayer(torch.nn.Module):
 
 
 def steer_delta(
-    h, slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value, clamp_owner
+    h,
+    slot_index,
+    add_table,
+    b_dec,
+    W_gate,
+    b_gate,
+    threshold,
+    W_mag,
+    b_mag,
+    W_dec,
+    value,
+    owner,
+    norm: str,
 ) -> torch.Tensor:
-    """(tokens, d_model) residual stream -> (tokens, d_model) update: the token's slot row of the add table, plus for
-    each clamp column its slot owns, (value - activation) times that feature's decoder row."""
+    """(tokens, d_model) tensor the SAE reads -> (tokens, d_model) update: the token's slot row of the add table, plus
+    for each clamp column its slot owns, (value - activation) times that feature's decoder row, mapped back through
+    the SAE's per-token output normalisation (adds are taken as given, in the model's space)."""
     slot = slot_index[: h.shape[0]]  # (tokens,)
     out = add_table[slot]  # (tokens, d_model)
-    pre = (h - b_dec) @ clamp_W_enc + clamp_b_enc  # (tokens, clamps)
-    act = pre.relu() * (pre > clamp_threshold)
-    mine = slot[:, None] == clamp_owner[None, :]  # (tokens, clamps)
-    return out + ((clamp_value - act) * mine) @ clamp_W_dec
+    x, scale, _ = normalize(h, norm)
+    sae_in = x - b_dec
+    gate = sae_in @ W_gate + b_gate  # (tokens, clamps)
+    mag = gate if W_mag is None else sae_in @ W_mag + b_mag
+    act = mag.relu() * (gate > threshold)
+    mine = slot[:, None] == owner[None, :]  # (tokens, clamps)
+    clamp = torch.where(mine, value - act, 0) @ W_dec  # (tokens, d_model); `where`: a NaN of a zero padding row
+    # under per-token normalisation stays out of every column it does not own
+    return out + (clamp if scale is None else clamp * scale)
 
 
 @torch.library.custom_op("functok::steered_hidden", mutates_args=())
@@ -99,12 +128,15 @@ def steered_hidden(
     slot_index: torch.Tensor,
     add_table: torch.Tensor,
     b_dec: torch.Tensor,
-    clamp_W_enc: torch.Tensor,
-    clamp_b_enc: torch.Tensor,
+    clamp_W_gate: torch.Tensor,
+    clamp_b_gate: torch.Tensor,
     clamp_threshold: torch.Tensor,
+    clamp_W_mag: torch.Tensor | None,
+    clamp_b_mag: torch.Tensor | None,
     clamp_W_dec: torch.Tensor,
     clamp_value: torch.Tensor,
     clamp_owner: torch.Tensor,
+    norm: str,
 ) -> torch.Tensor:
     """hidden + steer_delta(hidden + residual, ...): THE ADD of the vLLM path, as one op a compiler cannot see into.
 
@@ -113,10 +145,11 @@ def steered_hidden(
     request, steered or not, was computed from a stale buffer (issue 12). An opaque op is scheduled after its inputs
     exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input.
     """
-    tables = (slot_index, add_table, b_dec, clamp_W_enc, clamp_b_enc, clamp_threshold, clamp_W_dec, clamp_value)
-    h = hidden if residual is None else hidden + residual  # the residual stream, maybe (1, tokens, d_model): vLLM's
+    tables = (slot_index, add_table, b_dec, clamp_W_gate, clamp_b_gate, clamp_threshold, clamp_W_mag, clamp_b_mag)
+    h = hidden if residual is None else hidden + residual  # the SAE's tensor, maybe (1, tokens, d_model): vLLM's
     h = h.reshape(-1, hidden.shape[-1])  # Transformers backend keeps a batch dim; (tokens, d_model) from here
-    return hidden + steer_delta(h, *tables, clamp_owner).view(hidden.shape)
+    delta = steer_delta(h, *tables, clamp_W_dec, clamp_value, clamp_owner, norm)
+    return hidden + delta.view(hidden.shape)
 
 
 @steered_hidden.register_fake
@@ -211,9 +244,10 @@ class SteeringTable:
                 op.add_table[slot] += e.strength * sae.W_dec[e.feature]
                 continue
             j = next(used[e.layer])
-            op.clamp_W_enc[:, j] = sae.W_enc[:, e.feature]
-            op.clamp_b_enc[j] = sae.b_enc[e.feature]
-            op.clamp_threshold[j] = sae.threshold[e.feature] if sae.threshold is not None else 0.0
+            c = sae.cfg.arch.clamp_columns(sae, e.feature)
+            op.clamp_W_gate[:, j], op.clamp_b_gate[j], op.clamp_threshold[j] = c.w_gate, c.b_gate, c.threshold
+            if op.clamp_W_mag is not None:
+                op.clamp_W_mag[:, j], op.clamp_b_mag[j] = c.w_mag, c.b_mag
             op.clamp_W_dec[j] = sae.W_dec[e.feature]
             op.clamp_value[j] = e.clamp_value
             op.clamp_owner[j] = slot

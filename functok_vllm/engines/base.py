@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.steering import SteeringInfo, SteeringLimits, check_steering
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
@@ -73,7 +74,7 @@ class GenerateRequest:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    steering: SteeringSpec | None = None  # already validated against the engine (`Engine.check_steering`)
+    steering: SteeringSpec | None = None  # checked against the engine's SAEs by `Engine.check_request`
 
 
 @dataclass
@@ -89,33 +90,6 @@ class Delta:
     # once. Exact on the last delta; earlier deltas may say less (the vLLM engine reads it from its worker at the end).
     steered_positions: int = 0
     error: str | None = None  # set when finish_reason == "error"
-
-
-@dataclass
-class SteeringInfo:
-    """What steering an engine can apply: an SAE per layer, and the function-token set."""
-
-    d_sae: dict[int, int]  # layer -> SAE width
-    clamp_ok: dict[int, bool]  # layer -> False for TopK SAEs (no per-feature activation to clamp)
-    sae: dict[int, dict]  # layer -> {"architecture", "hook_name", "d_in"}
-    function_token_ids: list[int]
-    function_token_strings: list[str]
-
-    @classmethod
-    def build(cls, saes: dict, function_tokens) -> SteeringInfo:
-        """From {layer: anything with d_sae, d_in, architecture, hook_name} (an SAEConfig, vLLM's SAEMeta) and a
-        FunctionTokens (or None)."""
-        ft = function_tokens
-        return cls(
-            d_sae={layer: c.d_sae for layer, c in saes.items()},
-            clamp_ok={layer: c.architecture != "topk" for layer, c in saes.items()},
-            sae={
-                layer: {"architecture": c.architecture, "hook_name": c.hook_name, "d_in": c.d_in}
-                for layer, c in saes.items()
-            },
-            function_token_ids=list(ft.ids) if ft else [],
-            function_token_strings=list(ft.strings) if ft else [],
-        )
 
 
 class Engine(ABC):
@@ -178,12 +152,7 @@ class Engine(ABC):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def check_steering(self, spec: SteeringSpec, max_edits: int) -> None:
-        """SpecError unless every edit names a loaded SAE layer, a feature inside it, and a mode it supports."""
-        info = self.steering_info()
-        spec.check(info.d_sae, max_edits, info.clamp_ok)
-
-    def check_request(self, r: GenerateRequest, running_ids, vocab_size: int, max_edits: int) -> None:
+    def check_request(self, r: GenerateRequest, running_ids, vocab_size: int, limits: SteeringLimits) -> None:
         """RequestError unless the request id is new, the prompt fits and its ids are in the vocabulary, and its
         steering (if any) can be applied. Both engines call this before admitting a request."""
         if r.request_id in running_ids:
@@ -194,9 +163,9 @@ class Engine(ABC):
             raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         if r.steering is not None:
             try:
-                self.check_steering(r.steering, max_edits)
+                check_steering(r.steering, self.steering_info(), limits)
             except SpecError as e:
-                raise RequestError(f"steering.{e.field}", e.message) from None
+                raise RequestError(e.field, e.message) from None
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, param: str = "prompt") -> None:
         """RequestError unless the prompt is non-empty and the prompt plus max_tokens fits in the context."""

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from pydantic import Field
 
-from analysis.model import HFAnalysisModel
+from functok_vllm.analysis.model import HFAnalysisModel
 from functok_vllm.engines.base import Engine
 from functok_vllm.errors import CLIError
 from functok_vllm.server.config import Limits
 from functok_vllm.server.errors import APIError
-from functok_vllm.server.protocol import Strict, StrictInt
 from functok_vllm.server.serving import timeout_error
+from functok_vllm.steering import Strict, StrictInt
 
 PATH = "/v1/analysis/reactivation"
 
@@ -103,7 +103,7 @@ class Analyzer:
         return layers
 
     async def run(self, body: ReactivationRequest, t0: float) -> list[dict]:
-        from analysis.reactivation import ReactivationConfig, score_prompts
+        from functok_vllm.analysis.reactivation import ReactivationConfig, score_prompts
 
         cfg = ReactivationConfig(self.check(body), body.top_frac, body.detail)
         with self.lock:
@@ -155,7 +155,7 @@ def add_analysis_route(app: FastAPI, engine: Engine, limits: Limits) -> Analyzer
             r["layers"] = {str(layer): kinds for layer, kinds in r["layers"].items()}  # JSON object keys are strings
         layers = list(body.layers) if body.layers is not None else sorted(analyzer.am.saes)
         return {
-            "object": "analysis.reactivation",
+            "object": "functok_vllm.analysis.reactivation",
             "model": engine.model_name,
             "layers": layers,
             "top_frac": body.top_frac,

@@ -33,12 +33,11 @@ from functok_vllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Steering,
-    api_form,
-    parse_steering,
     resolve_steering,
     sampling_params,
 )
 from functok_vllm.server.serving import Job, complete, next_delta, stream, timeout_error
+from functok_vllm.steering import api_form, check_steering, parse_steering
 
 log = logging.getLogger("functok.server")
 
@@ -48,14 +47,12 @@ def build_presets(engine: Engine, config: ServerConfig) -> dict[str, SteeringSpe
     out = {}
     for name, obj in config.presets.items():
         try:
-            spec = parse_steering(obj, f"presets.{name}", config.limits)
+            spec = parse_steering(obj, f"presets.{name}", config.steering)
             if spec is None:
                 raise CLIError(f"presets.{name}: a preset needs at least one edit")
-            engine.check_steering(spec, config.limits.max_edits)
-        except APIError as e:
-            raise CLIError(e.message) from None
+            check_steering(spec, engine.steering_info(), config.steering, f"presets.{name}")
         except SpecError as e:
-            raise CLIError(f"presets.{name}.{e.field}: {e.message}") from None
+            raise CLIError(f"{e.field}: {e.message}") from None
         out[name] = spec
     return out
 
@@ -131,19 +128,14 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             "presets": {name: api_form(spec) for name, spec in presets.items()},
             "modes": list(MODES),
             "positions": list(POSITIONS),
-            "limits": asdict(limits),
+            "limits": asdict(limits) | asdict(config.steering),
         }
 
     def prepare(body, request: Request) -> Steering:
         if body.model != engine.model_name:
             msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
             raise APIError(404, msg, "model", "model_not_found")
-        s = resolve_steering(body, presets, limits)
-        if s.spec is not None and s.preset is None:
-            try:
-                engine.check_steering(s.spec, limits.max_edits)
-            except SpecError as e:
-                raise APIError(400, f"{s.source}.{e.field}: {e.message}", f"{s.source}.{e.field}") from None
+        s = resolve_steering(body, presets, config.steering, engine.steering_info())
         request.state.steered = str(s.spec is not None).lower()
         return s
 

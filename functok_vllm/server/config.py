@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from functok_vllm.errors import CLIError
+from functok_vllm.steering import SteeringLimits
 
 
 def _limit(default, help_text: str):
@@ -25,8 +26,6 @@ def _limit(default, help_text: str):
 
 @dataclass
 class Limits:
-    max_edits: int = _limit(16, "edits per request; more get 400")
-    max_abs_strength: float = _limit(1000.0, "largest |strength| and |value| of an edit; larger get 400")
     max_tokens: int = _limit(4096, "largest max_tokens a request may ask for (more get 400); chat default")
     max_running: int = _limit(32, "requests decoded together in one batch")
     max_waiting: int = _limit(128, "requests queued beyond the running batch; more get 429 with Retry-After")
@@ -45,15 +44,13 @@ class Limits:
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
 
     def __post_init__(self):
-        from functok_vllm.core.spec import MAX_ABS_STRENGTH
-
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise CLIError(f"limits.{f.name} must be a number, got {v!r}")
             if isinstance(f.default, int) and not isinstance(v, int):
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
-        for name in ("max_edits", "max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts"):
+        for name in ("max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_waiting", "max_analysis_waiting"):
@@ -62,13 +59,17 @@ class Limits:
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 raise CLIError(f"limits.{name} must be a positive number of seconds, got {getattr(self, name)}")
-        if not 0 < self.max_abs_strength <= MAX_ABS_STRENGTH:
-            raise CLIError(f"limits.max_abs_strength must be in (0, {MAX_ABS_STRENGTH:g}], got {self.max_abs_strength}")
+
+
+def limit_fields() -> list:
+    """Every limit a `--config` file's "limits" and a `functok serve` flag can set: the server's and steering's."""
+    return [*fields(Limits), *fields(SteeringLimits)]
 
 
 @dataclass
 class ServerConfig:
     limits: Limits = field(default_factory=Limits)
+    steering: SteeringLimits = field(default_factory=SteeringLimits)
     presets: dict[str, dict] = field(default_factory=dict)  # name -> steering object, checked by the server at start
     api_key: str | None = None  # bearer token for every endpoint but /health (and /metrics when public); never logged
     metrics_public: bool = True  # /metrics answers without the API key (Prometheus scrapers rarely carry one)
@@ -90,7 +91,7 @@ class ServerConfig:
         if not isinstance(raw, dict) or set(raw) - {"limits", "presets"}:
             raise CLIError(f"config file {p}: expected an object with only 'limits' and 'presets'")
         limits = raw.get("limits", {})
-        known = {f.name for f in fields(Limits)}
+        known = {f.name for f in limit_fields()}
         if not isinstance(limits, dict):
             raise CLIError(f"config file {p}: 'limits' must be an object")
         if set(limits) - known:
@@ -99,6 +100,16 @@ class ServerConfig:
         if not isinstance(presets, dict):
             raise CLIError(f"config file {p}: 'presets' must map names to steering objects")
         try:
-            return cls(Limits(**limits), presets)
+            return cls.make(limits, presets)
         except CLIError as e:
             raise CLIError(f"config file {p}: {e}") from None
+
+    @classmethod
+    def make(cls, limits: dict, presets: dict | None = None) -> ServerConfig:
+        """From one flat dict of limits, the server's and steering's (CLIError naming a bad one)."""
+        steer = {f.name for f in fields(SteeringLimits)}
+        try:
+            steering = SteeringLimits(**{k: v for k, v in limits.items() if k in steer})
+        except ValueError as e:
+            raise CLIError(f"limits.{e}") from None
+        return cls(Limits(**{k: v for k, v in limits.items() if k not in steer}), steering, presets or {})

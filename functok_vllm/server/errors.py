@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from functok_vllm.validation import describe
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -26,8 +26,6 @@ DEFAULT_CODES = {
     501: "not_implemented",
     504: "timeout",
 }
-MAX_SHOWN = 120  # characters of a bad value echoed back in an error message
-UNION_TAG = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?")  # how pydantic names union members
 
 
 class APIError(Exception):
@@ -44,46 +42,14 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def shown(value) -> str:
-    r = repr(value)
-    return r if len(r) <= MAX_SHOWN else r[: MAX_SHOWN - 3] + "..."
-
-
-def dotted(loc) -> str:
-    """("steering", "edits", 0, "feature") -> "steering.edits[0].feature"."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _field_path(loc) -> tuple:
-    """A pydantic error location without "body" and without the names pydantic gives union members."""
-    loc = tuple(loc)[1:] if tuple(loc)[:1] == ("body",) else tuple(loc)
-    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or UNION_TAG.fullmatch(p))))
-
-
 def from_validation(errors: list[dict], prefix: tuple = ()) -> APIError:
     """A 400 naming the first invalid field and its value, from pydantic / FastAPI validation errors."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         why = (first.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"the request body is not valid JSON: {why}", code="invalid_json")
-    loc = _field_path(first.get("loc", ()))
-    same = [e for e in errors if _field_path(e.get("loc", ())) == loc]  # a union's members fail together
-    param = dotted(prefix + loc) or None
-    msg = " or ".join(dict.fromkeys(e.get("msg", "invalid value").removeprefix("Value error, ") for e in same)).replace(
-        " or Input should be ", " or "
-    )
-    if first.get("type") == "extra_forbidden":
-        msg = "unknown field (check its spelling)"
-    elif first.get("type") == "missing":
-        msg = "this field is required"
-    elif "input" in first and not isinstance(first["input"], dict):
-        msg += f" (got {shown(first['input'])})"
-    rest = len(errors) - len(same)
-    more = f" (and {rest} more problems)" if rest else ""
-    return APIError(400, f"{param or 'body'}: {msg}{more}", param=param, code="invalid_value")
+    param, msg = describe(errors, prefix)
+    return APIError(400, f"{param or 'body'}: {msg}", param=param, code="invalid_value")
 
 
 async def validation_handler(_request, exc: RequestValidationError) -> JSONResponse:

@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from functok_vllm.errors import CLIError
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
-from functok_vllm.server.config import Limits
+from functok_vllm.server.config import ServerConfig, limit_fields
 
 ENGINES = ("hf", "vllm")
 
@@ -48,35 +48,32 @@ def add_parser(sub) -> None:
     sp.add_argument("--threads", type=int, default=2, help="CPU threads for the model (hf engine)")
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     lim = sp.add_argument_group("limits", "each overrides the --config file's 'limits' (default in brackets)")
-    for f in fields(Limits):
+    for f in limit_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{f.default}]"
         lim.add_argument(flag, dest=f"limit_{f.name}", type=type(f.default), default=None, metavar="N", help=help_text)
     sp.set_defaults(func=serve)
 
 
-def sae_dirs(given: list[str] | None, model: Path) -> list[Path]:
-    """Each --sae is one SAE directory (cfg.json inside) or a directory of them; default: the demo SAEs."""
-    if given is None:
-        given = [str(DEMO_SAES)] if model.resolve() == DEMO_MODEL.resolve() else []
-    out = []
-    for g in given:
-        p = Path(g)
-        if (p / "cfg.json").is_file():
-            out.append(p)
-        elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "cfg.json").is_file())):
-            out.extend(subs)
-        else:
-            raise CLIError(f"--sae {p}: neither an SAE directory (with cfg.json) nor a directory of them")
-    return out
+def default_saes(given: list[str] | None, model: Path) -> list[str]:
+    """--sae as given; without it, the demo SAEs for the demo model and none for any other model."""
+    if given is not None:
+        return given
+    return [str(DEMO_SAES)] if model.resolve() == DEMO_MODEL.resolve() else []
 
 
-def build_engine(args, limits):
+def build_engine(args, config: ServerConfig):
     """The engine `functok serve` runs, from the command line and the limits; CLIError names a bad input."""
+    from functok_vllm.core.sae import SAELoadError, load_saes
+
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise CLIError(f"--model {model}: not a Hugging Face model directory (no config.json)")
-    saes = sae_dirs(args.sae, model)
+    saes = default_saes(args.sae, model)
+    try:
+        load_saes(saes, weights=False)  # every cfg.json read and checked before any model loads
+    except SAELoadError as e:
+        raise CLIError(str(e)) from None
     fn = Path(args.function_tokens) if args.function_tokens else model / "function_tokens.json"
     if saes and not fn.is_file():
         raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
@@ -87,13 +84,13 @@ def build_engine(args, limits):
             FunctionTokens.load(fn)  # every field checked before any engine loads a model
         except ValueError as e:
             raise CLIError(str(e)) from None
+    limits = config.limits
     common = dict(
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
         max_running=limits.max_running,
         max_waiting=limits.max_waiting,
-        max_edits=limits.max_edits,
-        max_clamps=max(64, limits.max_edits),
+        steering=config.steering,
     )
     try:
         if args.engine == "vllm":
@@ -119,18 +116,19 @@ def serve(args) -> int:
     import uvicorn
 
     from functok_vllm.server.app import create_app
-    from functok_vllm.server.config import ServerConfig
     from functok_vllm.server.drain import DrainingServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.load(args.config) if args.config else ServerConfig()
-    given = {f.name: getattr(args, f"limit_{f.name}") for f in fields(Limits)}
-    config.limits = replace(config.limits, **{k: v for k, v in given.items() if v is not None})  # validated again
+    given = {f.name: getattr(args, f"limit_{f.name}") for f in limit_fields()}
+    given = {k: v for k, v in given.items() if v is not None}
+    flat = asdict(config.limits) | asdict(config.steering) | given  # flags override the file; validated again
+    config = ServerConfig.make(flat, config.presets)
     config.api_key = args.api_key or os.environ.get("FUNCTOK_API_KEY") or None
     config.metrics_public = args.metrics_public
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
-    engine = build_engine(args, config.limits)
+    engine = build_engine(args, config)
     app = create_app(engine, config)
     info = engine.steering_info()
     layers = ", ".join(map(str, sorted(info.d_sae))) or "none"

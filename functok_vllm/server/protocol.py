@@ -1,53 +1,23 @@
 """The HTTP request bodies (pydantic) and their conversion to engine objects: SamplingParams and a SteeringSpec.
 
-Our own steering objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op); so do the
-request bodies, which declare the OpenAI parameters and accept only the values this server implements. No model
-accepts NaN or Infinity (Python's JSON parser reads those literals; pydantic refuses them here).
+The request bodies forbid unknown keys, like our steering objects (`functok_vllm.steering`, which parses and checks
+them), declare the OpenAI parameters and accept only the values this server implements. No model accepts NaN or
+Infinity (Python's JSON parser reads those literals; pydantic refuses them here).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from functok_vllm.core.spec import MODES, POSITIONS, SpecError, SteeringSpec
+from functok_vllm.core.spec import SpecError, SteeringSpec
 from functok_vllm.engines.base import RequestError, SamplingParams
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError, from_validation, shown
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class EditIn(Strict):
-    layer: StrictInt
-    feature: StrictInt
-    mode: Literal[MODES] = "add"
-    strength: StrictFloat | None = None  # add: residual += strength * W_dec[feature]
-    value: StrictFloat | None = None  # clamp: the feature's activation is set to value; ablate: to 0
-
-    @model_validator(mode="after")
-    def _fields_fit_mode(self):
-        need = {"add": "strength", "clamp": "value", "ablate": None}[self.mode]
-        for name in ("strength", "value"):
-            given = getattr(self, name) is not None
-            if name == need and not given:
-                raise ValueError(f"mode {self.mode!r} needs '{name}'")
-            if name != need and given:
-                raise ValueError(f"mode {self.mode!r} takes no '{name}'" + (f" (it takes '{need}')" if need else ""))
-        return self
-
-
-class SteeringIn(Strict):
-    edits: list[EditIn] = []
-    positions: Literal[POSITIONS] = "function"
+from functok_vllm.server.errors import APIError
+from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, api_form, check_steering, parse_steering
+from functok_vllm.validation import shown
 
 
 class StreamOptions(Strict):
@@ -153,16 +123,6 @@ def sampling_params(req: _Common, max_tokens: int | None, limits: Limits) -> Sam
         raise APIError(400, str(e), e.param, e.code) from None
 
 
-def api_form(spec: SteeringSpec) -> dict:
-    """A spec as a request's steering object (without the field its mode does not use), so it can be sent back."""
-    used = {"add": ("strength",), "clamp": ("value",), "ablate": ()}
-    edits = [
-        {"layer": e.layer, "feature": e.feature, "mode": e.mode} | {k: getattr(e, k) for k in used[e.mode]}
-        for e in spec.edits
-    ]
-    return {"edits": edits, "positions": spec.positions}
-
-
 @dataclass
 class Steering:
     """What the server applies to one request, and reports back in the response's `steering` field."""
@@ -182,30 +142,11 @@ class Steering:
         }
 
 
-def parse_steering(obj: dict, param: str, limits: Limits) -> SteeringSpec | None:
-    """A steering object (already JSON-decoded) -> SteeringSpec; APIError naming `param...` when it is bad."""
-    try:
-        s = SteeringIn.model_validate(obj)
-    except ValidationError as e:
-        raise from_validation(e.errors(), tuple(param.split("."))) from None
-    if len(s.edits) > limits.max_edits:
-        raise APIError(400, f"{param}.edits: {len(s.edits)} edits; at most {limits.max_edits} are allowed", param)
-    for i, e in enumerate(s.edits):
-        for name in ("strength", "value"):
-            v = getattr(e, name)
-            if v is not None and abs(v) > limits.max_abs_strength:
-                where = f"{param}.edits[{i}].{name}"
-                raise APIError(400, f"{where}: {v!r} exceeds the limit of {limits.max_abs_strength:g}", where)
-    if not s.edits:
-        return None
-    try:
-        return SteeringSpec.from_dict(s.model_dump(exclude_none=True))
-    except SpecError as e:
-        raise APIError(400, f"{param}.{e.field}: {e.message}", f"{param}.{e.field}") from None
-
-
-def resolve_steering(req: _Common, presets: dict[str, SteeringSpec], limits: Limits) -> Steering:
-    """The request's steering from `steering` (object or preset name) or `vllm_xargs.steering` (JSON string or name)."""
+def resolve_steering(
+    req: _Common, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo
+) -> Steering:
+    """The request's steering from `steering` (object or preset name) or `vllm_xargs.steering` (JSON string or name),
+    parsed and checked against what the engine has loaded; APIError 400 naming the field when it is bad."""
     xargs = req.vllm_xargs or {}
     unknown = sorted(set(xargs) - {"steering"})
     if unknown:
@@ -217,27 +158,17 @@ def resolve_steering(req: _Common, presets: dict[str, SteeringSpec], limits: Lim
         given, param = xargs["steering"], "vllm_xargs.steering"
         if not isinstance(given, str):
             raise APIError(400, f"{param}: must be a JSON string or a preset name, got {shown(given)}", param)
-        if given.lstrip().startswith("{"):
-            given = _json_object(given, param)
     if given is None:
         return Steering(None)
-    if isinstance(given, str):
+    if isinstance(given, str) and not given.lstrip().startswith("{"):
         if given not in presets:
             have = ", ".join(sorted(presets)) or "none are configured"
             raise APIError(400, f"{param}: unknown preset {shown(given)} (presets: {have})", param, "unknown_preset")
         return Steering(presets[given], given, param)
-    spec = parse_steering(given, param, limits)
-    return Steering(spec, None, param if spec else None)
-
-
-def _json_object(text: str, param: str) -> dict:
-    def no_constants(name):
-        raise ValueError(f"{name} is not a number JSON allows")
-
     try:
-        obj = json.loads(text, parse_constant=no_constants)
-    except ValueError as e:
-        raise APIError(400, f"{param}: not a valid JSON object ({e})", param) from None
-    if not isinstance(obj, dict):
-        raise APIError(400, f"{param}: must be a JSON object, got {shown(obj)}", param)
-    return obj
+        spec = parse_steering(given, param, limits)
+        if spec is not None:
+            check_steering(spec, info, limits, param)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
+    return Steering(spec, None, param if spec else None)

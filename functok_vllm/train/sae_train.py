@@ -138,7 +138,16 @@ def train_one(acts: torch.Tensor, cfg: SAETrainConfig, layer: int, device) -> tu
         },
     )
     p = {k: v.detach().cpu() for k, v in params.items()}
-    sae = SAE(cfg_sae, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], torch.full((d_sae,), float(threshold)))
+    sae = SAE(
+        cfg_sae,
+        {
+            "W_enc": p["W_enc"],
+            "b_enc": p["b_enc"],
+            "W_dec": p["W_dec"],
+            "b_dec": p["b_dec"],
+            "threshold": torch.full((d_sae,), float(threshold)),
+        },
+    )
     return sae, {"layer": layer, "final_nmse": float(loss), "threshold": float(threshold)}
 
 

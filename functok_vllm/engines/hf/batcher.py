@@ -111,7 +111,8 @@ class Batcher:
     def _main(self) -> None:
         hooks = {layer: self._hook(layer, op) for layer, op in self.table.layers.items()} if self.table else {}
         try:
-            with torch.inference_mode(), residual_hooks(self.model, hooks):
+            points = {layer: op.hook for layer, op in self.table.layers.items()} if self.table else {}
+            with torch.inference_mode(), residual_hooks(self.model, hooks, points):
                 while not self._stop:
                     self._drain(block=not (self.running or self.waiting))
                     self._admit()

@@ -20,20 +20,14 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import SAE, FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
-from functok_vllm.engines.base import (
-    Delta,
-    Engine,
-    EngineFull,
-    EngineStopped,
-    GenerateRequest,
-    SamplingParams,
-    SteeringInfo,
-)
+from functok_vllm.core import FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
+from functok_vllm.core.sae import load_saes
+from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.batcher import Batcher, Seq
-from functok_vllm.engines.hf.hooks import decoder_layers, load_model
+from functok_vllm.engines.hf.hooks import check_hook_points, decoder_layers, load_model
 from functok_vllm.engines.hf.ragged import RaggedAttention
 from functok_vllm.engines.hf.textout import TextStream
+from functok_vllm.steering import SteeringInfo, SteeringLimits
 
 log = logging.getLogger("functok.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,8 +42,7 @@ class HFEngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_running: int = 32  # requests decoded together in one forward
     max_waiting: int = 128  # requests queued beyond that; more get EngineFull (HTTP 429)
-    max_edits: int = 16  # edits per request
-    max_clamps: int = 64  # clamp columns per layer shared by the running requests; at least max_edits
+    steering: SteeringLimits = field(default_factory=SteeringLimits)  # edits, clamp columns, strength
     threads: int = 2
     dtype: str = "float32"
     device: str = "cpu"
@@ -65,32 +58,15 @@ class HFEngineConfig:
         self.saes = [Path(p) for p in self.saes]
         if self.function_tokens is not None:
             self.function_tokens = Path(self.function_tokens)
-        for name in ("max_running", "max_edits", "max_clamps", "threads", "decode_row_multiple"):
+        for name in ("max_running", "threads", "decode_row_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be at least 0, got {self.max_waiting}")
-        if self.max_clamps < self.max_edits:
-            raise ValueError(f"max_clamps ({self.max_clamps}) must be at least max_edits ({self.max_edits})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-
-
-def load_saes(paths: list[Path], d_model: int, n_layers: int, dtype, device) -> dict[int, SAE]:
-    """SAEs by the decoder layer whose output they read; SAELoadError if one does not fit the model."""
-    saes: dict[int, SAE] = {}
-    for p in paths:
-        sae = SAE.load(p, device=device, dtype=dtype)
-        if sae.d_in != d_model:
-            raise SAELoadError(f"{p}: d_in {sae.d_in} does not match the model's hidden size {d_model}")
-        if not 0 <= sae.layer < n_layers:
-            raise SAELoadError(f"{p}: layer {sae.layer} is outside the model's {n_layers} decoder layers")
-        if sae.layer in saes:
-            raise SAELoadError(f"{p}: a second SAE for layer {sae.layer}")
-        saes[sae.layer] = sae
-    return saes
 
 
 class HFEngine(Engine):
@@ -99,12 +75,14 @@ class HFEngine(Engine):
         torch.set_num_threads(cfg.threads)
         dtype = DTYPES[cfg.dtype]
         self.model, self._tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
-        self.ragged = RaggedAttention(self.model)  # UnsupportedModel (a ValueError) for a family it cannot serve
         mc = self.model.config
+        n_layers = len(decoder_layers(self.model))
+        self.saes = load_saes(cfg.saes, mc.hidden_size, n_layers, cfg.device, dtype)
+        check_hook_points(self.model, [sae.cfg.hook for sae in self.saes.values()])  # before attention is switched
+        self.ragged = RaggedAttention(self.model)  # UnsupportedModel (a ValueError) for a family it cannot serve
         self.model_name = cfg.served_model_name or cfg.model.name
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.vocab_size = mc.vocab_size
-        self.saes = load_saes(cfg.saes, mc.hidden_size, len(decoder_layers(self.model)), dtype, cfg.device)
         self.function_tokens = None
         fn_mask, table = None, None
         if self.saes:
@@ -117,7 +95,7 @@ class HFEngine(Engine):
             table = SteeringTable(
                 self.saes,
                 max_slots=cfg.max_running + 1,  # distinct specs of a full batch always fit; row 0 is "no steering"
-                max_clamps=cfg.max_clamps,
+                max_clamps=cfg.steering.max_clamps,
                 max_tokens=self.max_model_len,
                 dtype=dtype,
                 device=cfg.device,
@@ -174,7 +152,7 @@ class HFEngine(Engine):
         await asyncio.to_thread(self.batcher.stop)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        self.check_request(request, self._inflight, self.vocab_size, self.cfg.max_edits)
+        self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
         if not self.batcher.alive:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         if len(self._inflight) >= self.cfg.max_running + self.cfg.max_waiting:

@@ -17,44 +17,38 @@ Without `steering` in `extra_args` the wrapper only passes the call through.
 from __future__ import annotations
 
 import hashlib
-import json
-from functools import lru_cache, wraps
+from functools import lru_cache
 
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.config import EXTENSION, XARG, FunctokConfig, from_additional_config
+from functok_vllm.steering import check_steering, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
 
 
 def install() -> None:
-    """Wrap `InputProcessor.process_inputs` once (idempotent)."""
-    from vllm.v1.engine.input_processor import InputProcessor
+    compat.wrap_process_inputs(_process_inputs)
 
-    if getattr(InputProcessor.process_inputs, "_functok", False):
-        return
-    original = InputProcessor.process_inputs
 
-    @wraps(original)
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        given = (getattr(params, "extra_args", None) or {}).get(XARG)
-        if given is None:
-            return original(self, request_id, prompt, params, *args, **kwargs)
-        spec, cfg = _validated(self.vllm_config, given)
-        request = original(self, request_id, prompt, params, *args, **kwargs)
-        sp = request.sampling_params
-        extra = {k: v for k, v in (sp.extra_args or {}).items() if k != XARG}
-        if spec is not None:
-            extra[XARG] = spec.key()
-            vocab = self.model_config.get_vocab_size()
-            salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
-            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-        sp.extra_args = extra or None
-        return request
-
-    process_inputs._functok = True
-    InputProcessor.process_inputs = process_inputs
+def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs):
+    """The wrapped `InputProcessor.process_inputs`: validate, canonicalise and salt a steered request."""
+    given = (getattr(params, "extra_args", None) or {}).get(XARG)
+    if given is None:
+        return original(self, request_id, prompt, params, *args, **kwargs)
+    spec, cfg = _validated(self.vllm_config, given)
+    request = original(self, request_id, prompt, params, *args, **kwargs)
+    sp = request.sampling_params
+    extra = {k: v for k, v in (sp.extra_args or {}).items() if k != XARG}
+    if spec is not None:
+        extra[XARG] = spec.key()
+        vocab = self.model_config.get_vocab_size()
+        salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
+        request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+    sp.extra_args = extra or None
+    return request
 
 
 def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
@@ -74,34 +68,11 @@ def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
 
 
 def parse_user_spec(given, cfg: FunctokConfig) -> SteeringSpec | None:
-    """A client's spec (JSON string or dict) -> SteeringSpec checked against the SAEs; None for no edits.
-
-    Parsed with the functok server's own request model, so both servers accept exactly the same steering objects.
-    """
-    from functok_vllm.server.config import Limits
-    from functok_vllm.server.errors import APIError
-    from functok_vllm.server.protocol import parse_steering
-
-    if isinstance(given, str):
-
-        def no_constants(name):
-            raise ValueError(f"{name} is not a number JSON allows")
-
-        try:
-            given = json.loads(given, parse_constant=no_constants)
-        except ValueError as e:
-            raise SpecError(PARAM, f"not a valid JSON object ({e})") from None
-    if not isinstance(given, dict):
-        raise SpecError(PARAM, f"must be a JSON object, got {type(given).__name__}")
-    try:
-        spec = parse_steering(given, PARAM, Limits(max_edits=cfg.max_edits))
-    except APIError as e:
-        raise SpecError(e.param or PARAM, e.message.removeprefix(f"{e.param}: ")) from None
+    """A client's spec (JSON string or dict) -> SteeringSpec checked against the SAEs; None for no edits. The one
+    steering parser (`functok_vllm.steering`), so both servers accept and refuse exactly the same objects."""
+    spec = parse_steering(given, PARAM, cfg.limits)
     if spec is not None:
-        try:
-            cfg.check(spec)
-        except SpecError as e:
-            raise SpecError(f"{PARAM}.{e.field}", e.message) from None
+        check_steering(spec, cfg.info, cfg.limits, PARAM)
     return spec
 
 

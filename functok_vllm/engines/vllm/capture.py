@@ -21,18 +21,16 @@ import torch
 from safetensors.torch import save_file
 
 from functok_vllm.core.capture import CoverageCapture
+from functok_vllm.engines.vllm import compat
 
 log = logging.getLogger("functok.vllm")
 
 
 class RunnerCapture:
-    """A capture session on one model runner: forward hooks on the chosen decoder layers, removed by `close`."""
+    """A capture session on one model runner: hooks at the chosen SAEs' hook points, removed by `close`."""
 
-    def __init__(self, runner, layers: list[int], skip_id: int, decoder_layers):
-        from vllm.config import CompilationMode, CUDAGraphMode
-
-        cc = runner.vllm_config.compilation_config
-        if cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE:
+    def __init__(self, runner, layers: list[int], skip_id: int):
+        if not compat.is_eager(runner):
             raise RuntimeError("functok capture needs an eager model (start vLLM with enforce_eager=True)")
         steer = runner.functok
         held = sorted(steer.table.layers) if steer is not None else []
@@ -43,22 +41,17 @@ class RunnerCapture:
         vocab = runner.model_config.get_vocab_size()
         self.capture = CoverageCapture(saes, layers, vocab, skip_id, device=runner.device)
         self.ids: torch.Tensor | None = None  # (tokens,) ids of the forward running now, set by the runner
-        mods = decoder_layers(runner.get_model())
-        self.handles = [mods[layer].register_forward_hook(self._hook(layer)) for layer in layers]
+        mods = compat.decoder_layers(runner.get_model())
+        self.handles = [
+            compat.read_at(*compat.steer_target(mods, saes[layer].cfg.hook), self._observer(layer)) for layer in layers
+        ]
 
-    def _hook(self, layer: int):
-        def hook(module, args, out):
-            if self.ids is None:  # a forward the runner did not announce (a warm-up or dummy run): not corpus text
-                return None
-            if isinstance(out, tuple):
-                hidden, residual = out
-                h = hidden if residual is None else hidden + residual  # (padded tokens, d_model) leaving the layer
-            else:
-                h = out
-            self.capture.observe(layer, self.ids, h[: self.ids.shape[0]])
-            return None
+    def _observer(self, layer: int):
+        def observe(h):  # (padded tokens, d_model) at the SAE's hook point
+            if self.ids is not None:  # else a forward the runner did not announce (warm-up, dummy run): not corpus
+                self.capture.observe(layer, self.ids, h[: self.ids.shape[0]])
 
-        return hook
+        return observe
 
     def close(self) -> None:
         for handle in self.handles:
@@ -79,12 +72,3 @@ class RunnerCapture:
             paths.append(str(path))
         log.info("functok capture: wrote %s", ", ".join(paths))
         return paths
-
-
-def tp_rank() -> int:
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    try:
-        return get_tensor_model_parallel_rank()
-    except AssertionError:  # no tensor-parallel group (a single process): rank 0
-        return 0

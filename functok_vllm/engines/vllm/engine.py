@@ -18,27 +18,14 @@ import functools
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from functok_vllm.core import FunctionTokens, SteeringSpec
-from functok_vllm.engines.base import (
-    Delta,
-    Engine,
-    EngineFull,
-    EngineStopped,
-    GenerateRequest,
-    RequestError,
-    SteeringInfo,
-)
+from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
-from functok_vllm.engines.vllm.config import (
-    CONFIG_KEY,
-    EXTENSION,
-    XARG,
-    from_additional_config,
-    to_xarg,
-)
+from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config
+from functok_vllm.steering import SteeringInfo, SteeringLimits, to_json
 
 log = logging.getLogger("functok.engine")
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # anything else vLLM reports becomes "error"
@@ -53,8 +40,7 @@ class VLLMEngineConfig:
     max_model_len: int | None = None
     max_running: int = 32  # vLLM's max_num_seqs
     max_waiting: int = 128  # requests accepted beyond that; more get EngineFull (HTTP 429)
-    max_edits: int = 16
-    max_clamps: int = 64
+    steering: SteeringLimits = field(default_factory=SteeringLimits)  # also the worker's, through additional_config
     dtype: str = "float32"
     enforce_eager: bool = False
     engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs (block_size, enable_prefix_caching...)
@@ -69,7 +55,7 @@ class VLLMEngineConfig:
         if not self.saes:
             return {}
         raw = {"saes": [str(p) for p in self.saes], "function_tokens": str(self.function_tokens)}
-        return {CONFIG_KEY: raw | {"max_edits": self.max_edits, "max_clamps": max(self.max_clamps, self.max_edits)}}
+        return {CONFIG_KEY: raw | asdict(self.steering)}
 
 
 class ClampBudget:
@@ -189,7 +175,7 @@ class VLLMEngine(Engine):
 
     @functools.cached_property
     def _steering_info(self) -> SteeringInfo:
-        return SteeringInfo.build(self.steer_cfg.sae_meta if self.steer_cfg else {}, self.function_tokens)
+        return SteeringInfo.build(self.steer_cfg.sae_configs if self.steer_cfg else {}, self.function_tokens)
 
     def steering_info(self) -> SteeringInfo:
         return self._steering_info
@@ -213,7 +199,7 @@ class VLLMEngine(Engine):
         args |= c.engine_args
         if c.saes:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(max(worker.max_clamps, worker.max_edits))
+            self.budget = ClampBudget(worker.limits.max_clamps)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     async def shutdown(self) -> None:
@@ -237,7 +223,7 @@ class VLLMEngine(Engine):
 
         if self.llm is None or self._stopped:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
-        self.check_request(request, self._inflight, self.vocab_size, self.cfg.max_edits)
+        self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
         need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
         if need:
             self.budget.check(need)
@@ -255,7 +241,7 @@ class VLLMEngine(Engine):
             seed=p.seed,
             ignore_eos=p.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={XARG: to_xarg(spec), TAG: rid} if spec is not None else None,
+            extra_args={XARG: to_json(spec), TAG: rid} if spec is not None else None,
         )
         completion = 0
         self._inflight.add(rid)

@@ -1,9 +1,10 @@
 """vLLM general plugin (entry point `vllm.general_plugins: functok_steering`): runs in every vLLM process.
 
 vLLM calls `register()` in the API process, the engine core and every worker, possibly several times; it imports
-nothing heavy at module import time. It installs two things, both inert for requests without steering:
+nothing heavy at module import time. It refuses a vLLM release whose internals functok was not written against
+(`compat.check_version`) and installs two things, both inert for requests without steering:
 
-- on CPU, the slot-mapping fix in `cpu_fix` (vLLM 0.32.0's no-Triton fallback fails otherwise);
+- on CPU, the slot-mapping fix (`compat.cpu_fix`: vLLM 0.32.0's no-Triton fallback fails otherwise);
 - the admission hook in `admission` (spec validation -> HTTP 400, canonical spec, prefix-cache salt).
 
 The steering itself lives in the worker extension, `functok_vllm.engines.vllm.worker.SteeringWorkerExtension`.
@@ -18,13 +19,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm.platforms import current_platform
+    from functok_vllm.engines.vllm import admission, compat
 
-    if current_platform.is_cpu():
-        from functok_vllm.engines.vllm import cpu_fix
-
-        cpu_fix.apply()
-    from functok_vllm.engines.vllm import admission
-
+    compat.check_version()
+    compat.cpu_fix()
     admission.install()
     _registered = True

@@ -9,10 +9,11 @@ attribute, so the extension defines none: it only intercepts the worker's `self.
 a property, and swaps the new runner's class for a subclass that mixes in `SteeringRunnerMixin` (V1 model runner,
 which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runner methods:
 
-- `load_model`: after the weights are loaded, and before vLLM warms up or compiles anything, every decoder layer
-  with an SAE gets the core's `SteeringLayer` as a submodule and a class that adds the steering update to its output
-  (`SteeredLayerMixin`). Because that is in the module tree when Dynamo traces the model, the compiled graph contains
-  the gather-add and clamp matmuls reading the table's buffers, which are graph inputs updated in place.
+- `load_model`: after the weights are loaded, and before vLLM warms up or compiles anything, the module at each SAE's
+  hook point (`compat.steer_target`: a decoder layer, its attention/MLP module, layer 0's input, the norm after
+  attention) gets the core's `SteeringLayer` as a submodule and a class that adds the steering update there
+  (`SteeredLayerMixin` and its three siblings). Because that is in the module tree when Dynamo traces the model, the
+  compiled graph contains the op, which reads the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`), finished ones are released.
 - `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
   and in capture mode (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the
@@ -36,25 +37,28 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from functok_vllm.core import SAE, FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
+from functok_vllm.core import FunctionTokens, SteeringSpec, SteeringTable
 from functok_vllm.core import steer as core_steer
+from functok_vllm.core.sae import load_saes
+from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.batch_state import BatchSteering
-from functok_vllm.engines.vllm.capture import RunnerCapture, tp_rank
+from functok_vllm.engines.vllm.capture import RunnerCapture
 from functok_vllm.engines.vllm.config import FunctokConfig, from_additional_config, spec_from_xarg
+from functok_vllm.steering import check_steering
 
 log = logging.getLogger("functok.vllm")
 GRAPH_KEY = "functok_graph"  # additional_config key holding the steering fingerprint (worker process only)
 
 
 class SteeredLayerMixin:
-    """Mixed into a decoder layer's class (`Steered<Layer>`): THE ADD of the vLLM path happens here.
+    """Mixed into a decoder layer's class (`Steered<Layer>`) at `resid_post` (and `resid_pre` L >= 1, the output of
+    layer L - 1): THE ADD of the vLLM path happens here.
 
-    A vLLM decoder layer returns `(hidden, residual)` whose sum is the residual stream h leaving it. The steered layer
+    A vLLM decoder layer returns `(hidden, residual)` whose sum is the residual stream h leaving it; the steered layer
     returns `(hidden + delta(h), residual)`, with the add (and the clamp encode of h) inside the one opaque custom op
     `functok::steered_hidden` (`core/steer.py` says why it must be opaque to Inductor); the next layer's fused
-    add+norm, or the final norm, then forms h + delta, what the transformers engine's hook produces.
+    add+norm, or the final norm, then forms h + delta, what the transformers engine's hook produces. A layer whose
+    output is one tensor (GPT-2, vLLM's Transformers backend) returns out + delta(out).
     """
 
     def forward(self, *args, **kwargs):
@@ -62,7 +66,46 @@ class SteeredLayerMixin:
         if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
             hidden, residual = out
             return self.functok_steer.steered_hidden(hidden, residual), residual
-        return self.functok_steer.steered_hidden(out, None)  # one tensor is the whole residual stream
+        if isinstance(out, tuple):
+            return (self.functok_steer.steered_hidden(out[0], None), *out[1:])
+        return self.functok_steer.steered_hidden(out, None)
+
+
+class SteeredModuleMixin:
+    """`attn_out` / `mlp_out`: the attention or MLP module (or the norm after it) whose output the layer adds to the
+    stream returns out + delta(out); of an output tuple (a Hugging Face attention's (output, weights)), the first."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.functok_steer.steered_hidden(out[0], None), *out[1:])
+        return self.functok_steer.steered_hidden(out, None)
+
+
+class SteeredInputMixin:
+    """`resid_pre` of block 0 (the embeddings): layer 0's `hidden_states` argument gets its delta before the layer
+    runs (there is no residual yet at layer 0, so hidden_states is the whole stream)."""
+
+    functok_arg = 1  # position of hidden_states among the positional arguments (`compat.hidden_states_index`)
+
+    def forward(self, *args, **kwargs):
+        i = self.functok_arg
+        if len(args) > i:
+            args = (*args[:i], self.functok_steer.steered_hidden(args[i], None), *args[i + 1 :])
+        else:
+            kwargs["hidden_states"] = self.functok_steer.steered_hidden(kwargs["hidden_states"], None)
+        return super().forward(*args, **kwargs)
+
+
+class SteeredMidMixin:
+    """`resid_mid`: the norm a layer calls as (attention output, residual) before its MLP; their sum is the stream
+    after attention, and the attention output gets delta(that sum) before the fused add+norm."""
+
+    def forward(self, x, residual=None, *args, **kwargs):
+        return super().forward(self.functok_steer.steered_hidden(x, residual), residual, *args, **kwargs)
+
+
+MIXINS = {"layer": SteeredLayerMixin, "module": SteeredModuleMixin, "input": SteeredInputMixin, "mid": SteeredMidMixin}
 
 
 class SteeringRunnerMixin:
@@ -78,25 +121,23 @@ class SteeringRunnerMixin:
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         st = self.functok
-        self.functok_step_tokens = scheduler_output.total_num_scheduled_tokens  # the unpadded rows of this forward
+        self.functok_step_tokens = compat.step_tokens(scheduler_output)
         if st is not None:
-            st.finish(scheduler_output.finished_req_ids)
-            st.resumed += len(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-            for r in scheduler_output.scheduled_new_reqs:
-                extra = r.sampling_params.extra_args if r.sampling_params is not None else None
-                st.add_request(r.req_id, r.prompt_token_ids, extra, r.num_computed_tokens)
+            st.finish(compat.finished_ids(scheduler_output))
+            st.resumed += compat.resumed_count(scheduler_output)
+            for req_id, prompt_ids, extra, cached in compat.new_requests(scheduler_output):
+                st.add_request(req_id, prompt_ids, extra, cached)
         return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         st = self.functok
-        ids = input_ids if input_ids is not None else self.input_ids.gpu
+        ids = input_ids if input_ids is not None else compat.input_ids(self)
         if st is not None:
             if positions is None:  # no positions to select by: this forward runs unsteered
                 st.clear()
             else:
                 pos = positions if positions.dim() == 1 else positions[0]  # M-RoPE (3, tokens): row 0 is the text
-                rows = self.input_batch.req_ids[: self.input_batch.num_reqs]
-                st.prepare(rows, ids[: pos.shape[0]], pos, self.query_start_loc.gpu)
+                st.prepare(compat.batch_rows(self), ids[: pos.shape[0]], pos, compat.query_start_loc(self))
         cap = self.functok_capture
         if cap is None:
             return super()._model_forward(input_ids, positions, *args, **kwargs)
@@ -119,7 +160,10 @@ class SteeringWorkerExtension:
 
     @model_runner.setter
     def model_runner(self, runner) -> None:
-        self.__dict__["_functok_runner"] = steered_runner(runner)
+        if runner is not None:  # WorkerBase assigns None first
+            compat.check_runner(runner)
+            runner = compat.mix_in(runner, SteeringRunnerMixin, "Steering")
+        self.__dict__["_functok_runner"] = runner
 
     def functok_capture_begin(self, layers: list[int], skip_id: int = -1) -> None:
         """Start capture mode: every forward from now on adds its token-feature edges at `layers` (positions holding
@@ -127,7 +171,7 @@ class SteeringWorkerExtension:
         runner = self.model_runner
         if runner.functok_capture is not None:
             raise RuntimeError("a functok capture is already running on this worker")
-        runner.functok_capture = RunnerCapture(runner, list(layers), skip_id, decoder_layers)
+        runner.functok_capture = RunnerCapture(runner, list(layers), skip_id)
 
     def functok_capture_save(self, out_dir: str) -> list[str]:
         """End capture mode; write out_dir/layer_{L}.safetensors (`EdgeBits.state()`) and return the paths."""
@@ -135,7 +179,7 @@ class SteeringWorkerExtension:
         cap, runner.functok_capture = runner.functok_capture, None
         if cap is None:
             raise RuntimeError("no functok capture is running on this worker")
-        return cap.save(out_dir, write=tp_rank() == 0)
+        return cap.save(out_dir, write=compat.tp_rank() == 0)
 
     def functok_applied(self, tag: str) -> int | None:
         """Positions where this worker steered the request named `tag` (its `extra_args["functok_id"]`, else its
@@ -150,98 +194,61 @@ class SteeringWorkerExtension:
         return st.stats() if st is not None else {}
 
 
-_RUNNER_CLASSES: dict[type, type] = {}
-_LAYER_CLASSES: dict[type, type] = {}
-
-
-def steered_runner(runner):
-    """The runner with `SteeringRunnerMixin` mixed into its class (None, which WorkerBase assigns first, stays)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if runner is None:
-        return None
-    if not isinstance(runner, GPUModelRunner):
-        raise RuntimeError(
-            f"functok steering supports vLLM's V1 model runner, not {type(runner).__name__}; "
-            "start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"
-        )
-    cls = type(runner)
-    if cls not in _RUNNER_CLASSES and not issubclass(cls, SteeringRunnerMixin):
-        _RUNNER_CLASSES[cls] = type(f"Steering{cls.__name__}", (SteeringRunnerMixin, cls), {})
-    runner.__class__ = _RUNNER_CLASSES.get(cls, cls)
-    return runner
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a vLLM model: `model.layers` (Llama-style models, and the Hugging Face model inside
-    vLLM's Transformers backend, e.g. GPT-NeoX) or `transformer.h` (GPT-2), also inside a multimodal wrapper's
-    `language_model`."""
-    for owner in (model, getattr(model, "language_model", None)):
-        for base, attr in (("model", "layers"), ("transformer", "h")):
-            layers = getattr(getattr(owner, base, None), attr, None)
-            if isinstance(layers, torch.nn.ModuleList) and len(layers):
-                return layers
-    raise SAELoadError(
-        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers and transformer.h)"
-    )
-
-
 def install_steering(runner) -> BatchSteering:
     """Attach the steering layers to the loaded model (before warm-up/compile) and return the per-step state."""
-    from vllm.model_executor.models.utils import PPMissingLayer
-
     cfg = from_additional_config(runner.vllm_config.additional_config, runner.model_config.model)
     mc = runner.model_config
-    layers = decoder_layers(runner.get_model())
-    hidden, dtype, device = mc.get_hidden_size(), mc.dtype, runner.device
-    saes = {}
-    for layer, meta in cfg.sae_meta.items():
-        if not 0 <= layer < len(layers):
-            raise SAELoadError(f"{meta.path}: layer {layer} is outside the model's {len(layers)} decoder layers")
-        if meta.d_in != hidden:
-            raise SAELoadError(f"{meta.path}: d_in {meta.d_in} does not match the model's hidden size {hidden}")
-        if not isinstance(layers[layer], PPMissingLayer):
-            saes[layer] = SAE.load(meta.path, device=device, dtype=dtype)
-    max_tokens = runner.input_ids.gpu.shape[0]  # the runner's padded token buffer bounds every forward
-    max_slots = runner.scheduler_config.max_num_seqs + 1  # a slot per batch row, plus the zero row
-    table = SteeringTable(saes, max_slots, max(cfg.max_clamps, cfg.max_edits), max_tokens, dtype, device)
+    layers = compat.decoder_layers(runner.get_model())
+    dtype, device = mc.dtype, runner.device
+    saes = load_saes(list(cfg.saes), mc.get_hidden_size(), len(layers), device, dtype)
+    targets = {}
+    for layer, sae in saes.items():
+        try:
+            targets[layer] = compat.steer_target(layers, sae.cfg.hook)
+        except ValueError as e:
+            raise ValueError(f"{sae.cfg.path}: cannot apply an SAE at {sae.cfg.hook_name} on vLLM: {e}") from None
+    saes = {layer: sae for layer, sae in saes.items() if compat.held(targets[layer][0])}  # pipeline parallel
+    max_slots = compat.max_rows(runner) + 1  # a slot per batch row, plus the zero row
+    table = SteeringTable(saes, max_slots, cfg.limits.max_clamps, compat.max_step_tokens(runner), dtype, device)
     for layer, op in table.layers.items():
-        mod = layers[layer]
-        cls = type(mod)
-        if cls not in _LAYER_CLASSES:
-            _LAYER_CLASSES[cls] = type(f"Steered{cls.__name__}", (SteeredLayerMixin, cls), {})
+        mod, how = targets[layer]
         mod.functok_steer = op
-        mod.__class__ = _LAYER_CLASSES[cls]
+        compat.mix_in(mod, MIXINS[how], "Steered")
+        if how == "input":
+            mod.functok_arg = compat.hidden_states_index(mod)
     fn_mask = FunctionTokens.load(cfg.function_tokens).mask(mc.get_vocab_size(), device=device)
     _fingerprint(runner.vllm_config, table, cfg)
     log.info(
-        "functok steering at layers %s (%d slots, %d clamp columns a layer, %d tokens a step)",
-        sorted(table.layers),
+        "functok steering at %s (%d slots, %d clamp columns a layer, %d tokens a step)",
+        ", ".join(op.hook.name for op in table.layers.values()),
         max_slots,
         table.max_clamps,
-        max_tokens,
+        table.slot_index.shape[0],
     )
     return BatchSteering(table, fn_mask, lambda value: _local_spec(value, cfg, table))
 
 
 def _local_spec(value, cfg: FunctokConfig, table: SteeringTable) -> SteeringSpec | None:
-    """Parse and check a spec; keep the edits at layers this rank holds (all of them without pipeline parallel)."""
+    """The admission hook's canonical spec, checked again here with the same function (a spec that reached the worker
+    another way must not crash it: BatchSteering runs it unsteered, logged); the edits at layers this rank holds (all
+    of them without pipeline parallel)."""
     spec = spec_from_xarg(value)
     if spec is None:
         return None
-    cfg.check(spec)
+    check_steering(spec, cfg.info, cfg.limits)
     edits = tuple(e for e in spec.edits if e.layer in table.layers)
     return SteeringSpec(edits, spec.positions) if edits else None
 
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     """Make vLLM's compile-cache keys (which hash additional_config) depend on the steering in the graph."""
-    src = Path(core_steer.__file__).read_bytes() + Path(__file__).read_bytes()
+    src = b"".join(Path(m.__file__).read_bytes() for m in (core_steer, compat)) + Path(__file__).read_bytes()
     what = {
-        "layers": sorted(table.layers),
+        "hooks": [op.hook.name for op in table.layers.values()],
         "shapes": [table.max_slots, table.max_clamps, int(table.slot_index.shape[0])],
         "dtype": str(table.dtype),
-        "saes": [str(m.path) for m in cfg.sae_meta.values()],
+        "saes": [str(p) for p in cfg.saes],
+        "norms": [op.norm for op in table.layers.values()],
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode() + src).hexdigest()[:16]
     if isinstance(vllm_config.additional_config, dict):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from analysis.loss_split import GROUPS
-from analysis.steer_sweep import POLICIES
+from functok_vllm.analysis.loss_split import GROUPS
+from functok_vllm.analysis.steer_sweep import POLICIES
 
 TIE = 0.95  # a share at least this fraction of the largest one counts as a tie with it
 

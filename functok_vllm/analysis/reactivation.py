@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.data import check_prompt, read_prompts
-from analysis.io import figure, out_dir, save_figure, write_csv, write_json, write_jsonl
+from functok_vllm.analysis.data import check_prompt, read_prompts
+from functok_vllm.analysis.io import figure, out_dir, save_figure, write_csv, write_json, write_jsonl
 from functok_vllm.core.capture import encode_chunks, reactivated
 
 KINDS = ("function", "content")
@@ -200,7 +200,7 @@ def plot(summary: dict, path: Path) -> Path:
 
 
 def main(args) -> int:
-    from analysis.model import load_hf
+    from functok_vllm.analysis.model import load_hf
 
     cfg = ReactivationConfig(tuple(args.layers) if args.layers else None, args.top_frac)
     prompts = read_prompts(args.prompts)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.data import check_corpus, n_batches, sequences, token_stream
-from analysis.io import out_dir, write_json
+from functok_vllm.analysis.data import check_corpus, n_batches, sequences, token_stream
+from functok_vllm.analysis.io import out_dir, write_json
 from functok_vllm.core.capture import RunningTopK, encode_chunks
 from functok_vllm.errors import CLIError
 
@@ -121,7 +121,7 @@ def describe(am, stream: torch.Tensor, cfg: FeaturesConfig) -> dict:
 
 
 def main(args) -> int:
-    from analysis.model import load_hf
+    from functok_vllm.analysis.model import load_hf
 
     check_corpus(args.corpus)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.data import check_prompt
-from analysis.io import figure, out_dir, save_figure, write_json
+from functok_vllm.analysis.data import check_prompt
+from functok_vllm.analysis.io import figure, out_dir, save_figure, write_json
 from functok_vllm.core import POLICY_CODES, Edit, SteeringSpec, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core import last_function_position as last_fn_position
 from functok_vllm.errors import CLIError
@@ -193,7 +193,7 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def main(args) -> int:
-    from analysis.model import load_hf
+    from functok_vllm.analysis.model import load_hf
 
     cfg = SweepConfig(args.layer, args.feature, tuple(args.strengths), generate=args.generate)
     am = load_hf(args.model, args.saes, args.function_tokens, [cfg.layer])

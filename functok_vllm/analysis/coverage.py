@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.data import check_corpus, n_batches, sequences, token_stream
-from analysis.io import figure, out_dir, save_figure, write_csv, write_json
+from functok_vllm.analysis.data import check_corpus, n_batches, sequences, token_stream
+from functok_vllm.analysis.io import figure, out_dir, save_figure, write_csv, write_json
 from functok_vllm.core.capture import EdgeBits
 from functok_vllm.errors import CLIError
 
@@ -158,8 +158,8 @@ def write(summary: dict, out: Path, table_rows: int = 100) -> list[Path]:
 
 
 def main(args) -> int:
-    from analysis.model import load_hf
-    from analysis.vllm_model import load_vllm
+    from functok_vllm.analysis.model import load_hf
+    from functok_vllm.analysis.vllm_model import load_vllm
 
     check_corpus(args.corpus)
 

@@ -6,9 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
-
-ANALYSIS_DIR = Path(__file__).resolve().parent
+from functok_vllm.paths import ANALYSIS_DIR, DEMO_MODEL, DEMO_SAES
 
 
 def positive_int(s: str) -> int:
@@ -38,7 +36,7 @@ def _runner(module: str):
         torch.set_num_threads(args.threads)
         if args.function_tokens is None:
             args.function_tokens = str(Path(args.model) / "function_tokens.json")
-        return importlib.import_module(f"analysis.{module}").main(args)
+        return importlib.import_module(f"functok_vllm.analysis.{module}").main(args)
 
     return run
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.data import check_corpus, n_batches, sequences, token_stream
-from analysis.io import figure, out_dir, save_figure, write_csv, write_json
+from functok_vllm.analysis.data import check_corpus, n_batches, sequences, token_stream
+from functok_vllm.analysis.io import figure, out_dir, save_figure, write_csv, write_json
 from functok_vllm.errors import CLIError
 
 GROUPS = ("function->function", "function->content", "content->function", "content->content")
@@ -94,7 +94,7 @@ def over_checkpoints(
     """The loss split of each checkpoint on the same tokens; `am` supplies the tokenizer and function-token mask.
     `open_model(path)` gives a checkpoint's model (default: a float32 transformers model, or `am` itself for the
     checkpoint at `am_dir`, the model it was loaded from: no second load); each opened one is closed after."""
-    from analysis.model import HFAnalysisModel, load_checkpoint
+    from functok_vllm.analysis.model import HFAnalysisModel, load_checkpoint
 
     if open_model is None:
         own = Path(am_dir).resolve() if am_dir is not None else None
@@ -138,7 +138,7 @@ def plot(results: list[dict], path: Path) -> Path:
 
 
 def main(args) -> int:
-    from analysis.model import check_model_dir, load_hf
+    from functok_vllm.analysis.model import check_model_dir, load_hf
 
     check_corpus(args.corpus)
 
@@ -150,7 +150,7 @@ def main(args) -> int:
     if not checkpoints:
         raise CLIError("no checkpoints to evaluate")
     if getattr(args, "engine", "transformers") == "vllm":
-        from analysis.vllm_model import open_vllm
+        from functok_vllm.analysis.vllm_model import open_vllm
 
         am, open_model = open_vllm(args.model, args.function_tokens)  # tokenizer + mask here, models in vLLM
     else:

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import torch
 
-from analysis import coverage, loss_split, reactivation, steer_sweep
-from analysis.data import corpus_documents, read_prompts, token_stream
-from analysis.features import FeaturesConfig, top_contexts
-from analysis.io import out_dir, write_jsonl
-from analysis.render import render
+from functok_vllm.analysis import coverage, loss_split, reactivation, steer_sweep
+from functok_vllm.analysis.data import corpus_documents, read_prompts, token_stream
+from functok_vllm.analysis.features import FeaturesConfig, top_contexts
+from functok_vllm.analysis.io import out_dir, write_jsonl
+from functok_vllm.analysis.render import render
 from functok_vllm.core import last_function_position
-from functok_vllm.paths import ROOT
+from functok_vllm.paths import ANALYSIS_DIR, ROOT
 
 N_PROMPTS = 30
 STEER_PROMPTS = 8  # prompts of the steering study
 STEER_FEATURES = 16  # candidate features of the steering study
 NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the mean residual norm
-SHIPPED_PROMPTS = (Path(__file__).resolve().parent / "prompts.jsonl").resolve()  # written by make_prompts
+SHIPPED_PROMPTS = (ANALYSIS_DIR / "prompts.jsonl").resolve()  # written by make_prompts
 STUDY_MULTIPLE = 2.0  # strength of the steering study and of the shown continuations
 
 
@@ -140,7 +140,7 @@ def function_token_share(summary: dict) -> float:
 
 
 def main(args) -> int:
-    from analysis.model import load_hf
+    from functok_vllm.analysis.model import load_hf
 
     t_start, load = time.time(), os.getloadavg()[0]
     out = out_dir(args.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.model import TokenizerMixin, function_token_mask
+from functok_vllm.analysis.model import TokenizerMixin, function_token_mask
 from functok_vllm.core import FunctionTokens, SAELoadError
 from functok_vllm.core.capture import EdgeBits
 from functok_vllm.errors import CLIError
@@ -67,7 +67,7 @@ class VLLMAnalysisModel(TokenizerMixin):
                 steer_cfg = from_additional_config({CONFIG_KEY: raw}, str(model_dir))
             except (ValueError, SAELoadError) as e:
                 raise CLIError(str(e)) from None
-            self.saes = steer_cfg.sae_meta  # {layer: SAEMeta}: d_sae, d_in, architecture (weights on the workers)
+            self.saes = steer_cfg.sae_configs  # {layer: SAEConfig}: d_sae, d_in, architecture (weights on workers)
             extension = {"worker_extension_cls": EXTENSION, "additional_config": {CONFIG_KEY: raw}}
         for layer, meta in self.saes.items():
             if not 0 <= layer < mc.num_hidden_layers:
@@ -141,12 +141,12 @@ def load_vllm(
     model_dir: str | Path, saes_dir: str | Path, function_tokens: str | Path, layers: list[int] | None = None
 ) -> VLLMAnalysisModel:
     """Check every input first (cheap, as `load_hf` does), then start vLLM with the SAEs of `layers` (default: all)."""
-    from analysis.model import check_model_dir, load_function_tokens, sae_dirs
+    from functok_vllm.analysis.model import check_model_dir, load_function_tokens, sae_configs
 
     require_vllm()
     model_dir = check_model_dir(model_dir)
     load_function_tokens(function_tokens)
-    return VLLMAnalysisModel(model_dir, list(sae_dirs(saes_dir, layers).values()), Path(function_tokens))
+    return VLLMAnalysisModel(model_dir, [c.path for c in sae_configs(saes_dir, layers).values()], Path(function_tokens))
 
 
 @dataclass
@@ -162,7 +162,7 @@ def open_vllm(model_dir: str | Path, function_tokens: str | Path):
     without SAEs, using the final model's tokenizer). Inputs are checked first, as `load_vllm` does."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from analysis.model import check_model_dir, load_function_tokens
+    from functok_vllm.analysis.model import check_model_dir, load_function_tokens
 
     require_vllm()
     model_dir = check_model_dir(model_dir)

@@ -18,8 +18,9 @@ import torch
 
 from functok_vllm.core import SAE, FunctionTokens, SAELoadError
 from functok_vllm.core.capture import CoverageCapture, EdgeBits
-from functok_vllm.core.sae import config_from_json
-from functok_vllm.engines.hf.hooks import ResidualFn, load_model, residual_hooks
+from functok_vllm.core.sae import SAEConfig
+from functok_vllm.core.sae import load_saes as core_load_saes
+from functok_vllm.engines.hf.hooks import ResidualFn, check_hook_points, decoder_layers, load_model, residual_hooks
 from functok_vllm.errors import CLIError
 
 
@@ -96,7 +97,8 @@ class HFAnalysisModel(TokenizerMixin):
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, fns: dict[int, ResidualFn] | None = None, logits: bool = True):
         """(batch, seq) ids -> (batch, seq, vocab) float32 logits (None with logits=False), running `fns` at layers."""
-        with residual_hooks(self.model, fns or {}):
+        points = {layer: sae.cfg.hook for layer, sae in self.saes.items()}  # each SAE's own hook point
+        with residual_hooks(self.model, fns or {}, points):
             out = self.model(input_ids=ids.to(self.device), **({} if logits else {"logits_to_keep": 1}))
         return out.logits.float() if logits else None
 
@@ -128,38 +130,27 @@ class HFAnalysisModel(TokenizerMixin):
         return w * g.detach().float()[None, :] if g is not None else w
 
 
-def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAE]:
-    """{layer: SAE} from a directory of SAELens directories (one per layer); CLIError names what is missing."""
+def sae_configs(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAEConfig]:
+    """{layer: SAEConfig} for `layers` (default: every layer found) of the SAE directories under `saes_dir` (or of
+    one SAE directory), from their cfg.json files through the one loader; CLIError names what is missing or wrong."""
     try:
-        return {layer: SAE.load(path) for layer, path in sae_dirs(saes_dir, layers).items()}
+        found = core_load_saes([saes_dir], weights=False)
     except SAELoadError as e:
         raise CLIError(str(e)) from None
-
-
-def sae_dirs(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, Path]:
-    """{layer: SAE directory} for `layers` (default: every layer found), reading only the cfg.json files."""
-    d = Path(saes_dir)
-    if not d.is_dir():
-        raise CLIError(f"SAE directory {d} does not exist")
-    found = {}
-    for sub in sorted(p for p in d.iterdir() if (p / "cfg.json").is_file()):
-        try:
-            layer = config_from_json(json.loads((sub / "cfg.json").read_text()), sub / "cfg.json").layer
-        except json.JSONDecodeError as e:
-            raise CLIError(f"{sub / 'cfg.json'}: not valid JSON ({e})") from None
-        except SAELoadError as e:
-            raise CLIError(str(e)) from None
-        if layer in found:
-            raise CLIError(f"{sub}: a second SAE for layer {layer} (the first is {found[layer]})")
-        found[layer] = sub
-    if not found:
-        raise CLIError(f"SAE directory {d} holds no SAE (subdirectories with cfg.json)")
     want = sorted(found) if layers is None else layers
-    for layer in want:
-        if layer not in found:
-            have = ", ".join(map(str, sorted(found)))
-            raise CLIError(f"no SAE for layer {layer} in {d} (layers with SAEs: {have})")
+    missing = [layer for layer in want if layer not in found]
+    if missing:
+        have = ", ".join(map(str, sorted(found)))
+        raise CLIError(f"no SAE for layer {missing[0]} in {saes_dir} (layers with SAEs: {have})")
     return {layer: found[layer] for layer in want}
+
+
+def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAE]:
+    """{layer: SAE}, weights loaded, for `sae_configs(saes_dir, layers)`."""
+    try:
+        return core_load_saes([c.path for c in sae_configs(saes_dir, layers).values()])
+    except SAELoadError as e:
+        raise CLIError(str(e)) from None
 
 
 def load_function_tokens(path: str | Path) -> FunctionTokens:
@@ -198,10 +189,14 @@ def load_hf(
     fts = load_function_tokens(function_tokens)
     saes = load_saes(saes_dir, layers) if saes_dir is not None else {}
     model, tok = load_model(model_dir)
-    n_layers = len(model.model.layers) if hasattr(model, "model") else None
+    n_layers = len(decoder_layers(model))
     for layer in saes:
-        if n_layers is not None and not 0 <= layer < n_layers:
+        if not 0 <= layer < n_layers:
             raise CLIError(f"the SAE for layer {layer} does not fit a model with {n_layers} decoder layers")
+    try:
+        check_hook_points(model, [sae.cfg.hook for sae in saes.values()])
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     mask = function_token_mask(fts, model.get_output_embeddings().weight.shape[0])
     return HFAnalysisModel(model, tok, saes, mask, fts)
 

@@ -1,0 +1,283 @@
+"""Every place functok touches vLLM's private internals, in one module, checked against the installed version.
+
+functok steers inside stock vLLM through its documented extension points (a general plugin, a worker extension, the
+runner's `_model_forward`) and, where vLLM has none, through the internals below, read from vLLM 0.32.0's source:
+
+- API process: `InputProcessor.process_inputs` (wrapped by the admission hook, `admission.py`);
+- workers: the model runner's class (a mixin swapped in), `input_batch.req_ids`/`num_reqs`, `query_start_loc`,
+  `input_ids`, `scheduler_config.max_num_seqs`, the scheduler output's `scheduled_new_reqs`,
+  `scheduled_cached_reqs.resumed_req_ids`, `finished_req_ids`, `total_num_scheduled_tokens`; the compilation config;
+- model modules: decoder layers (`model.layers`, `transformer.h`), their attention/MLP/norm submodules, whose
+  classes get a steering mixin (`steer_targets`), and `PPMissingLayer`;
+- CPU: vLLM 0.32.0's no-Triton fallback of the slot-mapping kernel, whose parameter names are wrong (`cpu_fix`).
+
+`check_version()` runs in `register()`: another vLLM release is refused with one line saying which are supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import wraps
+
+import torch
+
+from functok_vllm.core.hookpoint import HookPoint
+
+SUPPORTED = ("0.32.",)  # vLLM releases whose internals this module was written against
+ATTN_NAMES = ("self_attn", "attn", "attention")
+
+
+def check_version() -> None:
+    import vllm
+
+    if not str(vllm.__version__).startswith(SUPPORTED):
+        raise RuntimeError(
+            f"functok-vllm supports vLLM {', '.join(v + 'x' for v in SUPPORTED)} (it uses internals that change "
+            f"between releases); the installed vLLM is {vllm.__version__}"
+        )
+
+
+# ---- API process ----------------------------------------------------------------------------------------------------
+
+
+def wrap_process_inputs(wrapper) -> None:
+    """Wrap `InputProcessor.process_inputs` once (idempotent): `wrapper(original, self, request_id, prompt, params,
+    *args, **kwargs)` runs instead, for every request of `LLM`, `AsyncLLM` and `vllm serve`."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor.process_inputs, "_functok", False):
+        return
+    original = InputProcessor.process_inputs
+
+    @wraps(original)
+    def process_inputs(self, *args, **kwargs):
+        return wrapper(original, self, *args, **kwargs)
+
+    process_inputs._functok = True
+    InputProcessor.process_inputs = process_inputs
+
+
+# ---- the model runner -----------------------------------------------------------------------------------------------
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def mix_in(obj, mixin: type, prefix: str):
+    """Give `obj` (a runner or a module) the class `prefix + its class name` that puts `mixin` first (cached)."""
+    cls = type(obj)
+    if issubclass(cls, mixin):
+        return obj
+    key = (cls, mixin)
+    if key not in _MIXED:
+        _MIXED[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    obj.__class__ = _MIXED[key]
+    return obj
+
+
+def check_runner(runner) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(
+            f"functok steering supports vLLM's V1 model runner, not {type(runner).__name__}; "
+            "start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+
+
+def batch_rows(runner) -> list[str]:
+    """Request ids of the persistent batch's rows, in row order."""
+    return runner.input_batch.req_ids[: runner.input_batch.num_reqs]
+
+
+def query_start_loc(runner) -> torch.Tensor:
+    """(rows + 1,) row r owns the step's tokens [qsl[r], qsl[r + 1])."""
+    return runner.query_start_loc.gpu
+
+
+def input_ids(runner) -> torch.Tensor:
+    return runner.input_ids.gpu
+
+
+def max_step_tokens(runner) -> int:
+    """The runner's padded token buffer, which bounds every forward."""
+    return runner.input_ids.gpu.shape[0]
+
+
+def max_rows(runner) -> int:
+    return runner.scheduler_config.max_num_seqs
+
+
+def new_requests(scheduler_output):
+    """(request id, prompt token ids, extra_args, prompt tokens found in the prefix cache) of newly scheduled ones."""
+    for r in scheduler_output.scheduled_new_reqs:
+        extra = r.sampling_params.extra_args if r.sampling_params is not None else None
+        yield r.req_id, r.prompt_token_ids, extra, r.num_computed_tokens
+
+
+def resumed_count(scheduler_output) -> int:
+    return len(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+
+
+def finished_ids(scheduler_output):
+    return scheduler_output.finished_req_ids
+
+
+def step_tokens(scheduler_output) -> int:
+    """The unpadded rows of this step's forward."""
+    return scheduler_output.total_num_scheduled_tokens
+
+
+def is_eager(runner) -> bool:
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = runner.vllm_config.compilation_config
+    return cc.mode == CompilationMode.NONE and cc.cudagraph_mode == CUDAGraphMode.NONE
+
+
+def tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank()
+    except AssertionError:  # no tensor-parallel group (a single process): rank 0
+        return 0
+
+
+# ---- model modules: where each hook point is ------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """`model.layers` (Llama-style models, and the Hugging Face model inside vLLM's Transformers backend) or
+    `transformer.h` (GPT-2), also inside a multimodal wrapper's `language_model`."""
+    for owner in (model, getattr(model, "language_model", None)):
+        for base, attr in (("model", "layers"), ("transformer", "h")):
+            layers = getattr(getattr(owner, base, None), attr, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h)"
+    )
+
+
+def held(layer: torch.nn.Module) -> bool:
+    """False for a layer another pipeline-parallel rank holds."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    return not isinstance(layer, PPMissingLayer)
+
+
+def steer_target(layers, point: HookPoint) -> tuple[torch.nn.Module, str]:
+    """(module, how) where steering at `point` goes: "layer" (a decoder layer's output, a tensor or a (hidden,
+    residual) pair summing to the stream), "module" (an attention/MLP/norm module whose output, or the first element
+    of its output tuple, is what the SAE reads), "input" (layer 0's hidden_states: the embeddings) or "mid" (a norm
+    called as (attention output, residual), whose sum is the stream after attention). ValueError otherwise."""
+    L, site = point.layer, point.site
+    if point.output_of() is not None:
+        return layers[point.output_of()], "layer"
+    if site == "resid_pre":
+        return layers[0], "input"
+    layer = layers[L]
+    sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma-2/3: norms after attention and MLP
+    if site == "resid_mid":
+        name = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
+        if not _takes_residual(getattr(layer, name, None)):
+            raise ValueError(f"{type(layer).__name__} adds its attention output to the stream inside its own code")
+        return getattr(layer, name), "mid"
+    if site == "mlp_out":
+        name = "post_feedforward_layernorm" if sandwich else "mlp"
+    else:
+        name = "post_attention_layernorm" if sandwich else next((n for n in ATTN_NAMES if hasattr(layer, n)), "")
+    mod = getattr(layer, name, None) if name else None
+    if not isinstance(mod, torch.nn.Module):
+        raise ValueError(f"{type(layer).__name__} has no module for {site} (looked for {name or ATTN_NAMES})")
+    return mod, "module"
+
+
+def _takes_residual(mod) -> bool:
+    return isinstance(mod, torch.nn.Module) and "residual" in inspect.signature(type(mod).forward).parameters
+
+
+def hidden_states_index(module: torch.nn.Module) -> int:
+    """Position of `hidden_states` among the positional arguments of the module's forward (Llama: 1, GPT-2: 0)."""
+    names = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
+    if "hidden_states" not in names:
+        raise ValueError(f"{type(module).__name__}.forward takes no hidden_states")
+    return names.index("hidden_states")
+
+
+def read_at(module: torch.nn.Module, how: str, fn) -> torch.utils.hooks.RemovableHandle:
+    """A temporary hook calling fn((tokens, d_model) tensor the SAE reads) at a `steer_target`, for capture in an
+    eager engine (it sees what the steering mixin produced for "layer"/"module", what reaches it for the others)."""
+    flat = lambda h: fn(h.reshape(-1, h.shape[-1]))  # noqa: E731
+    if how in ("layer", "module"):
+
+        def after(_m, _args, out):
+            if how == "layer" and isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
+                flat(out[0] + out[1])
+            else:
+                flat(out[0] if isinstance(out, tuple) else out)
+
+        return module.register_forward_hook(after)
+    i = hidden_states_index(module) if how == "input" else 0
+
+    def before(_m, args, kwargs):
+        if how == "input":
+            flat(args[i] if len(args) > i else kwargs["hidden_states"])
+            return
+        x, residual = (list(args) + [kwargs.get("residual")])[:2] if args else (kwargs["x"], kwargs.get("residual"))
+        flat(x if residual is None else x + residual)
+
+    return module.register_forward_pre_hook(before, with_kwargs=True)
+
+
+# ---- CPU: vLLM 0.32.0's no-Triton fallback of the slot-mapping kernel ----------------------------------------------
+# `CpuPlatform.register_triton_kernel_overrides()` replaces the Triton kernel `ComputeSlotMappingKernel.kernel` by
+# `cpu_triton_utils._compute_slot_mapping_kernel_impl`. The launcher calls it with the Triton kernel's argument names,
+# and the dispatcher forwards by keyword only when the replacement's names are exactly those; 0.32.0's has an extra
+# `block_size` before `slot_mapping`, so the slot mapping lands in `block_size` and the first forward fails. The
+# replacement below has the kernel's exact names, calls the same C++ op and writes PAD_ID into the padding tail like
+# the Triton kernel's last program. It must be installed in every worker before the model runner initializes: vLLM's
+# `init_worker` loads the general plugins (our `register()`) just before it registers the overrides.
+
+
+def compute_slot_mapping_kernel_impl(
+    num_tokens: int,
+    max_num_tokens: int,
+    query_start_loc_ptr: torch.Tensor,  # (num_reqs + 1,) int32
+    positions_ptr: torch.Tensor,  # (num_tokens,) int64
+    block_table_ptr: torch.Tensor,  # (max_num_reqs, max_blocks_per_req) int32
+    block_table_stride: int,
+    slot_mapping_ptr: torch.Tensor,  # (max_num_tokens,) int64
+    KV_CACHE_BLOCK_SIZE: int,
+    TOTAL_CP_WORLD_SIZE: int = 1,
+    TOTAL_CP_RANK: int = 0,
+    CP_KV_CACHE_INTERLEAVE_SIZE: int = 1,
+    PAD_ID: int = -1,
+    BLOCK_SIZE: int = 1024,
+) -> None:
+    assert TOTAL_CP_WORLD_SIZE == 1, "Context Parallelism is not supported on CPU."
+    block_table = block_table_ptr
+    if block_table.dim() != 2 or block_table.stride(0) != block_table_stride:
+        block_table = block_table.reshape(-1).view(-1, block_table_stride)
+    torch.ops._C.compute_slot_mapping_kernel_impl(
+        query_start_loc_ptr, positions_ptr, block_table, slot_mapping_ptr, int(KV_CACHE_BLOCK_SIZE)
+    )
+    if max_num_tokens > num_tokens:
+        slot_mapping_ptr[num_tokens:max_num_tokens].fill_(PAD_ID)
+
+
+def cpu_fix_needed() -> bool:
+    """True while vLLM's CPU fallback still takes the extra `block_size` parameter (0.32.0)."""
+    from vllm.utils import cpu_triton_utils
+
+    impl = cpu_triton_utils._compute_slot_mapping_kernel_impl
+    return impl is not compute_slot_mapping_kernel_impl and "block_size" in inspect.signature(impl).parameters
+
+
+def cpu_fix() -> None:
+    """Install the fix on CPU (idempotent; a no-op once vLLM's own fallback has the kernel's signature)."""
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    if current_platform.is_cpu() and cpu_fix_needed():
+        cpu_triton_utils._compute_slot_mapping_kernel_impl = compute_slot_mapping_kernel_impl

@@ -1,0 +1,157 @@
+"""The independent reference the engines are compared with: a plain transformers forward of the whole sequence (eager
+attention, no KV cache) with steering applied by forward hooks at each SAE's hook point, features from sae-lens.
+
+Nothing here imports the project's engines: module names of each family are written out below, and every activation,
+reconstruction and decoder row comes from `sae_lens.SAE.load_from_disk`. A spec is the user-facing dict
+(`{"edits": [...], "positions": "all" | "prompt"}`).
+"""
+
+import shutil
+
+import torch
+
+# family (model class name prefix) -> (module whose output the layer adds at attn_out, the same for mlp_out)
+SITE_MODULES = {
+    "Llama": ("self_attn", "mlp"),
+    "Mistral": ("self_attn", "mlp"),
+    "Qwen2": ("self_attn", "mlp"),
+    "Qwen3": ("self_attn", "mlp"),
+    "Phi3": ("self_attn", "mlp"),
+    "Gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "GPT2": ("attn", "mlp"),
+    "GPTNeoX": ("attention", "mlp"),
+}
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    base = model.base_model
+    return base.h if hasattr(base, "h") else base.layers
+
+
+def family(model) -> str:
+    name = type(model).__name__
+    return next(f for f in sorted(SITE_MODULES, key=len, reverse=True) if name.startswith(f))
+
+
+def load_lens(path):
+    from sae_lens import SAE as LensSAE
+
+    sae = LensSAE.load_from_disk(str(path), device="cpu", dtype="float32")
+    return sae.eval()
+
+
+def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
+    """(tokens, d) update of the tensor h an SAE reads, for its edits: add s * W_dec[f]; clamp/ablate: sae-lens's
+    reconstruction with the feature set to the value, minus its reconstruction as is (the SAE's error is kept)."""
+    out = torch.zeros_like(h)
+    clamps = [e for e in edits if e.get("mode", "add") != "add"]
+    for e in edits:
+        if e.get("mode", "add") == "add":
+            out += e["strength"] * lens.W_dec[e["feature"]].float()
+    if clamps:
+        with torch.no_grad():
+            acts = lens.encode(h)
+            before = lens.decode(acts)
+            for e in clamps:
+                acts[:, e["feature"]] = e.get("value", 0.0)
+            lens.encode(h)  # sae-lens keeps per-token normalisation coefficients from encode for one decode
+            out += lens.decode(acts) - before
+    return out
+
+
+def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec) -> torch.Tensor:
+    """(seq - 1, vocab) next-token log-probabilities after ids[:t], t >= 1, with `spec` applied at `points`
+    ({layer: (layer index, site)}) through `lenses` ({layer: sae-lens SAE})."""
+    layers, fam = blocks(model), family(model)
+    seq = len(ids)
+    sel = torch.zeros(seq, dtype=torch.bool)
+    if spec is not None:
+        sel[: n_prompt if spec["positions"] == "prompt" else seq] = True
+    handles, stash = [], {}
+
+    def steer(layer, base_of=None):
+        edits = [e for e in spec["edits"] if e["layer"] == layer]
+
+        def apply(t):  # (1, seq, d) tensor at the hook point (resid_mid: the attention output)
+            h = t[0] if base_of is None else stash.pop(layer) + t[0]
+            new = t.clone()
+            new[0, sel] += lens_delta(lenses[layer], h, edits)[sel]
+            return new
+
+        return apply
+
+    def out_hook(fn):
+        return lambda _m, _a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+
+    try:
+        for layer in sorted({e["layer"] for e in spec["edits"]}) if spec else ():
+            L, site = points[layer]
+            attn, mlp = (getattr(layers[L], n) for n in SITE_MODULES[fam])
+            if site == "resid_post":
+                handles.append(layers[L].register_forward_hook(out_hook(steer(layer))))
+            elif site == "resid_pre" and L > 0:
+                handles.append(layers[L - 1].register_forward_hook(out_hook(steer(layer))))
+            elif site == "resid_pre":
+                fn = steer(layer)
+                handles.append(layers[0].register_forward_pre_hook(lambda _m, a, fn=fn: (fn(a[0]), *a[1:])))
+            elif site in ("attn_out", "mlp_out"):
+                mod = attn if site == "attn_out" else mlp
+                handles.append(mod.register_forward_hook(out_hook(steer(layer))))
+            else:  # resid_mid: the layer's input plus its attention output
+                handles.append(layers[L].register_forward_pre_hook(lambda _m, a, L=L: stash.__setitem__(L, a[0][0])))
+                handles.append(attn.register_forward_hook(out_hook(steer(layer, base_of=L))))
+        with torch.no_grad():
+            return model(torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)[:-1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def eager_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def random_model(root, config_cls: str, tokenizer_dir, **kw):
+    """A seeded random-weight model of a transformers config class, saved with the tokenizer of `tokenizer_dir`."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(root / "model")
+    for f in tokenizer_dir.glob("tokenizer*"):
+        shutil.copy(f, root / "model" / f.name)
+    return root / "model"
+
+
+def lens_sae(out_dir, arch: str, d_in: int, hook_name: str, d_sae: int = 64, norm: str = "none", seed: int = 0):
+    """A random SAE saved by sae-lens itself (unit-norm decoder rows, encoder scaled to fire on a few features)."""
+    import sae_lens
+
+    cls, cfg_cls = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+    }[arch]
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, normalize_activations=norm, **({"k": 8} if arch == "topk" else {}))
+    cfg.metadata.hook_name = hook_name
+    torch.manual_seed(seed)
+    sae = cls(cfg)
+    with torch.no_grad():
+        w = torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1)
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T * 2.0)
+        sae.b_dec.zero_()
+        for name in ("b_enc", "b_gate", "b_mag"):
+            if getattr(sae, name, None) is not None:
+                getattr(sae, name).fill_(-0.5)
+        if arch == "gated":
+            sae.r_mag.normal_(0, 0.1)
+        if arch == "jumprelu":
+            sae.threshold.fill_(0.1)
+    sae.save_model(str(out_dir))
+    return out_dir
