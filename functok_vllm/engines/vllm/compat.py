@@ -194,7 +194,12 @@ def steer_target(layers, point: HookPoint) -> tuple[torch.nn.Module, str]:
 
 
 def _takes_residual(mod) -> bool:
-    return isinstance(mod, torch.nn.Module) and "residual" in inspect.signature(type(mod).forward).parameters
+    """Is `mod` a norm with vLLM's fused residual add (RMSNorm(x, residual) -> (normed x + residual, x + residual))?
+    A vLLM CustomOp's `forward` takes *args and dispatches to `forward_native`, whose signature says."""
+    if not isinstance(mod, torch.nn.Module):
+        return False
+    fn = getattr(type(mod), "forward_native", None) or type(mod).forward
+    return "residual" in inspect.signature(fn).parameters
 
 
 def hidden_states_index(module: torch.nn.Module) -> int:
@@ -218,7 +223,8 @@ def read_at(module: torch.nn.Module, how: str, fn) -> torch.utils.hooks.Removabl
                 flat(out[0] if isinstance(out, tuple) else out)
 
         return module.register_forward_hook(after)
-    i = hidden_states_index(module) if how == "input" else 0
+    i = getattr(module, "functok_arg", None) if how == "input" else 0  # set when steering was installed
+    i = hidden_states_index(module) if i is None else i
 
     def before(_m, args, kwargs):
         if how == "input":

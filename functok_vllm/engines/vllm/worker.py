@@ -213,9 +213,9 @@ def install_steering(runner) -> BatchSteering:
     for layer, op in table.layers.items():
         mod, how = targets[layer]
         mod.functok_steer = op
-        compat.mix_in(mod, MIXINS[how], "Steered")
         if how == "input":
-            mod.functok_arg = compat.hidden_states_index(mod)
+            mod.functok_arg = compat.hidden_states_index(mod)  # read off the layer's own forward, before the mixin
+        compat.mix_in(mod, MIXINS[how], "Steered")
     fn_mask = FunctionTokens.load(cfg.function_tokens).mask(mc.get_vocab_size(), device=device)
     _fingerprint(runner.vllm_config, table, cfg)
     log.info(

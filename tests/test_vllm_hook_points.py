@@ -1,0 +1,144 @@
+"""SAEs at every hook point in the vLLM engine, compiled and eager, against the independent reference (`reference.py`:
+a plain transformers forward with hooks at each hook point, activations from sae-lens), prompt and generated
+log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests.
+
+Random Llama (grouped-query attention, fused add+norm layers): resid_pre of block 0 (the embeddings), attn_out (a gated
+SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm). Random GPT-2 (one-tensor
+layers): resid_pre 0, attn_out, mlp_out; its resid_mid has no fused norm to steer at and is refused by name.
+"""
+
+import json
+import os
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from reference import eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
+
+from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
+from functok_vllm.engines.vllm.config import EXTENSION  # noqa: E402
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
+
+STATUS = vllm_status()
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not STATUS.ok, reason=STATUS.line())]
+
+TOL = 1e-4
+NEW = 5
+BASE = {"vocab_size": 8192, "max_position_embeddings": 512, "bos_token_id": 0, "eos_token_id": 0}
+LLAMA = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}
+CASES = {
+    "llama": (
+        "LlamaConfig",
+        {**LLAMA, "num_key_value_heads": 2, "tie_word_embeddings": False},
+        {
+            0: ("resid_pre", "jumprelu", "none"),
+            1: ("attn_out", "gated", "none"),
+            2: ("resid_mid", "jumprelu", "constant_norm_rescale"),
+            3: ("mlp_out", "standard", "layer_norm"),
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512},
+        {0: ("resid_pre", "standard", "none"), 2: ("attn_out", "jumprelu", "none"), 3: ("mlp_out", "gated", "none")},
+    ),
+}
+RUNS = [("llama", "compiled"), ("llama", "eager"), ("gpt2", "compiled")]
+PROMPTS = ["The old house by the river was empty, and the children of the village said that"]
+
+
+def specs(sites: dict) -> list:
+    layers = sorted(sites)
+    return [
+        None,
+        {"edits": [{"layer": L, "feature": 3 + L, "strength": 3.0} for L in layers], "positions": "all"},
+        {"edits": [{"layer": L, "feature": 1, "mode": "clamp", "value": 4.0} for L in layers], "positions": "prompt"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = {}
+    for name, (cls, kw, sites) in CASES.items():
+        root = tmp_path_factory.mktemp(name)
+        model_dir = random_model(root, cls, DEMO_MODEL, **BASE, **kw)
+        d = kw.get("hidden_size", kw.get("n_embd"))
+        saes = {
+            L: lens_sae(root / "saes" / f"layer_{L}", arch, d, f"blocks.{L}.hook_{site}", norm=norm, seed=L)
+            for L, (site, arch, norm) in sites.items()
+        }
+        out[name] = (root, model_dir, saes)
+    return out
+
+
+def make_llm(model_dir, sae_dirs, enforce_eager: bool):
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=8,
+        seed=0,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=False,
+        worker_extension_cls=EXTENSION,
+        additional_config={"functok": {"saes": list(map(str, sae_dirs)), "function_tokens": str(DEMO_FUNCTION_TOKENS)}},
+    )
+
+
+@pytest.mark.parametrize("name,mode", RUNS, ids=[f"{n}-{m}" for n, m in RUNS])
+def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
+    from vllm import SamplingParams
+
+    root, model_dir, saes = built[name]
+    sites = CASES[name][2]
+    cases = specs(sites)
+    llm = make_llm(model_dir, saes.values(), mode == "eager")
+    try:
+        params = [
+            SamplingParams(
+                temperature=0,
+                max_tokens=NEW,
+                logprobs=0,
+                prompt_logprobs=0,
+                ignore_eos=True,
+                extra_args={"steering": json.dumps(s)} if s else None,
+            )
+            for s in cases
+        ]
+        outs = llm.generate([PROMPTS[0]] * len(cases), params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    model = eager_model(model_dir)
+    lenses = {L: load_lens(p) for L, p in saes.items()}
+    points = {L: (L, site) for L, (site, _, _) in sites.items()}
+    got_first = []
+    for spec, o in zip(cases, outs, strict=True):
+        g = o.outputs[0]
+        ids = list(o.prompt_token_ids) + list(g.token_ids)
+        n = len(o.prompt_token_ids)
+        rows = logprobs(model, lenses, points, ids, n, spec)  # (seq - 1, vocab)
+        want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        got = torch.tensor(
+            [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], ids[1:n], strict=True)]
+            + [d[t].logprob for d, t in zip(g.logprobs, g.token_ids, strict=True)]
+        )
+        err = float((got - want).abs().max())
+        assert err < TOL, (name, mode, spec, err)
+        best = rows[n - 1 :].max(-1).values
+        assert ((best - want[n - 1 :]) < TOL).all(), (name, mode, spec, g.token_ids)
+        got_first.append(got)
+    for i in (1, 2):
+        assert float((got_first[i] - got_first[0]).abs().max()) > 1e-3, (name, i)
+
+
+def test_resid_mid_where_vllm_has_no_fused_norm_is_refused_by_name(built, tmp_path, capfd):
+    _, model_dir, _ = built["gpt2"]
+    sae = lens_sae(tmp_path / "mid", "standard", 256, "blocks.1.hook_resid_mid")
+    with pytest.raises(RuntimeError, match="Engine core initialization failed"):  # vLLM's words for a worker's error
+        make_llm(model_dir, [sae], enforce_eager=True)
+    log = "".join(capfd.readouterr())  # the worker's own log line, naming the SAE, its hook and the layer class
+    assert f"{sae}: cannot apply an SAE at blocks.1.hook_resid_mid on vLLM: GPT2Block adds its attention" in log
