@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prompts, start_server, write_result  # noqa: E402
+from common import prompts, write_result  # noqa: E402
 
 from functok_vllm.core import SAE, SteeringSpec, SteeringTable  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
@@ -117,13 +117,15 @@ class HTTPModes:
     def __init__(self, ps, ss, tokens, threads):
         import openai
 
-        self.proc, base = start_server(["--threads", str(threads)])
-        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        from functok_vllm.launch import functok_serve, start
+
+        self.server = start(functok_serve("--threads", str(threads)))
+        self.client = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key="none", max_retries=0)
         self.ps, self.ss, self.tokens = ps, ss, tokens
         self.pool = ThreadPoolExecutor(len(ps))
 
     def _stream(self, prompt, spec) -> int:
-        from functok_vllm.server.protocol import api_form
+        from functok_vllm.steering import api_form
 
         extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
         if spec is not None:
@@ -138,8 +140,7 @@ class HTTPModes:
         return sum(j.result() for j in jobs)
 
     def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.server.stop(grace_s=30)
 
 
 def main() -> int:

@@ -13,14 +13,13 @@ Writes benchmarks/results/bench_server_rss.json.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prompts, start_server, write_result  # noqa: E402
+from common import prompts, write_result  # noqa: E402
 
 from functok_vllm.paths import DEMO_SAES  # noqa: E402
 
@@ -43,7 +42,10 @@ def server_rss(sae_args: list[str], threads: int, n_requests: int, max_tokens: i
     import httpx
 
     t0 = time.monotonic()
-    proc, base = start_server(["--threads", str(threads), *sae_args])
+    from functok_vllm.launch import functok_serve, start
+
+    server = start(functok_serve("--threads", str(threads), *sae_args))
+    proc, base = server.proc, server.url
     try:
         ready_s = time.monotonic() - t0
         time.sleep(1.0)  # let the startup settle
@@ -68,12 +70,7 @@ def server_rss(sae_args: list[str], threads: int, n_requests: int, max_tokens: i
         time.sleep(0.5)
         after = proc_status(proc.pid)
     finally:
-        proc.terminate()  # this pid only
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        server.stop(grace_s=30)
     return {
         "sae_args": sae_args,
         "ready_seconds": ready_s,

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,27 +41,3 @@ def write_result(name: str, payload: dict, stamp: bool = False) -> Path:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), **payload}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
-
-
-def start_server(args: list[str], timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`functok serve` on a free loopback port with extra `args`; (process, base URL) once /health answers.
-    RuntimeError if it exits or does not answer within `timeout` seconds (the process is then stopped)."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            proc.wait(timeout=10)
-            raise RuntimeError(f"the server ({' '.join(args)}) did not start")
-        time.sleep(0.25)

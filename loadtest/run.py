@@ -17,16 +17,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from functok_vllm.launch import Server, ServerStartError, start, wait_healthy
 from loadtest.summary import markdown, write_summary
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -63,41 +60,9 @@ def seconds(timespan: str) -> int:
     return h * 3600 + mi * 60 + s
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise LoadTestError(f"the server exited with status {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise LoadTestError(f"{url}/health did not answer 200 within {timeout_s:.0f} s")
-
-
 def stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
     """SIGTERM the process group `proc` leads, then SIGKILL it if it has not exited after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    Server(proc, "", None).stop(grace_s)
 
 
 def functok_command() -> list[str]:
@@ -108,22 +73,21 @@ def functok_command() -> list[str]:
 @contextmanager
 def server(host: str | None, log_path: Path, serve_args: list[str] = (), api_key: str = "", health_timeout_s=300):
     """Yield (url, server pid or None): the given loopback server, or a `functok serve` run here and stopped after."""
-    if host:
-        url = loopback_url(host)
-        wait_healthy(url, min(health_timeout_s, 30))
-        yield url, None
-        return
-    port = free_port()
-    cmd = functok_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
-    env = os.environ | ({"FUNCTOK_API_KEY": api_key} if api_key else {})
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, health_timeout_s, proc)
-        yield url, proc.pid
+        if host:
+            url = loopback_url(host)
+            wait_healthy(url, min(health_timeout_s, 30))
+            yield url, None
+            return
+        cmd = functok_command() + ["serve", "--host", "127.0.0.1", *serve_args]
+        env = os.environ | ({"FUNCTOK_API_KEY": api_key} if api_key else {})
+        srv = start(cmd, log_path, env, health_timeout_s)
+    except ServerStartError as e:
+        raise LoadTestError(str(e).splitlines()[0]) from None
+    try:
+        yield srv.url, srv.proc.pid
     finally:
-        stop_group(proc)
+        srv.stop(grace_s=20)
 
 
 def run_locust(

@@ -2,14 +2,13 @@
 error bodies and metrics. A plain module (tests import it by name; pytest puts tests/ on the path)."""
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from functok_vllm.launch import Server, ServerStartError, functok_serve, start
 
 PROMPTS = [
     "The king said to his son",
@@ -21,40 +20,18 @@ PROMPTS = [
 ]
 
 
-class ServerProc:
-    """`functok serve ARGS` on a free loopback port, its output in `log`; ready once GET /health answers 200."""
+class ServerProc(Server):
+    """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log."""
 
     def __init__(self, tmp: Path, *args: str, config: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--port", str(port), *args]
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config))
-            cmd += ["--config", str(tmp / "config.json")]
-        self.url, self.log = f"http://127.0.0.1:{port}", tmp / "server.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)  # also after a non-200 answer: no busy loop against a starting server
-        self.stop()
-        pytest.fail(f"server did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+            args = (*args, "--config", str(tmp / "config.json"))
+        try:
+            srv = start(functok_serve(*args), tmp / "server.log", timeout_s=180)
+        except ServerStartError as e:
+            pytest.fail(str(e))
+        super().__init__(srv.proc, srv.url, srv.log)
 
 
 def is_error_body(r: httpx.Response, status: int, code: str | None = None) -> dict:

@@ -4,10 +4,8 @@ real process on loopback driven with the openai client; the spec travels as `vll
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -15,6 +13,8 @@ import pytest
 
 from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.engines.vllm.config import EXTENSION
+from functok_vllm.launch import Server, ServerStartError
+from functok_vllm.launch import start as launch_start
 from functok_vllm.paths import DEMO_MODEL
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
@@ -33,33 +33,15 @@ BAD = {  # spec -> the field the 400 names
 
 
 def start(cmd: list[str], log_path, env: dict) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited:\n{log_path.read_text()[-6000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    pytest.fail(f"server did not start:\n{log_path.read_text()[-6000:]}")
+    try:
+        srv = launch_start(cmd, log_path, env, timeout_s=300)
+    except ServerStartError as e:
+        pytest.fail(str(e))
+    return srv.proc, srv.url
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    Server(proc, "", None).stop()
 
 
 def complete(client: openai.OpenAI, spec: dict | None, model: str) -> str:
