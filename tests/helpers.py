@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from functok_vllm.launch import Server, ServerStartError, functok_serve, start
+from functok_vllm.paths import DEMO_MODEL
 
 PROMPTS = [
     "The king said to his son",
@@ -21,9 +22,12 @@ PROMPTS = [
 
 
 class ServerProc(Server):
-    """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log."""
+    """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log; the
+    demo model (functok-tiny, with its shipped SAEs) unless ARGS name a --model."""
 
     def __init__(self, tmp: Path, *args: str, config: dict | None = None):
+        if "--model" not in args:
+            args = ("--model", str(DEMO_MODEL), *args)
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config))
             args = (*args, "--config", str(tmp / "config.json"))
@@ -70,5 +74,27 @@ def batch_state(saes, function_tokens, max_clamps: int):
     from functok_vllm.engines.vllm.worker import _local_spec
 
     table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
-    cfg = from_additional_config({})
+    cfg = from_additional_config({}, str(DEMO_MODEL))
     return BatchSteering(table, function_tokens.mask(8192), lambda value: _local_spec(value, cfg, table))
+
+
+def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = False, **kw):
+    """vLLM's offline `LLM` with the steering worker extension, float32, seed 0, no prefix caching unless asked;
+    `saes`/`function_tokens` None: the demo SAEs and function tokens."""
+    from vllm import LLM
+
+    from functok_vllm.engines.vllm.config import EXTENSION
+
+    extra = {}
+    if saes is not None:
+        extra = {"functok": {"saes": [str(p) for p in saes], "function_tokens": str(function_tokens)}}
+    args = dict(max_model_len=256, max_num_seqs=16, enable_prefix_caching=False) | kw
+    return LLM(
+        model=str(model),
+        dtype="float32",
+        seed=0,
+        enforce_eager=enforce_eager,
+        worker_extension_cls=EXTENSION,
+        additional_config=extra,
+        **args,
+    )

@@ -127,8 +127,8 @@ def random_model(root, config_cls: str, tokenizer_dir, **kw):
     return root / "model"
 
 
-def lens_sae(out_dir, arch: str, d_in: int, hook_name: str, d_sae: int = 64, norm: str = "none", seed: int = 0):
-    """A random SAE saved by sae-lens itself (unit-norm decoder rows, encoder scaled to fire on a few features)."""
+def lens_new(arch: str, d_in: int, d_sae: int, hook_name: str, norm: str = "none", seed: int = 0):
+    """A new sae-lens SAE of an architecture (its own initialisation, seeded), not saved."""
     import sae_lens
 
     cls, cfg_cls = {
@@ -140,7 +140,12 @@ def lens_sae(out_dir, arch: str, d_in: int, hook_name: str, d_sae: int = 64, nor
     cfg = cfg_cls(d_in=d_in, d_sae=d_sae, normalize_activations=norm, **({"k": 8} if arch == "topk" else {}))
     cfg.metadata.hook_name = hook_name
     torch.manual_seed(seed)
-    sae = cls(cfg)
+    return cls(cfg)
+
+
+def lens_sae(out_dir, arch: str, d_in: int, hook_name: str, d_sae: int = 64, norm: str = "none", seed: int = 0):
+    """A random SAE saved by sae-lens itself (unit-norm decoder rows, encoder scaled to fire on a few features)."""
+    sae = lens_new(arch, d_in, d_sae, hook_name, norm, seed)
     with torch.no_grad():
         w = torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1)
         sae.W_dec.copy_(w)

@@ -31,7 +31,7 @@ def layer_of(module: str) -> str:
     sub = parts[1]
     if sub in ("core", "engines", "analysis", "train", "server"):
         return sub
-    if sub in ("cli", "smollm2"):  # the command line, and the model derivation it runs
+    if sub == "cli":
         return "cli"
     return "base"
 

@@ -17,7 +17,7 @@ from helpers import ServerProc, is_error_body, metric, wait_idle
 
 from functok_vllm.cli import build_parser
 from functok_vllm.core import SAE, SAEConfig
-from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 
 KEY = "sk-reliability-93be1f"
 SECRET = "Quetzalcoatl pumpernickel saxophone"  # a prompt that must never reach the log
@@ -220,7 +220,8 @@ def test_a_bad_sae_file_stops_start_up_naming_it(tmp_path):
     cases = [make(tmp_path) for make in (truncated, narrow, mismatched_cfg)]
 
     def serve(sae_dir: Path):
-        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--sae", str(sae_dir), "--port", "1"]
+        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), "--sae", str(sae_dir)]
+        cmd += ["--port", "1"]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     with ThreadPoolExecutor(len(cases)) as pool:
@@ -248,7 +249,8 @@ def test_a_bad_function_token_file_stops_start_up_naming_the_file_and_field(tmp_
         body, _, engine = cases[name]
         path = tmp_path / f"{name}.json"
         path.write_text(body)
-        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--function-tokens", str(path), "--engine", engine]
+        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL)]
+        cmd += ["--function-tokens", str(path), "--engine", engine]
         return path, subprocess.run(cmd + ["--port", "1"], capture_output=True, text=True, timeout=300)
 
     with ThreadPoolExecutor(len(cases)) as pool:

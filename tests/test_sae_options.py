@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from reference import lens_new
 
 from functok_vllm.core.hookpoint import HookPoint, parse_hook_name
 from functok_vllm.core.sae import SAE, SAELoadError, load_saes
@@ -28,16 +29,7 @@ def lens():
 
 def lens_saved(tmp_path, lens, arch: str, hook_name: str, norm: str = "none", seed: int = 0):
     """(sae-lens SAE, its directory): random weights, saved with sae-lens's own `save_model`."""
-    cls, cfg_cls = {
-        "standard": (lens.StandardSAE, lens.StandardSAEConfig),
-        "jumprelu": (lens.JumpReLUSAE, lens.JumpReLUSAEConfig),
-        "topk": (lens.TopKSAE, lens.TopKSAEConfig),
-        "gated": (lens.GatedSAE, lens.GatedSAEConfig),
-    }[arch]
-    cfg = cfg_cls(d_in=D_IN, d_sae=D_SAE, normalize_activations=norm, **({"k": 8} if arch == "topk" else {}))
-    cfg.metadata.hook_name = hook_name
-    torch.manual_seed(seed)
-    sae = cls(cfg)
+    sae = lens_new(arch, D_IN, D_SAE, hook_name, norm, seed)
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)

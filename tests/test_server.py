@@ -15,6 +15,7 @@ import torch
 from helpers import PROMPTS, ServerProc, metric, wait_idle
 
 from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.paths import DEMO_MODEL
 
 KEY = "sk-test-6f1c0de"
 MODEL = "functok-tiny"
@@ -298,9 +299,12 @@ def test_full_server_answers_429_with_retry_after(server, http):
 
 def test_serve_refuses_bad_setup_with_exit_2(tmp_path):
     run = lambda *args: subprocess.run(
-        [sys.executable, "-m", "functok_vllm.cli", "serve", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )  # noqa: E731
-    r = run("--model", str(tmp_path))
+    r = run("--model", str(tmp_path))  # the last --model wins
     assert r.returncode == 2 and "no config.json" in r.stderr
     r = run("--sae", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "nowhere" in r.stderr

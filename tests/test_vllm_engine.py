@@ -11,7 +11,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import batch_state  # noqa: E402
+from helpers import batch_state, steering_llm  # noqa: E402
 
 from functok_vllm.core import POSITIONS, SpecError, SteeringSpec  # noqa: E402
 from functok_vllm.core.batch import last_function_position  # noqa: E402
@@ -21,7 +21,7 @@ from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.admission import cache_salt, parse_user_spec  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import EXTENSION, from_additional_config, spec_from_xarg  # noqa: E402
+from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 from functok_vllm.steering import to_json as to_xarg  # noqa: E402
 
@@ -160,12 +160,12 @@ def test_a_spec_the_worker_cannot_apply_runs_unsteered(state, demo_tokenizer):
 )
 def test_admission_rejects_bad_specs_naming_the_field(given, field):
     with pytest.raises(SpecError) as e:
-        parse_user_spec(given, from_additional_config({}))
+        parse_user_spec(given, from_additional_config({}, str(DEMO_MODEL)))
     assert e.value.field.startswith(field)
 
 
 def test_admission_canonicalises_and_drops_empty_specs():
-    cfg = from_additional_config({})
+    cfg = from_additional_config({}, str(DEMO_MODEL))
     s = parse_user_spec('{"positions": "all", "edits": [{"strength": 2, "feature": 5, "layer": 1}]}', cfg)
     assert s == spec({"layer": 1, "feature": 5, "strength": 2.0}, positions="all")
     assert spec_from_xarg(s.key()) == s
@@ -177,7 +177,7 @@ def test_admission_canonicalises_and_drops_empty_specs():
 
 
 def test_config_defaults_and_function_token_lookup(tmp_path):
-    demo = from_additional_config({})
+    demo = from_additional_config({}, str(DEMO_MODEL))
     assert sorted(demo.sae_configs) == [0, 1, 2] and demo.function_tokens == DEMO_FUNCTION_TOKENS
     saes = {"saes": [str(SAE_DIRS[1])]}
     assert from_additional_config({"functok": saes}, str(DEMO_MODEL)).function_tokens.parent == DEMO_MODEL
@@ -338,16 +338,7 @@ class TestEager:
 
 @pytest.fixture(scope="class")
 def compiled():
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(DEMO_MODEL),
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=16,
-        seed=0,
-        worker_extension_cls=EXTENSION,
-    )
+    llm = steering_llm(DEMO_MODEL, enable_prefix_caching=True)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -3,8 +3,10 @@ a plain transformers forward with hooks at each hook point, activations from sae
 log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests.
 
 Random Llama (grouped-query attention, fused add+norm layers): resid_pre of block 0 (the embeddings), attn_out (a gated
-SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm). Random GPT-2 (one-tensor
-layers): resid_pre 0, attn_out, mlp_out; its resid_mid has no fused norm to steer at and is refused by name.
+SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm), compiled and eager. Random
+GPT-2 (one-tensor layers): resid_pre 0, attn_out, mlp_out; its resid_mid has no fused norm to steer at and is refused
+by name. Mistral (sliding window shorter than the prompt), Qwen2, Qwen3, Gemma-2 (window, attention and final
+soft-capping, norms after attention and MLP) and Phi-3, compiled: resid_pre 0, resid_post, resid_mid, mlp_out.
 """
 
 import json
@@ -15,10 +17,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import steering_llm  # noqa: E402
 from reference import eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
 
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
-from functok_vllm.engines.vllm.config import EXTENSION  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
 
 STATUS = vllm_status()
@@ -45,7 +47,29 @@ CASES = {
         {0: ("resid_pre", "standard", "none"), 2: ("attn_out", "jumprelu", "none"), 3: ("mlp_out", "gated", "none")},
     ),
 }
+# Other families vLLM serves natively on CPU, compiled, each with four hook points (resid_mid at its fused norm).
+GQA = {**LLAMA, "num_key_value_heads": 2}
+MIXED = {
+    0: ("resid_pre", "jumprelu", "none"),
+    1: ("resid_post", "standard", "none"),
+    2: ("resid_mid", "jumprelu", "none"),
+    3: ("mlp_out", "gated", "none"),
+}
+WINDOW = 8  # shorter than the prompt (17 tokens): a sliding window that bites
+CASES |= {
+    "mistral": ("MistralConfig", {**GQA, "sliding_window": WINDOW}, MIXED),
+    "qwen2": ("Qwen2Config", GQA, MIXED),
+    "qwen3": ("Qwen3Config", {**GQA, "head_dim": 64}, MIXED),
+    "gemma2": (
+        "Gemma2Config",
+        {**GQA, "head_dim": 64, "sliding_window": WINDOW, "attn_logit_softcapping": 5.0}
+        | {"final_logit_softcapping": 3.0},
+        MIXED,
+    ),
+    "phi3": ("Phi3Config", {**GQA, "pad_token_id": 0}, MIXED),
+}
 RUNS = [("llama", "compiled"), ("llama", "eager"), ("gpt2", "compiled")]
+RUNS += [(f, "compiled") for f in ("mistral", "qwen2", "qwen3", "gemma2", "phi3")]
 PROMPTS = ["The old house by the river was empty, and the children of the village said that"]
 
 
@@ -74,19 +98,7 @@ def built(tmp_path_factory):
 
 
 def make_llm(model_dir, sae_dirs, enforce_eager: bool):
-    from vllm import LLM
-
-    return LLM(
-        model=str(model_dir),
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=8,
-        seed=0,
-        enforce_eager=enforce_eager,
-        enable_prefix_caching=False,
-        worker_extension_cls=EXTENSION,
-        additional_config={"functok": {"saes": list(map(str, sae_dirs)), "function_tokens": str(DEMO_FUNCTION_TOKENS)}},
-    )
+    return steering_llm(model_dir, sae_dirs, DEMO_FUNCTION_TOKENS, enforce_eager, max_num_seqs=8)
 
 
 @pytest.mark.parametrize("name,mode", RUNS, ids=[f"{n}-{m}" for n, m in RUNS])

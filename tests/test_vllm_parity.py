@@ -16,10 +16,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import steering_llm  # noqa: E402
 
 from functok_vllm.core.sae import SAE, SAEConfig  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
-from functok_vllm.engines.vllm.config import EXTENSION  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, ROOT  # noqa: E402
 
 STATUS = vllm_status()
@@ -134,20 +134,10 @@ def case(request, tmp_path_factory):
 
 def vllm_outputs(case, enforce_eager: bool) -> dict:
     """(prompt ids, prompt logprobs, generated ids, generated logprobs) for every (prompt, spec), in one batch."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     model, saes, fn, layers = case
-    llm = LLM(
-        model=str(model),
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=16,
-        seed=0,
-        enforce_eager=enforce_eager,
-        enable_prefix_caching=False,
-        worker_extension_cls=EXTENSION,
-        additional_config={"functok": {"saes": [str(saes)], "function_tokens": str(fn)}},
-    )
+    llm = steering_llm(model, [saes], fn, enforce_eager)
     try:
         params = [
             SamplingParams(

@@ -111,7 +111,8 @@ class TestStockVLLMServe:
 
 @pytest.fixture(scope="class")
 def functok_vllm(tmp_path_factory):
-    cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--engine", "vllm", "--max-model-len", "256"]
+    cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), "--engine", "vllm"]
+    cmd += ["--max-model-len", "256"]
     env = os.environ | ENV | {"FUNCTOK_VLLM_ARGS": json.dumps({"enforce_eager": True, "max_num_seqs": 8})}
     proc, url = start(cmd, tmp_path_factory.mktemp("functok") / "serve.log", env)
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), url

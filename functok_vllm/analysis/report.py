@@ -139,6 +139,34 @@ def function_token_share(summary: dict) -> float:
     return fn / summary["tokens"] if summary["tokens"] else 0.0
 
 
+def headline(ctx: dict) -> dict:
+    """The numbers a reader compares across models (deepest SAE layer where a layer is needed)."""
+    deep_cov = ctx["coverage"]["layers"][max(ctx["coverage"]["layers"], key=int)]
+    layers = ctx["reactivation"]["layers"]
+    deep_re = layers[max(layers, key=int)]["function"]
+    ef = ctx["study"]["variants"]["ends_function"]
+    return {
+        "model": ctx["model_name"],
+        "n_function_tokens": ctx["function_tokens"]["n_function_tokens"],
+        "heldout_fn_share": ctx["heldout_fn_share"],
+        "function_tokens_coverage": deep_cov["function_tokens_coverage"],
+        "next_k_coverage": deep_cov["next_k_coverage"],
+        "reactivated_predictive": deep_re["predictive_share_reactivated"],
+        "other_predictive": deep_re["predictive_share_other"],
+        "fc_loss_share": ctx["loss_split"][-1]["groups"]["function->content"]["loss_share"],
+        "steer_top1_function": ef["last_function"]["top1"],
+        "steer_top1_content": ef["last_content"]["top1"],
+    }
+
+
+def all_summaries(mine: dict) -> list[dict]:
+    """Every report's summary.json in the repository (analysis/ and analysis/*/), this run's replacing its own."""
+    found = [ANALYSIS_DIR / "summary.json", *sorted(ANALYSIS_DIR.glob("*/summary.json"))]
+    runs = [json.loads(p.read_text()) for p in found if p.is_file()]
+    runs = [r for r in runs if r.get("model") != mine["model"]]
+    return sorted([*runs, mine], key=lambda r: r["model"])
+
+
 def main(args) -> int:
     from functok_vllm.analysis.model import load_hf
 
@@ -219,6 +247,10 @@ def main(args) -> int:
         "max_tokens": args.max_tokens,
         "loss_tokens": ls_cfg.max_tokens,
     }
+    ctx["model_name"] = Path(args.model).name
+    summary = headline(ctx)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ctx["all_summaries"] = all_summaries(summary)
     path = out / "REPORT.md"
     path.write_text(render(ctx, lambda i: am.decode([i])))
     print(f"wrote {path} and {figs}/*.png in {ctx['total_seconds']:.0f} s")

@@ -32,6 +32,9 @@ _HF = re.compile(
 _HF_SITE = {None: "resid_post", "self_attn": "attn_out", "attn": "attn_out", "attention": "attn_out", "mlp": "mlp_out"}
 
 
+ATTN_NAMES = ("self_attn", "attn", "attention")  # a decoder layer's attention module, by family
+
+
 class HookError(ValueError):
     """A hook name functok cannot apply an SAE at (the caller adds the file it came from)."""
 
@@ -85,3 +88,17 @@ def parse_hook_name(name: str) -> HookPoint:
     raise HookError(
         f"hook point {name!r} is not supported: {why}; functok applies SAEs at blocks.L.hook_" + "/".join(SITES)
     )
+
+
+def site_module_name(layer, site: str) -> str:
+    """The attribute of a decoder layer (a transformers or a vLLM module) whose output is what the layer adds to the
+    stream at `attn_out` / `mlp_out`: its attention or MLP module, or, in families with norms after them (Gemma-2/3,
+    OLMo-2: `post_feedforward_layernorm`), those norms. HookError if the layer has none."""
+    sandwich = hasattr(layer, "post_feedforward_layernorm")
+    if site == "mlp_out":
+        name = "post_feedforward_layernorm" if sandwich else "mlp"
+    else:
+        name = "post_attention_layernorm" if sandwich else next((n for n in ATTN_NAMES if hasattr(layer, n)), "")
+    if not name or not hasattr(layer, name):
+        raise HookError(f"{type(layer).__name__} has no module for {site} (looked for {name or ATTN_NAMES})")
+    return name

