@@ -4,9 +4,10 @@ log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added an
 
 Random Llama (grouped-query attention, fused add+norm layers): resid_pre of block 0 (the embeddings), attn_out (a gated
 SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm), compiled and eager. Random
-GPT-2 (one-tensor layers): resid_pre 0, attn_out, mlp_out; its resid_mid has no fused norm to steer at and is refused
-by name. Mistral (sliding window shorter than the prompt), Qwen2, Qwen3, Gemma-2 (window, attention and final
-soft-capping, norms after attention and MLP) and Phi-3, compiled: resid_pre 0, resid_post, resid_mid, mlp_out.
+GPT-2 (one-tensor layers): resid_pre 0, resid_post, attn_out, mlp_out; its resid_mid has no fused norm to steer at and
+is refused by name. Gemma-2 (window, attention and final soft-capping, norms after attention and MLP) compiled;
+Mistral (sliding window shorter than the prompt), Qwen2, Qwen3 and Phi-3 eager: resid_pre 0, resid_post, resid_mid,
+mlp_out.
 """
 
 import json
@@ -44,7 +45,12 @@ CASES = {
     "gpt2": (
         "GPT2Config",
         {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512},
-        {0: ("resid_pre", "standard", "none"), 2: ("attn_out", "jumprelu", "none"), 3: ("mlp_out", "gated", "none")},
+        {
+            0: ("resid_pre", "standard", "none"),
+            1: ("resid_post", "jumprelu", "none"),
+            2: ("attn_out", "jumprelu", "none"),
+            3: ("mlp_out", "gated", "none"),
+        },
     ),
 }
 # Other families vLLM serves natively on CPU, compiled, each with four hook points (resid_mid at its fused norm).
@@ -68,8 +74,11 @@ CASES |= {
     ),
     "phi3": ("Phi3Config", {**GQA, "pad_token_id": 0}, MIXED),
 }
-RUNS = [("llama", "compiled"), ("llama", "eager"), ("gpt2", "compiled")]
-RUNS += [(f, "compiled") for f in ("mistral", "qwen2", "qwen3", "gemma2", "phi3")]
+# Compiled (Inductor, where the steering op once met a fusion bug) for each distinct layer code path: Llama-style fused
+# add+norm (Llama, also eager), Gemma-2's norms after attention and MLP, GPT-2's one-tensor layers. Mistral, Qwen2/3
+# and Phi-3 run vLLM's Llama-style layer code with their own attention settings: eager, to keep CI within budget.
+RUNS = [("llama", "compiled"), ("llama", "eager"), ("gpt2", "compiled"), ("gemma2", "compiled")]
+RUNS += [(f, "eager") for f in ("mistral", "qwen2", "qwen3", "phi3")]
 PROMPTS = ["The old house by the river was empty, and the children of the village said that"]
 
 

