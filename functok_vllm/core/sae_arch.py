@@ -34,6 +34,7 @@ class Architecture:
 
     name: ClassVar[str]
     clamp_exact: ClassVar[bool] = True  # can one feature's activation be computed without the others?
+    magnitude_path: ClassVar[bool] = False  # a magnitude encoder apart from the gate (ClampColumns.w_mag)?
 
     def shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
         return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,)}
@@ -102,6 +103,7 @@ class Gated(Architecture):
     encoder rescaled by exp(r_mag)) how strongly."""
 
     name = "gated"
+    magnitude_path = True
 
     def shapes(self, d_in, d_sae):
         return {"W_enc": (d_in, d_sae), "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}

@@ -43,9 +43,9 @@ class SteeringLayer(torch.nn.Module):
         self.register_buffer("clamp_W_gate", z(d, max_clamps), persistent=False)  # (d_model, clamps)
         self.register_buffer("clamp_b_gate", z(max_clamps), persistent=False)
         self.register_buffer("clamp_threshold", z(max_clamps), persistent=False)  # 0 for ReLU SAEs
-        gated = sae.cfg.architecture == "gated"
-        self.register_buffer("clamp_W_mag", z(d, max_clamps) if gated else None, persistent=False)
-        self.register_buffer("clamp_b_mag", z(max_clamps) if gated else None, persistent=False)
+        two = sae.cfg.arch.magnitude_path
+        self.register_buffer("clamp_W_mag", z(d, max_clamps) if two else None, persistent=False)
+        self.register_buffer("clamp_b_mag", z(max_clamps) if two else None, persistent=False)
         self.register_buffer("clamp_W_dec", z(max_clamps, d), persistent=False)  # (clamps, d_model)
         self.register_buffer("clamp_value", z(max_clamps), persistent=False)
         owner = torch.full((max_clamps,), -1, dtype=torch.long, device=device)

@@ -93,11 +93,9 @@ def _extension_loaded(qualname: str | None) -> bool:
         return False
     if qualname == EXTENSION:
         return True
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
     from functok_vllm.engines.vllm.worker import SteeringWorkerExtension
 
-    cls = resolve_obj_by_qualname(qualname)
+    cls = compat.resolve_qualname(qualname)
     return isinstance(cls, type) and issubclass(cls, SteeringWorkerExtension)
 
 

@@ -56,6 +56,13 @@ def wrap_process_inputs(wrapper) -> None:
     InputProcessor.process_inputs = process_inputs
 
 
+def resolve_qualname(qualname: str):
+    """The object a `worker_extension_cls`-style qualified name names, resolved the way vLLM resolves it."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    return resolve_obj_by_qualname(qualname)
+
+
 # ---- the model runner -----------------------------------------------------------------------------------------------
 
 _MIXED: dict[tuple[type, type], type] = {}
