@@ -94,4 +94,6 @@ def batch_state(saes, function_tokens, max_clamps: int):
 
     table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
     cfg = from_additional_config({})
-    return BatchSteering(table, function_tokens.mask(8192), lambda value: _local_spec(value, cfg, table))
+    return BatchSteering(
+        table, function_tokens.mask(8192), lambda value, extra=None: _local_spec(value, cfg, table, extra)
+    )
