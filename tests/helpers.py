@@ -75,19 +75,21 @@ def batch_state(saes, function_tokens, max_clamps: int):
 
     table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
     cfg = from_additional_config({}, str(DEMO_MODEL))
-    return BatchSteering(table, function_tokens.mask(8192), lambda value: _local_spec(value, cfg, table))
+    return BatchSteering(
+        table, function_tokens.mask(8192), lambda value, extra=None: _local_spec(value, cfg, table, extra)
+    )
 
 
-def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = False, **kw):
+def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = False, functok=None, **kw):
     """vLLM's offline `LLM` with the steering worker extension, float32, seed 0, no prefix caching unless asked;
-    `saes`/`function_tokens` None: the demo SAEs and function tokens."""
+    `saes`/`function_tokens` None: the SAEs shipped for the model; `functok`: more additional_config["functok"] keys."""
     from vllm import LLM
 
     from functok_vllm.engines.vllm.config import EXTENSION
 
-    extra = {}
+    extra = dict(functok or {})
     if saes is not None:
-        extra = {"functok": {"saes": [str(p) for p in saes], "function_tokens": str(function_tokens)}}
+        extra |= {"saes": [str(p) for p in saes], "function_tokens": str(function_tokens)}
     args = dict(max_model_len=256, max_num_seqs=16, enable_prefix_caching=False) | kw
     return LLM(
         model=str(model),
@@ -95,6 +97,6 @@ def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = F
         seed=0,
         enforce_eager=enforce_eager,
         worker_extension_cls=EXTENSION,
-        additional_config=extra,
+        additional_config={"functok": extra} if extra else {},
         **args,
     )

@@ -16,11 +16,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "functok-tiny"
 # a tiny max_tokens cap keeps every valid generation short; a small analysis cap keeps every valid analysis short
 FLAGS = ["--api-key", KEY, "--max-tokens", "8", "--max-analysis-prompts", "2", "--max-running", "4"]
+FLAGS += ["--admin-api-key", KEY, "--steer-layers", "3"]  # the steering library's writes too
 OPERATIONS = [  # (method, path, generation modes)
     ("POST", "/v1/completions", ("positive", "negative")),
     ("POST", "/v1/chat/completions", ("positive", "negative")),
     ("POST", "/v1/analysis/reactivation", ("positive", "negative")),
     ("GET", "/v1/steering", ("positive",)),
+    ("POST", "/v1/steering/vectors", ("positive", "negative")),
+    ("PUT", "/v1/steering/vectors/{name}", ("negative",)),
+    ("POST", "/v1/steering/presets", ("positive", "negative")),
 ]
 CASES = [(m, p, mode) for m, p, modes in OPERATIONS for mode in modes]
 EXAMPLES = 30  # per operation and mode
@@ -28,7 +32,7 @@ EXAMPLES = 30  # per operation and mode
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerProc(tmp_path_factory.mktemp("fuzz"), *FLAGS)
+    s = ServerProc(tmp_path_factory.mktemp("fuzz"), *FLAGS, "--data-dir", str(tmp_path_factory.mktemp("library")))
     yield s
     s.stop()
 

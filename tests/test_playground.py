@@ -1,7 +1,8 @@
 """The steering playground: its HTTP side (the page and its files public, the API gated, the feature finder, /tokenize,
 the on-disk cache) and the page itself in a real headless browser (Debian's chromium driven by chromedriver through
 selenium) against a live `functok serve`: find a feature, add it, run, two different completions streamed side by side
-with the steered positions highlighted and no console errors; a bad strength shown in words; a phone's width.
+with the steered positions highlighted and no console errors; a bad strength shown in words; a phone's width; a
+steering vector from the server's library picked by name and run.
 
 `FUNCTOK_UPDATE_SCREENSHOT=1` also copies the desktop screenshot to docs/playground.png (the README's picture).
 """
@@ -18,6 +19,8 @@ import torch
 from helpers import ServerProc, is_error_body
 
 KEY = "sk-play-1e4"
+ADMIN = "sk-play-admin"
+VECTOR = {"name": "mikh", "layer": 2, "features": [{"feature": 1493, "strength": 150.0}], "description": "README's"}
 MODEL = "functok-tiny"
 MAX_ABS = 400  # --max-abs-strength
 MAX_TOKENS = 24
@@ -33,8 +36,8 @@ def home(tmp_path_factory):
 
 def serve(tmp: Path, home: Path) -> ServerProc:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUNCTOK_HOME", str(home))
-        return ServerProc(tmp, "--api-key", KEY, "--max-abs-strength", str(MAX_ABS))
+        mp.setenv("FUNCTOK_HOME", str(home))  # the library too: $FUNCTOK_HOME/library/functok-tiny
+        return ServerProc(tmp, "--api-key", KEY, "--admin-api-key", ADMIN, "--max-abs-strength", str(MAX_ABS))
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +285,47 @@ def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_
         d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_a_named_vector_in_the_browser(server, http, browser):
+    """The library's vectors are offered as edits: pick one by name, run, and the page shows what the API returns."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    r = http.post("/v1/steering/vectors", json=VECTOR, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 201, r.text
+    spec = {"edits": [{"vector": "mikh", "strength": 1.0}], "positions": "function"}
+    steered, plain = greedy(http, spec), greedy(http)
+    assert steered[0] != plain[0]
+    d, find = browser, browser.find_element
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    d.get_log("browser")  # drop what the previous test logged (its refused strength, its offline runs)
+    d.get(server.url + "/")
+    wait.until(
+        lambda d: find(By.ID, "key-form").is_displayed() or find(By.TAG_NAME, "body").get_attribute("data-ready")
+    )
+    if find(By.ID, "key-form").is_displayed():  # run alone: this tab has no key yet
+        find(By.ID, "api-key").send_keys(KEY, Keys.ENTER)
+    wait.until(lambda d: find(By.ID, "vector-picker").is_displayed())
+    options = [o.get_attribute("value") for o in Select(find(By.ID, "vector-name")).options]
+    assert options == ["mikh"] and "mikh (layer 2)" in find(By.ID, "vector-name").text
+    find(By.ID, "add-vector").click()
+    row = find(By.CSS_SELECTOR, '#edits li[data-vector="mikh"]')
+    assert "vector mikh at layer 2" in row.text
+    assert find(By.CSS_SELECTOR, "#edits .strength-number").get_attribute("value") == "1"
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+    find(By.ID, "run").click()
+    states = ("panel-steered", "panel-plain")
+    wait.until(lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states))
+    text_of = "return document.querySelector(arguments[0] + ' .text').textContent"
+    assert (d.execute_script(text_of, "#panel-steered"), d.execute_script(text_of, "#panel-plain")) == (
+        steered[0],
+        plain[0],
+    )
+    assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
 # ---- HTTP --------------------------------------------------------------------------------------------------------
 
 
@@ -303,7 +347,7 @@ def test_page_and_files_are_public_the_api_is_not(server):
 
 def test_steering_info_lists_capabilities(http):
     caps = http.get("/v1/steering").json()["capabilities"]
-    assert caps == {"features": False, "logprobs": False, "spec_lists": False, "vectors": False}
+    assert caps == {"features": False, "logprobs": False, "spec_lists": False, "vectors": True}
 
 
 def test_feature_card_matches_the_logit_lens_and_search_finds_it(http, demo_model, demo_saes):

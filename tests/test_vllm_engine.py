@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import batch_state, steering_llm  # noqa: E402
 
-from functok_vllm.core import POSITIONS, SpecError, SteeringSpec  # noqa: E402
+from functok_vllm.core import POSITIONS, SpecError, SteeringSpec, Vector, VectorEdit  # noqa: E402
 from functok_vllm.core.batch import last_function_position  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
@@ -21,7 +21,7 @@ from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.admission import cache_salt, parse_user_spec  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg  # noqa: E402
+from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg, vector_payload  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 from functok_vllm.steering import to_json as to_xarg  # noqa: E402
 
@@ -241,15 +241,29 @@ def cases(demo_model, demo_tokenizer, demo_saes, logit_lens_feature):
 
 
 @pytest.fixture(scope="module")
-def reference(cases, loop):
-    """The transformers engine's (tokens, steered positions) for every (prompt, spec), one request at a time."""
-    hf = HFEngine(HFEngineConfig(DEMO_MODEL, SAE_DIRS, DEMO_FUNCTION_TOKENS, warmup=False))
+def vector_case(cases):
+    """(prompt ids, spec): a steering vector at layer 2 (an SAE's) and layer 3 (add-only, `steer_layers`), bound as
+    a server binds a named one."""
+    g = torch.Generator().manual_seed(1)
+    hooks = {"blocks.2.hook_resid_post": 2, "blocks.3.hook_resid_post": 3}
+    v = Vector.make({h: torch.nn.functional.normalize(torch.randn(256, generator=g), dim=0) * 30 for h in hooks})
+    return cases[0][1], SteeringSpec((), "all", (VectorEdit(v.id, 1.5, "mix", v.at(hooks), v),))  # prompt 1
+
+
+@pytest.fixture(scope="module")
+def reference(cases, vector_case, loop):
+    """The transformers engine's (tokens, steered positions) for every (prompt, spec), one request at a time, and for
+    the vector case (under "vector")."""
+    cfg = HFEngineConfig(DEMO_MODEL, SAE_DIRS, DEMO_FUNCTION_TOKENS, steer_layers=[3], warmup=False)
+    hf = HFEngine(cfg)
     loop.run_until_complete(hf.start())
     prompts, specs = cases
     out = {
         (i, j): loop.run_until_complete(collect(hf, f"hf-{i}-{j}", ids, s))
         for (i, ids), (j, s) in itertools.product(enumerate(prompts), enumerate(specs))
     }
+    out["vector"] = loop.run_until_complete(collect(hf, "hf-vector", *vector_case))
+    assert out["vector"][0] != loop.run_until_complete(collect(hf, "hf-plain", vector_case[0], None))[0]
     loop.run_until_complete(hf.shutdown())
     for j in range(1, len(specs)):  # every spec changes some prompt's output: the parity below means something
         assert any(out[i, j][0] != out[i, 0][0] for i in range(len(prompts))), f"spec {j} changes nothing"
@@ -338,7 +352,8 @@ class TestEager:
 
 @pytest.fixture(scope="class")
 def compiled():
-    llm = steering_llm(DEMO_MODEL, enable_prefix_caching=True)
+    # an add-only layer (no SAE) in the compiled graph
+    llm = steering_llm(DEMO_MODEL, enable_prefix_caching=True, functok={"steer_layers": [3]})
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -362,3 +377,16 @@ class TestCompiled:
         }
         stats = compiled.collective_rpc("functok_stats")[0]
         assert stats["steered_tokens"] > 0 and stats["slots_in_use"] == 0
+
+    def test_a_vector_at_an_sae_layer_and_an_add_only_layer_matches_transformers(
+        self, compiled, vector_case, reference
+    ):
+        """The directions travel with the request (`extra_args["functok_vectors"]`), alone and beside a plain one."""
+        from vllm import SamplingParams as VSP
+
+        ids, s = vector_case
+        steered = VSP(temperature=0, max_tokens=MAX_TOKENS, extra_args={"steering": to_xarg(s)} | vector_payload(s))
+        plain = VSP(temperature=0, max_tokens=MAX_TOKENS)
+        outs = compiled.generate([{"prompt_token_ids": ids}] * 2, [steered, plain], use_tqdm=False)
+        assert list(outs[0].outputs[0].token_ids) == reference["vector"][0]
+        assert list(outs[1].outputs[0].token_ids) == reference[1, 0][0]

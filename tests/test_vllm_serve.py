@@ -1,5 +1,7 @@
 """Steering through stock `vllm serve` (worker extension + plugin) and through `functok serve --engine vllm`, each a
-real process on loopback driven with the openai client; the spec travels as `vllm_xargs.steering` (a JSON string)."""
+real process on loopback driven with the openai client; the spec travels as `vllm_xargs.steering` (a JSON string).
+Both serve a steering library (the same data directory, with an add-only layer 3): a named vector gives the
+transformers engine's greedy tokens on both."""
 
 import asyncio
 import json
@@ -23,6 +25,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=s
 ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 PROMPT = "The king said to his son, and the"
 SPEC = {"edits": [{"layer": 2, "feature": 5, "strength": 20.0}], "positions": "all"}
+NAMED = {"edits": [{"vector": "mix", "strength": 1.0}], "positions": "function"}  # layer 2 (an SAE's) and 3 (add-only)
+ADD_LAYER, ADMIN = 3, "sk-admin-vllm"
 BAD = {  # spec -> the field the 400 names
     '{"edits": [{"layer": 9, "feature": 1, "strength": 1.0}]}': "edits[0].layer",
     '{"edits": [{"layer": 2, "feature": 2048, "strength": 1.0}]}': "edits[0].feature",
@@ -51,31 +55,57 @@ def complete(client: openai.OpenAI, spec: dict | None, model: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def texts() -> dict[str, str]:
-    """The transformers engine's (unsteered, steered) greedy text for PROMPT: what both vLLM servers must return."""
+def library(tmp_path_factory):
+    """A steering library directory holding "mix": random directions at layers 2 and 3 (written by the store)."""
+    import torch
+
+    from functok_vllm.core.vector import Vector
+    from functok_vllm.library.store import Library
+
+    root = tmp_path_factory.mktemp("library")
+    g = torch.Generator().manual_seed(0)
+    hooks = ("blocks.2.hook_resid_post", "blocks.3.hook_resid_post")
+    mix = Vector.make({h: torch.nn.functional.normalize(torch.randn(256, generator=g), dim=0) * 40 for h in hooks})
+    Library(root, 256, writer=True).put_vector("mix", mix, {"kind": "directions"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def texts(library) -> dict[str, str]:
+    """The transformers engine's (unsteered, steered, steered by the named vector) greedy text for PROMPT: what both
+    vLLM servers must return."""
     from functok_vllm.core import SteeringSpec
     from functok_vllm.engines.base import GenerateRequest, SamplingParams
     from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
+    from functok_vllm.library.store import Library
     from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+    from functok_vllm.steering import SteeringLimits, Vectors, parse_steering
 
     async def run() -> dict[str, str]:
-        hf = HFEngine(HFEngineConfig(DEMO_MODEL, sorted(DEMO_SAES.glob("layer_*")), DEMO_FUNCTION_TOKENS, warmup=False))
+        saes = sorted(DEMO_SAES.glob("layer_*"))
+        hf = HFEngine(HFEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, steer_layers=[ADD_LAYER], warmup=False))
         await hf.start()
+        named = parse_steering(
+            NAMED, "steering", SteeringLimits(), Vectors(Library(library).resolve, hf.steering_info())
+        )
         out = {}
-        for name, spec in (("plain", None), ("steered", SteeringSpec.from_dict(SPEC))):
+        for name, spec in (("plain", None), ("steered", SteeringSpec.from_dict(SPEC)), ("named", named)):
             req = GenerateRequest(name, hf.encode(PROMPT), SamplingParams(0, max_tokens=10), spec)
             out[name] = "".join([d.text async for d in hf.generate(req)])
         await hf.shutdown()
         return out
 
-    return asyncio.run(run())
+    out = asyncio.run(run())
+    assert len({out["plain"], out["steered"], out["named"]}) == 3
+    return out
 
 
 @pytest.fixture(scope="class")
-def stock(tmp_path_factory):
+def stock(tmp_path_factory, library):
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(DEMO_MODEL), "--host", "127.0.0.1"]
     cmd += ["--worker-extension-cls", EXTENSION, "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
     cmd += ["--served-model-name", "tiny", "--max-num-seqs", "8"]
+    cmd += ["--additional-config", json.dumps({"functok": {"library": str(library), "steer_layers": [ADD_LAYER]}})]
     proc, url = start(cmd, tmp_path_factory.mktemp("vllm") / "serve.log", os.environ | ENV)
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     stop(proc)
@@ -88,7 +118,16 @@ class TestStockVLLMServe:
         assert steered != plain
         assert complete(stock, None, "tiny") == plain  # same prompt again, after a steered run (prefix cache on)
         assert complete(stock, SPEC, "tiny") == steered
-        assert {"plain": plain, "steered": steered} == texts  # the transformers engine's greedy text
+        assert {"plain": plain, "steered": steered} == {k: texts[k] for k in ("plain", "steered")}
+
+    def test_a_named_vector_from_the_library_steers_as_on_the_transformers_engine(self, stock, texts):
+        assert complete(stock, NAMED, "tiny") == texts["named"]
+        with pytest.raises(openai.BadRequestError, match="no vector named 'nope' \\(vectors: mix\\)"):
+            complete(stock, {"edits": [{"vector": "nope", "strength": 1.0}]}, "tiny")
+        with pytest.raises(openai.BadRequestError, match="functok_vectors comes with a steering spec only"):
+            stock.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"vllm_xargs": {"functok_vectors": "{}"}}
+            )
 
     @pytest.mark.parametrize("bad", BAD)
     def test_a_bad_spec_is_a_400_naming_the_problem(self, stock, bad):
@@ -110,9 +149,10 @@ class TestStockVLLMServe:
 
 
 @pytest.fixture(scope="class")
-def functok_vllm(tmp_path_factory):
+def functok_vllm(tmp_path_factory, library):
     cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), "--engine", "vllm"]
     cmd += ["--max-model-len", "256"]
+    cmd += ["--data-dir", str(library), "--steer-layers", str(ADD_LAYER), "--admin-api-key", ADMIN]
     env = os.environ | ENV | {"FUNCTOK_VLLM_ARGS": json.dumps({"enforce_eager": True, "max_num_seqs": 8})}
     proc, url = start(cmd, tmp_path_factory.mktemp("functok") / "serve.log", env)
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), url
@@ -125,12 +165,28 @@ class TestFunctokServeVLLM:
         plain = complete(client, None, "functok-tiny")
         steered = complete(client, SPEC, "functok-tiny")
         assert steered != plain
-        assert {"plain": plain, "steered": steered} == texts  # so also stock `vllm serve`'s
+        assert {"plain": plain, "steered": steered} == {k: texts[k] for k in ("plain", "steered")}  # and stock's
         body = {"model": "functok-tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "steering": SPEC}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         assert r["choices"][0]["text"] == steered
         n = r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
         assert r["steering"]["steered_positions"] == n - 1  # "all": every token that went through the model
+
+    def test_named_vectors_steer_as_on_the_transformers_engine_and_as_their_inline_edits(self, functok_vllm, texts):
+        client, url = functok_vllm
+        assert complete(client, NAMED, "functok-tiny") == texts["named"]
+        features = [{"feature": 5, "strength": 20.0}]
+        r = httpx.post(
+            f"{url}/v1/steering/vectors",
+            json={"name": "five", "layer": 2, "features": features},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        )
+        assert r.status_code == 201, r.text
+        assert (
+            complete(client, {"edits": [{"vector": "five", "strength": 1.0}], "positions": "all"}, "functok-tiny")
+            == texts["steered"]
+        )
 
     def test_a_bad_spec_is_a_400(self, functok_vllm):
         client, _ = functok_vllm

@@ -60,6 +60,11 @@ class HookPoint:
         """Does the SAE read the residual stream itself (rather than one block's attention or MLP output)?"""
         return self.site.startswith("resid_")
 
+    def canonical(self) -> HookPoint:
+        """The one name of this tensor: `resid_pre` L >= 1 is the output of layer L - 1 (`resid_post` L - 1)."""
+        out = self.output_of()
+        return HookPoint(out, "resid_post") if out is not None else self
+
     def output_of(self) -> int | None:
         """The decoder layer whose output is this exact tensor (resid_post L, or resid_pre L >= 1: the output of
         layer L - 1); None when it is no decoder layer's output (the embeddings, a block's inner points)."""

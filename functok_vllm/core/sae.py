@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from functok_vllm.core.hookpoint import HookError, HookPoint, parse_hook_name
@@ -205,6 +205,25 @@ class SAE:
             str(path / "sae_weights.safetensors"),
         )
         (path / "cfg.json").write_text(json.dumps(config_to_json(self.cfg, dtype), indent=2) + "\n")
+
+
+def decoder_rows(path: str | Path, features: list[int]) -> torch.Tensor:
+    """(n, d_in) float32: `SAE.load(path).W_dec[features]`, reading only those rows of the weights file."""
+    cfg = read_config(path)
+    w_path = Path(path) / "sae_weights.safetensors"
+    try:
+        with safe_open(str(w_path), "pt") as f:
+            w = f.get_slice("W_dec")
+            if tuple(w.get_shape()) != (cfg.d_sae, cfg.d_in):
+                raise SAELoadError(
+                    f"{w_path}: W_dec has shape {tuple(w.get_shape())}, cfg.json implies {(cfg.d_sae, cfg.d_in)}"
+                )
+            rows = torch.stack([w[f] for f in features]).to(torch.float32)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise SAELoadError(f"{w_path}: cannot be read as safetensors ({e})") from None
+    if not torch.isfinite(rows).all():
+        raise SAELoadError(f"{w_path}: W_dec holds NaN or Inf")
+    return rows / cfg.scaling_factor if cfg.scaling_factor != 1.0 else rows  # as `SAE.load` folds it
 
 
 def read_config(path: str | Path) -> SAEConfig:

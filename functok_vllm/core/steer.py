@@ -7,6 +7,7 @@ buffers that are updated in place, so one compiled graph (Inductor, CUDA graphs)
 its cost does not depend on how many distinct specs share the batch.
 
 Edits at one layer are all computed from the tensor at its SAE's hook point as it arrives there, then summed.
+A layer without an SAE (`functok serve --steer-layers`) has no clamp columns: it adds steering vectors only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import SAE, normalize
 from functok_vllm.core.spec import SteeringSpec
 
@@ -25,17 +27,29 @@ class SlotsFull(RuntimeError):
 
 class SteeringLayer(torch.nn.Module):
     """Steering tables of one layer. `delta(h)` is what steering adds at this layer, h being the tensor its SAE reads
-    (its hook point, `sae.cfg.hook`)."""
+    (its hook point, `sae.cfg.hook`). With `sae=None`, an add-only layer at `hook` (d_model wide, no clamp columns)."""
 
-    def __init__(self, sae: SAE, slot_index: torch.Tensor, max_slots: int, max_clamps: int, dtype, device):
+    def __init__(
+        self,
+        sae: SAE | None,
+        slot_index: torch.Tensor,
+        max_slots: int,
+        max_clamps: int,
+        dtype,
+        device,
+        hook: HookPoint | None = None,
+        d_model: int | None = None,
+    ):
         super().__init__()
-        d = sae.d_in
+        d = sae.d_in if sae is not None else d_model
+        max_clamps = max_clamps if sae is not None else 0
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.hook = sae.cfg.hook  # where the engine applies `delta`
-        self.norm = sae.cfg.normalize_activations  # static: the graph is built for it
+        self.hook = sae.cfg.hook if sae is not None else hook  # where the engine applies `delta`
+        self.norm = sae.cfg.normalize_activations if sae is not None else "none"  # static: the graph is built for it
+        self.max_clamps = max_clamps
         self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
         self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
-        b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
+        b_dec = sae.b_dec if sae is not None and sae.cfg.apply_b_dec_to_input else z(d)
         self.register_buffer("b_dec", b_dec.to(device=device, dtype=dtype).clone(), persistent=False)  # (d_model,)
         # Clamp columns: a flat pool of (slot, feature) pairs; column j belongs to slot clamp_owner[j] (-1: free).
         # act_j = relu(sae_in @ W_mag[:, j] + b_mag[j]) * (sae_in @ W_gate[:, j] + b_gate[j] > threshold[j]), the
@@ -43,14 +57,14 @@ class SteeringLayer(torch.nn.Module):
         self.register_buffer("clamp_W_gate", z(d, max_clamps), persistent=False)  # (d_model, clamps)
         self.register_buffer("clamp_b_gate", z(max_clamps), persistent=False)
         self.register_buffer("clamp_threshold", z(max_clamps), persistent=False)  # 0 for ReLU SAEs
-        two = sae.cfg.arch.magnitude_path
+        two = sae is not None and sae.cfg.arch.magnitude_path
         self.register_buffer("clamp_W_mag", z(d, max_clamps) if two else None, persistent=False)
         self.register_buffer("clamp_b_mag", z(max_clamps) if two else None, persistent=False)
         self.register_buffer("clamp_W_dec", z(max_clamps, d), persistent=False)  # (clamps, d_model)
         self.register_buffer("clamp_value", z(max_clamps), persistent=False)
         owner = torch.full((max_clamps,), -1, dtype=torch.long, device=device)
         self.register_buffer("clamp_owner", owner, persistent=False)
-        self.sae = sae.to(device=device, dtype=dtype)
+        self.sae = sae.to(device=device, dtype=dtype) if sae is not None else None
 
     def tables(self) -> tuple:
         """What `steer_delta` reads, in its argument order after h."""
@@ -110,6 +124,8 @@ def steer_delta(
     the SAE's per-token output normalisation (adds are taken as given, in the model's space)."""
     slot = slot_index[: h.shape[0]]  # (tokens,)
     out = add_table[slot]  # (tokens, d_model)
+    if W_dec.shape[0] == 0:  # an add-only layer (a static shape: one branch per graph, not per token)
+        return out
     x, scale, _ = normalize(h, norm)
     sae_in = x - b_dec
     gate = sae_in @ W_gate + b_gate  # (tokens, clamps)
@@ -165,7 +181,11 @@ class _Slot:
 
 
 class SteeringTable:
-    """The steering layers of one model plus the slot allocator that fills their tables."""
+    """The steering layers of one model plus the slot allocator that fills their tables.
+
+    `saes` give the SAE layers (at their hook points); `add_layers` ({layer: hook point}, `d_model` wide) the add-only
+    layers where vectors can go without an SAE (`--steer-layers`, at `resid_post`).
+    """
 
     def __init__(
         self,
@@ -175,18 +195,27 @@ class SteeringTable:
         max_tokens: int = 8192,
         dtype=torch.float32,
         device="cpu",
+        add_layers: dict[int, HookPoint] | None = None,
+        d_model: int | None = None,
     ):
         if max_slots < 2:
             raise ValueError("max_slots must be at least 2 (row 0 is the unsteered row)")
+        if add_layers and d_model is None:
+            raise ValueError("add-only layers need d_model")
         self.max_slots, self.max_clamps, self.dtype, self.device = max_slots, max_clamps, dtype, torch.device(device)
         self.slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.layers = {
+        layers = {
             layer: SteeringLayer(sae, self.slot_index, max_slots, max_clamps, dtype, device)
-            for layer, sae in sorted(saes.items())
+            for layer, sae in saes.items()
         }
+        for layer, hook in (add_layers or {}).items():
+            if layer in layers:
+                raise ValueError(f"layer {layer} has an SAE already; it cannot be an add-only layer too")
+            layers[layer] = SteeringLayer(None, self.slot_index, max_slots, 0, dtype, device, hook, d_model)
+        self.layers = dict(sorted(layers.items()))
         self._by_key: dict[str, _Slot] = {}
         self._free = list(range(max_slots - 1, 0, -1))
-        self._free_cols = {layer: list(range(max_clamps - 1, -1, -1)) for layer in self.layers}
+        self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
 
     @property
     def slots_in_use(self) -> int:
@@ -194,7 +223,7 @@ class SteeringTable:
 
     def clamps_in_use(self, layer: int) -> bool:
         """Does any slot own a clamp column at this layer? If not, `add_delta` equals `delta` there."""
-        return len(self._free_cols[layer]) < self.max_clamps
+        return len(self._free_cols[layer]) < self.layers[layer].max_clamps
 
     def acquire(self, spec: SteeringSpec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
@@ -237,6 +266,10 @@ class SteeringTable:
     @torch.no_grad()
     def _write(self, slot: int, spec: SteeringSpec, cols: dict) -> None:
         used = {layer: iter(c) for layer, c in cols.items()}
+        for v in spec.vectors:  # the same arithmetic as a feature's add: strength * row, into the slot's row
+            for layer, direction in v.at.items():
+                op = self.layers[layer]
+                op.add_table[slot] += v.strength * direction.to(device=op.add_table.device, dtype=op.add_table.dtype)
         for e in spec.edits:
             op = self.layers[e.layer]
             sae = op.sae

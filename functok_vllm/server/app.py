@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-style completions and chat with steering; models, steering, analysis, health, metrics.
+"""The FastAPI app: OpenAI-style completions and chat with steering; models, steering and its library, analysis,
+health, metrics.
 
 Every request is validated here, at the edge (pydantic, then the steering spec against the loaded SAEs, then the
 prompt against the context); the engine receives only requests it can run. Errors are OpenAI-style bodies.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,13 +23,15 @@ from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from functok_vllm.core.spec import MODES, POSITIONS, SpecError, SteeringSpec
+from functok_vllm.core.spec import MODES, POSITIONS, SpecError
 from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.errors import CLIError
+from functok_vllm.library.store import Library, LibraryLimits, StoreError
 from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
+from functok_vllm.server.library import PresetBook, add_library_routes
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
 from functok_vllm.server.playground import CAPABILITIES, add_playground
@@ -38,28 +43,44 @@ from functok_vllm.server.protocol import (
     sampling_params,
 )
 from functok_vllm.server.serving import Job, complete, next_delta, stream, timeout_error
-from functok_vllm.steering import api_form, check_steering, parse_steering
+from functok_vllm.steering import Vectors
 
 log = logging.getLogger("functok.server")
 
 
-def build_presets(engine: Engine, config: ServerConfig) -> dict[str, SteeringSpec]:
-    """The config's presets as specs, each checked like a request's steering; CLIError names a bad one."""
-    out = {}
+def default_data_dir(model_name: str) -> Path:
+    """Where the steering library lives without --data-dir: one directory per served model."""
+    home = Path(os.environ.get("FUNCTOK_HOME", Path.home() / ".cache" / "functok"))
+    return home / "library" / model_name.replace("/", "--")
+
+
+def open_library(engine: Engine, config: ServerConfig) -> Library:
+    limits = LibraryLimits(config.limits.max_vectors, config.limits.max_presets)
+    root = config.data_dir or default_data_dir(engine.model_name)
+    try:
+        return Library(root, engine.steering_info().d_model, limits, writer=True)
+    except (StoreError, OSError) as e:
+        raise CLIError(f"--data-dir: {e}") from None
+
+
+def build_presets(engine: Engine, config: ServerConfig, library: Library) -> PresetBook:
+    """Every preset (the config's, checked now like a request's steering: CLIError names a bad one; the library's)."""
+    vectors = Vectors(library.resolve, engine.steering_info())
+    book = PresetBook(config.presets, library, vectors, config.steering)
     for name, obj in config.presets.items():
+        if name in library.presets():
+            raise CLIError(f"presets.{name}: a preset of that name is stored in the library {library.root} too")
         try:
-            spec = parse_steering(obj, f"presets.{name}", config.steering)
-            if spec is None:
-                raise CLIError(f"presets.{name}: a preset needs at least one edit")
-            check_steering(spec, engine.steering_info(), config.steering, f"presets.{name}")
+            book.spec(name, obj, f"presets.{name}")
         except SpecError as e:
             raise CLIError(f"{e.field}: {e.message}") from None
-        out[name] = spec
-    return out
+    return book
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    presets = build_presets(engine, config)
+def create_app(engine: Engine, config: ServerConfig, library: Library | None = None) -> FastAPI:
+    library = library or open_library(engine, config)
+    presets = build_presets(engine, config, library)
+    vectors = presets.vectors
     limits = config.limits
     metrics = Metrics(engine)
     started = int(time.time())
@@ -93,10 +114,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         max_body_bytes=limits.max_body_bytes,
         drain=drain,
         metrics_public=config.metrics_public,
+        admin_key=config.admin_api_key,
+        max_vector_bytes=limits.max_vector_bytes,
     )
-    app.state.drain, app.state.stop_engine = drain, stop_engine
+    app.state.drain, app.state.stop_engine, app.state.library = drain, stop_engine, library
     analyzer = add_analysis_route(app, engine, limits)
     add_playground(app, engine, analyzer)  # the page at /, /static/, /tokenize, /v1/features/...
+    add_library_routes(app, library, presets, engine.steering_info(), config.steering)  # /v1/steering/vectors, presets
 
     @app.get("/health")
     async def health():
@@ -127,7 +151,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 "ids": info.function_token_ids,
                 "tokens": info.function_token_strings,
             },
-            "presets": {name: api_form(spec) for name, spec in presets.items()},
+            "steer_layers": [{"layer": n, "hook_name": f"blocks.{n}.hook_resid_post"} for n in info.add_layers],
+            "presets": {name: presets.steering_object(name) for name in presets},
+            "vectors": sorted(library.vectors()),
             "modes": list(MODES),
             "positions": list(POSITIONS),
             "limits": asdict(limits) | asdict(config.steering),
@@ -138,7 +164,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if body.model != engine.model_name:
             msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
             raise APIError(404, msg, "model", "model_not_found")
-        s = resolve_steering(body, presets, config.steering, engine.steering_info())
+        s = resolve_steering(body, presets, config.steering, engine.steering_info(), vectors)
         request.state.steered = str(s.spec is not None).lower()
         return s
 

@@ -6,7 +6,8 @@
 Every limit is also a `functok serve` flag (`--max-running 16`, `--request-timeout 60`, ...) that overrides the file.
 What each limit answers when it is hit is in its help text; `GET /v1/steering` shows the limits in force.
 Presets are validated like a request's `steering` object when the server starts (against the loaded SAEs too), so a
-bad preset stops the server instead of failing requests later.
+bad preset stops the server instead of failing requests later. These presets are read-only; presets created through
+the API (`/v1/steering/presets`) live in the steering library beside the vectors.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Limits:
     )
     max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
+    max_vectors: int = _limit(256, "named steering vectors in the library; creating more gets 409")
+    max_presets: int = _limit(256, "presets stored through the API; creating more gets 409")
+    max_vector_bytes: int = _limit(
+        16 << 20, "body of a request that creates or replaces a steering vector (JSON or file); larger get 413"
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -50,10 +56,10 @@ class Limits:
                 raise CLIError(f"limits.{f.name} must be a number, got {v!r}")
             if isinstance(f.default, int) and not isinstance(v, int):
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
-        for name in ("max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts"):
+        for name in ("max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_waiting", "max_analysis_waiting"):
+        for name in ("max_waiting", "max_analysis_waiting", "max_vectors", "max_presets"):
             if getattr(self, name) < 0:
                 raise CLIError(f"limits.{name} must be at least 0, got {getattr(self, name)}")
         for name in ("request_timeout", "drain_timeout"):
@@ -72,6 +78,8 @@ class ServerConfig:
     steering: SteeringLimits = field(default_factory=SteeringLimits)
     presets: dict[str, dict] = field(default_factory=dict)  # name -> steering object, checked by the server at start
     api_key: str | None = None  # bearer token for every endpoint but /health (and /metrics when public); never logged
+    admin_api_key: str | None = None  # bearer token for changes to the steering library; None: the library is read-only
+    data_dir: Path | None = None  # the steering library's directory (`functok_vllm.library.store`)
     metrics_public: bool = True  # /metrics answers without the API key (Prometheus scrapers rarely carry one)
 
     def __post_init__(self):

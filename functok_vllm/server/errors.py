@@ -10,6 +10,7 @@ from functok_vllm.validation import describe
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -22,6 +23,7 @@ DEFAULT_CODES = {
     400: "invalid_value",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     500: "internal_error",
     501: "not_implemented",
     504: "timeout",

@@ -47,6 +47,26 @@ def add_parser(sub) -> None:
         "or set FUNCTOK_API_KEY",
     )
     sp.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="the key that changes the steering library (POST/PUT/DELETE /v1/steering/vectors and presets); "
+        "without one the library is read-only over HTTP; or set FUNCTOK_ADMIN_API_KEY",
+    )
+    sp.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of the steering library (vectors and presets, kept across restarts; default: "
+        "${FUNCTOK_HOME:-~/.cache/functok}/library/MODEL)",
+    )
+    sp.add_argument(
+        "--steer-layers",
+        type=layer_list,
+        default=(),
+        metavar="L,...",
+        help="decoder layers without an SAE where steering vectors may be added (at their output, resid_post); "
+        "fixed at start-up because vLLM builds its graph once",
+    )
+    sp.add_argument(
         "--metrics-public",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -75,6 +95,16 @@ def resolve_model(given: str | None) -> Path:
     return derive()
 
 
+def layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer numbers start at 0")
+    return layers
+
+
 def default_saes(given: list[str] | None, model: Path) -> list[str]:
     """--sae as given; without it, the SAEs shipped for the model (sae_weights/MODEL_NAME), or none."""
     if given is not None:
@@ -96,9 +126,10 @@ def build_engine(args, config: ServerConfig):
     except SAELoadError as e:
         raise CLIError(str(e)) from None
     fn = Path(args.function_tokens) if args.function_tokens else shipped_function_tokens(model)
-    if saes and not fn.is_file():
+    steered = bool(saes or args.steer_layers)
+    if steered and not fn.is_file():
         raise CLIError(f"function-token file {fn} does not exist (give one with --function-tokens)")
-    if saes:
+    if steered:
         from functok_vllm.core.function_tokens import FunctionTokens
 
         try:
@@ -112,6 +143,7 @@ def build_engine(args, config: ServerConfig):
         max_running=limits.max_running,
         max_waiting=limits.max_waiting,
         steering=config.steering,
+        steer_layers=list(args.steer_layers),
     )
     try:
         if args.engine == "vllm":
@@ -125,10 +157,10 @@ def build_engine(args, config: ServerConfig):
 
             cpu_defaults()  # on CPU: the platform and a 1 GiB KV cache unless set; compiled mode
             extra = json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}"))  # any other AsyncEngineArgs
-            return VLLMEngine(VLLMEngineConfig(model, saes, fn if saes else None, engine_args=extra, **common))
+            return VLLMEngine(VLLMEngineConfig(model, saes, fn if steered else None, engine_args=extra, **common))
         from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
 
-        return HFEngine(HFEngineConfig(model, saes, fn if saes else None, threads=args.threads, **common))
+        return HFEngine(HFEngineConfig(model, saes, fn if steered else None, threads=args.threads, **common))
     except (ValueError, OSError) as e:  # SAELoadError and JSON errors are ValueErrors
         raise CLIError(str(e)) from None
 
@@ -146,6 +178,8 @@ def serve(args) -> int:
     flat = asdict(config.limits) | asdict(config.steering) | given  # flags override the file; validated again
     config = ServerConfig.make(flat, config.presets)
     config.api_key = args.api_key or os.environ.get("FUNCTOK_API_KEY") or None
+    config.admin_api_key = args.admin_api_key or os.environ.get("FUNCTOK_ADMIN_API_KEY") or None
+    config.data_dir = Path(args.data_dir) if args.data_dir else None
     config.metrics_public = args.metrics_public
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
@@ -153,9 +187,11 @@ def serve(args) -> int:
     app = create_app(engine, config)
     info = engine.steering_info()
     layers = ", ".join(map(str, sorted(info.d_sae))) or "none"
+    extra = f", vectors also at layers {', '.join(map(str, info.add_layers))}" if info.add_layers else ""
     print(
-        f"functok serve: {engine.model_name} on http://{args.host}:{args.port} (SAEs at layers {layers}; "
-        f"{len(info.function_token_ids)} function tokens; API key {'required' if config.api_key else 'off'})",
+        f"functok serve: {engine.model_name} on http://{args.host}:{args.port} (SAEs at layers {layers}{extra}; "
+        f"{len(info.function_token_ids)} function tokens; API key {'required' if config.api_key else 'off'}; "
+        f"steering library {app.state.library.root}, {'writable' if config.admin_api_key else 'read-only'})",
         file=sys.stderr,
         flush=True,
     )

@@ -1,4 +1,8 @@
-"""ASGI middleware in front of the routes: the API key, draining, the request body size limit, per-request metrics."""
+"""ASGI middleware in front of the routes: the API keys, draining, the request body size limits, per-request metrics.
+
+Two keys: the user key (`--api-key`) for every API call, and the admin key (`--admin-api-key`) for changes to the
+steering library (POST/PUT/DELETE under `LIBRARY_PREFIXES`); the admin key is accepted wherever the user key is.
+Without an admin key the library is read-only over HTTP (403)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ COUNTED_PATHS = {
 }
 OPEN_PATHS = ("/health", "/")  # answer without the API key (/: the playground page); /metrics unless configured
 OPEN_PREFIXES = ("/static/",)  # the page's own files (the API they call still needs the key)
+LIBRARY_PREFIXES = ("/v1/steering/vectors", "/v1/steering/presets")  # writes need the admin key
+VECTOR_PREFIX = "/v1/steering/vectors"  # writes here may be as large as max_vector_bytes (uploads)
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
 
 
 class Gate:
@@ -24,9 +31,21 @@ class Gate:
     server drains (see `drain.py`), 413 for oversized bodies. Counts the requests in flight for the drain, and every
     request to the counted endpoints by status code and by `request.state.steered` (set by the route)."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int, drain: Drain, metrics_public):
+    def __init__(
+        self,
+        app,
+        metrics: Metrics,
+        api_key: str | None,
+        max_body_bytes: int,
+        drain: Drain,
+        metrics_public,
+        admin_key: str | None = None,
+        max_vector_bytes: int | None = None,
+    ):
         self.app, self.metrics, self.max_body, self.drain = app, metrics, max_body_bytes, drain
+        self.max_vector_body = max_vector_bytes or max_body_bytes
         self.key = _digest(api_key.encode()) if api_key else None
+        self.admin = _digest(admin_key.encode()) if admin_key else None
         self.open = set(OPEN_PATHS) | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope, receive, send):
@@ -59,19 +78,18 @@ class Gate:
     async def _check(self, scope, receive):
         """(error or None, the receive callable the app should use)."""
         headers = dict(scope["headers"])
-        if self.key is not None and scope["path"] not in self.open and not scope["path"].startswith(OPEN_PREFIXES):
-            got = headers.get(b"authorization", b"")
-            scheme, _, token = got.partition(b" ")
-            same = hmac.compare_digest(_digest(token.strip()), self.key)  # digests: equal lengths, constant time
-            if not (same and scheme.lower() == b"bearer"):
-                why = "no API key was given" if not got else "the API key is not valid"
-                return APIError(401, f"{why}; send 'Authorization: Bearer <key>'", code="invalid_api_key"), receive
-        if self.drain.draining and scope["path"] != "/metrics":
+        path = scope["path"]
+        error = self._auth(path, scope["method"], headers.get(b"authorization", b""))
+        if error is not None:
+            return error, receive
+        if self.drain.draining and path != "/metrics":
             msg = "the server is shutting down and takes no new requests"
             return APIError(503, msg, code="draining", headers={"Retry-After": "5", "Connection": "close"}), receive
+        vectors = path.startswith(VECTOR_PREFIX)
+        limit, flag = (self.max_vector_body, "--max-vector-bytes") if vectors else (self.max_body, "--max-body-bytes")
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return _too_large(int(length), self.max_body), receive
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _too_large(int(length), limit, flag), receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive
         body, more = [], True  # read the whole body now, refusing it once it passes the limit (chunked uploads too)
@@ -83,17 +101,39 @@ class Gate:
             body.append(message.get("body", b""))
             size += len(body[-1])
             more = message.get("more_body", False)
-            if size > self.max_body:
-                return _too_large(size, self.max_body), receive
+            if size > limit:
+                return _too_large(size, limit, flag), receive
         return None, _replay(body, None, receive)
+
+    def _auth(self, path: str, method: str, got: bytes) -> APIError | None:
+        scheme, _, token = got.partition(b" ")
+        token = _digest(token.strip()) if scheme.lower() == b"bearer" else b""
+        is_admin = self.admin is not None and hmac.compare_digest(token, self.admin)  # digests: constant time
+        if method in WRITES and path.startswith(LIBRARY_PREFIXES):
+            if is_admin:
+                return None
+            if self.admin is None:
+                msg = "the steering library is read-only on this server (start it with --admin-api-key to change it)"
+                return APIError(403, msg, code="library_read_only")
+            if self.key is not None and token and hmac.compare_digest(token, self.key):
+                return APIError(403, "changing the steering library needs the admin API key", code="admin_key_needed")
+            why = "no API key was given" if not got else "the API key is not the admin key"
+            return APIError(401, f"{why}; send 'Authorization: Bearer <admin key>'", code="invalid_api_key")
+        if self.key is None or path in self.open or path.startswith(OPEN_PREFIXES) or is_admin:
+            return None
+        if not hmac.compare_digest(token or _digest(b""), self.key):
+            why = "no API key was given" if not got else "the API key is not valid"
+            return APIError(401, f"{why}; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        return None
 
 
 def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body has {size} bytes or more; the limit is {limit}", code="request_too_large")
+def _too_large(size: int, limit: int, flag: str) -> APIError:
+    msg = f"the request body has {size} bytes or more; the limit is {limit} ({flag})"
+    return APIError(413, msg, code="request_too_large")
 
 
 def _replay(chunks: list[bytes], pending, receive):

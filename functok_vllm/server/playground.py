@@ -29,7 +29,7 @@ CAPABILITIES = {
     "features": False,  # a generation request's "features": {"layers", "top_k"} -> choices[i].features per token
     "logprobs": False,  # logprobs / top_logprobs in completions and chat
     "spec_lists": False,  # "steering": [spec, ...] -> one choice per spec
-    "vectors": False,  # edits that name a steering vector instead of an SAE feature
+    "vectors": True,  # edits that name a steering vector instead of an SAE feature (/v1/steering/vectors)
 }
 # The page runs only its own files: no inline script, nothing from another origin.
 PAGE_HEADERS = {

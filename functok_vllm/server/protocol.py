@@ -143,7 +143,7 @@ class Steering:
 
 
 def resolve_steering(
-    req: _Common, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo
+    req: _Common, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo, vectors=None
 ) -> Steering:
     """The request's steering from `steering` (object or preset name) or `vllm_xargs.steering` (JSON string or name),
     parsed and checked against what the engine has loaded; APIError 400 naming the field when it is bad."""
@@ -166,7 +166,7 @@ def resolve_steering(
             raise APIError(400, f"{param}: unknown preset {shown(given)} (presets: {have})", param, "unknown_preset")
         return Steering(presets[given], given, param)
     try:
-        spec = parse_steering(given, param, limits)
+        spec = parse_steering(given, param, limits, vectors)  # vector names resolved now, once
         if spec is not None:
             check_steering(spec, info, limits, param)
     except SpecError as e:

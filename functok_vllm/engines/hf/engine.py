@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from functok_vllm.core import FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
+from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import load_saes
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.batcher import Batcher, Seq
@@ -43,6 +44,7 @@ class HFEngineConfig:
     max_running: int = 32  # requests decoded together in one forward
     max_waiting: int = 128  # requests queued beyond that; more get EngineFull (HTTP 429)
     steering: SteeringLimits = field(default_factory=SteeringLimits)  # edits, clamp columns, strength
+    steer_layers: list[int] = field(default_factory=list)  # add-only layers (no SAE) where vectors go, at resid_post
     threads: int = 2
     dtype: str = "float32"
     device: str = "cpu"
@@ -83,11 +85,12 @@ class HFEngine(Engine):
         self.model_name = cfg.served_model_name or cfg.model.name
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.vocab_size = mc.vocab_size
+        self.add_layers = add_only_layers(cfg.steer_layers, self.saes, n_layers)
         self.function_tokens = None
         fn_mask, table = None, None
-        if self.saes:
+        if self.saes or self.add_layers:
             if cfg.function_tokens is None:
-                raise SAELoadError("SAEs are loaded but no function-token file was given")
+                raise SAELoadError("steering layers are set but no function-token file was given")
             if not cfg.function_tokens.is_file():
                 raise SAELoadError(f"{cfg.function_tokens}: function-token file does not exist")
             self.function_tokens = FunctionTokens.load(cfg.function_tokens)
@@ -99,6 +102,8 @@ class HFEngine(Engine):
                 max_tokens=self.max_model_len,
                 dtype=dtype,
                 device=cfg.device,
+                add_layers=self.add_layers,
+                d_model=mc.hidden_size,
             )
         eos = self.model.generation_config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos]), self._tokenizer.eos_token_id} - {None}
@@ -130,7 +135,8 @@ class HFEngine(Engine):
 
     @functools.cached_property
     def _steering_info(self) -> SteeringInfo:
-        return SteeringInfo.build({layer: sae.cfg for layer, sae in self.saes.items()}, self.function_tokens)
+        configs = {layer: sae.cfg for layer, sae in self.saes.items()}
+        return SteeringInfo.build(configs, self.function_tokens, self.add_layers, self.model.config.hidden_size)
 
     def steering_info(self) -> SteeringInfo:
         return self._steering_info
@@ -183,6 +189,23 @@ class HFEngine(Engine):
             self._inflight.discard(request.request_id)
             if not finished:
                 self.batcher.abort(request.request_id)
+
+
+def add_only_layers(layers, saes: dict, n_layers: int) -> dict[int, HookPoint]:
+    """--steer-layers as {layer: resid_post hook}; ValueError for a layer outside the model or one an SAE steers."""
+    taken = {sae.cfg.hook.canonical(): layer for layer, sae in saes.items()}
+    out = {}
+    for layer in sorted(set(layers)):
+        point = HookPoint(layer, "resid_post")
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"--steer-layers {layer}: the model has decoder layers 0-{n_layers - 1}")
+        if layer in saes or point in taken:
+            owner = layer if layer in saes else taken[point]
+            raise ValueError(
+                f"--steer-layers {layer}: the SAE at layer {owner} ({saes[owner].cfg.hook_name}) steers there already"
+            )
+        out[layer] = point
+    return out
 
 
 class Outbox:

@@ -4,8 +4,14 @@
 in the API process before it reaches the engine core. For a request with `extra_args["steering"]` it
 
 1. parses and checks the spec against the configured SAEs (cfg.json only) and raises `VLLMValidationError`, which
-   the OpenAI server answers with a 400, which `LLM.generate` raises;
-2. rewrites the spec to its canonical key, so the workers parse one well-formed string;
+   the OpenAI server answers with a 400, which `LLM.generate` raises; vector names (`{"vector": "calm", ...}`) are
+   resolved here, once, from the steering library (`additional_config.functok.library`), or from the contents that
+   came with the request (`extra_args["functok_vectors"]`, what `functok serve --engine vllm` sends; every content is
+   checked against its id);
+2. rewrites the spec to its canonical key (vectors by content id), so the workers parse one well-formed string, and
+   puts the contents of its vectors in `extra_args["functok_vectors"]`: the workers read directions from the request,
+   never from a file, so a vector changed or deleted after admission cannot change a request, and workers need no
+   shared filesystem;
 3. sets `cache_salt` from that key. vLLM's prefix cache hashes the salt into the first KV block, so a steered
    request never reuses, nor leaves behind, blocks that an unsteered or differently steered request could hit.
    Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
@@ -22,9 +28,18 @@ from functools import lru_cache
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm.config import EXTENSION, XARG, FunctokConfig, from_additional_config
-from functok_vllm.steering import check_steering, parse_steering
+from functok_vllm.engines.vllm.config import (
+    CONFIG_KEY,
+    EXTENSION,
+    VECTORS,
+    XARG,
+    FunctokConfig,
+    from_additional_config,
+)
+from functok_vllm.library.store import Library, LibraryError
+from functok_vllm.steering import Vectors, check_steering, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
 
@@ -35,15 +50,22 @@ def install() -> None:
 
 def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs):
     """The wrapped `InputProcessor.process_inputs`: validate, canonicalise and salt a steered request."""
-    given = (getattr(params, "extra_args", None) or {}).get(XARG)
+    given_args = getattr(params, "extra_args", None) or {}
+    given = given_args.get(XARG)
     if given is None:
+        if VECTORS in given_args:  # only the admission hook puts contents there, with the spec that names them
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
         return original(self, request_id, prompt, params, *args, **kwargs)
-    spec, cfg = _validated(self.vllm_config, given)
+    spec, cfg, used = _validated(self.vllm_config, given, given_args.get(VECTORS))
     request = original(self, request_id, prompt, params, *args, **kwargs)
     sp = request.sampling_params
-    extra = {k: v for k, v in (sp.extra_args or {}).items() if k != XARG}
+    extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in (XARG, VECTORS)}
     if spec is not None:
         extra[XARG] = spec.key()
+        if spec.vectors:
+            extra[VECTORS] = encode_payloads([used[v.vector] for v in spec.vectors])
         vocab = self.model_config.get_vocab_size()
         salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
@@ -51,7 +73,7 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     return request
 
 
-def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
+def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, FunctokConfig, dict[str, Vector]]:
     from vllm.exceptions import VLLMValidationError
 
     if not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
@@ -60,20 +82,67 @@ def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
             parameter=PARAM,
         )
     cfg = from_additional_config(vllm_config.additional_config, vllm_config.model_config.model)
+    used: dict[str, Vector] = {}  # the contents the spec names, by id: they travel with the request
     try:
-        spec = parse_user_spec(given, cfg)
+        lookup = vector_lookup(cfg, payload)
+
+        def resolve(name: str, version: str | None) -> Vector:
+            v = lookup(name, version)
+            used[v.id] = v
+            return v
+
+        spec = parse_user_spec(given, cfg, resolve, vllm_config.model_config.get_hidden_size())
+    except VectorError as e:
+        raise VLLMValidationError(f"vllm_xargs.{VECTORS}: {e}", parameter=f"vllm_xargs.{VECTORS}") from None
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
-    return spec, cfg
+    return spec, cfg, used
 
 
-def parse_user_spec(given, cfg: FunctokConfig) -> SteeringSpec | None:
+def vector_lookup(cfg: FunctokConfig, payload):
+    """`lookup(name, version) -> Vector` for a request: from the contents it carries (by version), else from the
+    configured library (by name), else none (LookupError saying how to configure one)."""
+    if payload is not None:
+        carried = decode_payloads(payload)
+
+        def from_request(name: str, version: str | None) -> Vector:
+            if version not in carried:
+                raise LookupError(f"vector {name!r}: the request carries no content for version {version!r}")
+            return carried[version]
+
+        return from_request
+    if cfg.library is not None:
+        library = _library(str(cfg.library))
+
+        def from_library(name: str, version: str | None) -> Vector:
+            try:
+                return library.resolve(name, version)
+            except LibraryError as e:
+                raise LookupError(f"the steering library {library.root} cannot be read: {e}") from None
+
+        return from_library
+
+    def none(name: str, version: str | None) -> Vector:
+        raise LookupError(
+            f"no steering library is configured, so no vector {name!r} (set additional_config.{CONFIG_KEY}.library)"
+        )
+
+    return none
+
+
+def parse_user_spec(given, cfg: FunctokConfig, lookup=None, d_model: int | None = None) -> SteeringSpec | None:
     """A client's spec (JSON string or dict) -> SteeringSpec checked against the SAEs; None for no edits. The one
     steering parser (`functok_vllm.steering`), so both servers accept and refuse exactly the same objects."""
-    spec = parse_steering(given, PARAM, cfg.limits)
+    info = cfg.info_for(d_model) if d_model is not None else cfg.info
+    spec = parse_steering(given, PARAM, cfg.limits, Vectors(lookup or vector_lookup(cfg, None), info))
     if spec is not None:
-        check_steering(spec, cfg.info, cfg.limits, PARAM)
+        check_steering(spec, info, cfg.limits, PARAM)
     return spec
+
+
+@lru_cache(maxsize=4)
+def _library(root: str) -> Library:
+    return Library(root)  # read-only here: no leftovers removed, no lock taken
 
 
 def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str) -> str:

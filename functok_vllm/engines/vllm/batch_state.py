@@ -60,7 +60,7 @@ class BatchSteering:
     def __init__(self, table: SteeringTable, fn_mask: torch.Tensor, parse_spec):
         self.table, self.fn_mask = table, fn_mask
         self.fn_mask_cpu = fn_mask.cpu()  # for the once-per-request prompt scan, without a device sync
-        self.parse_spec = parse_spec  # extra_args value -> SteeringSpec | None; raises ValueError/TypeError if bad
+        self.parse_spec = parse_spec  # (extra_args["steering"], extra_args) -> SteeringSpec | None; raises if bad
         self.device = table.slot_index.device
         self.meta: dict[str, ReqMeta] = {}  # steered requests the worker knows, by request id
         self.members: set[str] = set()  # steered requests that are rows of the persistent batch (hold a slot)
@@ -96,7 +96,7 @@ class BatchSteering:
         if given is None or prompt_ids is None:
             return
         try:
-            spec = self.parse_spec(given)
+            spec = self.parse_spec(given, extra_args)
         except (ValueError, TypeError, KeyError) as e:
             self.bad_specs += 1
             log.error("request %s: steering spec cannot be applied, running it unsteered: %s", req_id, e)

@@ -33,7 +33,7 @@ class RunnerCapture:
         if not compat.is_eager(runner):
             raise RuntimeError("functok capture needs an eager model (start vLLM with enforce_eager=True)")
         steer = runner.functok
-        held = sorted(steer.table.layers) if steer is not None else []
+        held = sorted(k for k, op in steer.table.layers.items() if op.sae is not None) if steer is not None else []
         missing = [layer for layer in layers if layer not in held]
         if missing:
             raise ValueError(f"no SAE on this worker for layers {missing} (SAE layers here: {held})")

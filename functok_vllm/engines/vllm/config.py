@@ -10,6 +10,10 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
                    if the model directory has one, else the one shipped for its name)
   max_edits, max_clamps, max_abs_strength
                    the steering limits (`functok_vllm.steering.SteeringLimits`, the same as `functok serve`'s flags)
+  steer_layers     decoder layers without an SAE where steering vectors may be added (at resid_post), as
+                   `functok serve --steer-layers`: the graph is built with them
+  library          a steering library directory (`functok serve --data-dir`): the API process resolves vector names
+                   in requests (`{"vector": "name", "strength": s}`) from it; read-only, nothing here writes to it
 
 Everything here is torch-free apart from what the core imports, and reads SAE metadata from cfg.json only, so the API
 process validates specs without loading weights. A request's spec travels as `extra_args["steering"]`: a JSON string
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -34,7 +38,8 @@ CONFIG_KEY = "functok"  # additional_config[CONFIG_KEY]
 XARG = "steering"  # sampling_params.extra_args[XARG]
 EXTENSION = "functok_vllm.engines.vllm.worker.SteeringWorkerExtension"
 LIMIT_KEYS = {f.name for f in fields(SteeringLimits)}
-KNOWN = {"saes", "function_tokens"} | LIMIT_KEYS
+VECTORS = "functok_vectors"  # sampling_params.extra_args[VECTORS]: the contents of the vectors a spec names
+KNOWN = {"saes", "function_tokens", "steer_layers", "library"} | LIMIT_KEYS
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class FunctokConfig:
     saes: tuple[Path, ...]  # one directory per SAE, expanded
     function_tokens: Path | None  # None only without SAEs
     limits: SteeringLimits = field(default_factory=SteeringLimits)
+    steer_layers: tuple[int, ...] = ()
+    library: Path | None = None
 
     @cached_property
     def sae_configs(self) -> dict[int, SAEConfig]:
@@ -50,8 +57,12 @@ class FunctokConfig:
 
     @cached_property
     def info(self) -> SteeringInfo:
-        """What requests are checked against (function tokens are not needed for that)."""
-        return SteeringInfo.build(self.sae_configs, None)
+        """What requests are checked against (function tokens are not needed for that; d_model: the SAEs')."""
+        return SteeringInfo.build(self.sae_configs, None, self.steer_layers)
+
+    def info_for(self, d_model: int) -> SteeringInfo:
+        """`info` with the model's width (which checks a vector's, and which a config without SAEs cannot know)."""
+        return replace(self.info, d_model=d_model)
 
 
 def cpu_defaults() -> None:
@@ -77,6 +88,12 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     if not isinstance(raw, dict) or set(raw) - KNOWN:
         unknown = sorted(set(raw) - KNOWN) if isinstance(raw, dict) else raw
         raise ValueError(f"additional_config.{CONFIG_KEY}: unknown keys {unknown}; known: {sorted(KNOWN)}")
+    steer_layers = raw.get("steer_layers", [])
+    if not isinstance(steer_layers, list) or not all(isinstance(x, int) and x >= 0 for x in steer_layers):
+        raise ValueError(f"additional_config.{CONFIG_KEY}.steer_layers: a list of layer numbers, got {steer_layers!r}")
+    library = raw.get("library")
+    if library is not None and not isinstance(library, str):
+        raise ValueError(f"additional_config.{CONFIG_KEY}.library: a directory, got {library!r}")
     shipped = shipped_saes(Path(model)) if model else None
     given = raw.get("saes", [str(shipped)] if shipped is not None else [])
     if isinstance(given, str):
@@ -96,21 +113,42 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.{e}") from None
     try:
-        cfg = FunctokConfig(tuple(sae_dirs(given)), fn, limits)
+        cfg = FunctokConfig(
+            tuple(sae_dirs(given)), fn, limits, tuple(sorted(set(steer_layers))), Path(library) if library else None
+        )
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.saes: {e}") from None
     cfg.sae_configs  # noqa: B018  (read every cfg.json now: a bad directory fails at startup)
+    taken = {c.hook.canonical().name: layer for layer, c in cfg.sae_configs.items()}
+    for layer in cfg.steer_layers:
+        if layer in cfg.sae_configs or f"blocks.{layer}.hook_resid_post" in taken:
+            owner = layer if layer in cfg.sae_configs else taken[f"blocks.{layer}.hook_resid_post"]
+            raise ValueError(
+                f"additional_config.{CONFIG_KEY}.steer_layers: {layer}: the SAE at layer {owner} "
+                f"({cfg.sae_configs[owner].hook_name}) steers there already"
+            )
     return cfg
 
 
-def spec_from_xarg(value) -> SteeringSpec | None:
+def spec_from_xarg(value, bound=None) -> SteeringSpec | None:
     """extra_args["steering"] as the admission hook rewrote it (the canonical `SteeringSpec.key()` JSON, already
-    checked) -> SteeringSpec; None for no edits. SpecError if it is not such a spec."""
+    checked) -> SteeringSpec; None for no edits. `bound`: {vector id: {layer: direction}} for the vectors it names.
+    SpecError if it is not such a spec."""
     obj = json.loads(value) if isinstance(value, str) else value
     if not isinstance(obj, dict):
         raise SpecError(XARG, f"must be a JSON object, got {type(obj).__name__}")
     try:
-        spec = SteeringSpec.from_dict(obj)
-    except TypeError as e:
+        spec = SteeringSpec.from_dict(obj, bound)
+    except (TypeError, KeyError) as e:
         raise SpecError(XARG, str(e)) from None
     return None if spec.is_noop else spec
+
+
+def vector_payload(spec: SteeringSpec) -> dict:
+    """{VECTORS: the contents of the vectors `spec` names} for `extra_args` ({} without vectors): what the server that
+    resolved the names hands on, so the admission hook does not look them up again (it checks each against its id)."""
+    if not spec.vectors:
+        return {}
+    from functok_vllm.core.vector import encode_payloads
+
+    return {VECTORS: encode_payloads([v.content for v in spec.vectors])}

@@ -24,7 +24,7 @@ from pathlib import Path
 from functok_vllm.core import FunctionTokens, SteeringSpec
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
-from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config
+from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, vector_payload
 from functok_vllm.steering import SteeringInfo, SteeringLimits, to_json
 
 log = logging.getLogger("functok.engine")
@@ -41,6 +41,7 @@ class VLLMEngineConfig:
     max_running: int = 32  # vLLM's max_num_seqs
     max_waiting: int = 128  # requests accepted beyond that; more get EngineFull (HTTP 429)
     steering: SteeringLimits = field(default_factory=SteeringLimits)  # also the worker's, through additional_config
+    steer_layers: list[int] = field(default_factory=list)  # add-only layers (no SAE) where vectors go, at resid_post
     dtype: str = "float32"
     enforce_eager: bool = False
     engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs (block_size, enable_prefix_caching...)
@@ -48,13 +49,14 @@ class VLLMEngineConfig:
     def __post_init__(self):
         self.model = Path(self.model)
         self.saes = [Path(p) for p in self.saes]
-        if self.saes and self.function_tokens is None:
-            raise ValueError("SAEs are loaded but no function-token file was given")
+        if (self.saes or self.steer_layers) and self.function_tokens is None:
+            raise ValueError("steering layers are set but no function-token file was given")
 
     def additional_config(self) -> dict:
-        if not self.saes:
+        if not (self.saes or self.steer_layers):
             return {}
         raw = {"saes": [str(p) for p in self.saes], "function_tokens": str(self.function_tokens)}
+        raw |= {"steer_layers": sorted(self.steer_layers)} if self.steer_layers else {}
         return {CONFIG_KEY: raw | asdict(self.steering)}
 
 
@@ -143,7 +145,11 @@ class VLLMEngine(Engine):
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.vocab_size = mc.vocab_size
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-        self.steer_cfg = from_additional_config(cfg.additional_config()) if cfg.saes else None
+        self.d_model = mc.hidden_size
+        self.steer_cfg = from_additional_config(cfg.additional_config()) if cfg.additional_config() else None
+        for layer in cfg.steer_layers:
+            if not 0 <= layer < mc.num_hidden_layers:
+                raise ValueError(f"--steer-layers {layer}: the model has decoder layers 0-{mc.num_hidden_layers - 1}")
         self.function_tokens = FunctionTokens.load(self.steer_cfg.function_tokens) if self.steer_cfg else None
         if self.function_tokens is not None:
             self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now, not in the worker
@@ -175,7 +181,10 @@ class VLLMEngine(Engine):
 
     @functools.cached_property
     def _steering_info(self) -> SteeringInfo:
-        return SteeringInfo.build(self.steer_cfg.sae_configs if self.steer_cfg else {}, self.function_tokens)
+        if self.steer_cfg is None:
+            return SteeringInfo.build({}, None, (), self.d_model)
+        sc = self.steer_cfg
+        return SteeringInfo.build(sc.sae_configs, self.function_tokens, sc.steer_layers, self.d_model)
 
     def steering_info(self) -> SteeringInfo:
         return self._steering_info
@@ -193,11 +202,11 @@ class VLLMEngine(Engine):
             max_num_seqs=c.max_running,
             enforce_eager=c.enforce_eager,
             seed=0,
-            worker_extension_cls=EXTENSION if c.saes else "",
+            worker_extension_cls=EXTENSION if self.steer_cfg else "",
             additional_config=c.additional_config(),
         )
         args |= c.engine_args
-        if c.saes:  # the pool the worker allocates (install_steering), from the config it is given
+        if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
             self.budget = ClampBudget(worker.limits.max_clamps)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
@@ -241,7 +250,7 @@ class VLLMEngine(Engine):
             seed=p.seed,
             ignore_eos=p.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={XARG: to_json(spec), TAG: rid} if spec is not None else None,
+            extra_args={XARG: to_json(spec), TAG: rid} | vector_payload(spec) if spec is not None else None,
         )
         completion = 0
         self._inflight.add(rid)

@@ -11,10 +11,12 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
 
 - `load_model`: after the weights are loaded, and before vLLM warms up or compiles anything, the module at each SAE's
   hook point (`compat.steer_target`: a decoder layer, its attention/MLP module, layer 0's input, the norm after
-  attention) gets the core's `SteeringLayer` as a submodule and a class that adds the steering update there
+  attention), and each `steer_layers` decoder layer (an add-only layer for steering vectors, no SAE), gets the core's
+  `SteeringLayer` as a submodule and a class that adds the steering update there
   (`SteeredLayerMixin` and its three siblings). Because that is in the module tree when Dynamo traces the model, the
   compiled graph contains the op, which reads the table's buffers: graph inputs updated in place.
-- `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`), finished ones are released.
+- `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
+  come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
 - `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
   and in capture mode (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the
   step's token ids are handed to the capture hooks.
@@ -35,15 +37,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from functok_vllm.core import FunctionTokens, SteeringSpec, SteeringTable
 from functok_vllm.core import steer as core_steer
+from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import load_saes
+from functok_vllm.core.vector import decode_payloads
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.batch_state import BatchSteering
 from functok_vllm.engines.vllm.capture import RunnerCapture
-from functok_vllm.engines.vllm.config import FunctokConfig, from_additional_config, spec_from_xarg
+from functok_vllm.engines.vllm.config import VECTORS, FunctokConfig, from_additional_config, spec_from_xarg
 from functok_vllm.steering import check_steering
 
 log = logging.getLogger("functok.vllm")
@@ -211,9 +216,25 @@ def install_steering(runner) -> BatchSteering | None:
             targets[layer] = compat.steer_target(layers, sae.cfg.hook)
         except ValueError as e:
             raise ValueError(f"{sae.cfg.path}: cannot apply an SAE at {sae.cfg.hook_name} on vLLM: {e}") from None
+    add_layers = {}
+    for layer in cfg.steer_layers:  # add-only layers: vectors without an SAE, at the layer's output
+        if layer >= len(layers):
+            raise ValueError(f"steer_layers: {layer} is outside the model's decoder layers 0-{len(layers) - 1}")
+        add_layers[layer] = HookPoint(layer, "resid_post")
+        targets[layer] = compat.steer_target(layers, add_layers[layer])
     saes = {layer: sae for layer, sae in saes.items() if compat.held(targets[layer][0])}  # pipeline parallel
+    add_layers = {layer: p for layer, p in add_layers.items() if compat.held(targets[layer][0])}
     max_slots = compat.max_rows(runner) + 1  # a slot per batch row, plus the zero row
-    table = SteeringTable(saes, max_slots, cfg.limits.max_clamps, compat.max_step_tokens(runner), dtype, device)
+    table = SteeringTable(
+        saes,
+        max_slots,
+        cfg.limits.max_clamps,
+        compat.max_step_tokens(runner),
+        dtype,
+        device,
+        add_layers=add_layers,
+        d_model=mc.get_hidden_size(),
+    )
     for layer, op in table.layers.items():
         mod, how = targets[layer]
         mod.functok_steer = op
@@ -229,19 +250,25 @@ def install_steering(runner) -> BatchSteering | None:
         table.max_clamps,
         table.slot_index.shape[0],
     )
-    return BatchSteering(table, fn_mask, lambda value: _local_spec(value, cfg, table))
+    return BatchSteering(table, fn_mask, lambda value, extra=None: _local_spec(value, cfg, table, extra))
 
 
-def _local_spec(value, cfg: FunctokConfig, table: SteeringTable) -> SteeringSpec | None:
+def _local_spec(value, cfg: FunctokConfig, table: SteeringTable, extra: dict | None = None) -> SteeringSpec | None:
     """The admission hook's canonical spec, checked again here with the same function (a spec that reached the worker
-    another way must not crash it: BatchSteering runs it unsteered, logged); the edits at layers this rank holds (all
-    of them without pipeline parallel)."""
-    spec = spec_from_xarg(value)
+    another way must not crash it: BatchSteering runs it unsteered, logged), its vectors' directions read from the
+    request (`extra[VECTORS]`, each checked against its id); the edits at layers this rank holds (all of them
+    without pipeline parallel)."""
+    payload = (extra or {}).get(VECTORS)
+    vectors = decode_payloads(payload) if payload is not None else {}
+    bound = {vid: v.at(cfg.info.hook_layers) for vid, v in vectors.items()}
+    spec = spec_from_xarg(value, bound)
     if spec is None:
         return None
     check_steering(spec, cfg.info, cfg.limits)
     edits = tuple(e for e in spec.edits if e.layer in table.layers)
-    return SteeringSpec(edits, spec.positions) if edits else None
+    mine = (replace(v, at={k: d for k, d in v.at.items() if k in table.layers}) for v in spec.vectors)
+    local = SteeringSpec(edits, spec.positions, tuple(v for v in mine if v.at))
+    return None if local.is_noop else local
 
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
@@ -252,6 +279,7 @@ def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
         "shapes": [table.max_slots, table.max_clamps, int(table.slot_index.shape[0])],
         "dtype": str(table.dtype),
         "saes": [str(p) for p in cfg.saes],
+        "steer_layers": list(cfg.steer_layers),
         "norms": [op.norm for op in table.layers.values()],
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode() + src).hexdigest()[:16]

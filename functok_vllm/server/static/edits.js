@@ -1,6 +1,8 @@
-// The list of chosen edits (layer, feature, mode, strength) and the position policy: the request's "steering".
+// The list of chosen edits (an SAE feature: layer, feature, mode, strength; or a named steering vector: vector,
+// strength) and the position policy: the request's "steering".
 
-import { $, el, state, showToken } from "./state.js";
+import { request } from "./api.js";
+import { $, capability, el, showError, state, showToken } from "./state.js";
 
 const POSITION_HELP = {
   function: "every function-token position, prompt and generated",
@@ -27,7 +29,41 @@ export function initEdits(onChange) {
     const first = state.info.layers[0];
     addEdit({ layer: first ? first.layer : 0, feature: 0 });
   });
+  if (capability("vectors")) initVectors();
   render();
+}
+
+// The library's vectors (GET /v1/steering/vectors), offered as edits when the server has them.
+async function initVectors() {
+  const note = $("#vectors-note");
+  let cards = [];
+  try {
+    cards = (await request("/v1/steering/vectors")).body.data.filter((v) => v.steerable);
+  } catch (e) {
+    showError(note, e);
+    note.classList.add("error");
+    return;
+  }
+  if (!cards.length) {
+    note.textContent = "No steering vectors on this server yet (POST /v1/steering/vectors adds one).";
+    note.hidden = false;
+    return;
+  }
+  const select = $("#vector-name");
+  for (const v of cards) {
+    const layers = v.layers.map((l) => l.layer).join(", ");
+    select.append(el("option", { value: v.name, text: `${v.name} (layer${v.layers.length > 1 ? "s" : ""} ${layers})` }));
+  }
+  state.vectors = new Map(cards.map((v) => [v.name, v]));
+  $("#vector-picker").hidden = false;
+  $("#add-vector").addEventListener("click", () => addVector(select.value));
+}
+
+export function addVector(name, strength = 1) {
+  state.edits.push({ vector: name, mode: "add", strength, label: "" });
+  render();
+  const rows = document.querySelectorAll("#edits .strength-number");
+  if (rows.length) rows[rows.length - 1].focus();
 }
 
 export function positions() {
@@ -53,6 +89,7 @@ export function steeringSpec(override = null) {
   if (!state.edits.length) return null;
   const edits = state.edits.map((e, i) => {
     const strength = override && override.index === i ? override.strength : e.strength;
+    if (e.vector) return { vector: e.vector, mode: "add", strength };
     const out = { layer: e.layer, feature: e.feature, mode: e.mode };
     if (e.mode === "add") out.strength = strength;
     if (e.mode === "clamp") out.value = strength;
@@ -62,6 +99,11 @@ export function steeringSpec(override = null) {
 }
 
 export function editName(e, i) {
+  if (e.vector) {
+    const card = state.vectors && state.vectors.get(e.vector);
+    const layers = card ? ` at layer${card.layers.length > 1 ? "s" : ""} ${card.layers.map((l) => l.layer).join(", ")}` : "";
+    return `#${i + 1}: vector ${e.vector}${layers}`;
+  }
   const top = state.lensTop.get(`${e.layer}:${e.feature}`);
   return `#${i + 1}: layer ${e.layer}, feature ${e.feature}${top ? ` (${showToken(top)})` : ""}`;
 }
@@ -82,6 +124,7 @@ function row(e, i) {
     name.textContent = editName(e, i);
     changed();
   };
+  if (e.vector) return vectorRow(e, i, name);
   const layer = el("select", { id: id("layer"), onchange: update("layer", Number) });
   for (const l of state.info.layers) {
     layer.append(el("option", { value: l.layer, text: String(l.layer), selected: l.layer === e.layer }));
@@ -101,38 +144,47 @@ function row(e, i) {
       el("label", { for: id("feature") }, "Feature "), feature,
       el("label", { for: id("mode") }, "Mode "), mode),
   ];
-  if (e.mode !== "ablate") {
-    // A slider and a number input for the same value; the number input may go past the slider (the server then
-    // answers with its limit, shown in the page).
-    const m = maxStrength();
-    const word = e.mode === "add" ? "Strength" : "Value";
-    const number = el("input", { id: id("strength"), type: "number", step: "any", value: e.strength, class: "strength-number" });
-    const slider = el("input", {
-      id: id("slider"), type: "range", min: -m, max: m, step: m / 200, value: e.strength, class: "strength-slider",
-    });
-    slider.addEventListener("input", () => {
-      number.value = slider.value;
-      e.strength = Number(slider.value);
-      changed();
-    });
-    number.addEventListener("input", () => {
-      e.strength = Number(number.value);
-      slider.value = number.value;
-      changed();
-    });
-    parts.push(
-      el("div", { class: "row strength" },
-        el("label", { for: id("slider"), class: "grow" }, `${word} (slider, ±${m})`, slider),
-        el("label", { for: id("strength") }, word, number)),
-    );
-  }
-  const remove = el("button", {
+  if (e.mode !== "ablate") parts.push(strengthRow(e, i));
+  parts.push(removeButton(i));
+  return el("li", { class: "edit" }, ...parts);
+}
+
+// A vector edit: its name, a strength (the vector is added strength times at each of its layers), remove.
+function vectorRow(e, i, name) {
+  return el("li", { class: "edit vector-edit", "data-vector": e.vector }, name, strengthRow(e, i), removeButton(i));
+}
+
+// A slider and a number input for the same value; the number input may go past the slider (the server then
+// answers with its limit, shown in the page).
+function strengthRow(e, i) {
+  const id = (name) => `edit-${i}-${name}`;
+  const m = maxStrength();
+  const word = e.mode === "clamp" ? "Value" : "Strength";
+  const number = el("input", { id: id("strength"), type: "number", step: "any", value: e.strength, class: "strength-number" });
+  const slider = el("input", {
+    id: id("slider"), type: "range", min: -m, max: m, step: m / 200, value: e.strength, class: "strength-slider",
+  });
+  slider.addEventListener("input", () => {
+    number.value = slider.value;
+    e.strength = Number(slider.value);
+    changed();
+  });
+  number.addEventListener("input", () => {
+    e.strength = Number(number.value);
+    slider.value = number.value;
+    changed();
+  });
+  return el("div", { class: "row strength" },
+    el("label", { for: id("slider"), class: "grow" }, `${word} (slider, ±${m})`, slider),
+    el("label", { for: id("strength") }, word, number));
+}
+
+function removeButton(i) {
+  return el("button", {
     type: "button", text: "Remove", "aria-label": `Remove edit ${i + 1}`,
     onclick: () => {
       state.edits.splice(i, 1);
       render();
     },
   });
-  parts.push(remove);
-  return el("li", { class: "edit" }, ...parts);
 }

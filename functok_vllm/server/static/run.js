@@ -171,7 +171,7 @@ export function initRun() {
 }
 
 function featureLayers() {
-  const layers = new Set(state.edits.map((e) => e.layer));
+  const layers = new Set(state.edits.filter((e) => !e.vector).map((e) => e.layer));
   return layers.size ? [...layers] : state.info.layers.map((l) => l.layer);
 }
 

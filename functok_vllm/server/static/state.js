@@ -3,7 +3,8 @@
 export const state = {
   info: null, // GET /v1/steering: layers, function tokens, modes, positions, limits, presets, capabilities
   fnIds: new Set(), // function-token ids
-  edits: [], // {layer, feature, mode, strength, label}; strength is the clamp value for mode "clamp"
+  edits: [], // {layer, feature, mode, strength, label} or {vector, mode: "add", strength}; clamp: strength is the value
+  vectors: new Map(), // name -> the library's card of a steering vector (GET /v1/steering/vectors)
   lensTop: new Map(), // "layer:feature" -> the feature's top logit-lens token (from the finder)
 };
 

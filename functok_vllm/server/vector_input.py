@@ -1,0 +1,184 @@
+"""What a request to create or replace a steering vector carries, turned into a `core.vector.Vector`: SAE features at a
+layer, raw directions per layer (JSON), or an uploaded file (multipart: a llama.cpp control-vector GGUF or
+safetensors, `library.files`). Every problem is an APIError 400 naming the field and what is wrong.
+
+Layer numbers are the server's (`GET /v1/steering`): an SAE's layer, or an add-only layer of `--steer-layers`. A
+direction is stored at that layer's hook point, so it is applied exactly where an edit at that layer is.
+
+A vector from features is `sum_i strength_i * W_dec[feature_i]`, summed in float32 in the order given: the numbers
+the engine adds for the same features given as inline `add` edits (bit for bit on a float32 model).
+"""
+
+from __future__ import annotations
+
+import torch
+from fastapi import Request
+from pydantic import Field, ValidationError, model_validator
+from starlette.datastructures import UploadFile
+
+from functok_vllm.core.sae import SAELoadError, decoder_rows
+from functok_vllm.core.vector import Vector, VectorError
+from functok_vllm.library.files import FileError, read_vector_file
+from functok_vllm.server.errors import APIError, from_validation
+from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, StrictFloat, StrictInt
+from functok_vllm.validation import shown
+
+MAX_FEATURES = 1024  # features summed into one vector
+DESCRIPTION_MAX = 1000
+
+
+class FeatureIn(Strict):
+    feature: StrictInt
+    strength: StrictFloat
+
+
+class VectorIn(Strict):
+    """JSON body: `name` (POST; PUT takes it from the path), then either `layer` + `features` or `directions`."""
+
+    name: str | None = None
+    layer: StrictInt | None = None
+    features: list[FeatureIn] | None = Field(None, min_length=1, max_length=MAX_FEATURES)
+    directions: dict[str, list[StrictFloat]] | None = Field(None, min_length=1)
+    description: str = Field("", max_length=DESCRIPTION_MAX)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.features is None) == (self.directions is None):
+            raise ValueError("give either 'layer' and 'features', or 'directions' (one of them)")
+        if self.features is not None and self.layer is None:
+            raise ValueError("'features' needs the 'layer' of their SAE")
+        if self.directions is not None and self.layer is not None:
+            raise ValueError("'directions' are keyed by layer; 'layer' goes with 'features'")
+        return self
+
+
+async def vector_from_request(
+    request: Request, info: SteeringInfo, limits: SteeringLimits
+) -> tuple[str | None, Vector, dict, str]:
+    """(name or None, vector, source, description) from a JSON body or a multipart upload."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return await _from_upload(request, info)
+    try:
+        body = VectorIn.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise from_validation(list(e.errors())) from None
+    vector, source = from_features(body, info, limits) if body.features else from_directions(body.directions, info)
+    return body.name, vector, source, body.description
+
+
+def from_features(body: VectorIn, info: SteeringInfo, limits: SteeringLimits) -> tuple[Vector, dict]:
+    layer = body.layer
+    if layer not in info.d_sae:
+        have = ", ".join(map(str, sorted(info.d_sae))) or "none"
+        raise APIError(400, f"layer: no SAE is loaded at layer {layer} (layers with SAEs: {have})", "layer")
+    d_sae = info.d_sae[layer]
+    for i, f in enumerate(body.features):
+        if not 0 <= f.feature < d_sae:
+            msg = f"{f.feature} is outside [0, {d_sae}) for the SAE at layer {layer}"
+            raise APIError(400, f"features[{i}].feature: {msg}", f"features[{i}].feature")
+        if abs(f.strength) > limits.max_abs_strength:
+            msg = f"{f.strength!r} exceeds the limit of {limits.max_abs_strength:g}"
+            raise APIError(400, f"features[{i}].strength: {msg}", f"features[{i}].strength")
+    try:
+        rows = decoder_rows(info.sae_paths[layer], [f.feature for f in body.features])  # (n, d_model) float32
+    except SAELoadError as e:
+        raise APIError(500, f"the SAE at layer {layer} cannot be read: {e}", code="sae_unreadable") from None
+    direction = torch.zeros(rows.shape[1], dtype=torch.float32)
+    for f, row in zip(body.features, rows, strict=True):
+        direction += f.strength * row  # as `SteeringTable._write` adds an inline edit
+    source = {"kind": "features", "layer": layer, "features": [f.model_dump() for f in body.features]}
+    return _make({_hook_of(info, layer): direction}), source
+
+
+def from_directions(given: dict[str, list[float]], info: SteeringInfo) -> tuple[Vector, dict]:
+    directions = {}
+    for key, values in given.items():
+        where = f"directions.{key}"
+        try:
+            layer = int(key)
+        except ValueError:
+            raise APIError(400, f"{where}: keys are layer numbers, got {shown(key)}", where) from None
+        if layer not in info.hook_layers.values():
+            raise APIError(400, f"{where}: layer {layer} is not steerable here; {info.describe_layers()}", where)
+        if len(values) != info.d_model:
+            msg = f"{len(values)} values; this model's d_model is {info.d_model}"
+            raise APIError(400, f"{where}: {msg}", where)
+        directions[_hook_of(info, layer)] = torch.tensor(values, dtype=torch.float32)
+    return _make(directions), {"kind": "directions", "layers": sorted(int(k) for k in given)}
+
+
+async def _from_upload(request: Request, info: SteeringInfo) -> tuple[str | None, Vector, dict, str]:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as e:  # python-multipart's and starlette's errors for a malformed body
+        raise APIError(400, f"the multipart body cannot be read ({e})", "file") from None
+    unknown = sorted(set(form) - {"name", "file", "layers", "description"})
+    if unknown:
+        raise APIError(400, f"{unknown[0]}: unknown form field (fields: name, file, layers, description)", unknown[0])
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise APIError(400, "file: the upload needs a 'file' part (a GGUF control vector or safetensors)", "file")
+    data = await upload.read()
+    try:
+        directions, meta = read_vector_file(data, info.d_model)
+    except FileError as e:
+        raise APIError(400, f"file: {e}", "file") from None
+    directions = _pick_layers(directions, form.get("layers"), info)
+    source = {"kind": meta.pop("format"), "filename": upload.filename, **{k: v for k, v in meta.items() if v}}
+    source["layers"] = sorted(info.hook_layers[h] for h in directions)
+    description = form.get("description") or ""
+    if not isinstance(description, str) or len(description) > DESCRIPTION_MAX:
+        raise APIError(400, f"description: at most {DESCRIPTION_MAX} characters of text", "description")
+    name = form.get("name")
+    return (name if isinstance(name, str) else None), _make(directions), source, description
+
+
+def _pick_layers(directions: dict, layers, info: SteeringInfo) -> dict:
+    """The file's directions at the steerable layers `layers` ("1,3": the form field), or all of them, which must
+    then all be steerable."""
+    if layers is None or layers == "":
+        outside = [h for h in directions if h not in info.hook_layers]
+        if outside:
+            msg = (
+                f"file: the file has directions at {_file_layers(outside)}, where this server does not steer; "
+                f"{info.describe_layers()}. Keep some with the form field 'layers' (e.g. layers=1,3), or start the "
+                "server with --steer-layers"
+            )
+            raise APIError(400, msg, "file")
+        return directions
+    try:
+        wanted = sorted({int(x) for x in str(layers).split(",")})
+    except ValueError:
+        raise APIError(400, f"layers: a comma-separated list of layer numbers, got {shown(layers)}", "layers") from None
+    out = {}
+    for layer in wanted:
+        if layer not in info.hook_layers.values():
+            raise APIError(400, f"layers: layer {layer} is not steerable here; {info.describe_layers()}", "layers")
+        hook = _hook_of(info, layer)
+        if hook not in directions:
+            msg = f"the file has no direction at layer {layer} ({hook}); it has {_file_layers(list(directions))}"
+            raise APIError(400, f"layers: {msg}", "layers")
+        out[hook] = directions[hook]
+    return out
+
+
+def _file_layers(hooks: list[str]) -> str:
+    """Hooks as a control-vector file names them: `direction.5 (blocks.5.hook_resid_post)`."""
+
+    def one(h: str) -> str:
+        n, site = h.split(".")[1], h.split(".hook_")[1]
+        return f"direction.{n} ({h})" if site == "resid_post" else h
+
+    return ", ".join(one(h) for h in sorted(hooks, key=lambda h: int(h.split(".")[1])))
+
+
+def _hook_of(info: SteeringInfo, layer: int) -> str:
+    return next(h for h, n in info.hook_layers.items() if n == layer)
+
+
+def _make(directions: dict) -> Vector:
+    try:
+        return Vector.make(directions)
+    except VectorError as e:
+        raise APIError(400, f"directions: {e}", "directions") from None
