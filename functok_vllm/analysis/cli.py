@@ -6,7 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from functok_vllm.paths import ANALYSIS_DIR, DEMO_MODEL, DEMO_SAES
+from functok_vllm.paths import DEMO_MODEL, shipped_function_tokens, shipped_saes
 
 
 def positive_int(s: str) -> int:
@@ -35,7 +35,10 @@ def _runner(module: str):
 
         torch.set_num_threads(args.threads)
         if args.function_tokens is None:
-            args.function_tokens = str(Path(args.model) / "function_tokens.json")
+            args.function_tokens = str(shipped_function_tokens(Path(args.model)))
+        if getattr(args, "saes", "") is None:
+            shipped = shipped_saes(Path(args.model))
+            args.saes = str(shipped) if shipped is not None else str(Path(args.model))
         return importlib.import_module(f"functok_vllm.analysis.{module}").main(args)
 
     return run
@@ -45,8 +48,14 @@ def _add(sub, name: str, module: str, help: str, corpus: bool = True, saes: bool
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--model", default=str(DEMO_MODEL), help="model directory (transformers)")
     if saes:
-        p.add_argument("--saes", default=str(DEMO_SAES), help="directory of SAELens SAE directories, one per layer")
-    p.add_argument("--function-tokens", default=None, help="function-token JSON (default: MODEL/function_tokens.json)")
+        p.add_argument(
+            "--saes", default=None, help="directory of SAELens SAE directories (default: sae_weights/MODEL_NAME)"
+        )
+    p.add_argument(
+        "--function-tokens",
+        default=None,
+        help="function-token JSON (default: MODEL/function_tokens.json, else models/MODEL_NAME/function_tokens.json)",
+    )
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=f"out/analysis/{name}", help="output directory")
     if corpus:
@@ -98,9 +107,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="target token (default: the feature's top logit-lens token)")
     p.add_argument("--generate", type=int, default=12, help="greedy tokens to generate per policy")
 
-    p = _add(sub, "report", "report", "regenerate analysis/REPORT.md and its figures for the shipped model", False)
-    p.set_defaults(out=str(ANALYSIS_DIR))
-    p.add_argument("--prompts", default=str(ANALYSIS_DIR / "prompts.jsonl"))
+    p = _add(
+        sub, "report", "report", "regenerate a model's REPORT.md and figures (analysis/, analysis/MODEL_NAME/)", False
+    )
+    p.set_defaults(out=None)
+    p.add_argument("--prompts", default=None, help="JSONL prompt set (default: OUT/prompts.jsonl, made if missing)")
     p.add_argument("--max-tokens", type=positive_int, default=49152, help="held-out token budget (coverage)")
     p.add_argument("--loss-tokens", type=positive_int, default=24576, help="held-out tokens per checkpoint (loss)")
     p.add_argument("--rebuild-prompts", action="store_true", help="rewrite the prompt set from held-out text first")

@@ -1,4 +1,5 @@
-"""`functok analyze report`: regenerate analysis/REPORT.md and analysis/figures/*.png for the shipped model.
+"""`functok analyze report`: regenerate a model's REPORT.md and figures (analysis/ for the demo model, else
+analysis/MODEL_NAME/).
 
 Every number in the report comes from this run, and every sentence that compares with the paper is chosen by a
 condition on those numbers. Budgets keep it to a few minutes on two CPU threads.
@@ -19,13 +20,12 @@ from functok_vllm.analysis.features import FeaturesConfig, top_contexts
 from functok_vllm.analysis.io import out_dir, write_jsonl
 from functok_vllm.analysis.render import render
 from functok_vllm.core import last_function_position
-from functok_vllm.paths import ANALYSIS_DIR, ROOT
+from functok_vllm.paths import ANALYSIS_DIR, DEMO_MODEL, ROOT
 
 N_PROMPTS = 30
 STEER_PROMPTS = 8  # prompts of the steering study
 STEER_FEATURES = 16  # candidate features of the steering study
 NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the mean residual norm
-SHIPPED_PROMPTS = (ANALYSIS_DIR / "prompts.jsonl").resolve()  # written by make_prompts
 STUDY_MULTIPLE = 2.0  # strength of the steering study and of the shown continuations
 
 
@@ -139,6 +139,11 @@ def function_token_share(summary: dict) -> float:
     return fn / summary["tokens"] if summary["tokens"] else 0.0
 
 
+def report_dir(model) -> Path:
+    """Where a model's report lives: analysis/ for the demo model, analysis/MODEL_NAME/ for any other."""
+    return ANALYSIS_DIR if Path(model).resolve() == DEMO_MODEL.resolve() else ANALYSIS_DIR / Path(model).name
+
+
 def headline(ctx: dict) -> dict:
     """The numbers a reader compares across models (deepest SAE layer where a layer is needed)."""
     deep_cov = ctx["coverage"]["layers"][max(ctx["coverage"]["layers"], key=int)]
@@ -171,12 +176,12 @@ def main(args) -> int:
     from functok_vllm.analysis.model import load_hf
 
     t_start, load = time.time(), os.getloadavg()[0]
-    out = out_dir(args.out)
+    out = out_dir(args.out or report_dir(args.model))
     figs = out_dir(out / "figures")
     timings = {}
     am = load_hf(args.model, args.saes, args.function_tokens)
-    prompts_path = Path(args.prompts)
-    made = args.rebuild_prompts or not prompts_path.is_file() or prompts_path.resolve() == SHIPPED_PROMPTS
+    prompts_path = Path(args.prompts) if args.prompts else out / "prompts.jsonl"
+    made = args.rebuild_prompts or not prompts_path.is_file() or prompts_path.resolve() == out / "prompts.jsonl"
     if args.rebuild_prompts or not prompts_path.is_file():
         write_jsonl(prompts_path, [{"prompt": p} for p in make_prompts(am)])
     prompts = read_prompts(prompts_path)
