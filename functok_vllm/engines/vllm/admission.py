@@ -11,7 +11,13 @@ in the API process before it reaches the engine core. For a request with `extra_
    Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
    last function token) that goes into the salt too, since the same tokens are then steered differently.
 
-Without `steering` in `extra_args` the wrapper only passes the call through.
+It also checks a request's `extra_args["functok_features"]` (`readout.py`): a dict from a Python caller (functok's
+`VLLMEngine`, or an `LLM`/`AsyncLLM` user who reads the results with `collective_rpc("functok_features")`), checked
+against the SAEs; with `prompt` it turns off reading the prefix cache, whose positions are never forwarded. Through
+stock `vllm serve` it is refused: vLLM's responses have no field for per-token features. So are features on an engine
+that replays CUDA graphs (the readout op's Python would not run).
+
+Without either key in `extra_args` the wrapper only passes the call through.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError, SteeringSpec
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.config import EXTENSION, XARG, FunctokConfig, from_additional_config
+from functok_vllm.engines.vllm.readout import XFEAT
+from functok_vllm.feature_request import parse_features
 from functok_vllm.steering import check_steering, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
+FEAT_PARAM = f"vllm_xargs.{XFEAT}"
 
 
 def install() -> None:
@@ -35,12 +44,21 @@ def install() -> None:
 
 def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs):
     """The wrapped `InputProcessor.process_inputs`: validate, canonicalise and salt a steered request."""
-    given = (getattr(params, "extra_args", None) or {}).get(XARG)
-    if given is None:
+    extra_args = getattr(params, "extra_args", None) or {}
+    given, feats = extra_args.get(XARG), extra_args.get(XFEAT)
+    if given is None and feats is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
+    prompt_features = feats is not None and _features_checked(self.vllm_config, feats)
+    if given is None:
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if prompt_features:
+            request.sampling_params.skip_reading_prefix_cache = True
+        return request
     spec, cfg = _validated(self.vllm_config, given)
     request = original(self, request_id, prompt, params, *args, **kwargs)
     sp = request.sampling_params
+    if prompt_features:
+        sp.skip_reading_prefix_cache = True
     extra = {k: v for k, v in (sp.extra_args or {}).items() if k != XARG}
     if spec is not None:
         extra[XARG] = spec.key()
@@ -65,6 +83,30 @@ def _validated(vllm_config, given) -> tuple[SteeringSpec | None, FunctokConfig]:
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
     return spec, cfg
+
+
+def _features_checked(vllm_config, given) -> bool:
+    """VLLMValidationError unless `given` is a features dict this engine can read out; whether it reads the prompt."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not isinstance(given, dict):
+        raise VLLMValidationError(
+            f"{FEAT_PARAM}: per-token SAE features need `functok serve --engine vllm` (vLLM's OpenAI responses have "
+            "no field for them); a Python caller of LLM/AsyncLLM passes a dict and reads them with "
+            "collective_rpc('functok_features')",
+            parameter=FEAT_PARAM,
+        )
+    if not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
+        raise VLLMValidationError(f"features need the functok worker extension ({EXTENSION})", parameter=FEAT_PARAM)
+    if compat.cuda_graphs(vllm_config):
+        msg = "features need an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
+        raise VLLMValidationError(f"{FEAT_PARAM}: {msg}", parameter=FEAT_PARAM)
+    cfg = from_additional_config(vllm_config.additional_config, vllm_config.model_config.model)
+    try:
+        fr = parse_features(given, cfg.info, FEAT_PARAM)
+    except SpecError as e:
+        raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
+    return fr.prompt
 
 
 def parse_user_spec(given, cfg: FunctokConfig) -> SteeringSpec | None:
