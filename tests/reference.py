@@ -59,9 +59,10 @@ def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
     return out
 
 
-def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec) -> torch.Tensor:
+def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec, grab=None) -> torch.Tensor:
     """(seq - 1, vocab) next-token log-probabilities after ids[:t], t >= 1, with `spec` applied at `points`
-    ({layer: (layer index, site)}) through `lenses` ({layer: sae-lens SAE})."""
+    ({layer: (layer index, site)}) through `lenses` ({layer: sae-lens SAE}). `grab`: a dict to fill with
+    {layer: (seq, d) tensor at that layer's hook point after the edits there} for each layer in `points`."""
     layers, fam = blocks(model), family(model)
     seq = len(ids)
     sel = torch.zeros(seq, dtype=torch.bool)
@@ -70,12 +71,17 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
     handles, stash = [], {}
 
     def steer(layer, base_of=None):
-        edits = [e for e in spec["edits"] if e["layer"] == layer]
+        edits = [e for e in spec["edits"] if e["layer"] == layer] if spec else []
 
         def apply(t):  # (1, seq, d) tensor at the hook point (resid_mid: the attention output)
             h = t[0] if base_of is None else stash.pop(layer) + t[0]
+            delta = lens_delta(lenses[layer], h, edits) if edits else torch.zeros_like(h)
             new = t.clone()
-            new[0, sel] += lens_delta(lenses[layer], h, edits)[sel]
+            new[0, sel] += delta[sel]
+            if grab is not None:
+                after = h.clone()
+                after[sel] += delta[sel]
+                grab[layer] = after.detach()
             return new
 
         return apply
@@ -83,8 +89,9 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
     def out_hook(fn):
         return lambda _m, _a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
+    steered = {e["layer"] for e in spec["edits"]} if spec else set()
     try:
-        for layer in sorted({e["layer"] for e in spec["edits"]}) if spec else ():
+        for layer in sorted(steered | (set(points) if grab is not None else set())):
             L, site = points[layer]
             attn, mlp = (getattr(layers[L], n) for n in SITE_MODULES[fam])
             if site == "resid_post":
@@ -105,6 +112,37 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
     finally:
         for h in handles:
             h.remove()
+
+
+def lens_top(lens, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sae-lens's own activations of h (tokens, d): (tokens, d_sae) activations and (tokens, k) top feature ids."""
+    with torch.no_grad():
+        acts = lens.encode(h.float())
+    return acts, acts.topk(k, dim=-1).indices
+
+
+def check_features(entries: list[dict], grabbed: dict, lenses: dict, min_top1: float = 0.99, rtol: float = 1e-3):
+    """API feature entries against sae-lens: none listed where no feature fires; elsewhere the same top-1 feature at
+    >= min_top1 of the (position, layer) pairs, and every listed activation within rtol (relative) of sae-lens's.
+    Returns (pairs where some feature fires, top-1 agreement, largest relative error)."""
+    same = total = 0
+    worst = 0.0
+    for e in entries:
+        for layer, feats in e["layers"].items():
+            acts, _ = lens_top(lenses[int(layer)], grabbed[int(layer)][e["position"]][None], 1)
+            acts = acts[0]
+            if float(acts.max()) <= 0:
+                assert feats == [], (layer, e["position"])
+                continue
+            total += 1
+            same += feats[0][0] == int(acts.argmax())
+            for f, a in feats:
+                ref = float(acts[f])
+                err = abs(a - ref) / max(abs(ref), 1e-6)
+                worst = max(worst, err)
+                assert err <= rtol, (layer, e["position"], f, a, ref)
+    assert same >= min_top1 * total, (same, total)
+    return total, same / max(total, 1), worst
 
 
 def eager_model(model_dir):

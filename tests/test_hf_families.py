@@ -95,10 +95,11 @@ def build(family: str, root) -> tuple:
     return model_dir, root / "sae", layer, w_dec[3]
 
 
-def serve(model_dir, sae_dir, cases) -> tuple[list[list[int]], list[list[torch.Tensor]], dict, HFEngine]:
+def serve(model_dir, sae_dir, cases, extras=None, deltas=None) -> tuple[list, list, dict, HFEngine]:
     """Run `cases` [(prompt ids, spec)] concurrently on one engine: tokens, per-step log-probs, stats, the engine.
 
-    The engine exposes no log-probabilities, so the test wraps its worker's sampler to read the logits it samples.
+    The test wraps the worker's sampler to read the whole (vocab,) rows it samples from. `extras`: GenerateRequest
+    keywords (logprobs, features, ...) for every case; `deltas` (a dict) receives each case's deltas by index.
     """
     eng = HFEngine(HFEngineConfig(model_dir, [sae_dir], DEMO_FUNCTION_TOKENS, max_running=8, warmup=False))
     seen: dict[str, list[torch.Tensor]] = {}
@@ -114,8 +115,10 @@ def serve(model_dir, sae_dir, cases) -> tuple[list[list[int]], list[list[torch.T
     async def one(i, ids, spec):
         params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
         out = []
-        async for d in eng.generate(GenerateRequest(f"r{i}", ids, params, spec)):
+        async for d in eng.generate(GenerateRequest(f"r{i}", ids, params, spec, **(extras or {}))):
             out += d.token_ids
+            if deltas is not None:
+                deltas.setdefault(i, []).append(d)
         return out
 
     async def go():

@@ -1,12 +1,14 @@
 """The steering playground: its HTTP side (the page and its files public, the API gated, the feature finder, /tokenize,
 the on-disk cache) and the page itself in a real headless browser (Debian's chromium driven by chromedriver through
 selenium) against a live `functok serve`: find a feature, add it, run, two different completions streamed side by side
-with the steered positions highlighted and no console errors; a bad strength shown in words; a phone's width; a
+with the steered positions highlighted and no console errors; the features of a token on hover and a one-request
+strength sweep with p(target), each equal to what the API answers; a bad strength shown in words; a phone's width; a
 steering vector from the server's library picked by name and run.
 
 `FUNCTOK_UPDATE_SCREENSHOT=1` also copies the desktop screenshot to docs/playground.png (the README's picture).
 """
 
+import math
 import os
 import re
 import shutil
@@ -71,6 +73,18 @@ def ready(http, path: str, params=None, deadline_s: float = 120) -> tuple[dict, 
     pytest.fail(f"{path} still computing after {deadline_s} s")
 
 
+def completion(http, steering, **extra) -> dict:
+    """The page's own request (its default sampling: temperature 0, MAX_TOKENS tokens), answered by the API."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "steering": steering}
+    r = http.post("/v1/completions", json=body | extra)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def spec_at(spec: dict, strength: float) -> dict:
+    return {**spec, "edits": [spec["edits"][0] | {"strength": strength}]}
+
+
 def greedy(http, steering=None) -> tuple[str, list[int]]:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
     if steering is not None:
@@ -128,7 +142,7 @@ def browser():
     driver.quit()
 
 
-def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_function_tokens):
+def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_function_tokens, demo_tokenizer):
     """First in the module: the server has not computed its feature dashboards yet, so the page sees it do so."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -213,23 +227,45 @@ def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_
     assert int(count.get_attribute("data-server")) == len(highlighted) + len(in_prompt)
     assert d.find_elements(By.CSS_SELECTOR, "#panel-plain .tok.steered") == []
 
-    # Hovering a token explains it, and says that per-token features are not available yet.
+    # Hovering a token explains it and lists the features that fired where it was predicted: the API's own.
     from selenium.webdriver import ActionChains
 
+    spec = {
+        "edits": [{"layer": LAYER, "feature": feature, "mode": "add", "strength": strength}],
+        "positions": "function",
+    }
+    api = completion(http, spec, features={"layers": [LAYER], "top_k": 5})["choices"][0]["features"][0]
     ActionChains(d).move_to_element(find(By.CSS_SELECTOR, "#panel-steered .text .tok")).perform()
     wait.until(lambda d: "Generated token 1" in find(By.ID, "token-info").text)
-    assert "not available on this server yet" in find(By.ID, "token-info").text
+    info = find(By.ID, "token-info").text
+    assert f"where it was predicted (position {api['position']})" in info, info
+    shown = ", ".join(f"#{f} ({a:.2f})" for f, a in api["layers"][str(LAYER)])
+    assert f"Layer {LAYER}: {shown}" in info, (info, shown)
 
-    # The strength sweep, one click: the chosen edit at several strengths, one text per strength; strength 0 is the
-    # unsteered text and the chosen strength the steered one.
+    # The strength sweep, one click, one request (a list of specs): the chosen edit at several strengths, one text
+    # per strength (strength 0 is the unsteered text, the chosen strength the steered one) and p(target), the
+    # API's probability of the target as the first token.
+    first = completion(http, None, return_token_ids=True)["choices"][0]["token_ids"][0]
+    target = demo_tokenizer.decode([first])  # the unsteered first token: likely among the 20 at every strength
+    find(By.ID, "sweep-target").send_keys(target)
+    sent = "return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/completions')).length"
+    before = d.execute_script(sent)
     find(By.ID, "sweep-run").click()
     wait.until(lambda d: find(By.ID, "sweep-table").is_displayed())
-    rows = {
-        float(r.find_element(By.TAG_NAME, "th").text): r.find_elements(By.TAG_NAME, "td")[-1].text
+    assert d.execute_script(sent) == before + 1
+    cells = [
+        (float(r.find_element(By.TAG_NAME, "th").text), *(c.text for c in r.find_elements(By.TAG_NAME, "td")))
         for r in d.find_elements(By.CSS_SELECTOR, "#sweep-table tbody tr")
-    }
+    ]
+    rows = {s: text for s, _, text in cells}
     assert len(rows) >= 4 and max(rows) <= MAX_ABS, rows
     assert rows[0.0] == plain_text and rows[strength] == steered_text, rows
+    for s_, p_shown, _ in cells:
+        top = completion(http, spec_at(spec, s_), logprobs=20)["choices"][0]["logprobs"]["top_logprobs"][0]
+        hit = top.get(target, next((v for t, v in top.items() if t.strip() == target.strip()), None))  # as the page
+        want = None if hit is None else math.exp(hit)
+        assert p_shown == ("–" if want is None else f"{want:.3f}"), (s_, p_shown, want, target)
+    assert any(p != "–" for _, p, _ in cells) and d.find_elements(By.CSS_SELECTOR, "#sweep-chart svg circle")
 
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
@@ -347,7 +383,7 @@ def test_page_and_files_are_public_the_api_is_not(server):
 
 def test_steering_info_lists_capabilities(http):
     caps = http.get("/v1/steering").json()["capabilities"]
-    assert caps == {"features": False, "logprobs": False, "spec_lists": False, "vectors": True}
+    assert caps == {"features": True, "logprobs": True, "spec_lists": True, "vectors": True}
 
 
 def test_feature_card_matches_the_logit_lens_and_search_finds_it(http, demo_model, demo_saes):

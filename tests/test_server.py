@@ -201,7 +201,8 @@ BAD = [  # (change to GOOD, status, param, text the message must show)
     ({"max_tokens": 401}, 400, "max_tokens", "401"),
     ({"prompt": "word " * 600}, 400, "prompt", "context"),
     ({"prompt": [1, 2, 99999]}, 400, "prompt", "99999"),
-    ({"n": 2}, 400, "n", "2"),
+    ({"n": 0}, 400, "n", "0"),
+    ({"n": 65}, 400, "n", "65 choices"),  # over max_choices
     ({"bogus_field": 1}, 400, "bogus_field", "unknown"),
     ({"model": "gpt-4"}, 404, "model", "gpt-4"),
 ]

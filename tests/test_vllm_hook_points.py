@@ -1,6 +1,8 @@
 """SAEs at every hook point in the vLLM engine, compiled and eager, against the independent reference (`reference.py`:
 a plain transformers forward with hooks at each hook point, activations from sae-lens), prompt and generated
-log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests.
+log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests; and the features
+that fired at every SAE, read out by the worker's op inside the (compiled) model and fetched as a Python caller of
+`LLM` does (`extra_args["functok_features"]`, `collective_rpc("functok_features")`), against sae-lens's encode.
 
 Random Llama (grouped-query attention, fused add+norm layers): resid_pre of block 0 (the embeddings), attn_out (a gated
 SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm), compiled and eager. Random
@@ -19,7 +21,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import steering_llm  # noqa: E402
-from reference import eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
+from reference import check_features, eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
 
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
@@ -118,6 +120,7 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
     sites = CASES[name][2]
     cases = specs(sites)
     llm = make_llm(model_dir, saes.values(), mode == "eager")
+    feats = {"layers": sorted(sites), "top_k": 4, "prompt": True}
     try:
         params = [
             SamplingParams(
@@ -126,22 +129,31 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
                 logprobs=0,
                 prompt_logprobs=0,
                 ignore_eos=True,
-                extra_args={"steering": json.dumps(s)} if s else None,
+                extra_args={"functok_features": feats, "functok_id": f"case{i}"}
+                | ({"steering": json.dumps(s)} if s else {}),
             )
-            for s in cases
+            for i, s in enumerate(cases)
         ]
         outs = llm.generate([PROMPTS[0]] * len(cases), params, use_tqdm=False)
+        read = llm.collective_rpc("functok_features", args=({f"case{i}": [NEW, True] for i in range(len(cases))},))[0]
     finally:
         llm.llm_engine.engine_core.shutdown()
     model = eager_model(model_dir)
     lenses = {L: load_lens(p) for L, p in saes.items()}
     points = {L: (L, site) for L, (site, _, _) in sites.items()}
     got_first = []
-    for spec, o in zip(cases, outs, strict=True):
+    fired = 0
+    for i, (spec, o) in enumerate(zip(cases, outs, strict=True)):
         g = o.outputs[0]
         ids = list(o.prompt_token_ids) + list(g.token_ids)
         n = len(o.prompt_token_ids)
-        rows = logprobs(model, lenses, points, ids, n, spec)  # (seq - 1, vocab)
+        grabbed = {}
+        rows = logprobs(model, lenses, points, ids, n, spec, grabbed)  # (seq - 1, vocab)
+        fe = read[f"case{i}"]  # the worker's entries: every prompt position, then the generated tokens'
+        assert len(fe["prompt"]) == n and len(fe["generated"]) == NEW
+        entries = [{"position": p, "layers": e} for p, e in enumerate(fe["prompt"])]
+        entries += [{"position": n - 1 + j, "layers": e} for j, e in enumerate(fe["generated"])]
+        fired += check_features(entries, grabbed, lenses)[0]
         want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
         got = torch.tensor(
             [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], ids[1:n], strict=True)]
@@ -154,6 +166,7 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
         got_first.append(got)
     for i in (1, 2):
         assert float((got_first[i] - got_first[0]).abs().max()) > 1e-3, (name, i)
+    assert fired > 0, name
 
 
 def test_resid_mid_where_vllm_has_no_fused_norm_is_refused_by_name(built, tmp_path, capfd):

@@ -17,7 +17,7 @@ from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.engines.vllm.config import EXTENSION
 from functok_vllm.launch import Server, ServerStartError
 from functok_vllm.launch import start as launch_start
-from functok_vllm.paths import DEMO_MODEL
+from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
@@ -78,7 +78,7 @@ def texts(library) -> dict[str, str]:
     from functok_vllm.engines.base import GenerateRequest, SamplingParams
     from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
     from functok_vllm.library.store import Library
-    from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+    from functok_vllm.paths import DEMO_FUNCTION_TOKENS
     from functok_vllm.steering import SteeringLimits, Vectors, parse_steering
 
     async def run() -> dict[str, str]:
@@ -136,6 +136,32 @@ class TestStockVLLMServe:
                 model="tiny", prompt=PROMPT, max_tokens=4, extra_body={"vllm_xargs": {"steering": bad}}
             )
         assert BAD[bad] in str(e.value)
+
+    def test_logprobs_of_a_steered_prompt_are_the_reference_s(self, stock, demo_tokenizer):
+        """What vLLM's own protocol carries works for steered requests: echo + logprobs scores the steered model."""
+        from reference import eager_model, load_lens, logprobs
+
+        extra = {"vllm_xargs": {"steering": json.dumps(SPEC)}}
+        r = stock.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=1, extra_body=extra
+        )
+        ch = r.choices[0]
+        ids = demo_tokenizer.encode(ch.text)
+        assert demo_tokenizer.decode(ids) == ch.text and len(ids) == len(ch.logprobs.tokens)
+        lenses = {2: load_lens(DEMO_SAES / "layer_2")}
+        n = len(demo_tokenizer.encode(PROMPT))
+        rows = logprobs(eager_model(DEMO_MODEL), lenses, {2: (2, "resid_post")}, ids, n, SPEC)
+        want = rows[range(len(ids) - 1), ids[1:]]
+        assert max(abs(g - float(w)) for g, w in zip(ch.logprobs.token_logprobs[1:], want, strict=True)) < 1e-3
+
+    def test_features_are_refused_saying_where_they_work(self, stock):
+        with pytest.raises(openai.BadRequestError, match="functok serve --engine vllm"):
+            stock.completions.create(
+                model="tiny",
+                prompt=PROMPT,
+                max_tokens=4,
+                extra_body={"vllm_xargs": {"functok_features": json.dumps({"layers": [2], "top_k": 3})}},
+            )
 
     def test_chat_completions_are_steered_too(self, stock):
         msgs = [{"role": "user", "content": "Tell me about the king."}]

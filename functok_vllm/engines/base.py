@@ -11,12 +11,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.feature_request import FeatureRequest, check_features
 from functok_vllm.steering import SteeringInfo, SteeringLimits, check_steering
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # alternatives per position, as OpenAI and vLLM's default max_logprobs
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -48,14 +52,40 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # a per-request generator: the same seed gives the same tokens whatever the batch mates
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, fixed-length runs)
+    # vLLM's sampling extensions, with vLLM's meanings (penalties apply to the logits before temperature; top_k 0 or
+    # -1 and min_p 0 are off; repetition_penalty counts prompt and output tokens, the other two output tokens only)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0  # the end-of-sequence token, stop_token_ids and stop strings cannot end it before this
+    stop_token_ids: tuple[int, ...] = ()  # generating one ends the request ("stop")
+    skip_special_tokens: bool = True  # in the text (token ids are always returned as generated)
+    include_stop_str_in_output: bool = False  # keep the stop string, or the stop token's text, in the text
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
             raise RequestError("temperature", f"{self.temperature!r} must be in [0, 2]")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError("top_p", f"{self.top_p!r} must be in (0, 1]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError("max_tokens", f"{self.max_tokens!r} must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise RequestError("max_tokens", f"{self.max_tokens!r} must be at least 0")
+        if self.top_k < -1:
+            raise RequestError("top_k", f"{self.top_k!r} must be at least 1 (0 or -1: off)")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise RequestError("min_p", f"{self.min_p!r} must be in [0, 1]")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 100):
+            raise RequestError("repetition_penalty", f"{self.repetition_penalty!r} must be in (0, 100]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                raise RequestError(name, f"{v!r} must be in [-2, 2]")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise RequestError("min_tokens", f"{self.min_tokens!r} must be in [0, max_tokens]")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} are allowed")
         self.stop = tuple(self.stop)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise RequestError("stop", f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
@@ -68,6 +98,24 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def filtered(self) -> bool:
+        """Does sampling need more than temperature and top_p (top_k, min_p)?"""
+        return self.top_k > 0 or self.min_p > 0
+
+
+class TokenLogprob(NamedTuple):
+    """One position's log-probabilities (log-softmax of the logits at temperature 1, of the steered model when the
+    request is steered): the token's, and the `top` most likely tokens', most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
 
 @dataclass
 class GenerateRequest:
@@ -75,6 +123,17 @@ class GenerateRequest:
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     steering: SteeringSpec | None = None  # checked against the engine's SAEs by `Engine.check_request`
+    logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: none
+    features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
+    # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
+    stream: bool = True
+
+
+# A feature entry: {"token_id", "position", "layers": {"L": [[feature, activation], ...]}}, the features read at
+# `position` (of prompt + completion); for a generated token, the position whose forward predicted it (the previous
+# token's; the last prompt token's for the first), so every generated token has one.
+FeatureEntry = dict
 
 
 @dataclass
@@ -90,6 +149,10 @@ class Delta:
     # once. Exact on the last delta; earlier deltas may say less (the vLLM engine reads it from its worker at the end).
     steered_positions: int = 0
     error: str | None = None  # set when finish_reason == "error"
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta: one per prompt token, the first None
+    features: list[FeatureEntry] | None = None  # the next generated tokens' entries, in order (see FeatureEntry)
+    prompt_features: list[FeatureEntry] | None = None  # first delta (or with the first features): every prompt token
 
 
 class Engine(ABC):
@@ -161,11 +224,20 @@ class Engine(ABC):
         bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
         if bad:
             raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        if r.steering is not None:
-            try:
+        bad = [t for t in r.sampling.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(r, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise RequestError(name, f"{n!r} must be between 0 and {MAX_LOGPROBS}")
+        try:
+            if r.steering is not None:
                 check_steering(r.steering, self.steering_info(), limits)
-            except SpecError as e:
-                raise RequestError(e.field, e.message) from None
+            if r.features is not None:
+                check_features(r.features, self.steering_info())
+        except SpecError as e:
+            raise RequestError(e.field, e.message) from None
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None, param: str = "prompt") -> None:
         """RequestError unless the prompt is non-empty and the prompt plus max_tokens fits in the context."""

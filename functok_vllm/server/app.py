@@ -7,7 +7,6 @@ prompt against the context); the engine receives only requests it can run. Error
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -24,14 +23,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from functok_vllm.core.spec import MODES, POSITIONS, SpecError
-from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
+from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
 from functok_vllm.library.store import Library, LibraryLimits, StoreError
+from functok_vllm.server import fanout
 from functok_vllm.server.analysis import add_analysis_route
+from functok_vllm.server.choices import Format, Prompt
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.library import PresetBook, add_library_routes
+from functok_vllm.server.logprobs import TokenText
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
 from functok_vllm.server.playground import CAPABILITIES, add_playground
@@ -39,10 +41,11 @@ from functok_vllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Steering,
+    features_of,
     resolve_steering,
-    sampling_params,
+    resolve_steering_list,
 )
-from functok_vllm.server.serving import Job, complete, next_delta, stream, timeout_error
+from functok_vllm.server.serving import Job, complete, stream
 from functok_vllm.steering import Vectors
 
 log = logging.getLogger("functok.server")
@@ -160,59 +163,84 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             "capabilities": CAPABILITIES,
         }
 
-    def prepare(body, request: Request) -> Steering:
+    tt = TokenText(engine.tokenizer)
+
+    def prepare(body, request: Request) -> tuple[list[Steering], bool]:
+        """(the steering of each spec, whether `steering` was a list), checked; the body's other combinations."""
         if body.model != engine.model_name:
             msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
             raise APIError(404, msg, "model", "model_not_found")
-        s = resolve_steering(body, presets, config.steering, engine.steering_info(), vectors)
-        request.state.steered = str(s.spec is not None).lower()
-        return s
+        body.check()
+        info = engine.steering_info()
+        listed = resolve_steering_list(body, presets, config.steering, info, limits.max_choices, vectors)
+        steerings = listed or [resolve_steering(body, presets, config.steering, info, vectors)]
+        request.state.steered = str(any(s.spec is not None for s in steerings)).lower()
+        return steerings, listed is not None
 
-    async def run(kind, body, ids: list[int], max_tokens, steering: Steering, request: Request, t0: float):
+    async def run(kind, body, prompts: list[Prompt], max_tokens, request: Request, t0: float):
+        steerings, listed = prepare(body, request)
+        fr = features_of(body, engine.steering_info())
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        try:
-            engine.check_prompt(ids, max_tokens, "messages" if kind == "chat" else "prompt")
-            if max_tokens is None:  # "as many as fit", within the server's cap
-                max_tokens = min(limits.max_tokens, engine.max_model_len - len(ids))
-            params = sampling_params(body, max_tokens, limits)
-            deltas = engine.generate(GenerateRequest(rid, ids, params, steering.spec))
-            first = await next_delta(deltas, t0 + limits.request_timeout)
-        except asyncio.TimeoutError:
-            metrics.finished.labels("timeout", str(steering.spec is not None).lower()).inc()
-            raise timeout_error(limits.request_timeout) from None
-        except RequestError as e:
-            raise APIError(400, str(e), e.param, e.code) from None
-        except EngineFull as e:
-            raise APIError(429, str(e), code="server_full", headers={"Retry-After": str(e.retry_after)}) from None
-        except EngineStopped as e:
-            raise APIError(503, str(e), code="engine_stopped") from None
+        choices = fanout.plan(prompts, steerings, body.n, limits, listed)
+        param = "messages" if kind == "chat" else "prompt"
+        caps = []
+        for p in prompts:
+            try:
+                engine.check_prompt(p.ids, max_tokens, param)
+            except RequestError as e:
+                raise APIError(400, str(e), e.param, e.code) from None
+            caps.append(
+                max_tokens if max_tokens is not None else min(limits.max_tokens, engine.max_model_len - len(p.ids))
+            )
+        fanout.check_features(fr, choices, caps, limits)
+        if kind == "chat":
+            lp, prompt_lp, echo = ((body.top_logprobs or 0) if body.logprobs else None), None, False
+        else:
+            lp, echo = body.logprobs, body.echo
+            prompt_lp = lp if echo else None
+        extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr}
+        await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
+        fmt = Format(
+            kind, tt, lp is not None, echo, body.return_token_ids, fr is not None, fr is not None and fr.prompt
+        )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(
-            kind, rid, engine.model_name, steering, body.return_token_ids, include_usage, t0, limits.request_timeout
+            kind,
+            rid,
+            engine.model_name,
+            choices,
+            fmt,
+            None if listed else steerings[0],
+            include_usage,
+            t0,
+            limits.request_timeout,
         )
         if body.stream:
-            return StreamingResponse(stream(job, first, deltas, metrics), media_type="text/event-stream")
-        return JSONResponse(await complete(job, first, deltas, request, metrics))
+            return StreamingResponse(stream(job, metrics), media_type="text/event-stream")
+        return JSONResponse(await complete(job, request, metrics))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.monotonic()
-        steering = prepare(body, request)
-        prompt = body.prompt_text_or_ids()
-        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                prompts.append(Prompt(engine.encode(p), p))
+            else:
+                ids = list(p)
+                prompts.append(Prompt(ids, engine.tokenizer.decode(ids) if body.echo else ""))
         given = "max_tokens" in body.model_fields_set  # OpenAI's default of 16, within this server's cap
         max_tokens = body.max_tokens if given else min(body.max_tokens, limits.max_tokens)
-        return await run("completions", body, ids, max_tokens, steering, request, t0)
+        return await run("completions", body, prompts, max_tokens, request, t0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         t0 = time.monotonic()
-        steering = prepare(body, request)
         try:
             ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except (TemplateError, ValueError) as e:  # ValueError: the tokenizer has no chat template
             raise APIError(400, f"messages: the model's chat template cannot render them ({e})", "messages") from None
-        return await run("chat", body, ids, body.max_new(), steering, request, t0)
+        return await run("chat", body, [Prompt(ids, "")], body.max_new(), request, t0)
 
     return app
 

@@ -41,6 +41,16 @@ class Limits:
         "seconds SIGTERM/SIGINT waits for in-flight requests (new ones get 503); then the rest are aborted "
         "(503 / an error event) and the server exits 0",
     )
+    max_choices: int = _limit(
+        64,
+        "choices one request may ask for: prompts x steering specs x n, each an engine request decoded in the same "
+        "batch; more get 400",
+    )
+    max_feature_values: int = _limit(
+        1 << 20,
+        "feature activations one request may ask for: choices x positions (max_tokens, plus the prompt with "
+        "features.prompt) x layers x top_k; more get 400",
+    )
     max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
     max_vectors: int = _limit(256, "named steering vectors in the library; creating more gets 409")
@@ -56,7 +66,8 @@ class Limits:
                 raise CLIError(f"limits.{f.name} must be a number, got {v!r}")
             if isinstance(f.default, int) and not isinstance(v, int):
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
-        for name in ("max_tokens", "max_running", "max_body_bytes", "max_analysis_prompts", "max_vector_bytes"):
+        at_least_one = ("max_tokens", "max_running", "max_body_bytes", "max_choices", "max_feature_values")
+        for name in (*at_least_one, "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_waiting", "max_analysis_waiting", "max_vectors", "max_presets"):

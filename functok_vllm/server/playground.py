@@ -26,9 +26,9 @@ from functok_vllm.steering import Strict
 
 STATIC = Path(__file__).resolve().parent / "static"
 CAPABILITIES = {
-    "features": False,  # a generation request's "features": {"layers", "top_k"} -> choices[i].features per token
-    "logprobs": False,  # logprobs / top_logprobs in completions and chat
-    "spec_lists": False,  # "steering": [spec, ...] -> one choice per spec
+    "features": True,  # a generation request's "features": {"layers", "top_k"} -> choices[i].features per token
+    "logprobs": True,  # logprobs / top_logprobs in completions and chat
+    "spec_lists": True,  # "steering": [spec, ...] -> one choice per spec
     "vectors": True,  # edits that name a steering vector instead of an SAE feature (/v1/steering/vectors)
 }
 # The page runs only its own files: no inline script, nothing from another origin.

@@ -1,8 +1,9 @@
-"""The HTTP request bodies (pydantic) and their conversion to engine objects: SamplingParams and a SteeringSpec.
+"""The HTTP request bodies (pydantic) and their conversion to engine objects: SamplingParams, SteeringSpecs, features.
 
 The request bodies forbid unknown keys, like our steering objects (`functok_vllm.steering`, which parses and checks
-them), declare the OpenAI parameters and accept only the values this server implements. No model accepts NaN or
-Infinity (Python's JSON parser reads those literals; pydantic refuses them here).
+them), declare the OpenAI parameters (and vLLM's sampling extensions) and accept only the values this server
+implements. No model accepts NaN or Infinity (Python's JSON parser reads those literals; pydantic refuses them here).
+`steering` may be one spec or a list of them (one choice per entry, `None` for unsteered): `resolve_steering_list`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from functok_vllm.core.spec import SpecError, SteeringSpec
-from functok_vllm.engines.base import RequestError, SamplingParams
+from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
+from functok_vllm.feature_request import FeatureRequest, parse_features
 from functok_vllm.server.config import Limits
 from functok_vllm.server.errors import APIError
 from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, api_form, check_steering, parse_steering
 from functok_vllm.validation import shown
+
+SpecGiven = dict[str, Any] | str | None  # a steering object, a preset name, or (in a list) None for unsteered
 
 
 class StreamOptions(Strict):
@@ -48,16 +52,25 @@ class _Common(Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-    frequency_penalty: Literal[0] = 0
-    presence_penalty: Literal[0] = 0
+    n: int = Field(1, ge=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # extensions
-    steering: dict[str, Any] | str | None = None  # a steering object, or the name of a preset
+    # vLLM's sampling extensions, with its meanings
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False  # generate max_tokens tokens even past the end-of-sequence token
+    return_token_ids: bool = False  # the token ids of each choice (and of the prompt with echo)
+    # functok's extensions
+    steering: SpecGiven | list[SpecGiven] = None  # one spec (or preset name), or a list of them: one choice each
+    features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
-    return_token_ids: bool = False  # vLLM extension: the generated token ids in each choice
-    ignore_eos: bool = False  # vLLM extension: generate max_tokens tokens even past the end-of-sequence token
 
     @model_validator(mode="after")
     def _check(self):
@@ -72,28 +85,33 @@ class _Common(Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for the legacy completions API
-    echo: Literal[False] = False
-    logprobs: None = None
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt, or a batch: one choice (per spec, n) each
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for the legacy completions API; 0: score only
+    echo: bool = False  # the prompt in front of the text (and its logprobs in front, the first null)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Literal[1] | None = None
     suffix: None = None
 
-    def prompt_text_or_ids(self) -> str | list[int]:
+    def check(self) -> None:
+        """APIError 400 naming the field for combinations pydantic cannot name."""
+        if self.max_tokens == 0 and not self.echo:
+            msg = "max_tokens: 0 generates nothing; it is allowed only with echo (prompt scoring)"
+            raise APIError(400, msg, "max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each entry a text or token ids."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            if len(p) != 1:
-                raise APIError(400, f"prompt: a batch of {len(p)} prompts; send one prompt per request", "prompt")
-            return p[0]
-        return p
+        if isinstance(p, str) or (p and isinstance(p[0], int)) or not p:
+            return [p]
+        return list(p)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list | None = None
     tool_choice: Literal["none"] | None = None
@@ -107,6 +125,10 @@ class ChatCompletionRequest(_Common):
             raise ValueError("tools are not supported")
         return self
 
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+
     def max_new(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -118,9 +140,33 @@ def sampling_params(req: _Common, max_tokens: int | None, limits: Limits) -> Sam
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's cap of {limits.max_tokens}", "max_tokens")
     try:
-        return SamplingParams(req.temperature, req.top_p, max_tokens, req.stop_list(), req.seed, req.ignore_eos)
+        return SamplingParams(
+            req.temperature,
+            req.top_p,
+            max_tokens,
+            req.stop_list(),
+            req.seed,
+            req.ignore_eos,
+            top_k=req.top_k or 0,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            min_tokens=req.min_tokens,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
     except RequestError as e:
         raise APIError(400, str(e), e.param, e.code) from None
+
+
+def features_of(req: _Common, info: SteeringInfo) -> FeatureRequest | None:
+    """The request's `features`, checked against the loaded SAEs; APIError 400 naming the field when it is bad."""
+    try:
+        return parse_features(req.features, info)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
 
 
 @dataclass
@@ -142,6 +188,28 @@ class Steering:
         }
 
 
+def resolve_steering_list(
+    req: _Common,
+    presets: dict[str, SteeringSpec],
+    limits: SteeringLimits,
+    info: SteeringInfo,
+    max_specs: int,
+    vectors=None,
+) -> list[Steering] | None:
+    """Each entry of a list-valued `steering`, parsed and checked (`steering[i]...` names a bad one); None when
+    `steering` is not a list (then `resolve_steering` reads it)."""
+    if not isinstance(req.steering, list):
+        return None
+    if not req.steering:
+        raise APIError(400, "steering: an empty list (give at least one entry; null is the unsteered one)", "steering")
+    if len(req.steering) > max_specs:
+        msg = f"steering: a list of {len(req.steering)} specs; this server answers at most {max_specs} choices"
+        raise APIError(400, msg + " a request (max_choices)", "steering")
+    if req.vllm_xargs and "steering" in req.vllm_xargs:
+        raise APIError(400, "steering: given both as 'steering' and as 'vllm_xargs.steering'; give one", "steering")
+    return [resolve_one(g, f"steering[{i}]", presets, limits, info, vectors) for i, g in enumerate(req.steering)]
+
+
 def resolve_steering(
     req: _Common, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo, vectors=None
 ) -> Steering:
@@ -158,6 +226,13 @@ def resolve_steering(
         given, param = xargs["steering"], "vllm_xargs.steering"
         if not isinstance(given, str):
             raise APIError(400, f"{param}: must be a JSON string or a preset name, got {shown(given)}", param)
+    return resolve_one(given, param, presets, limits, info, vectors)
+
+
+def resolve_one(
+    given, param: str, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo, vectors=None
+) -> Steering:
+    """One steering object (dict or JSON text), preset name or None, at `param`."""
     if given is None:
         return Steering(None)
     if isinstance(given, str) and not given.lstrip().startswith("{"):

@@ -1,4 +1,9 @@
-"""Turn an engine's deltas into OpenAI responses: one JSON body, or server-sent events ending in `data: [DONE]`."""
+"""Turn the engines' deltas into OpenAI responses: one JSON body, or server-sent events ending in `data: [DONE]`.
+
+A request's choices (`choices.py`) are separate engine requests decoded in the same batch; the whole body waits for
+all of them, a stream interleaves their chunks as they come (each chunk names its choice's `index`). The deadline
+and a client that disconnects abort every choice still running; so does one that fails (its error ends the stream).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from functok_vllm.engines.base import Delta
+from functok_vllm.server.choices import Choice, Format
 from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.protocol import Steering
@@ -18,53 +24,54 @@ from functok_vllm.server.protocol import Steering
 
 @dataclass
 class Job:
-    """One generation request on its way out: what the response needs besides the deltas."""
+    """One generation request on its way out: its choices, and what the response needs besides them."""
 
     kind: str  # "chat" or "completions"
     request_id: str
     model: str
-    steering: Steering
-    return_token_ids: bool
+    choices: list[Choice]
+    fmt: Format
+    steering: Steering | None  # a single spec's (reported at the top level too); None when `steering` was a list
     include_usage: bool
     t0: float  # arrival, time.monotonic()
     timeout: float  # seconds from arrival to the last token (limits.request_timeout)
     created: int = field(default_factory=lambda: int(time.time()))
-    pieces: list[str] = field(default_factory=list)  # joined once by `text` (+= on a str would copy per token)
-    token_ids: list[int] = field(default_factory=list)
-    last: Delta | None = None
+    seen_first: bool = False
 
-    def take(self, d: Delta, metrics: Metrics) -> None:
-        if self.last is None:
+    def take(self, c: Choice, d: Delta, metrics: Metrics) -> None:
+        if not self.seen_first:
+            self.seen_first = True
             metrics.ttft.observe(time.monotonic() - self.t0)
-        self.pieces.append(d.text)
-        self.token_ids += d.token_ids
-        self.last = d
+        c.take(d)
         if d.finish_reason is not None:
             metrics.e2e.observe(time.monotonic() - self.t0)
             metrics.prompt_tokens.inc(d.prompt_tokens)
             metrics.generation_tokens.inc(d.completion_tokens)
             metrics.steered_positions.inc(d.steered_positions)
-            metrics.finished.labels(d.finish_reason, str(self.steering.spec is not None).lower()).inc()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
+            metrics.finished.labels(d.finish_reason, _steered(c)).inc()
 
     @property
     def deadline(self) -> float:
         return self.t0 + self.timeout
 
-    def timed_out(self, metrics: Metrics) -> APIError:
-        metrics.finished.labels("timeout", str(self.steering.spec is not None).lower()).inc()
-        return timeout_error(self.timeout)
+    def count_unfinished(self, reason: str, metrics: Metrics) -> None:
+        for c in self.choices:
+            if not c.finished:
+                metrics.finished.labels(reason, _steered(c)).inc()
 
     def usage(self) -> dict:
-        d = self.last
-        return {
-            "prompt_tokens": d.prompt_tokens,
-            "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens,
-        }
+        """Prompt tokens once per prompt (as OpenAI counts them for n); completion tokens of every choice."""
+        prompts = {id(c.prompt): c.prompt for c in self.choices}.values()
+        prompt = sum(len(p.ids) for p in prompts)
+        done = sum(c.last.completion_tokens if c.last else 0 for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def top_steering(self) -> dict:
+        """The top-level `steering` of a single-spec request: its report, positions summed over the choices."""
+        if self.steering is None:
+            return {}
+        total = sum(c.last.steered_positions if c.last else 0 for c in self.choices)
+        return {"steering": self.steering.report(total)}
 
     def envelope(self, chunk: bool) -> dict:
         obj = (
@@ -74,15 +81,9 @@ class Job:
         )
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def choice(self, text: str, ids: list[int], finish: str | None, first: bool = False) -> dict:
-        if self.kind == "chat":
-            body = {"index": 0, "delta": ({"role": "assistant", "content": text} if first else {"content": text})}
-        else:
-            body = {"index": 0, "text": text}
-        body |= {"logprobs": None, "finish_reason": finish}
-        if self.return_token_ids:
-            body["token_ids"] = ids
-        return body
+
+def _steered(c: Choice) -> str:
+    return str(c.steering.spec is not None).lower()
 
 
 def timeout_error(limit: float) -> APIError:
@@ -111,84 +112,121 @@ def _raise_for(d: Delta) -> None:
         raise APIError(503, "the request was aborted (the server is shutting down)", code="aborted")
 
 
-async def complete(job: Job, first: Delta, deltas: AsyncIterator[Delta], request: Request, metrics: Metrics) -> dict:
+async def _pump(c: Choice, out: asyncio.Queue) -> None:
+    """Every delta of choice `c` into `out` as (choice, delta), its first included; a failure as (choice, error)."""
+    d = c.first
+    try:
+        while True:
+            await out.put((c, d))
+            if d.finish_reason is not None:
+                return
+            d = await anext(c.deltas)
+    except Exception as e:  # the engine's stream broke off without a last delta
+        await out.put((c, e))
+
+
+async def _next(queue: asyncio.Queue) -> tuple[Choice, Delta]:
+    c, d = await queue.get()
+    if isinstance(d, Exception):
+        raise APIError(500, f"generation failed: {type(d).__name__}", code="engine_error")
+    return c, d
+
+
+async def close_all(tasks, choices: list[Choice]) -> None:
+    """Cancel the pumps (a cancelled `anext` aborts its engine request) and close every choice's deltas."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in choices:
+        if c.deltas is not None:
+            await c.deltas.aclose()
+
+
+async def complete(job: Job, request: Request, metrics: Metrics) -> dict:
     """The whole response as one JSON object; a client that disconnects first, or the deadline, aborts generation."""
+    queue: asyncio.Queue = asyncio.Queue()
+    pumps = [asyncio.ensure_future(_pump(c, queue)) for c in job.choices]
 
     async def drain():
-        job.take(first, metrics)
-        if first.finish_reason is None:
-            async for d in deltas:
-                job.take(d, metrics)
+        left = len(job.choices)
+        while left:
+            c, d = await _next(queue)
+            job.take(c, d, metrics)
+            _raise_for(d)
+            left -= d.finish_reason is not None
 
     work = asyncio.ensure_future(drain())
     gone = asyncio.ensure_future(_disconnected(request))
-    left = max(job.deadline - time.monotonic(), 0)
-    done, _ = await asyncio.wait({work, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if work not in done:
-        work.cancel()  # the cancelled drain closes `deltas`, which aborts the request and frees its batch place
-        await asyncio.gather(work, return_exceptions=True)
-        await deltas.aclose()
-        if gone not in done:
-            raise job.timed_out(metrics)
-        metrics.finished.labels("abort", str(job.steering.spec is not None).lower()).inc()
-        raise APIError(499, "the client disconnected", code="client_disconnected")  # nginx's "client closed request"
-    work.result()
-    _raise_for(job.last)
-    d = job.last
-    text = job.text
-    if job.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    choice |= {"logprobs": None, "finish_reason": d.finish_reason}
-    if job.return_token_ids:
-        choice["token_ids"] = job.token_ids
+    try:
+        left = max(job.deadline - time.monotonic(), 0)
+        done, _ = await asyncio.wait({work, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            if gone not in done:
+                job.count_unfinished("timeout", metrics)
+                raise timeout_error(job.timeout)
+            job.count_unfinished("abort", metrics)
+            raise APIError(499, "the client disconnected", code="client_disconnected")  # nginx's "client closed"
+        work.result()
+    finally:
+        gone.cancel()
+        work.cancel()
+        await close_all(pumps, job.choices)
     return {
         **job.envelope(chunk=False),
-        "choices": [choice],
+        "choices": [c.whole(job.fmt) for c in job.choices],
         "usage": job.usage(),
-        "steering": job.steering.report(d.steered_positions),
+        **job.top_steering(),
     }
 
 
-async def stream(job: Job, first: Delta, deltas: AsyncIterator[Delta], metrics: Metrics) -> AsyncIterator[str]:
-    """Server-sent events. A disconnect cancels this generator inside `deltas`, whose cleanup aborts the request; the
+async def stream(job: Job, metrics: Metrics) -> AsyncIterator[str]:
+    """Server-sent events. A disconnect cancels this generator, whose cleanup aborts every choice still running; the
     deadline ends the stream with an error event (code "timeout") and `data: [DONE]`."""
-    finished = False
+    queue: asyncio.Queue = asyncio.Queue()
+    pumps = [asyncio.ensure_future(_pump(c, queue)) for c in job.choices]
+    ended = False
     try:
         if job.kind == "chat":
-            yield _event(job.envelope(True) | {"choices": [job.choice("", [], None, first=True)]})
-        d = first
-        while True:
-            job.take(d, metrics)
-            finished = d.finish_reason is not None
+            for c in job.choices:
+                yield _event(job.envelope(True) | {"choices": [c.role_chunk()]})
+        left = len(job.choices)
+        while left:
+            try:
+                c, d = await asyncio.wait_for(_next(queue), max(job.deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                job.count_unfinished("timeout", metrics)
+                ended = True
+                yield _event(timeout_error(job.timeout).body())
+                break
+            except APIError as e:  # a choice's stream broke off
+                job.count_unfinished("error", metrics)
+                ended = True
+                yield _event(e.body())
+                break
+            job.take(c, d, metrics)
             if d.finish_reason in ("error", "abort"):
+                job.count_unfinished("abort", metrics)
+                ended = True
                 try:
                     _raise_for(d)
                 except APIError as e:
                     yield _event(e.body())
                 break
-            if d.text or d.token_ids and job.return_token_ids or finished:
-                chunk = job.envelope(True) | {"choices": [job.choice(d.text, d.token_ids, d.finish_reason)]}
-                if finished:
-                    chunk["steering"] = job.steering.report(d.steered_positions)
+            left -= d.finish_reason is not None
+            body = c.chunk(job.fmt, d)
+            if body is not None:
+                chunk = job.envelope(True) | {"choices": [body]}
+                if not left:
+                    chunk |= job.top_steering()
                 yield _event(chunk)
-            if finished:
-                break
-            try:
-                d = await next_delta(deltas, job.deadline)
-            except asyncio.TimeoutError:
-                finished = True  # counted as "timeout", not "abort"
-                yield _event(job.timed_out(metrics).body())
-                break
-        if job.include_usage and job.last.finish_reason in ("stop", "length"):
+        ended = True
+        if job.include_usage and all(c.finished and c.last.finish_reason in ("stop", "length") for c in job.choices):
             yield _event(job.envelope(True) | {"choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:
-            metrics.finished.labels("abort", str(job.steering.spec is not None).lower()).inc()
-        await deltas.aclose()
+        if not ended:
+            job.count_unfinished("abort", metrics)
+        await close_all(pumps, job.choices)
 
 
 def _event(obj: dict) -> str:

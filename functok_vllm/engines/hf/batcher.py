@@ -9,6 +9,10 @@ request's own buffer, positions are the request's own, the steering slot of ever
 `build_slot_index` (filler rows get slot 0), sampling uses the request's own generator, and the decode batch is
 padded with filler rows to a multiple of `row_multiple` so the matmul kernels see the same row-count class whether a
 request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
+
+What a request asks for beyond tokens costs only that request's rows: log-probabilities are one log-softmax of its
+logits row (of every prompt position only when it asks for prompt scoring: the prefill keeps the last position
+otherwise), and features are read in the same hooks that steer (`readout.py`), on its rows only.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import torch
 
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
-from functok_vllm.engines.base import Delta, GenerateRequest, SamplingParams
+from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
+from functok_vllm.engines.hf import sampling
 from functok_vllm.engines.hf.hooks import residual_hooks
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
+from functok_vllm.engines.hf.readout import Readout, entry
 from functok_vllm.engines.hf.textout import TextStream
 
 log = logging.getLogger("functok.engine")
@@ -41,25 +47,27 @@ class Seq:
     max_new: int
     text: TextStream
     generator: torch.Generator | None = None
+    stops: frozenset = frozenset()  # token ids that end it: end-of-sequence (unless ignore_eos), stop_token_ids
     slot: int = 0
     policy: int = 0
     last_fn: int = -1
     kv: KVBuffer | None = None
     out_ids: list[int] = field(default_factory=list)
     steered: int = 0
+    pen_row: int = -1  # its row of the sampler's PenaltyCounts (-1: no penalties)
+    pending: dict = field(default_factory=dict)  # prompt extras for the next delta (prompt_logprobs, prompt_features)
 
-    def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None) -> Delta:
-        return Delta(text, ids, finish, len(self.req.prompt_ids), len(self.out_ids), self.steered, error)
-
-
-def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    """One token from (vocab,) logits with temperature and top-p (nucleus), drawn with the request's generator."""
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
-    if p.top_p < 1:
-        probs, order = probs.sort(descending=True)
-        probs[(probs.cumsum(0) - probs) >= p.top_p] = 0  # keep the smallest prefix reaching top_p (never empty)
-        return int(order[torch.multinomial(probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
+        """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
+        d = Delta(text, ids, finish, len(self.req.prompt_ids), len(self.out_ids), self.steered, error)
+        if extra is not None:
+            lp, feat = extra
+            d.logprobs = None if lp is None else [lp]
+            d.features = None if feat is None else [feat]
+        if self.pending:
+            d.prompt_logprobs = self.pending.pop("prompt_logprobs", None)
+            d.prompt_features = self.pending.pop("prompt_features", None)
+        return d
 
 
 class Batcher:
@@ -85,6 +93,8 @@ class Batcher:
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0}
         self._steer_on = False  # does this forward steer any token? read by the hooks
         self._live = dict.fromkeys(table.layers if table else (), 0)  # layer -> running requests steering there
+        self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
+        self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
 
@@ -136,10 +146,15 @@ class Batcher:
             self._finish(seq, "abort")
 
     def _hook(self, layer: int, op):
+        readout = self.readout
+
         def steer(h):  # (tokens, d_model) -> h + this step's steering; None (unchanged) when nothing steers here
-            if not (self._steer_on and self._live[layer]):
-                return None
-            return h + (op.delta(h) if self.table.clamps_in_use(layer) else op.add_delta(h))
+            out = None
+            if self._steer_on and self._live[layer]:
+                out = h + (op.delta(h) if self.table.clamps_in_use(layer) else op.add_delta(h))
+            if readout.plans:  # some request of this forward reads features: after this layer's steering
+                readout.observe(layer, op.sae, h if out is None else out)
+            return out
 
         return steer
 
@@ -178,25 +193,40 @@ class Batcher:
                 self._finish(seq, "error", error=f"prefill failed: {type(e).__name__}")
 
     def _prefill(self, seq: Seq) -> None:
-        spec = seq.req.steering
-        ids = torch.tensor(seq.req.prompt_ids, dtype=torch.long, device=self.device)  # (n,)
+        r = seq.req
+        spec, fr, prompt = r.steering, r.features, r.prompt_ids
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)  # (n,)
         n = ids.shape[0]
         if spec is not None and self.fn_mask is not None:
             seq.policy = POLICY_CODES[spec.positions]
             seq.last_fn = last_function_position(ids, self.fn_mask)
+        if r.sampling.penalized:
+            seq.pen_row = self.pens.join(prompt)
         seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
         positions = torch.arange(n, device=self.device)
         self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
+        if fr is not None:  # every prompt position, or only the one that predicts the first token
+            self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
         out = self.model(
             input_ids=ids[None],
             position_ids=positions[None],
             use_cache=False,
-            logits_to_keep=1,
+            logits_to_keep=0 if r.prompt_logprobs is not None else 1,  # every position only for prompt scoring
             **self.ragged.forward_kwargs([seq.kv]),
         )
         seq.kv.length = n
         self.stats["prefills"] += 1
-        self._advance(seq, self._sample(out.logits[:, -1], [seq])[0])
+        logits = out.logits[0]  # (n or 1, vocab)
+        if r.prompt_logprobs is not None:
+            rest = sampling.token_logprobs(logits[:-1], ids[1:], [r.prompt_logprobs] * (n - 1)) if n > 1 else []
+            seq.pending["prompt_logprobs"] = [None, *rest]
+        feats = self.readout.take().get(0, []) if fr is not None else []
+        if fr is not None and fr.prompt:
+            seq.pending["prompt_features"] = [entry(prompt[p], p, feats[p], fr) for p in range(n)]
+        if seq.max_new == 0:  # prompt scoring only
+            self._finish(seq, "length")
+            return
+        self._next_tokens([seq], logits[-1:], [n - 1], {0: feats[-1:]})
 
     def _decode(self) -> None:
         rows = list(self.running)
@@ -204,9 +234,13 @@ class Batcher:
         r = -(-b // self.row_multiple) * self.row_multiple  # filler rows: token 0 at position 0, slot 0, no buffer
         fill = [0] * (r - b)
         ids = torch.tensor([s.out_ids[-1] for s in rows] + fill, dtype=torch.long, device=self.device)  # (r,)
-        positions = torch.tensor([s.kv.length for s in rows] + fill, dtype=torch.long, device=self.device)  # (r,)
+        at = [s.kv.length for s in rows]
+        positions = torch.tensor(at + fill, dtype=torch.long, device=self.device)  # (r,)
         req = torch.arange(r, device=self.device).clamp_(max=b)  # filler rows point at the slot-0 entry b
         self._set_steering(ids, positions, rows, req)
+        wants = [(i, s.req.features, [i]) for i, s in enumerate(rows) if s.req.features is not None]
+        if wants:
+            self.readout.plan(wants)
         out = self.model(
             input_ids=ids[:, None],
             position_ids=positions[:, None],
@@ -217,8 +251,22 @@ class Batcher:
             s.kv.length += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += b
-        for s, token in zip(rows, self._sample(out.logits[:b, -1], rows), strict=True):  # logits (b, vocab)
-            self._advance(s, token)
+        self._next_tokens(rows, out.logits[:b, -1], at, self.readout.take() if wants else {})  # logits (b, vocab)
+
+    def _next_tokens(self, seqs: list[Seq], logits: torch.Tensor, at: list[int], feats: dict) -> None:
+        """Sample each request's next token from its row of `logits` (b, vocab); with the log-probabilities and the
+        features it asked for (`feats`: request index -> [per-layer lists read at position `at[i]`]), hand it on."""
+        tokens = self._sample(logits, seqs)  # (b,)
+        lps: dict[int, TokenLogprob] = {}
+        want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            got = sampling.token_logprobs(logits[idx], tokens[idx], [seqs[i].req.logprobs for i in want])
+            lps = dict(zip(want, got, strict=True))
+        for i, (s, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            fr = s.req.features
+            feat = entry(token, at[i], feats[i][0], fr) if fr is not None else None
+            self._advance(s, token, (lps.get(i), feat) if (i in lps or fr is not None) else None)
 
     def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> None:
         """Write this forward's per-token slots into the steering table; count steered positions per request."""
@@ -244,27 +292,37 @@ class Batcher:
             s.steered += c
         self._steer_on = any(counts)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> list[int]:
-        tokens = logits.argmax(-1).tolist()
-        for i, s in enumerate(seqs):
-            if not s.req.sampling.greedy:
-                tokens[i] = sample_row(logits[i], s.req.sampling, s.generator)
-        return tokens
+    def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
+        """(b, vocab) logits -> (b,) tokens, on the device (no host copy here)."""
+        params = [s.req.sampling for s in seqs]
+        if all(p.greedy and not p.penalized and not p.min_tokens for p in params):
+            return logits.argmax(-1)
+        return sampling.sample(
+            logits,
+            params,
+            [s.generator for s in seqs],
+            [len(s.out_ids) for s in seqs],
+            [s.pen_row for s in seqs],
+            [s.stops for s in seqs],
+            self.pens,
+        )
 
-    def _advance(self, seq: Seq, token: int) -> None:
+    def _advance(self, seq: Seq, token: int, extra=None) -> None:
         seq.out_ids.append(token)
-        if token in self.eos_ids and not seq.req.sampling.ignore_eos:
-            self._finish(seq, "stop", [token])
+        p = seq.req.sampling
+        if token in seq.stops:  # its text only with include_stop_str_in_output (vLLM's rule)
+            text = seq.text.push(token, check_stop=False) if p.include_stop_str_in_output else ""
+            self._finish(seq, "stop", [token], text, extra=extra)
             return
-        text = seq.text.push(token)
+        text = seq.text.push(token, check_stop=len(seq.out_ids) > p.min_tokens)
         if seq.text.stopped:
-            self._finish(seq, "stop", [token], text)
+            self._finish(seq, "stop", [token], text, extra=extra)
         elif len(seq.out_ids) >= seq.max_new:
-            self._finish(seq, "length", [token], text)
+            self._finish(seq, "length", [token], text, extra=extra)
         else:
-            seq.emit(seq.delta(text, [token]))
+            seq.emit(seq.delta(text, [token], extra=extra))
 
-    def _finish(self, seq: Seq, reason: str, ids: list[int] = (), text: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: Seq, reason: str, ids=(), text: str = "", error: str | None = None, extra=None) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -275,5 +333,7 @@ class Batcher:
             self.table.release(seq.req.steering)
             for layer in seq.req.steering.layers:
                 self._live[layer] -= 1
+        self.pens.leave(seq.pen_row)
+        seq.pen_row = -1
         seq.kv = None
-        seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error))
+        seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error, extra))

@@ -170,12 +170,16 @@ class HFEngine(Engine):
             self._outbox = Outbox(loop)
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
         p = request.sampling
+        cap = self.max_model_len if p.max_tokens is None else p.max_tokens
         seq = Seq(
             req=request,
             emit=functools.partial(self._outbox.put, deltas),
-            max_new=min(p.max_tokens or self.max_model_len, self.max_model_len - len(request.prompt_ids)),
-            text=TextStream(self._tokenizer, p.stop, request.prompt_ids),
+            max_new=min(cap, self.max_model_len - len(request.prompt_ids)),
+            text=TextStream(
+                self._tokenizer, p.stop, request.prompt_ids, p.skip_special_tokens, p.include_stop_str_in_output
+            ),
             generator=None if p.greedy else torch.Generator(self.cfg.device).manual_seed(_seed(p.seed)),
+            stops=frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.batcher.eos_ids),
         )
         self._inflight.add(request.request_id)
         finished = False

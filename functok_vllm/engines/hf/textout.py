@@ -13,9 +13,17 @@ class TextStream:
     step costs the same however long the completion is (the offsets scheme of Hugging Face's TGI and vLLM).
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_ids: list[int] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        stop: tuple[str, ...] = (),
+        prompt_ids: list[int] = (),
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,  # keep the stop string in the text (vLLM's include_stop_str_in_output)
+    ):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special, self.include_stop = skip_special_tokens, include_stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may straddle this many emitted chars
         self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0  # start of the decode window
@@ -25,10 +33,11 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now safe to send. Sets `stopped` when a stop string appears."""
+    def push(self, token_id: int, check_stop: bool = True) -> str:
+        """Add one token; return the text that is now safe to send. Sets `stopped` when a stop string appears in
+        the text this token adds (`check_stop` False: not yet, min_tokens has not been reached)."""
         self.ids.append(token_id)
         old = self._decode(self.ids[self.prefix : self.read])
         new = self._decode(self.ids[self.prefix :])
@@ -37,11 +46,12 @@ class TextStream:
         before = len(self.text)
         self.text += new[len(old) :]
         self.prefix, self.read = self.read, len(self.ids)
-        if self.stop:
+        if self.stop and check_stop:
             start = max(before - self.hold, 0)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, -len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, neg_len = min(hits)  # the first stop string; of two at one place, the longer
+                self.text = self.text[: at - neg_len if self.include_stop else at]
                 self.stopped = True
                 return self.flush()
         safe = len(self.text) - self.hold

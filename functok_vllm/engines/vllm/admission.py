@@ -38,10 +38,13 @@ from functok_vllm.engines.vllm.config import (
     FunctokConfig,
     from_additional_config,
 )
+from functok_vllm.engines.vllm.readout import XFEAT
+from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
 from functok_vllm.steering import Vectors, check_steering, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
+FEAT_PARAM = f"vllm_xargs.{XFEAT}"
 
 
 def install() -> None:
@@ -49,18 +52,28 @@ def install() -> None:
 
 
 def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs):
-    """The wrapped `InputProcessor.process_inputs`: validate, canonicalise and salt a steered request."""
+    """The wrapped `InputProcessor.process_inputs`: validate, canonicalise and salt a steered request; check a
+    request for features (whose prompt is then forwarded, not read from the prefix cache, when it asks for the
+    prompt's features)."""
     given_args = getattr(params, "extra_args", None) or {}
-    given = given_args.get(XARG)
-    if given is None:
-        if VECTORS in given_args:  # only the admission hook puts contents there, with the spec that names them
-            from vllm.exceptions import VLLMValidationError
+    given, feats = given_args.get(XARG), given_args.get(XFEAT)
+    if given is None and VECTORS in given_args:  # only the admission hook puts contents there, with their spec
+        from vllm.exceptions import VLLMValidationError
 
-            raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
+        raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
+    if given is None and feats is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
+    prompt_features = feats is not None and _features_checked(self.vllm_config, feats)
+    if given is None:
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if prompt_features:
+            request.sampling_params.skip_reading_prefix_cache = True
+        return request
     spec, cfg, used = _validated(self.vllm_config, given, given_args.get(VECTORS))
     request = original(self, request_id, prompt, params, *args, **kwargs)
     sp = request.sampling_params
+    if prompt_features:
+        sp.skip_reading_prefix_cache = True
     extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in (XARG, VECTORS)}
     if spec is not None:
         extra[XARG] = spec.key()
@@ -97,6 +110,30 @@ def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, Functo
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
     return spec, cfg, used
+
+
+def _features_checked(vllm_config, given) -> bool:
+    """VLLMValidationError unless `given` is a features dict this engine can read out; whether it reads the prompt."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not isinstance(given, dict):
+        raise VLLMValidationError(
+            f"{FEAT_PARAM}: per-token SAE features need `functok serve --engine vllm` (vLLM's OpenAI responses have "
+            "no field for them); a Python caller of LLM/AsyncLLM passes a dict and reads them with "
+            "collective_rpc('functok_features')",
+            parameter=FEAT_PARAM,
+        )
+    if not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
+        raise VLLMValidationError(f"features need the functok worker extension ({EXTENSION})", parameter=FEAT_PARAM)
+    if compat.cuda_graphs(vllm_config):
+        msg = "features need an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
+        raise VLLMValidationError(f"{FEAT_PARAM}: {msg}", parameter=FEAT_PARAM)
+    cfg = from_additional_config(vllm_config.additional_config, vllm_config.model_config.model)
+    try:
+        fr = parse_features(given, cfg.info, FEAT_PARAM)
+    except SpecError as e:
+        raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
+    return fr.prompt
 
 
 def vector_lookup(cfg: FunctokConfig, payload):

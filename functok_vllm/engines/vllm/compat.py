@@ -100,6 +100,20 @@ def query_start_loc(runner) -> torch.Tensor:
     return runner.query_start_loc.gpu
 
 
+def row_starts_and_qsl(runner):
+    """Host arrays of the step being run: each row's first position (its computed tokens before the step) and the
+    query start locations (row r owns tokens [qsl[r], qsl[r + 1]))."""
+    n = runner.input_batch.num_reqs
+    return runner.input_batch.num_computed_tokens_cpu[:n], runner.query_start_loc.np[: n + 1]
+
+
+def cuda_graphs(vllm_config) -> bool:
+    """Does this engine replay captured CUDA graphs (where Python inside an op runs only at capture)?"""
+    from vllm.config import CUDAGraphMode
+
+    return vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE
+
+
 def input_ids(runner) -> torch.Tensor:
     return runner.input_ids.gpu
 

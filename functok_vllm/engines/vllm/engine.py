@@ -9,23 +9,31 @@ until `ClampBudget` admits it: the budget never grants more clamp columns at a l
 the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
 A request that could never fit is refused (RequestError, HTTP 400). `steered_positions` is what the worker applied:
 read from it (`collective_rpc("functok_applied")`) when the request ends, so only the last delta carries it.
+
+Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`readout.py`) and fetched with
+`collective_rpc("functok_features")`: per delta when the consumer streams (one RPC shared by the requests asking at
+that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from functok_vllm.core import FunctionTokens, SteeringSpec
+from functok_vllm.core import FunctionTokens
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
+from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, vector_payload
+from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
+from functok_vllm.engines.vllm.readout import XFEAT
 from functok_vllm.steering import SteeringInfo, SteeringLimits, to_json
+
+__all__ = ["ClampBudget", "VLLMEngine", "VLLMEngineConfig"]
 
 log = logging.getLogger("functok.engine")
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # anything else vLLM reports becomes "error"
@@ -60,81 +68,6 @@ class VLLMEngineConfig:
         return {CONFIG_KEY: raw | asdict(self.steering)}
 
 
-class ClampBudget:
-    """Clamp/ablate columns per layer that admitted requests hold, never more than `capacity` (the worker's pool).
-
-    Each request counts its own columns although equal specs share them in the worker, so this never admits more than
-    fits. First come, first served: a request waits until every earlier waiting one has been admitted.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.used: Counter[int] = Counter()
-        self.queue: deque[tuple[Counter, asyncio.Future]] = deque()
-        self.closed = False
-
-    @staticmethod
-    def need(spec: SteeringSpec | None) -> Counter:
-        """layer -> clamp columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
-        return Counter(e.layer for e in spec.edits if e.mode != "add") if spec is not None else Counter()
-
-    def check(self, need: Counter) -> None:
-        """RequestError if the request could never be admitted."""
-        for layer, n in sorted(need.items()):
-            if n > self.capacity:
-                raise RequestError(
-                    "steering.edits",
-                    f"{n} clamp/ablate edits at layer {layer}, but this engine's clamp pool holds {self.capacity} "
-                    "a layer (max_clamps), so the request could never run",
-                )
-
-    def _fits(self, need: Counter) -> bool:
-        return all(self.used[layer] + n <= self.capacity for layer, n in need.items())
-
-    async def acquire(self, need: Counter) -> None:
-        """Take `need`'s columns, waiting for earlier requests and for room; EngineStopped if closed meanwhile."""
-        if self.closed:
-            raise EngineStopped("the engine is shutting down")
-        if not self.queue and self._fits(need):
-            self.used.update(need)
-            return
-        entry = (need, asyncio.get_running_loop().create_future())
-        self.queue.append(entry)
-        try:
-            await entry[1]
-        except BaseException:  # cancelled (timeout, client gone) or closed: give back whatever was granted
-            fut = entry[1]
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(need)
-            elif entry in self.queue:
-                self.queue.remove(entry)
-                self._grant()
-            raise
-
-    def release(self, need: Counter) -> None:
-        self.used.subtract(need)
-        self._grant()
-
-    def close(self) -> None:
-        """Fail every waiting request with EngineStopped; no more are admitted."""
-        self.closed = True
-        while self.queue:
-            _, fut = self.queue.popleft()
-            if not fut.done():
-                fut.set_exception(EngineStopped("the engine is shutting down"))
-
-    def _grant(self) -> None:
-        while self.queue and self._fits(self.queue[0][0]):
-            need, fut = self.queue.popleft()
-            if not fut.done():
-                self.used.update(need)
-                fut.set_result(None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self.queue)
-
-
 class VLLMEngine(Engine):
     def __init__(self, cfg: VLLMEngineConfig):
         from transformers import AutoConfig, AutoTokenizer
@@ -154,6 +87,7 @@ class VLLMEngine(Engine):
         if self.function_tokens is not None:
             self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now, not in the worker
         self.llm = None
+        self.reader: FeatureReader | None = None
         self.budget: ClampBudget | None = None
         self._stopped = False
         self._inflight: set[str] = set()
@@ -206,10 +140,13 @@ class VLLMEngine(Engine):
             additional_config=c.additional_config(),
         )
         args |= c.engine_args
+        if args.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":
+            raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
             self.budget = ClampBudget(worker.limits.max_clamps)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self.reader = FeatureReader(self.llm)
 
     async def shutdown(self) -> None:
         """Requests still running or waiting end with finish_reason "abort"; later ones get EngineStopped."""
@@ -226,9 +163,7 @@ class VLLMEngine(Engine):
             self.llm = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams as VSamplingParams
         from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
 
         if self.llm is None or self._stopped:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
@@ -241,18 +176,19 @@ class VLLMEngine(Engine):
                 f"the server is full ({self.num_running} requests running, {self.num_waiting} waiting)", retry_after=1
             )
         p, ids, spec, rid = request.sampling, list(request.prompt_ids), request.steering, request.request_id
+        fr = request.features
         n = len(ids)
-        params = VSamplingParams(
-            temperature=p.temperature,
-            top_p=p.top_p,
-            max_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - n),
-            stop=list(p.stop) or None,
-            seed=p.seed,
-            ignore_eos=p.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={XARG: to_json(spec), TAG: rid} | vector_payload(spec) if spec is not None else None,
-        )
-        completion = 0
+        score_only = p.max_tokens == 0  # vLLM generates at least one token: it is dropped here
+        cap = self.max_model_len if p.max_tokens is None else p.max_tokens
+        extra = {TAG: rid} if spec is not None or fr is not None else {}
+        if spec is not None:
+            extra[XARG] = to_json(spec)
+            extra |= vector_payload(spec)
+        if fr is not None:
+            extra[XFEAT] = fr.to_dict()
+        params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
+        out_ids: list[int] = []
+        feat_sent = 0  # generated tokens whose feature entries have been read
         self._inflight.add(rid)
         held = submitted = finished = False
         try:
@@ -260,14 +196,29 @@ class VLLMEngine(Engine):
                 await self.budget.acquire(need)  # waits while the clamp pool is taken
                 held = True
             submitted = True
+            first = True
             async for out in self.llm.generate({"prompt_token_ids": ids}, params, rid):
                 c = out.outputs[0]
-                completion += len(c.token_ids)
+                toks, text = ([], "") if score_only else (list(c.token_ids), c.text)
                 finished = out.finished
                 reason = FINISH.get(c.finish_reason, "error") if finished else None
+                reason = "length" if score_only and reason == "stop" else reason
                 error = f"vLLM finished the request with {c.finish_reason!r}" if reason == "error" else None
                 steered = await self._applied(rid) if finished and spec is not None else 0
-                yield Delta(c.text, list(c.token_ids), reason, n, completion, steered, error)
+                d = Delta(text, toks, reason, n, len(out_ids) + len(toks), steered, error)  # counts are totals
+                d.logprobs = logprobs_of(toks, [] if score_only else c.logprobs, request.logprobs)
+                if first:
+                    d.prompt_logprobs = prompt_logprobs_of(ids, out.prompt_logprobs, request.prompt_logprobs)
+                out_ids += toks
+                if fr is not None and (request.stream or finished) and reason != "error":
+                    got = await self.reader.take(rid, len(out_ids), fr.prompt)
+                    rows = got.get("generated", [])  # entries of the tokens from feat_sent on
+                    d.features = entries(out_ids[feat_sent:], n - 1 + feat_sent, rows, fr.layers)
+                    feat_sent += len(rows)
+                    if "prompt" in got:
+                        d.prompt_features = entries(ids, 0, got["prompt"], fr.layers)
+                first = False
+                yield d
         except EngineStopped:  # shut down while it waited for the clamp pool: an abort, as for a queued request
             finished = True
             yield Delta("", [], "abort", n, 0, 0)
@@ -278,16 +229,18 @@ class VLLMEngine(Engine):
                 raise
             finished = True  # nothing left to abort
             if self._stopped:
-                yield Delta("", [], "abort", n, completion, 0)
+                yield Delta("", [], "abort", n, len(out_ids), 0)
                 return
             log.exception("vLLM failed request %s", rid)
-            yield Delta("", [], "error", n, completion, 0, f"the vLLM engine failed: {type(e).__name__}")
+            yield Delta("", [], "error", n, len(out_ids), 0, f"the vLLM engine failed: {type(e).__name__}")
         finally:
             if submitted and not finished and self.llm is not None:
                 try:
                     await self.llm.abort(rid)  # before the budget is released: the worker frees its columns first
                 except Exception:  # the engine is shutting down or dead: nothing left to abort
                     log.debug("abort of %s failed", rid, exc_info=True)
+                if fr is not None:
+                    await self.reader.drop(rid)
             self._inflight.discard(rid)
             if held:
                 self.budget.release(need)

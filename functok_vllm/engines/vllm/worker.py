@@ -12,14 +12,16 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
 - `load_model`: after the weights are loaded, and before vLLM warms up or compiles anything, the module at each SAE's
   hook point (`compat.steer_target`: a decoder layer, its attention/MLP module, layer 0's input, the norm after
   attention), and each `steer_layers` decoder layer (an add-only layer for steering vectors, no SAE), gets the core's
-  `SteeringLayer` as a submodule and a class that adds the steering update there
-  (`SteeredLayerMixin` and its three siblings). Because that is in the module tree when Dynamo traces the model, the
-  compiled graph contains the op, which reads the table's buffers: graph inputs updated in place.
+  `SteeringLayer` as a submodule and a class that adds the steering update there (`SteeredLayerMixin` and its three
+  siblings), followed by the feature readout op (`readout.py`, which does nothing unless a request of the step asked
+  for `features`). Because that is in the module tree when Dynamo traces the model, the compiled graph contains the
+  ops, which read the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
   come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
 - `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
-  and in capture mode (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the
-  step's token ids are handed to the capture hooks.
+  `FeatureReadout.prepare` plans the step's feature readout (only while some request asks), and in capture mode
+  (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the step's token ids are
+  handed to the capture hooks.
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
 sum, which the next layer's fused add+norm (or the final norm) forms. A steered layer returns
@@ -40,15 +42,19 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from functok_vllm.core import FunctionTokens, SteeringSpec, SteeringTable
 from functok_vllm.core import steer as core_steer
 from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import load_saes
 from functok_vllm.core.vector import decode_payloads
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm.batch_state import BatchSteering
+from functok_vllm.engines.vllm import readout as feature_readout
+from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering
 from functok_vllm.engines.vllm.capture import RunnerCapture
 from functok_vllm.engines.vllm.config import VECTORS, FunctokConfig, from_additional_config, spec_from_xarg
+from functok_vllm.engines.vllm.readout import FeatureReadout
 from functok_vllm.steering import check_steering
 
 log = logging.getLogger("functok.vllm")
@@ -70,10 +76,16 @@ class SteeredLayerMixin:
         out = super().forward(*args, **kwargs)
         if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
             hidden, residual = out
-            return self.functok_steer.steered_hidden(hidden, residual), residual
+            return _read(self, self.functok_steer.steered_hidden(hidden, residual), residual), residual
         if isinstance(out, tuple):
-            return (self.functok_steer.steered_hidden(out[0], None), *out[1:])
-        return self.functok_steer.steered_hidden(out, None)
+            return (_read(self, self.functok_steer.steered_hidden(out[0], None)), *out[1:])
+        return _read(self, self.functok_steer.steered_hidden(out, None))
+
+
+def _read(mod, hidden, residual=None):
+    """After the steering at an SAE's hook point: the feature readout op (`readout.py`), then `hidden` unchanged."""
+    torch.ops.functok.read_features(hidden, residual, mod.functok_marker, mod.functok_layer)
+    return hidden
 
 
 class SteeredModuleMixin:
@@ -83,8 +95,8 @@ class SteeredModuleMixin:
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         if isinstance(out, tuple):
-            return (self.functok_steer.steered_hidden(out[0], None), *out[1:])
-        return self.functok_steer.steered_hidden(out, None)
+            return (_read(self, self.functok_steer.steered_hidden(out[0], None)), *out[1:])
+        return _read(self, self.functok_steer.steered_hidden(out, None))
 
 
 class SteeredInputMixin:
@@ -96,9 +108,9 @@ class SteeredInputMixin:
     def forward(self, *args, **kwargs):
         i = self.functok_arg
         if len(args) > i:
-            args = (*args[:i], self.functok_steer.steered_hidden(args[i], None), *args[i + 1 :])
+            args = (*args[:i], _read(self, self.functok_steer.steered_hidden(args[i], None)), *args[i + 1 :])
         else:
-            kwargs["hidden_states"] = self.functok_steer.steered_hidden(kwargs["hidden_states"], None)
+            kwargs["hidden_states"] = _read(self, self.functok_steer.steered_hidden(kwargs["hidden_states"], None))
         return super().forward(*args, **kwargs)
 
 
@@ -107,7 +119,8 @@ class SteeredMidMixin:
     after attention, and the attention output gets delta(that sum) before the fused add+norm."""
 
     def forward(self, x, residual=None, *args, **kwargs):
-        return super().forward(self.functok_steer.steered_hidden(x, residual), residual, *args, **kwargs)
+        x = _read(self, self.functok_steer.steered_hidden(x, residual), residual)
+        return super().forward(x, residual, *args, **kwargs)
 
 
 MIXINS = {"layer": SteeredLayerMixin, "module": SteeredModuleMixin, "input": SteeredInputMixin, "mid": SteeredMidMixin}
@@ -117,25 +130,33 @@ class SteeringRunnerMixin:
     """Mixed into the V1 model runner's class (see the module docstring)."""
 
     functok: BatchSteering | None = None
+    functok_readout: FeatureReadout | None = None
     functok_capture: RunnerCapture | None = None  # a capture session (offline analysis), see capture.py
     functok_step_tokens = 0
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         self.functok = install_steering(self)
+        if self.functok is not None:
+            saes = {L: op.sae for L, op in self.functok.table.layers.items() if op.sae is not None}
+            self.functok_readout = FeatureReadout(saes, self.device)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        st = self.functok
+        st, ro = self.functok, self.functok_readout
         self.functok_step_tokens = compat.step_tokens(scheduler_output)
         if st is not None:
-            st.finish(compat.finished_ids(scheduler_output))
+            done = compat.finished_ids(scheduler_output)
+            st.finish(done)
+            ro.finish(done)
             st.resumed += compat.resumed_count(scheduler_output)
             for req_id, prompt_ids, extra, cached in compat.new_requests(scheduler_output):
                 st.add_request(req_id, prompt_ids, extra, cached)
+                if prompt_ids is not None:
+                    ro.add_request(req_id, len(prompt_ids), extra, str((extra or {}).get(TAG, req_id)))
         return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
-        st = self.functok
+        st, ro = self.functok, self.functok_readout
         ids = input_ids if input_ids is not None else compat.input_ids(self)
         if st is not None:
             if positions is None:  # no positions to select by: this forward runs unsteered
@@ -143,14 +164,19 @@ class SteeringRunnerMixin:
             else:
                 pos = positions if positions.dim() == 1 else positions[0]  # M-RoPE (3, tokens): row 0 is the text
                 st.prepare(compat.batch_rows(self), ids[: pos.shape[0]], pos, compat.query_start_loc(self))
+                if ro.meta:  # host-side plan of this forward's feature readout
+                    ro.prepare(compat.batch_rows(self), *compat.row_starts_and_qsl(self))
         cap = self.functok_capture
-        if cap is None:
-            return super()._model_forward(input_ids, positions, *args, **kwargs)
-        cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
         try:
+            if cap is None:
+                return super()._model_forward(input_ids, positions, *args, **kwargs)
+            cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
             return super()._model_forward(input_ids, positions, *args, **kwargs)
         finally:
-            cap.ids = None
+            if cap is not None:
+                cap.ids = None
+            if ro is not None:
+                ro.end_step()
 
 
 class SteeringWorkerExtension:
@@ -193,6 +219,18 @@ class SteeringWorkerExtension:
         st = self.model_runner.functok
         return st.applied(tag) if st is not None else None
 
+    def functok_features(self, asks: dict) -> dict:
+        """Feature entries of requests named by tag: {tag: [generated tokens wanted, with the prompt's]} -> {tag:
+        {"prompt": [...], "generated": [...]}} (`readout.FeatureReadout.take`). For `collective_rpc`."""
+        ro = self.model_runner.functok_readout
+        return ro.take(asks) if ro is not None else {}
+
+    def functok_features_drop(self, tag: str) -> None:
+        """Forget the unread features of a request that ended without reading them (aborted)."""
+        ro = self.model_runner.functok_readout
+        if ro is not None:
+            ro.drop(tag)
+
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""
         st = self.model_runner.functok
@@ -201,10 +239,10 @@ class SteeringWorkerExtension:
 
 def install_steering(runner) -> BatchSteering | None:
     """Attach the steering layers to the loaded model (before warm-up/compile) and return the per-step state (None
-    without SAEs: nothing to steer)."""
+    without SAEs or steering layers: nothing to steer)."""
     cfg = from_additional_config(runner.vllm_config.additional_config, runner.model_config.model)
-    if not cfg.saes:
-        log.warning("functok: no SAEs configured for %s; requests run unsteered", runner.model_config.model)
+    if not (cfg.saes or cfg.steer_layers):
+        log.warning("functok: no SAEs or steer_layers for %s; requests run unsteered", runner.model_config.model)
         return None
     mc = runner.model_config
     layers = compat.decoder_layers(runner.get_model())
@@ -238,6 +276,8 @@ def install_steering(runner) -> BatchSteering | None:
     for layer, op in table.layers.items():
         mod, how = targets[layer]
         mod.functok_steer = op
+        mod.functok_layer = layer  # the SAE's layer, for the readout op
+        mod.register_buffer("functok_marker", torch.zeros(1, device=device), persistent=False)
         if how == "input":
             mod.functok_arg = compat.hidden_states_index(mod)  # read off the layer's own forward, before the mixin
         compat.mix_in(mod, MIXINS[how], "Steered")
@@ -273,7 +313,8 @@ def _local_spec(value, cfg: FunctokConfig, table: SteeringTable, extra: dict | N
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     """Make vLLM's compile-cache keys (which hash additional_config) depend on the steering in the graph."""
-    src = b"".join(Path(m.__file__).read_bytes() for m in (core_steer, compat)) + Path(__file__).read_bytes()
+    mods = (core_steer, compat, feature_readout)
+    src = b"".join(Path(m.__file__).read_bytes() for m in mods) + Path(__file__).read_bytes()
     what = {
         "hooks": [op.hook.name for op in table.layers.values()],
         "shapes": [table.max_slots, table.max_clamps, int(table.slot_index.shape[0])],

@@ -248,18 +248,23 @@ function describe(panel, span) {
     const kind = state.fnIds.has(t.id) ? "function token" : "content token";
     const fed = first + k < panel.fed ? (t.steered ? ", steered" : ", not steered") : ", the last token (never fed back)";
     out.push(el("p", { text: `Generated token ${first + k + 1}: ${showToken(span.textContent)} (id ${t.id}, ${kind}${panel.policy ? fed : ""}).` }));
-    out.push(featureList(t));
+    out.push(...featureList(t));
   }
   return out;
 }
 
+// The features the server read where this token was predicted (the previous position: for the first token, the
+// prompt's last), after the edits there, as "features" of the request returns them.
 function featureList(t) {
   if (!capability("features")) {
-    return el("p", { class: "muted", text: "Per-token features are not available on this server yet: its generation " +
-      "API does not return them (GET /v1/steering reports capabilities.features = false)." });
+    return [el("p", { class: "muted", text: "Per-token features are not available on this server: its generation " +
+      "API does not return them (GET /v1/steering reports capabilities.features = false)." })];
   }
-  if (!t.features) return el("p", { class: "muted", text: "No features were returned for this token." });
+  if (!t.features) return [el("p", { class: "muted", text: "No features were returned for this token." })];
+  const head = el("p", { class: "muted", text: `Top features where it was predicted (position ${t.features.position}):` });
   const rows = Object.entries(t.features.layers).map(([layer, feats]) =>
-    el("li", { text: `Layer ${layer}: ` + feats.map(([f, a]) => `#${f} (${Number(a).toFixed(2)})`).join(", ") }));
-  return el("ul", { class: "features" }, ...rows);
+    el("li", { text: `Layer ${layer}: ` + (feats.length
+      ? feats.map(([f, a]) => `#${f} (${Number(a).toFixed(2)})`).join(", ")
+      : "none fired") }));
+  return [head, el("ul", { class: "features" }, ...rows)];
 }

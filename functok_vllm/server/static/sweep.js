@@ -1,6 +1,6 @@
 // The strength sweep: one edit at several strengths, the text per strength, and p(target token) when the server
-// returns logprobs. Today: one request per strength, sent together. When GET /v1/steering says the API takes a list
-// of specs (capabilities.spec_lists), one request whose "steering" is that list, one choice per spec.
+// returns logprobs. When GET /v1/steering says the API takes a list of specs (capabilities.spec_lists), one request
+// whose "steering" is that list (one choice per spec, decoded in one batch); otherwise one request per strength.
 
 import { request } from "./api.js";
 import { editName, steeringSpec } from "./edits.js";
@@ -25,7 +25,7 @@ export function refreshSweep() {
   const top = e && state.lensTop.get(`${e.layer}:${e.feature}`);
   $("#sweep-target").placeholder = top ? showToken(top) : "the feature's top logit-lens token";
   $("#sweep-note").textContent = capability("logprobs")
-    ? "p(target) is the probability of the target as the first generated token."
+    ? "p(target) is the probability of the target as the first generated token (shown when it is among the 20 most likely)."
     : "This server does not return logprobs yet (capabilities.logprobs = false): the sweep shows the text per strength.";
 }
 
@@ -79,7 +79,8 @@ async function runSweep() {
   }
   const { path, part } = promptPart();
   const base = { model: state.info.model, ...sampling(), ...part };
-  if (capability("logprobs")) Object.assign(base, apiMode() === "chat" ? { logprobs: true, top_logprobs: 5 } : { logprobs: 5 });
+  // The most alternatives the API gives (20): p(target) is known when the target is among them.
+  if (capability("logprobs")) Object.assign(base, apiMode() === "chat" ? { logprobs: true, top_logprobs: 20 } : { logprobs: 20 });
   const specs = list.map((strength) => steeringSpec({ index, strength }));
   const button = $("#sweep-run");
   button.disabled = true;

@@ -1,0 +1,74 @@
+"""Feature readout in the transformers engine: which rows of a forward each SAE layer reads out, and the entries.
+
+The batcher sets a plan before a forward in which some request asked for `features` (otherwise the plan is empty and
+the hooks skip it: a dictionary lookup per SAE layer). The hook at each SAE layer hands the tensor at the hook point
+AFTER this forward's steering there to `Readout.observe`, which encodes only the planned rows with the core's
+`top_features`; after the forward, `entries` turns the results into each request's feature entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from functok_vllm.core.readout import rows_to_lists, top_features
+from functok_vllm.feature_request import FeatureRequest
+
+
+@dataclass
+class LayerPlan:
+    rows: torch.Tensor  # (m,) flattened token indices of the forward to read out
+    k: int  # the largest top_k among the requests reading this layer
+    result: tuple[torch.Tensor, torch.Tensor] | None = None  # (m, k) values and feature ids, set by the hook
+
+
+class Readout:
+    def __init__(self, device):
+        self.device = device
+        self.plans: dict[int, LayerPlan] = {}
+        self.members: dict[int, list[int]] = {}  # layer -> request index (in the forward's order) of each plan row
+
+    def observe(self, layer: int, sae, h: torch.Tensor) -> None:
+        """Called by the hook at `layer` with the (tokens, d_in) tensor the SAE reads there, after steering."""
+        plan = self.plans.get(layer)
+        if plan is not None:
+            plan.result = top_features(sae, h[plan.rows], plan.k)
+
+    def plan(self, wants: list[tuple[int, FeatureRequest, list[int]]]) -> None:
+        """wants: (request index, its FeatureRequest, flattened token indices to read for it) for this forward."""
+        self.plans, self.members = {}, {}
+        rows: dict[int, list[int]] = {}
+        for i, fr, tokens in wants:
+            for layer in fr.layers:
+                rows.setdefault(layer, []).extend(tokens)
+                self.members.setdefault(layer, []).extend([i] * len(tokens))
+        for layer, r in rows.items():
+            k = max(fr.top_k for i, fr, _ in wants if layer in fr.layers)
+            self.plans[layer] = LayerPlan(torch.tensor(r, dtype=torch.long, device=self.device), k)
+
+    def take(self) -> dict[int, list[dict]]:
+        """After the forward: request index -> one {"L": [[feature, activation], ...]} per token it planned, in
+        order (each list cut to the largest top_k; the batcher cuts it to the request's own). Clears the plan."""
+        out: dict[int, list[dict]] = {}
+        for layer, plan in self.plans.items():
+            lists = rows_to_lists(*plan.result)
+            seen: dict[int, int] = {}
+            for i, row in zip(self.members[layer], lists, strict=True):
+                j = seen.get(i, 0)
+                seen[i] = j + 1
+                per = out.setdefault(i, [])
+                if j == len(per):
+                    per.append({})
+                per[j][str(layer)] = row
+        self.plans, self.members = {}, {}
+        return out
+
+
+def entry(token_id: int, position: int, layers: dict, fr: FeatureRequest) -> dict:
+    """One API feature entry, each layer's list cut to the request's top_k, in the order the request listed."""
+    return {
+        "token_id": token_id,
+        "position": position,
+        "layers": {str(L): layers[str(L)][: fr.top_k] for L in fr.layers},
+    }
