@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from functok_vllm.errors import CLIError
@@ -24,9 +25,34 @@ def _train_demo(args):
 
 
 def _train_saes(args):
-    from functok_vllm.train.sae_train import SAETrainConfig, train_saes
+    from pathlib import Path
 
-    train_saes(args.model, args.out, SAETrainConfig(steps=args.steps), device=args.device, threads=args.threads)
+    from functok_vllm.paths import ROOT
+    from functok_vllm.train.sae_train import config_for, train_saes
+
+    model = Path(args.model).expanduser()
+    if not (model / "config.json").is_file():
+        raise CLIError(f"model directory {model} does not exist or has no config.json")
+    n_layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers", 0)
+    try:
+        cfg = config_for(
+            model.name,
+            n_layers,
+            layers=tuple(args.layers) if args.layers else None,
+            expansion=args.expansion,
+            k=args.k,
+            activation_tokens=args.tokens,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            skip_first=args.skip_first,
+            row_cap=args.row_cap,
+            massive_ratio=args.massive,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    out = Path(args.out) if args.out else ROOT / "sae_weights" / model.name
+    train_saes(model, out, cfg, device=args.device, threads=args.threads)
     return 0
 
 
@@ -66,18 +92,47 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--threads", type=int, default=2)
     td.set_defaults(func=_train_demo)
 
-    ts = sub.add_parser("train-saes", help="train the shipped SAEs on the demo model's residual stream")
-    ts.add_argument("--model", default=str(DEMO_MODEL))
-    ts.add_argument("--out", default=str(DEMO_SAES))
-    ts.add_argument("--steps", type=int, default=2500)
+    ts = sub.add_parser(
+        "train-saes",
+        help="train SAEs on a model's residual stream (the shipped ones: functok-tiny, SmolLM2-135M-Instruct)",
+        description="Defaults come from the preset named like the model directory (functok_vllm/train/sae_train.py: "
+        "PRESETS); every flag given overrides its field.",
+    )
+    ts.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face causal LM directory")
+    ts.add_argument("--out", default=None, help="output directory (default: sae_weights/<model directory name>)")
+    ts.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers whose output gets an SAE")
+    ts.add_argument("--expansion", type=int, default=None, help="d_sae = expansion * d_model")
+    ts.add_argument("--k", type=int, default=None, help="mean active features a token (BatchTopK)")
+    ts.add_argument("--tokens", type=int, default=None, help="residual vectors to collect per layer")
+    ts.add_argument("--steps", type=int, default=None)
+    ts.add_argument("--batch-size", type=int, default=None)
+    ts.add_argument("--skip-first", type=int, default=None, help="positions of each window not trained on")
+    ts.add_argument("--row-cap", type=int, default=None, help="BatchTopK candidates per token (0: exact)")
+    ts.add_argument(
+        "--massive", type=float, default=None, help="norm / median above which a token is an attention sink (0: off)"
+    )
+    ts.add_argument("--seed", type=int, default=None)
     ts.add_argument("--device", default="cpu")
     ts.add_argument("--threads", type=int, default=2)
     ts.set_defaults(func=_train_saes)
 
     se = sub.add_parser("sae-eval", help="measure SAE quality (variance explained, L0, dead features, loss increase)")
-    se.add_argument("--model", default=str(DEMO_MODEL))
-    se.add_argument("--saes", default=str(DEMO_SAES), help="directory of SAELens SAE directories")
+    se.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face causal LM directory")
+    se.add_argument("--saes", default=str(DEMO_SAES), help="directory of layer_* SAELens SAE directories")
     se.add_argument("--tokens", type=int, default=49152, help="held-out tokens to evaluate on")
+    se.add_argument(
+        "--skip-first",
+        type=int,
+        default=0,
+        help="also report FVE, L0 and CE recovered without positions < N of each window",
+    )
+    se.add_argument(
+        "--massive",
+        type=float,
+        default=0.0,
+        help="also report them without tokens whose norm is above this multiple of the layer's median (attention "
+        "sinks; SmolLM2's SAEs were trained with 20)",
+    )
     se.add_argument("--out", default=None, help="write the table as JSON here")
     se.set_defaults(func=_sae_eval)
 
