@@ -200,7 +200,7 @@ def steering_section(ctx: dict, decode) -> tuple[str, list[str]]:
     text = (
         f"## 5. Steering at the last function token\n\nStudy: the {len(st['candidates'])} layer-{st['layer']} "
         "features whose logit lens has the largest top score on a content word (first ones: "
-        f"{cands}), each added at strength {st['strength']} ({ctx['multiple']:g} × the mean residual norm "
+        f"{cands}), each added at strength {st['strength']} ({ctx['multiple']:g} × the median residual norm "
         f"{ctx['norm']:.1f} at that layer) to prompts that end on a function token (`ends_function`, where the last "
         "function token is the last position) and to the same prompts cut after their last content token "
         "(`ends_content`, where the last function token is earlier). Target: the feature's top lens token, at the "
@@ -263,7 +263,7 @@ def across_models(ctx: dict) -> str:
         ("other active features predictive, deepest layer", lambda r: pct(r["other_predictive"])),
         ("loss share function->content, final model", lambda r: pct(r["fc_loss_share"])),
         ("last-function steering: target top-1 (ends_function)", lambda r: pct(r["steer_top1_function"])),
-        ("same, steering the last content token (ends_content)", lambda r: pct(r["steer_top1_content"])),
+        ("same prompts, steering their last content token", lambda r: pct(r["steer_top1_content"])),
     ]
     rows = [[label] + [fn(r) for r in runs] for label, fn in keys]
     return "Across the models reported in this repository:\n\n" + table([""] + [r["model"] for r in runs], rows) + "\n"
@@ -288,14 +288,16 @@ def render(ctx: dict, decode) -> str:
     )
     verdicts = "## 6. Agreement with the paper\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
     verdicts += across_models(ctx)
+    tokens = ctx.get("sae_tokens")
+    trained = f"by this project on {tokens:,} tokens" if tokens else "elsewhere (no training_report.json)"
     size = f"A {ctx['n_layers']}-layer model of {ctx['n_params'] / 1e6:.1f}M parameters"
     scale = (
         f"{size} trained on {len(ctx['function_tokens']['corpus'])} public-domain texts, with small SAEs, is far "
         "from the paper's models; agreement here is a sanity check of the pipeline, not a replication."
         if ctx["n_params"] < 5e7
-        else f"{size} (a real pretrained model, far smaller than the paper's), SAEs trained by this project on 1M "
-        "tokens of two public-domain books, and a held-out text of the same books: the measurements are real but "
-        "narrow, and every number comes with the corpus it was measured on."
+        else f"{size} (a real pretrained model, far smaller than the paper's), SAEs trained {trained} on the "
+        "shared corpus of public-domain texts, and a held-out split of the same texts: the measurements are real "
+        "but narrow, and every number comes with the corpus it was measured on."
     )
     caveats = (
         "## 7. Caveats\n\n"

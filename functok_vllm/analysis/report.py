@@ -25,14 +25,22 @@ from functok_vllm.paths import ANALYSIS_DIR, DEMO_MODEL, ROOT
 N_PROMPTS = 30
 STEER_PROMPTS = 8  # prompts of the steering study
 STEER_FEATURES = 16  # candidate features of the steering study
-NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the mean residual norm
+NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the median residual norm
 STUDY_MULTIPLE = 2.0  # strength of the steering study and of the shown continuations
 
 
 def rel(path) -> str:
     """A path as the report shows it: relative to the repository when inside it (the same on every machine)."""
     p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    return "~/" + str(p.relative_to(Path.home())) if p.is_relative_to(Path.home()) else str(p)
+
+
+def sae_tokens(saes: Path) -> int | None:
+    """How many tokens the SAEs were trained on, where this project trained them (`training_report.json`)."""
+    report = saes / "training_report.json"
+    return json.loads(report.read_text()).get("trained_tokens") if report.is_file() else None
 
 
 def make_prompts(am, n: int = N_PROMPTS, max_tokens: int = 40, min_cut: int = 10) -> list[str]:
@@ -52,7 +60,9 @@ def make_prompts(am, n: int = N_PROMPTS, max_tokens: int = 40, min_cut: int = 10
     return prompts
 
 
-def mean_residual_norm(am, prompts: list[str], layer: int) -> float:
+def median_residual_norm(am, prompts: list[str], layer: int) -> float:
+    """The median, not the mean: a model with attention sinks (SmolLM2) has a first token 70x the others' norm at
+    its middle layers, which would make a mean-based strength several times what an ordinary token carries."""
     norms = []
 
     def fn(h):  # (tokens, d_model)
@@ -60,7 +70,7 @@ def mean_residual_norm(am, prompts: list[str], layer: int) -> float:
 
     for p in prompts:
         am.forward(torch.tensor(am.encode(p))[None], {layer: fn}, logits=False)
-    return float(torch.cat(norms).mean())
+    return float(torch.cat(norms).median())
 
 
 def lens_candidates(am, layer: int, n: int) -> list[tuple[int, int]]:
@@ -208,7 +218,7 @@ def main(args) -> int:
 
     t = time.time()
     layer = max(am.saes)
-    norm = mean_residual_norm(am, prompts, layer)
+    norm = median_residual_norm(am, prompts, layer)
     study = steering_study(am, prompts, layer, round(STUDY_MULTIPLE * norm, 1))
     case = showcase(am, prompts, study, norm)
     contexts = []
@@ -226,6 +236,7 @@ def main(args) -> int:
     ctx = {
         "model": rel(args.model),
         "saes": rel(args.saes),
+        "sae_tokens": sae_tokens(Path(args.saes)),
         "architectures": "/".join(sorted({{"jumprelu": "JumpReLU", "topk": "TopK"}.get(a, a) for a in archs})),
         "multiple": STUDY_MULTIPLE,
         "function_tokens": fts,
