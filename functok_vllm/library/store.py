@@ -93,6 +93,17 @@ def vector_names(steering) -> set[str]:
     return {e["vector"] for e in edits if isinstance(e, dict) and isinstance(e.get("vector"), str)}
 
 
+def claim(index: dict, kind: str, name: str, replace: bool, limit: int) -> dict | None:
+    """The record `name` replaces in `index[kind]` ("vectors" or "presets"), or None for a new name: Conflict if it
+    is taken and not `replace`, LimitReached if a new one would pass `limit`."""
+    old = index[kind].get(name)
+    if old is not None and not replace:
+        raise Conflict(f"a {kind[:-1]} named {name!r} exists already (PUT /v1/steering/{kind}/{name} replaces it)")
+    if old is None and len(index[kind]) >= limit:
+        raise LimitReached(f"the library holds {len(index[kind])} {kind}, the limit (--max-{kind}); delete one first")
+    return old
+
+
 class Library:
     """One data directory. `writer=True` (the serving process): removes leftovers at start. Any number of processes
     may open the same directory; every change is serialised by the lock file."""
@@ -194,13 +205,7 @@ class Library:
         if self.d_model is not None and vector.d_model != self.d_model:
             raise VectorError(f"the vector is {vector.d_model} wide; this model's d_model is {self.d_model}")
         with self._change() as index:
-            old = index["vectors"].get(name)
-            if old is not None and not replace:
-                raise Conflict(f"a vector named {name!r} exists already (PUT /v1/steering/vectors/{name} replaces it)")
-            if old is None and len(index["vectors"]) >= self.limits.max_vectors:
-                raise LimitReached(
-                    f"the library holds {len(index['vectors'])} vectors, the limit (--max-vectors); delete one first"
-                )
+            old = claim(index, "vectors", name, replace, self.limits.max_vectors)
             self._write_object(vector)
             now = time.time()
             rec = {
@@ -235,13 +240,7 @@ class Library:
         `replace`, or if it names a vector that is not in the library now."""
         check_name(name, "preset")
         with self._change() as index:
-            old = index["presets"].get(name)
-            if old is not None and not replace:
-                raise Conflict(f"a preset named {name!r} exists already (PUT /v1/steering/presets/{name} replaces it)")
-            if old is None and len(index["presets"]) >= self.limits.max_presets:
-                raise LimitReached(
-                    f"the library holds {len(index['presets'])} presets, the limit (--max-presets); delete one first"
-                )
+            old = claim(index, "presets", name, replace, self.limits.max_presets)
             gone = sorted(vector_names(steering) - set(index["vectors"]))
             if gone:
                 raise Conflict(f"the preset names vectors that are not in the library: {', '.join(gone)}")
