@@ -3,7 +3,7 @@ attention, no KV cache) with steering applied by forward hooks at each SAE's hoo
 
 Nothing here imports the project's engines: module names of each family are written out below, and every activation,
 reconstruction and decoder row comes from `sae_lens.SAE.load_from_disk`. A spec is the user-facing dict
-(`{"edits": [...], "positions": "all" | "prompt"}`).
+(`{"edits": [...], "positions": "all" | "prompt" | [position, ...]}`).
 """
 
 import shutil
@@ -66,7 +66,9 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
     layers, fam = blocks(model), family(model)
     seq = len(ids)
     sel = torch.zeros(seq, dtype=torch.bool)
-    if spec is not None:
+    if spec is not None and isinstance(spec["positions"], list):  # explicit positions, found by the caller
+        sel[spec["positions"]] = True
+    elif spec is not None:
         sel[: n_prompt if spec["positions"] == "prompt" else seq] = True
     handles, stash = [], {}
 

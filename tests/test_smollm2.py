@@ -2,7 +2,9 @@
 served by `functok serve` with the SAEs and function tokens shipped for it (found by its name) on loopback and asked
 through the official openai client; the greedy chat answer must be transformers' own `generate` on the same
 templated prompt, token for token, and name Paris. The README's steering example (one SAE feature added at the last
-function token of the prompt) must reproduce exactly, word for word as the README prints it."""
+function token of the prompt) must reproduce exactly, word for word as the README prints it, and its log-probabilities
+must be those of the independent reference (`reference.py`: a plain forward of the whole sequence with a hook adding
+the decoder row from sae-lens at the last function token, found here from the shipped function-token file)."""
 
 import json
 
@@ -10,9 +12,12 @@ import openai
 import pytest
 import torch
 from helpers import ServerProc
+from reference import eager_model, load_lens, logprobs
 
 from functok_vllm.paths import ROOT
 from functok_vllm.smollm2 import DONE, derive
+
+TOL = 1e-4  # float32 log-probabilities, the same bar as the vLLM parity tests
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 NEW = 12
@@ -96,3 +101,33 @@ def test_streaming_stop_and_max_tokens_behave_on_the_real_model(server):
     short = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, temperature=0)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
     assert text.startswith(short.choices[0].message.content)
+
+
+def test_steered_logprobs_equal_a_plain_forward_with_a_hook(model_dir, server):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = tok.apply_chat_template(EXAMPLE, add_generation_prompt=True, return_dict=True)["input_ids"]
+    table = json.loads((ROOT / "models" / model_dir.name / "function_tokens.json").read_text())
+    function_ids = {t["id"] for t in table["tokens"]}
+    last = max(i for i, t in enumerate(prompt) if t in function_ids)
+    assert tok.decode(prompt[last]) == "."  # the user's sentence ends with it; the template's tokens after it are not
+    model = eager_model(model_dir)
+    lenses = {15: load_lens(ROOT / "sae_weights" / model_dir.name / "layer_15")}
+    points = {15: (15, "resid_post")}
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    ask = dict(model="SmolLM2-135M-Instruct", messages=EXAMPLE, max_tokens=EXAMPLE_TOKENS, temperature=0, logprobs=True)
+    for steering in (None, EXAMPLE_STEERING):
+        spec = None if steering is None else {"edits": steering["edits"], "positions": [last]}
+        ids, want = list(prompt), []
+        for _ in range(EXAMPLE_TOKENS):  # greedy, the whole sequence recomputed at every step
+            row = logprobs(model, lenses, points, ids + [0], len(prompt), spec)[-1]  # (vocab,) after ids
+            ids.append(int(row.argmax()))
+            want.append(float(row[ids[-1]]))
+        extra = {"steering": steering} if steering else None
+        r = client.chat.completions.create(**ask, extra_body=extra).choices[0]
+        assert r.message.content == tok.decode(ids[len(prompt) :], skip_special_tokens=True)
+        got = [c.logprob for c in r.logprobs.content]
+        assert len(got) == EXAMPLE_TOKENS
+        err = max(abs(a - b) for a, b in zip(got, want, strict=True))
+        assert err < TOL, (steering, err)
