@@ -27,7 +27,7 @@ def _train_demo(args):
 def _train_saes(args):
     from pathlib import Path
 
-    from functok_vllm.paths import ROOT
+    from functok_vllm.paths import SHIPPED_SAES
     from functok_vllm.train.sae_train import config_for, train_saes
 
     model = Path(args.model).expanduser()
@@ -51,7 +51,7 @@ def _train_saes(args):
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
-    out = Path(args.out) if args.out else ROOT / "sae_weights" / model.name
+    out = Path(args.out) if args.out else SHIPPED_SAES / model.name
     train_saes(model, out, cfg, device=args.device, threads=args.threads)
     return 0
 

@@ -83,8 +83,10 @@ def derive(out: Path | None = None, force: bool = False) -> Path:
         shutil.rmtree(out, ignore_errors=True)
     try:
         tmp.rename(out)
-    except OSError:  # another process finished first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / DONE).is_file():  # not another process finishing first: say why it failed
+            raise
     steps.update()
     steps.close()
     return out

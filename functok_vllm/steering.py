@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.spec import MAX_ABS_STRENGTH, MODES, POSITIONS, Edit, SpecError, SteeringSpec, VectorEdit
 from functok_vllm.core.vector import Vector
 from functok_vllm.validation import describe, shown
@@ -141,8 +142,6 @@ class SteeringInfo:
     @classmethod
     def build(cls, configs: dict, function_tokens, add_layers=(), d_model: int | None = None) -> SteeringInfo:
         """From {layer: SAEConfig}, a FunctionTokens (or None), the add-only layers and the model's width."""
-        from functok_vllm.core.hookpoint import HookPoint
-
         ft = function_tokens
         hooks = {c.hook.canonical().name: layer for layer, c in configs.items()}
         hooks |= {HookPoint(layer, "resid_post").name: layer for layer in add_layers}
@@ -262,13 +261,7 @@ def check_steering(spec: SteeringSpec, info: SteeringInfo, limits: SteeringLimit
             )
     for i, e in enumerate(spec.edits):
         where = f"{param}.edits[{i}]"
-        if e.layer not in info.d_sae:
-            have = ", ".join(map(str, sorted(info.d_sae))) or "none"
-            raise SpecError(f"{where}.layer", f"no SAE is loaded at layer {e.layer} (layers with SAEs: {have})")
-        if not 0 <= e.feature < info.d_sae[e.layer]:
-            raise SpecError(
-                f"{where}.feature", f"{e.feature} is outside [0, {info.d_sae[e.layer]}) for the SAE at layer {e.layer}"
-            )
+        check_feature(info, limits, e.layer, e.feature, {"strength": e.strength, "value": e.value}, where)
         if e.mode != "add" and not info.clamp_ok[e.layer]:
             arch = info.sae[e.layer]["architecture"]
             raise SpecError(
@@ -276,10 +269,24 @@ def check_steering(spec: SteeringSpec, info: SteeringInfo, limits: SteeringLimit
                 f"{e.mode} needs one feature's activation; the SAE at layer {e.layer} is {arch}, whose activations "
                 "depend on every feature",
             )
-        for name in ("strength", "value"):
-            v = getattr(e, name)
-            if abs(v) > limits.max_abs_strength:
-                raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
+
+
+def check_feature(
+    info: SteeringInfo, limits: SteeringLimits, layer: int, feature: int, values: dict, where: str, layer_at=None
+) -> None:
+    """One SAE feature with its strength/value: an SAE at `layer`, the feature inside it, every value within the
+    strength limit. SpecError names `{where}.feature` etc.; `layer_at` the layer's field when it is not
+    `{where}.layer` (a vector built from features names its layer once)."""
+    if layer not in info.d_sae:
+        have = ", ".join(map(str, sorted(info.d_sae))) or "none"
+        raise SpecError(layer_at or f"{where}.layer", f"no SAE is loaded at layer {layer} (layers with SAEs: {have})")
+    if not 0 <= feature < info.d_sae[layer]:
+        raise SpecError(
+            f"{where}.feature", f"{feature} is outside [0, {info.d_sae[layer]}) for the SAE at layer {layer}"
+        )
+    for name, v in values.items():
+        if abs(v) > limits.max_abs_strength:
+            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
 
 
 def api_form(spec: SteeringSpec) -> dict:

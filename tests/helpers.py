@@ -21,6 +21,13 @@ PROMPTS = [
 ]
 
 
+def openai_client(url: str, api_key: str = "none", timeout: float = 120):
+    """The official client against a server of ours at `url`, without retries (a test sees every error)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
 class ServerProc(Server):
     """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log; the
     demo model (functok-tiny, with its shipped SAEs) unless ARGS name a --model."""

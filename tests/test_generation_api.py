@@ -13,10 +13,9 @@ import subprocess
 import sys
 
 import httpx
-import openai
 import pytest
 import torch
-from helpers import ServerProc, is_error_body
+from helpers import ServerProc, is_error_body, openai_client
 from reference import check_features, eager_model, load_lens, logprobs
 
 from functok_vllm.core import SAE
@@ -53,7 +52,7 @@ def server(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server.url)
 
 
 @pytest.fixture(scope="module")

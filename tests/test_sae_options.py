@@ -13,7 +13,7 @@ import torch
 from reference import lens_new
 
 from functok_vllm.core.hookpoint import HookPoint, parse_hook_name
-from functok_vllm.core.sae import SAE, SAELoadError, load_saes
+from functok_vllm.core.sae import SAE, SAELoadError, add_only_points, load_saes
 
 ARCHS = ("standard", "jumprelu", "topk", "gated")
 NORMS = ("none", "constant_norm_rescale", "layer_norm")
@@ -157,3 +157,18 @@ def test_one_loader_refuses_two_saes_on_one_layer_or_one_tensor(tmp_path, lens):
         load_saes([a], n_layers=2)
     got = load_saes([tmp_path / "a"], weights=False)  # a directory of SAE directories, cfg.json only
     assert list(got) == [3] and got[3].path == a and not hasattr(got[3], "W_enc")
+
+
+def test_add_only_layers_are_refused_outside_the_model_or_where_an_sae_steers(tmp_path, lens):
+    _, a = lens_saved(tmp_path / "a", lens, "standard", "blocks.3.hook_resid_post")
+    _, b = lens_saved(tmp_path / "b", lens, "standard", "blocks.2.hook_resid_pre")  # the output of layer 1
+    configs = load_saes([a, b], weights=False)
+    assert add_only_points([4, 0, 4], configs, 6) == {0: HookPoint(0, "resid_post"), 4: HookPoint(4, "resid_post")}
+    with pytest.raises(ValueError, match=r"^3: the SAE at layer 3 \(blocks\.3\.hook_resid_post\) steers there"):
+        add_only_points([3], configs)
+    with pytest.raises(ValueError, match=r"^1: the SAE at layer 2 \(blocks\.2\.hook_resid_pre\) steers there"):
+        add_only_points([1], configs)
+    with pytest.raises(ValueError, match=r"^6: the model has decoder layers 0-5"):
+        add_only_points([6], configs, 6)
+    with pytest.raises(ValueError, match=r"^-1: the model has decoder layers"):
+        add_only_points([-1], {})

@@ -163,11 +163,14 @@ def test_sae_lens_loads_the_smollm2_saes_and_encodes_like_our_core(layer):
         torch.testing.assert_close(ours.decode(acts_ours), theirs.decode(acts_theirs), rtol=1e-4, atol=1e-3)
 
 
-def test_train_saes_cli_refuses_a_missing_model_and_a_bad_override(random_llama, tmp_path, capsys):
+def test_train_saes_cli_refuses_a_missing_model_a_bad_override_and_a_missing_layer(random_llama, tmp_path, capsys):
     from functok_vllm.cli import main as cli_main
 
     assert cli_main(["train-saes", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
-    assert cli_main(["train-saes", "--model", str(random_llama[0]), "--skip-first", "999"]) == 2
+    out = ["--out", str(tmp_path / "o")]
+    assert cli_main(["train-saes", "--model", str(random_llama[0]), "--skip-first", "999", *out]) == 2
     assert "skip_first" in capsys.readouterr().err
+    assert cli_main(["train-saes", "--model", str(random_llama[0]), "--layers", "1", "2", *out]) == 2
+    assert "layers [1, 2]: rand-llama has decoder layers 0-1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

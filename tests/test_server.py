@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import PROMPTS, ServerProc, metric, wait_idle
+from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
 
 from functok_vllm.engines.hf.hooks import residual_hooks
 from functok_vllm.paths import DEMO_MODEL
@@ -37,7 +37,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server[0], KEY)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_malformed_json_oversized_body_and_api_key(server, http, client):
         r = httpx.post(f"{server[0]}/v1/completions", json=GOOD, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server[0]}/v1", api_key="nope", max_retries=0).models.list()
+        openai_client(server[0], "nope").models.list()
     with pytest.raises(openai.BadRequestError, match="steering.edits"):
         complete(client, SECRET_PROMPT, {"edits": [EDIT | {"layer": 9}]})
     assert complete(client, SECRET_PROMPT).choices[0].finish_reason == "length"  # still serving

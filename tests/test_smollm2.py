@@ -8,10 +8,9 @@ the decoder row from sae-lens at the last function token, found here from the sh
 
 import json
 
-import openai
 import pytest
 import torch
-from helpers import ServerProc
+from helpers import ServerProc, openai_client
 from reference import eager_model, load_lens, logprobs
 
 from functok_vllm.paths import ROOT
@@ -50,7 +49,12 @@ def server(model_dir, tmp_path_factory):
     proc.stop()
 
 
-def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, server):
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server.url, timeout=300)
+
+
+def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, client):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -60,7 +64,6 @@ def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, server):
         out = model.generate(**ids, max_new_tokens=NEW, do_sample=False)
     want = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
     model_id = client.models.list().data[0].id
     r = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0)
     got = r.choices[0].message.content
@@ -68,9 +71,8 @@ def test_chat_answers_paris_exactly_as_transformers_generate(model_dir, server):
     assert "Paris" in got
 
 
-def test_the_readme_steering_example_reproduces_exactly(server):
+def test_the_readme_steering_example_reproduces_exactly(client):
     readme = (ROOT / "README.md").read_text()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
     ask = dict(model="SmolLM2-135M-Instruct", messages=EXAMPLE, max_tokens=EXAMPLE_TOKENS, temperature=0)
     plain = client.chat.completions.create(**ask).choices[0].message.content
     steered = client.chat.completions.create(**ask, extra_body={"steering": EXAMPLE_STEERING})
@@ -80,8 +82,7 @@ def test_the_readme_steering_example_reproduces_exactly(server):
     assert json.dumps(EXAMPLE_STEERING["edits"][0]) in readme
 
 
-def test_streaming_stop_and_max_tokens_behave_on_the_real_model(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+def test_streaming_stop_and_max_tokens_behave_on_the_real_model(client):
     model_id = client.models.list().data[0].id
     whole = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=NEW, temperature=0)
     text = whole.choices[0].message.content
@@ -103,7 +104,7 @@ def test_streaming_stop_and_max_tokens_behave_on_the_real_model(server):
     assert text.startswith(short.choices[0].message.content)
 
 
-def test_steered_logprobs_equal_a_plain_forward_with_a_hook(model_dir, server):
+def test_steered_logprobs_equal_a_plain_forward_with_a_hook(model_dir, client):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -115,7 +116,6 @@ def test_steered_logprobs_equal_a_plain_forward_with_a_hook(model_dir, server):
     model = eager_model(model_dir)
     lenses = {15: load_lens(ROOT / "sae_weights" / model_dir.name / "layer_15")}
     points = {15: (15, "resid_post")}
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
     ask = dict(model="SmolLM2-135M-Instruct", messages=EXAMPLE, max_tokens=EXAMPLE_TOKENS, temperature=0, logprobs=True)
     for steering in (None, EXAMPLE_STEERING):
         spec = None if steering is None else {"edits": steering["edits"], "positions": [last]}

@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.library.files import FileError, read_vector_file
-from functok_vllm.library.store import BadName, Conflict, Library, LibraryLimits, LimitReached, NotFound
+from functok_vllm.library.store import BadName, Conflict, Library, LibraryLimits, LimitReached, NotFound, StoreError
 
 D = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_changes_persist_and_are_refused_with_reasons(tmp_path):
     with pytest.raises(NotFound):
         lib.delete_vector("calm")
     assert set(Library(tmp_path, D).vectors()) == {"other"}
-    with pytest.raises(Exception, match="d_model 16"):
+    with pytest.raises(StoreError, match="holds vectors for d_model 16, the model.s is 32"):
         Library(tmp_path, 32)
 
 

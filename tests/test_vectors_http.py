@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import PROMPTS, ServerProc, is_error_body, metric, write_gguf
+from helpers import PROMPTS, ServerProc, is_error_body, metric, openai_client, write_gguf
 
 from functok_vllm.engines.hf.hooks import residual_hooks
 
@@ -45,13 +45,13 @@ def server(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server.url, KEY)
 
 
 @pytest.fixture(scope="module")
 def admin(server):
     """The official client with the admin key: the library's routes through its generic `post`/`put`/`delete`."""
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN, max_retries=0, timeout=120)
+    return openai_client(server.url, ADMIN)
 
 
 def create(admin, body=None, files=None, method="post", path="/steering/vectors") -> dict:
@@ -358,7 +358,7 @@ def test_a_restarted_server_serves_the_same_library(server, client, data_dir, tm
     server.stop()
     again = serve(tmp_path, data_dir)  # without --admin-api-key: the library is read-only now
     try:
-        c2 = openai.OpenAI(base_url=f"{again.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        c2 = openai_client(again.url, KEY)
         assert http_get(c2, "/steering/vectors")["data"] == vectors and {v["name"] for v in vectors} == {
             "cv",
             "fading",

@@ -12,6 +12,7 @@ import sys
 import httpx
 import openai
 import pytest
+from helpers import openai_client
 
 from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.engines.vllm.config import EXTENSION
@@ -107,7 +108,7 @@ def stock(tmp_path_factory, library):
     cmd += ["--served-model-name", "tiny", "--max-num-seqs", "8"]
     cmd += ["--additional-config", json.dumps({"functok": {"library": str(library), "steer_layers": [ADD_LAYER]}})]
     proc, url = start(cmd, tmp_path_factory.mktemp("vllm") / "serve.log", os.environ | ENV)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    yield openai_client(url, timeout=600)
     stop(proc)
 
 
@@ -181,7 +182,7 @@ def functok_vllm(tmp_path_factory, library):
     cmd += ["--data-dir", str(library), "--steer-layers", str(ADD_LAYER), "--admin-api-key", ADMIN]
     env = os.environ | ENV | {"FUNCTOK_VLLM_ARGS": json.dumps({"enforce_eager": True, "max_num_seqs": 8})}
     proc, url = start(cmd, tmp_path_factory.mktemp("functok") / "serve.log", env)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), url
+    yield openai_client(url, timeout=600), url
     stop(proc)
 
 

@@ -191,7 +191,7 @@ def main(args) -> int:
     timings = {}
     am = load_hf(args.model, args.saes, args.function_tokens)
     prompts_path = Path(args.prompts) if args.prompts else out / "prompts.jsonl"
-    made = args.rebuild_prompts or not prompts_path.is_file() or prompts_path.resolve() == out / "prompts.jsonl"
+    made = args.rebuild_prompts or args.prompts is None or not prompts_path.is_file()
     if args.rebuild_prompts or not prompts_path.is_file():
         write_jsonl(prompts_path, [{"prompt": p} for p in make_prompts(am)])
     prompts = read_prompts(prompts_path)

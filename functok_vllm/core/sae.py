@@ -370,3 +370,21 @@ def fraction_variance_explained(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum()
     return float(1 - resid / total) if total > 0 else math.nan
+
+
+def add_only_points(layers, configs: dict[int, SAEConfig], n_layers: int | None = None) -> dict[int, HookPoint]:
+    """Add-only layers (`--steer-layers`: vectors without an SAE, at the layer's output) as {layer: resid_post hook};
+    ValueError starting with the layer when it is outside decoder layers 0..n_layers-1 (if known) or an SAE of
+    `configs` ({layer: SAEConfig}) already steers that tensor."""
+    taken = {c.hook.canonical(): layer for layer, c in configs.items()}
+    out = {}
+    for layer in sorted(set(layers)):
+        if layer < 0 or (n_layers is not None and layer >= n_layers):
+            top = f"0-{n_layers - 1}" if n_layers is not None else "from 0"
+            raise ValueError(f"{layer}: the model has decoder layers {top}")
+        point = HookPoint(layer, "resid_post")
+        owner = layer if layer in configs else taken.get(point)
+        if owner is not None:
+            raise ValueError(f"{layer}: the SAE at layer {owner} ({configs[owner].hook_name}) steers there already")
+        out[layer] = point
+    return out

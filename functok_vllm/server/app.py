@@ -22,6 +22,7 @@ from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.spec import MODES, POSITIONS, SpecError
 from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
@@ -154,7 +155,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 "ids": info.function_token_ids,
                 "tokens": info.function_token_strings,
             },
-            "steer_layers": [{"layer": n, "hook_name": f"blocks.{n}.hook_resid_post"} for n in info.add_layers],
+            "steer_layers": [{"layer": n, "hook_name": HookPoint(n, "resid_post").name} for n in info.add_layers],
             "presets": {name: presets.steering_object(name) for name in presets},
             "vectors": sorted(library.vectors()),
             "modes": list(MODES),

@@ -16,11 +16,13 @@ from fastapi import Request
 from pydantic import Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
+from functok_vllm.core.hookpoint import parse_hook_name
 from functok_vllm.core.sae import SAELoadError, decoder_rows
+from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError
 from functok_vllm.library.files import FileError, read_vector_file
 from functok_vllm.server.errors import APIError, from_validation
-from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, StrictFloat, StrictInt
+from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, StrictFloat, StrictInt, check_feature
 from functok_vllm.validation import shown
 
 MAX_FEATURES = 1024  # features summed into one vector
@@ -69,17 +71,11 @@ async def vector_from_request(
 
 def from_features(body: VectorIn, info: SteeringInfo, limits: SteeringLimits) -> tuple[Vector, dict]:
     layer = body.layer
-    if layer not in info.d_sae:
-        have = ", ".join(map(str, sorted(info.d_sae))) or "none"
-        raise APIError(400, f"layer: no SAE is loaded at layer {layer} (layers with SAEs: {have})", "layer")
-    d_sae = info.d_sae[layer]
-    for i, f in enumerate(body.features):
-        if not 0 <= f.feature < d_sae:
-            msg = f"{f.feature} is outside [0, {d_sae}) for the SAE at layer {layer}"
-            raise APIError(400, f"features[{i}].feature: {msg}", f"features[{i}].feature")
-        if abs(f.strength) > limits.max_abs_strength:
-            msg = f"{f.strength!r} exceeds the limit of {limits.max_abs_strength:g}"
-            raise APIError(400, f"features[{i}].strength: {msg}", f"features[{i}].strength")
+    try:
+        for i, f in enumerate(body.features):
+            check_feature(info, limits, layer, f.feature, {"strength": f.strength}, f"features[{i}]", "layer")
+    except SpecError as e:
+        raise APIError(400, str(e), e.field) from None
     try:
         rows = decoder_rows(info.sae_paths[layer], [f.feature for f in body.features])  # (n, d_model) float32
     except SAELoadError as e:
@@ -166,11 +162,8 @@ def _pick_layers(directions: dict, layers, info: SteeringInfo) -> dict:
 def _file_layers(hooks: list[str]) -> str:
     """Hooks as a control-vector file names them: `direction.5 (blocks.5.hook_resid_post)`."""
 
-    def one(h: str) -> str:
-        n, site = h.split(".")[1], h.split(".hook_")[1]
-        return f"direction.{n} ({h})" if site == "resid_post" else h
-
-    return ", ".join(one(h) for h in sorted(hooks, key=lambda h: int(h.split(".")[1])))
+    points = sorted(((parse_hook_name(h), h) for h in hooks), key=lambda ph: (ph[0].layer, ph[1]))
+    return ", ".join(f"direction.{p.layer} ({h})" if p.site == "resid_post" else h for p, h in points)
 
 
 def _hook_of(info: SteeringInfo, layer: int) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from functok_vllm.core.sae import SAE, SAELoadError, fraction_variance_explained
 from functok_vllm.core.sae import load_saes as core_load_saes
 from functok_vllm.corpus import load_split
-from functok_vllm.engines.hf.hooks import decoder_layers, load_model, residual_hooks
+from functok_vllm.engines.hf.hooks import load_model, residual_hooks
 from functok_vllm.errors import CLIError
 
 # The bars the shipped SAEs are held to (sae_weights/README.md, issue 14); a row that misses one is flagged, not hidden.
@@ -28,11 +28,11 @@ MAX_DEAD_PCT = 5.0
 MIN_CE_RECOVERED = 0.90
 
 
-def load_saes(saes_dir: str | Path) -> dict[str, SAE]:
+def load_saes(saes_dir: str | Path, d_model: int | None = None, n_layers: int | None = None) -> dict[str, SAE]:
     """{directory name: SAE} of the SAE directories under saes_dir (or of one SAE directory), in layer order, through
-    the one loader (`core.sae.load_saes`); CLIError names what is missing or wrong."""
+    the one loader (`core.sae.load_saes`, which checks d_in and the layer when given); CLIError names what is wrong."""
     try:
-        return {sae.cfg.path.name: sae for sae in core_load_saes([saes_dir]).values()}
+        return {sae.cfg.path.name: sae for sae in core_load_saes([saes_dir], d_model, n_layers).values()}
     except SAELoadError as e:
         raise CLIError(str(e)) from None
 
@@ -84,18 +84,13 @@ def evaluate(
     ablated runs and are left out of the mean): the numbers for the ordinary tokens alone.
     """
     from tqdm import tqdm
+    from transformers import AutoConfig
 
     if not (Path(model_dir) / "config.json").is_file():
         raise CLIError(f"model directory {model_dir} does not exist or has no config.json")
-    saes = load_saes(saes_dir)
+    mc = AutoConfig.from_pretrained(str(model_dir))  # the SAEs are checked against it before the model loads
+    saes = load_saes(saes_dir, mc.hidden_size, mc.num_hidden_layers)
     model, tok = load_model(model_dir)
-    d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
-    for name, sae in saes.items():
-        if sae.d_in != d_model or not 0 <= sae.layer < n_layers:
-            raise CLIError(
-                f"{Path(saes_dir) / name}: d_in {sae.d_in} at layer {sae.layer} does not fit the model "
-                f"(hidden size {d_model}, {n_layers} layers)"
-            )
     if not 0 <= skip_first < seq_len or massive_ratio < 0:
         raise CLIError(f"--skip-first must be in [0, {seq_len}) and --massive >= 0")
     x = heldout_sequences(tok, n_tokens, seq_len)  # (seqs, seq_len)

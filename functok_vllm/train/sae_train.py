@@ -88,7 +88,10 @@ def default_layers(n_layers: int) -> tuple:
 def config_for(model_name: str, n_layers: int, **overrides) -> SAETrainConfig:
     """The preset of a shipped model, else the default recipe at default_layers; non-None overrides replace fields."""
     base = PRESETS.get(model_name) or SAETrainConfig(layers=default_layers(n_layers))
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if max(cfg.layers) >= n_layers:
+        raise ValueError(f"layers {list(cfg.layers)}: {model_name} has decoder layers 0-{n_layers - 1}")
+    return cfg
 
 
 class _StopForward(Exception):
@@ -306,16 +309,14 @@ def training_windows(tok, cfg: SAETrainConfig) -> torch.Tensor:
     return seqs[: max(1, cfg.activation_tokens // cfg.seq_len)]
 
 
-def train_saes(model_dir, out_dir, cfg: SAETrainConfig | None = None, device="cpu", threads=2, progress=True) -> list:
-    """Train one SAE per cfg.layers on model_dir's residual stream and save them under out_dir/layer_{L}/."""
+def train_saes(model_dir, out_dir, cfg: SAETrainConfig, device="cpu", threads=2, progress=True) -> list:
+    """Train one SAE per cfg.layers (from `config_for`, which checks them) on model_dir's residual stream and save
+    them under out_dir/layer_{L}/."""
     from functok_vllm.engines.hf.hooks import load_model
 
     torch.set_num_threads(threads)
     model, tok = load_model(model_dir, device=device)
     model_name = Path(model.name_or_path).name
-    cfg = cfg or config_for(model_name, len(decoder_layers(model)))
-    if max(cfg.layers) >= len(decoder_layers(model)):
-        raise ValueError(f"layers {cfg.layers} do not exist in a model of {len(decoder_layers(model))} layers")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     seqs = training_windows(tok, cfg)

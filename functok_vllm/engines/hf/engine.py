@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from functok_vllm.core import FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
-from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.sae import load_saes
+from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.batcher import Batcher, Seq
 from functok_vllm.engines.hf.hooks import check_hook_points, decoder_layers, load_model
@@ -85,7 +84,10 @@ class HFEngine(Engine):
         self.model_name = cfg.served_model_name or cfg.model.name
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.vocab_size = mc.vocab_size
-        self.add_layers = add_only_layers(cfg.steer_layers, self.saes, n_layers)
+        try:
+            self.add_layers = add_only_points(cfg.steer_layers, {k: sae.cfg for k, sae in self.saes.items()}, n_layers)
+        except ValueError as e:
+            raise ValueError(f"--steer-layers {e}") from None
         self.function_tokens = None
         fn_mask, table = None, None
         if self.saes or self.add_layers:
@@ -193,23 +195,6 @@ class HFEngine(Engine):
             self._inflight.discard(request.request_id)
             if not finished:
                 self.batcher.abort(request.request_id)
-
-
-def add_only_layers(layers, saes: dict, n_layers: int) -> dict[int, HookPoint]:
-    """--steer-layers as {layer: resid_post hook}; ValueError for a layer outside the model or one an SAE steers."""
-    taken = {sae.cfg.hook.canonical(): layer for layer, sae in saes.items()}
-    out = {}
-    for layer in sorted(set(layers)):
-        point = HookPoint(layer, "resid_post")
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"--steer-layers {layer}: the model has decoder layers 0-{n_layers - 1}")
-        if layer in saes or point in taken:
-            owner = layer if layer in saes else taken[point]
-            raise ValueError(
-                f"--steer-layers {layer}: the SAE at layer {owner} ({saes[owner].cfg.hook_name}) steers there already"
-            )
-        out[layer] = point
-    return out
 
 
 class Outbox:

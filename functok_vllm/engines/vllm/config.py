@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from functok_vllm.core.sae import SAEConfig, load_saes, sae_dirs
+from functok_vllm.core.sae import SAEConfig, add_only_points, load_saes, sae_dirs
 from functok_vllm.core.spec import SpecError, SteeringSpec
 from functok_vllm.paths import shipped_function_tokens, shipped_saes
 from functok_vllm.steering import SteeringInfo, SteeringLimits
@@ -119,14 +119,10 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.saes: {e}") from None
     cfg.sae_configs  # noqa: B018  (read every cfg.json now: a bad directory fails at startup)
-    taken = {c.hook.canonical().name: layer for layer, c in cfg.sae_configs.items()}
-    for layer in cfg.steer_layers:
-        if layer in cfg.sae_configs or f"blocks.{layer}.hook_resid_post" in taken:
-            owner = layer if layer in cfg.sae_configs else taken[f"blocks.{layer}.hook_resid_post"]
-            raise ValueError(
-                f"additional_config.{CONFIG_KEY}.steer_layers: {layer}: the SAE at layer {owner} "
-                f"({cfg.sae_configs[owner].hook_name}) steers there already"
-            )
+    try:
+        add_only_points(cfg.steer_layers, cfg.sae_configs)
+    except ValueError as e:
+        raise ValueError(f"additional_config.{CONFIG_KEY}.steer_layers: {e}") from None
     return cfg
 
 

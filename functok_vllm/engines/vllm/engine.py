@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from functok_vllm.core import FunctionTokens
+from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
@@ -79,10 +80,12 @@ class VLLMEngine(Engine):
         self.vocab_size = mc.vocab_size
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self.d_model = mc.hidden_size
-        self.steer_cfg = from_additional_config(cfg.additional_config()) if cfg.additional_config() else None
-        for layer in cfg.steer_layers:
-            if not 0 <= layer < mc.num_hidden_layers:
-                raise ValueError(f"--steer-layers {layer}: the model has decoder layers 0-{mc.num_hidden_layers - 1}")
+        extra = cfg.additional_config()
+        self.steer_cfg = from_additional_config(extra) if extra else None
+        try:  # the range now, in this process, rather than as a worker's start-up failure
+            add_only_points(cfg.steer_layers, {}, mc.num_hidden_layers)
+        except ValueError as e:
+            raise ValueError(f"--steer-layers {e}") from None
         self.function_tokens = FunctionTokens.load(self.steer_cfg.function_tokens) if self.steer_cfg else None
         if self.function_tokens is not None:
             self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now, not in the worker

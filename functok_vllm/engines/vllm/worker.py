@@ -46,8 +46,7 @@ import torch
 
 from functok_vllm.core import FunctionTokens, SteeringSpec, SteeringTable
 from functok_vllm.core import steer as core_steer
-from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.sae import load_saes
+from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm import readout as feature_readout
@@ -254,12 +253,12 @@ def install_steering(runner) -> BatchSteering | None:
             targets[layer] = compat.steer_target(layers, sae.cfg.hook)
         except ValueError as e:
             raise ValueError(f"{sae.cfg.path}: cannot apply an SAE at {sae.cfg.hook_name} on vLLM: {e}") from None
-    add_layers = {}
-    for layer in cfg.steer_layers:  # add-only layers: vectors without an SAE, at the layer's output
-        if layer >= len(layers):
-            raise ValueError(f"steer_layers: {layer} is outside the model's decoder layers 0-{len(layers) - 1}")
-        add_layers[layer] = HookPoint(layer, "resid_post")
-        targets[layer] = compat.steer_target(layers, add_layers[layer])
+    try:  # add-only layers: vectors without an SAE, at the layer's output
+        add_layers = add_only_points(cfg.steer_layers, {k: sae.cfg for k, sae in saes.items()}, len(layers))
+    except ValueError as e:
+        raise ValueError(f"steer_layers: {e}") from None
+    for layer, point in add_layers.items():
+        targets[layer] = compat.steer_target(layers, point)
     saes = {layer: sae for layer, sae in saes.items() if compat.held(targets[layer][0])}  # pipeline parallel
     add_layers = {layer: p for layer, p in add_layers.items() if compat.held(targets[layer][0])}
     max_slots = compat.max_rows(runner) + 1  # a slot per batch row, plus the zero row
