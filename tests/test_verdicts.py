@@ -42,5 +42,17 @@ def test_json_form_and_helpers():
     assert finding("c", float("nan"), (float("nan"),) * 2, 0.4).to_json()["statistic"] is None
     lo, hi = wilson(50, 100)
     assert lo < 0.5 < hi and 0.39 < lo and hi < 0.61
-    assert empirical_p(10.0, np.arange(100)) == 1 / 101
+    assert empirical_p(100.0, np.arange(100)) == 1 / 101
     assert empirical_p(-1.0, np.arange(100)) == 1.0
+
+
+def test_sink_rule():
+    import torch
+
+    from functok_vllm.core.sinks import sink_mask
+
+    ids = torch.tensor([[5, 1, 7, 8, 9], [1, 2, 3, 4, 5]])
+    norms = torch.tensor([[70.0, 1.0, 1.2, 0.9, 1.1], [1.0, 1.0, 30.0, 1.0, 1.0]])
+    m = sink_mask(ids, norms, bos_id=1)
+    assert m.tolist() == [[True, True, False, False, False], [True, False, True, False, False]]
+    assert sink_mask(ids[1]).tolist() == [True, False, False, False, False]
