@@ -79,10 +79,10 @@ def spec_for(layer: int, feature: int, strength: float, policy: str) -> Steering
 class Steerer:
     """One sequence at a time through the analysis model, steered by the core SteeringTable."""
 
-    def __init__(self, am, layers: list[int]):
+    def __init__(self, am, layers: list[int], max_clamps: int = 1):
         self.am = am
         saes = {layer: am.saes[layer] for layer in layers}
-        self.table = SteeringTable(saes, max_slots=64, max_clamps=1, max_tokens=am.max_len, device=am.device)
+        self.table = SteeringTable(saes, max_slots=64, max_clamps=max_clamps, max_tokens=am.max_len, device=am.device)
 
     def logits(self, ids: torch.Tensor, spec: SteeringSpec | None, policy: str, prompt_len: int) -> torch.Tensor:
         """(tokens,) ids -> (tokens, vocab) logits with `spec` applied where `policy` selects."""
@@ -90,9 +90,23 @@ class Steerer:
 
     def logits_many(self, ids: torch.Tensor, specs: list, policy: str, prompt_len: int) -> torch.Tensor:
         """The same sequence once per spec, in one batch as the engine batches requests: (n, tokens, vocab)."""
+        return self._run(ids, specs, lambda slot: slot_index(policy, ids, slot, self.am.fn_mask, prompt_len))
+
+    def logits_at(self, ids: torch.Tensor, specs: list, positions: list[int]) -> torch.Tensor:
+        """The sequence once per spec, row i steered at token positions[i] only: (n, tokens, vocab)."""
+        it = iter(positions)
+
+        def index(slot):
+            idx = torch.zeros(len(ids), dtype=torch.long, device=self.am.fn_mask.device)
+            idx[next(it)] = slot
+            return idx
+
+        return self._run(ids, specs, index)
+
+    def _run(self, ids: torch.Tensor, specs: list, index) -> torch.Tensor:
         slots = [self.table.acquire(s) for s in specs]
         try:
-            per_row = [slot_index(policy, ids, slot, self.am.fn_mask, prompt_len) for slot in slots]
+            per_row = [index(slot) for slot in slots]
             self.table.set_slot_index(torch.cat(per_row))  # (n * tokens,) in the hook's flattened order
             fns = {layer: (lambda h, op=op: h + op.delta(h)) for layer, op in self.table.layers.items()}
             return self.am.forward(ids[None].expand(len(specs), -1), fns)
