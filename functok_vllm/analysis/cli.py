@@ -1,4 +1,5 @@
-"""`functok analyze <cmd>`: coverage, reactivation, loss-split, features, steer-sweep, report."""
+"""`functok analyze <cmd>`: coverage, reactivation(-study), loss-split, features, steer-sweep, steer-study,
+case-study, report."""
 
 from __future__ import annotations
 
@@ -106,6 +107,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strengths", type=float, nargs="+", default=[0, 10, 20, 40, 80, 160])
     p.add_argument("--target", default=None, help="target token (default: the feature's top logit-lens token)")
     p.add_argument("--generate", type=int, default=12, help="greedy tokens to generate per policy")
+
+    p = _add(sub, "reactivation-study", "reactivation_study", "re-activation against a cross-prompt null", False)
+    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+    p.add_argument("--ablate", type=positive_int, default=8, help="features ablated per prompt, layer and group")
+
+    p = _add(sub, "steer-study", "steer_study", "position-matched steering against a random direction", False)
+    p.add_argument("--prompts", required=True, help="JSONL prompts ending on a function token")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--n-prompts", type=positive_int, default=16)
+    p.add_argument("--features", type=positive_int, default=8, help="candidate features (top logit-lens words)")
+    p.add_argument("--multiples", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="x median norm")
+    p.add_argument("--generate", type=int, default=8, help="continuation tokens for the fluency figure")
 
     p = _add(
         sub, "report", "report", "regenerate a model's REPORT.md and figures (analysis/, analysis/MODEL_NAME/)", False

@@ -7,6 +7,7 @@ t+1 are function tokens. Pairs that touch a document separator (EOS) are skipped
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,19 +57,45 @@ def group_stats(counts: torch.Tensor, sums: torch.Tensor) -> dict:
     } | {"all": {"tokens": n, "mean_loss": total / n if n else None}}
 
 
+def row_sums(ce: torch.Tensor, batch: torch.Tensor, fn_mask: torch.Tensor, skip_id: int = -1):
+    """(b, 4) token counts and (b, 4) loss sums per group of each window (row) of a batch (b, seq) with its losses
+    (b, seq - 1); pairs where either token is skip_id are left out."""
+    cur, nxt = batch[:, :-1], batch[:, 1:]
+    keep = ((cur != skip_id) & (nxt != skip_id)).flatten()
+    row = torch.arange(batch.shape[0])[:, None].expand_as(cur).flatten()[keep]
+    g = group_of(cur.flatten()[keep], nxt.flatten()[keep], fn_mask) + 4 * row
+    n = 4 * batch.shape[0]
+    counts = torch.bincount(g, minlength=n).view(-1, 4)
+    sums = torch.bincount(g, weights=ce.flatten()[keep].double(), minlength=n).view(-1, 4)
+    return counts, sums
+
+
 @torch.no_grad()
-def loss_split(am, stream: torch.Tensor, cfg: LossSplitConfig, desc: str = "loss split", progress: bool = True) -> dict:
-    """Group counts and loss sums over the stream's windows; the engine computes the losses (`am.token_losses`)."""
-    counts = torch.zeros(4, dtype=torch.long)
-    sums = torch.zeros(4, dtype=torch.float64)
+def window_sums(am, stream: torch.Tensor, cfg: LossSplitConfig, desc: str = "loss split", progress: bool = True):
+    """(windows, 4) token counts and loss sums per group, one row per window of the stream (the independent units of
+    a bootstrap); the engine computes the losses (`am.token_losses`)."""
+    counts, sums = [], []
     total = n_batches(stream, cfg.seq_len, cfg.batch_size)
     batches = sequences(stream, cfg.seq_len, cfg.batch_size)
     fn_mask = am.fn_mask.cpu()
     for batch, ce in am.token_losses(batches, total, progress, desc):  # (b, seq), (b, seq - 1)
-        c, s = group_sums(ce.flatten(), batch[:, :-1].flatten(), batch[:, 1:].flatten(), fn_mask, am.eos_id)
-        counts += c
-        sums += s
-    return group_stats(counts, sums)
+        c, s = row_sums(ce, batch.cpu(), fn_mask, am.eos_id)
+        counts.append(c)
+        sums.append(s)
+    return torch.cat(counts), torch.cat(sums)
+
+
+def loss_split(am, stream: torch.Tensor, cfg: LossSplitConfig, desc: str = "loss split", progress: bool = True) -> dict:
+    """Group counts and loss sums over the stream's windows, as `group_stats`."""
+    counts, sums = window_sums(am, stream, cfg, desc, progress)
+    return group_stats(counts.sum(0), sums.sum(0))
+
+
+def step_of(name: str) -> int | None:
+    """The training step a checkpoint directory's name carries (`step-00140`, Pythia's `step1000`,
+    `checkpoint-500`): its last run of digits; None when it has none."""
+    digits = re.findall(r"\d+", name)
+    return int(digits[-1]) if digits else None
 
 
 def discover_checkpoints(model_dir: str | Path) -> list[tuple[str, int | None, Path]]:
@@ -108,7 +135,10 @@ def over_checkpoints(
     for label, step, path in checkpoints:
         ck = open_model(path)
         try:
-            rows.append({"checkpoint": label, "step": step, "groups": loss_split(ck, stream, cfg, desc=label)})
+            counts, sums = window_sums(ck, stream, cfg, desc=label)
+            windows = {"counts": counts.tolist(), "sums": sums.tolist()}  # per window: the bootstrap's units
+            rows.append({"checkpoint": label, "step": step, "groups": group_stats(counts.sum(0), sums.sum(0))})
+            rows[-1]["windows"] = windows
         finally:
             if ck is not am:
                 getattr(ck, "close", lambda: None)()
@@ -144,7 +174,7 @@ def main(args) -> int:
 
     cfg = LossSplitConfig(args.max_tokens, args.seq_len, args.batch_size)
     if args.checkpoints:
-        checkpoints = [(Path(p).name, None, check_model_dir(p)) for p in args.checkpoints]
+        checkpoints = [(Path(p).name, step_of(Path(p).name), check_model_dir(p)) for p in args.checkpoints]
     else:
         checkpoints = discover_checkpoints(check_model_dir(args.model))
     if not checkpoints:

@@ -282,3 +282,35 @@ def markdown(result: dict, figure_path: str = "figures/reactivation_study.png") 
         + md_table(head, rows)
         + f"\n![re-activation]({figure_path})\n\n"
     )
+
+
+def to_json(result: dict) -> dict:
+    """Findings in `summary.json`'s form, by layer, with the stratum sizes."""
+    layers = {}
+    for layer, row in result["layers"].items():
+        layers[layer] = {k: (v.to_json() if isinstance(v, Finding) else v) for k, v in row.items()}
+    return {"prompts": result["prompts"], "layers": layers}
+
+
+def main(args) -> int:
+    from functok_vllm.analysis.data import read_prompts
+    from functok_vllm.analysis.io import out_dir, write_json
+    from functok_vllm.analysis.model import load_hf
+    from functok_vllm.errors import CLIError
+
+    cfg = StudyConfig(tuple(args.layers) if args.layers else None, args.ablate)
+    prompts = read_prompts(args.prompts)
+    if len(prompts) < 2:
+        raise CLIError("the cross-prompt null needs at least two prompts")
+    am = load_hf(args.model, args.saes, args.function_tokens, cfg.layers and list(cfg.layers))
+    result = run(am, prompts, cfg, progress=True)
+    out = out_dir(args.out)
+    paths = [write_json(out / "reactivation_study.json", to_json(result)), plot(result, out / "reactivation_study.png")]
+    (out / "reactivation_study.md").write_text(markdown(result, "reactivation_study.png"))
+    for f in result["findings"]:
+        print(
+            f"{f.name}: {f.statistic:.4f} vs null {f.null:.4f}, interval [{f.interval[0]:.4f}, "
+            f"{f.interval[1]:.4f}]: {f.verdict}"
+        )
+    print("wrote " + ", ".join(map(str, paths)) + f", {out / 'reactivation_study.md'}")
+    return 0

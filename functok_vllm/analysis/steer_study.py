@@ -275,3 +275,38 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_xlabel("strength (x median residual norm)")
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def to_json(result: dict) -> dict:
+    """The result with arrays as lists and findings in `summary.json`'s form."""
+    out = {k: v for k, v in result.items() if k not in ("per_prompt", "base_ppl", "findings")}
+    out["per_prompt"] = {k: np.where(np.isfinite(v), v, None).tolist() for k, v in result["per_prompt"].items()}
+    out["base_ppl"] = result["base_ppl"].tolist()
+    out["findings"] = {f.name: f.to_json() for f in result["findings"]}
+    return out
+
+
+def main(args) -> int:
+    from functok_vllm.analysis.data import read_prompts
+    from functok_vllm.analysis.io import out_dir, write_json
+    from functok_vllm.analysis.model import load_hf
+
+    cfg = StudyConfig(args.layer, args.n_prompts, args.features, tuple(args.multiples), args.generate)
+    prompts = read_prompts(args.prompts)
+    am = load_hf(args.model, args.saes, args.function_tokens, [args.layer])
+    try:
+        result = run(am, prompts, cfg, progress=True)
+    except ValueError as e:
+        from functok_vllm.errors import CLIError
+
+        raise CLIError(str(e)) from None
+    out = out_dir(args.out)
+    paths = [write_json(out / "steer_study.json", to_json(result)), plot(result, out / "steer_study.png")]
+    (out / "steer_study.md").write_text(markdown(result, "steer_study.png"))
+    for f in result["findings"]:
+        print(
+            f"{f.name}: {f.statistic:.3f} vs null {f.null:.3f}, interval [{f.interval[0]:.3f}, "
+            f"{f.interval[1]:.3f}]: {f.verdict}"
+        )
+    print("wrote " + ", ".join(map(str, paths)) + f", {out / 'steer_study.md'}")
+    return 0
