@@ -121,6 +121,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--multiples", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="x median norm")
     p.add_argument("--generate", type=int, default=8, help="continuation tokens for the fluency figure")
 
+    p = _add(sub, "case-study", "case_study", "minimal-pair capital questions through the chat template", False)
+    p.add_argument("--layer", type=int, required=True)
+
     p = _add(
         sub, "report", "report", "regenerate a model's REPORT.md and figures (analysis/, analysis/MODEL_NAME/)", False
     )

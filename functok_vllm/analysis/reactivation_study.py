@@ -140,7 +140,8 @@ def ablation_drops(st: Steerer, ids: list[int], layer: int, p: int, feats: list[
     """(n,) drop of log p(target) at position p when each feature is ablated (clamped to 0) at p alone, one batch;
     `base`: the unsteered (vocab,) log-probabilities at p."""
     specs = [SteeringSpec((Edit(layer, int(f), "ablate"),), "all") for f in feats]
-    lp = st.logits_at(torch.tensor(ids), specs, [p] * len(specs))[:, p].log_softmax(-1)  # (n, vocab)
+    x = torch.tensor(ids[: p + 1])  # causal: the logits at p read no later token
+    lp = st.logits_at(x, specs, [p] * len(specs))[:, p].log_softmax(-1)  # (n, vocab)
     return base[target] - lp[:, target]
 
 

@@ -100,19 +100,19 @@ def specs_for(layer: int, cands, directions: dict[int, torch.Tensor], norm: floa
 
 
 @torch.no_grad()
-def steered_generate(st: Steerer, ids: torch.Tensor, specs: list, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each spec steers the prompt's last position (one row each, one batch, KV cache for the new tokens, which are
-    not steered): ((n, vocab) log-probs at the last prompt position, (n, n_new) greedy continuation ids)."""
+def steered_generate(st: Steerer, ids: torch.Tensor, specs: list, n_new: int, position: int = -1):
+    """Each spec steers the prompt at `position` (default its last; one row each, one batch, KV cache for the new
+    tokens, which are not steered): ((n, vocab) log-probs at the last prompt position, (n, n_new) greedy ids)."""
     am, n, t = st.am, len(specs), len(ids)
     slots = [st.table.acquire(s) for s in specs]
     try:
         idx = torch.zeros(n, t, dtype=torch.long, device=am.fn_mask.device)
-        idx[:, -1] = torch.tensor(slots)
+        idx[:, position] = torch.tensor(slots)
         st.table.set_slot_index(idx.flatten())  # (n * tokens,) the hook's flattened order
         fns = {layer: (lambda h, op=op: h + op.delta(h)) for layer, op in st.table.layers.items()}
         points = {layer: am.saes[layer].cfg.hook for layer in st.table.layers}
         with residual_hooks(am.model, fns, points):
-            out = am.model(input_ids=ids[None].expand(n, -1).to(am.device), use_cache=True)
+            out = am.model(input_ids=ids[None].expand(n, -1).to(am.device), use_cache=True, logits_to_keep=1)
             logp = out.logits[:, -1].float().log_softmax(-1)  # (n, vocab)
             st.table.set_slot_index(torch.zeros(n, dtype=torch.long, device=am.fn_mask.device))
             nxt, new = logp.argmax(-1), []
@@ -129,10 +129,12 @@ def steered_generate(st: Steerer, ids: torch.Tensor, specs: list, n_new: int) ->
 @torch.no_grad()
 def perplexity(am, ids: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
     """(n,) the unsteered model's perplexity of each continuation row (n, k) after the prompt ids."""
-    if cont.shape[1] == 0:
+    k = cont.shape[1]
+    if k == 0:
         return torch.full((len(cont),), float("nan"))
-    x = torch.cat([ids[None].expand(len(cont), -1), cont.to(ids.device)], 1)  # (n, t + k)
-    logp = am.forward(x)[:, len(ids) - 1 : -1].log_softmax(-1)  # (n, k, vocab)
+    x = torch.cat([ids[None].expand(len(cont), -1), cont.to(ids.device)], 1).to(am.device)  # (n, t + k)
+    logits = am.model(input_ids=x, logits_to_keep=k + 1).logits[:, :-1].float()  # (n, k, vocab): the unembedding
+    logp = logits.log_softmax(-1)  # only where a continuation token is predicted (the costly part on a big vocab)
     nll = -logp.gather(2, cont[:, :, None].to(logp.device))[..., 0]  # (n, k)
     return nll.mean(1).exp().cpu()
 
