@@ -122,7 +122,9 @@ def pair_study(am, st, cfg: CaseConfig, x: str, y: str, norm: float, rng) -> dic
         for m in MULTIPLES:
             s = m * norm
             specs.append(SteeringSpec((Edit(layer, f, "add", s / float(w[f])),), "all"))
-            d = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal(sae.d_in), dtype=torch.float32), 0)
+            d = torch.nn.functional.normalize(
+                torch.as_tensor(rng.standard_normal(sae.d_in), dtype=torch.float32), dim=0
+            )
             rand.append(SteeringSpec(vectors=(VectorEdit(f"random-{len(rand)}", s, at={layer: d}),)))
             where.append((f, m))
     base = answer(am, st, a_ids)[0]

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.analysis import coverage, loss_split, reactivation, steer_sweep
+from functok_vllm.analysis import coverage, studies
 from functok_vllm.analysis.data import corpus_documents, read_prompts, token_stream
-from functok_vllm.analysis.features import FeaturesConfig, top_contexts
 from functok_vllm.analysis.io import out_dir, write_jsonl
 from functok_vllm.analysis.render import render
-from functok_vllm.core import last_function_position
 from functok_vllm.paths import ANALYSIS_DIR, DEMO_MODEL, ROOT
 
 N_PROMPTS = 30
-STEER_PROMPTS = 8  # prompts of the steering study
-STEER_FEATURES = 16  # candidate features of the steering study
-NORM_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # sweep strengths, in units of the median residual norm
-STUDY_MULTIPLE = 2.0  # strength of the steering study and of the shown continuations
 
 
 def rel(path) -> str:
@@ -60,90 +54,6 @@ def make_prompts(am, n: int = N_PROMPTS, max_tokens: int = 40, min_cut: int = 10
     return prompts
 
 
-def median_residual_norm(am, prompts: list[str], layer: int) -> float:
-    """The median, not the mean: a model with attention sinks (SmolLM2) has a first token 70x the others' norm at
-    its middle layers, which would make a mean-based strength several times what an ordinary token carries."""
-    norms = []
-
-    def fn(h):  # (tokens, d_model)
-        norms.append(h.float().norm(dim=-1))
-
-    for p in prompts:
-        am.forward(torch.tensor(am.encode(p))[None], {layer: fn}, logits=False)
-    return float(torch.cat(norms).median())
-
-
-def lens_candidates(am, layer: int, n: int) -> list[tuple[int, int]]:
-    """(feature, target) for the n features whose logit lens has the largest top score on a whole content word."""
-    scores = am.saes[layer].W_dec.to(am.device) @ am.unembed().t()  # (d_sae, vocab)
-    best, tok = scores.max(1)
-    out = []
-    for f in best.argsort(descending=True).tolist():
-        t = int(tok[f])
-        word = am.decode([t])
-        if not bool(am.fn_mask[t]) and word.startswith(" ") and word[1:].isalpha() and len(word) > 3:
-            out.append((f, t))
-        if len(out) == n:
-            break
-    return out
-
-
-def steering_study(am, prompts: list[str], layer: int, strength: float) -> dict:
-    """Target top-1 rate, target probability and KL per policy, for prompts ending on a function token (variant
-    `ends_function`) and the same prompts cut after their last content token (`ends_content`). Each prompt runs
-    once per policy with every candidate feature in one batch, one steering slot per row."""
-    from tqdm import tqdm
-
-    st = steer_sweep.Steerer(am, [layer])
-    cands = lens_candidates(am, layer, STEER_FEATURES)
-    targets = torch.tensor([t for _, t in cands])
-    variants = {"ends_function": [], "ends_content": []}
-    for p in prompts[:STEER_PROMPTS]:
-        ids = torch.tensor(am.encode(p))
-        variants["ends_function"].append(ids)
-        lc = steer_sweep.last_content_position(ids, am.fn_mask)
-        if last_function_position(ids[: lc + 1], am.fn_mask) >= 0:
-            variants["ends_content"].append(ids[: lc + 1])
-    out, best = {}, None
-    bar = tqdm(total=sum(map(len, variants.values())), desc="steering study")
-    for name, seqs in variants.items():
-        acc = {pol: {"top1": 0.0, "target_prob": 0.0, "kl": 0.0} for pol in steer_sweep.POLICIES}
-        base_prob = 0.0
-        for i, ids in enumerate(seqs):
-            base = st.logits(ids, None, "all", len(ids))[-1].log_softmax(-1)  # (vocab,)
-            base_prob += float(base[targets].exp().sum())
-            for pol in steer_sweep.POLICIES:
-                specs = [steer_sweep.spec_for(layer, f, strength, pol) for f, _ in cands]
-                logp = st.logits_many(ids, specs, pol, len(ids))[:, -1].log_softmax(-1)  # (n, vocab)
-                prob = logp.gather(1, targets[:, None])[:, 0].exp()  # (n,)
-                acc[pol]["top1"] += float((logp.argmax(-1) == targets).sum())
-                acc[pol]["target_prob"] += float(prob.sum())
-                acc[pol]["kl"] += sum(steer_sweep.kl(base, lp) for lp in logp)
-                j = int(prob.argmax())
-                if name == "ends_function" and pol == "last_function" and (best is None or prob[j] > best[0]):
-                    best = (float(prob[j]), i, cands[j])
-            bar.update(1)
-        n = max(1, len(seqs) * len(cands))
-        out[name] = {
-            "cases": len(seqs) * len(cands),
-            "unsteered_target_prob": base_prob / n,
-            **{pol: {k: v / n for k, v in a.items()} for pol, a in acc.items()},
-        }
-    bar.close()
-    return {"layer": layer, "strength": strength, "candidates": cands, "variants": out, "best": best}
-
-
-def showcase(am, prompts: list[str], study: dict, norm: float) -> dict | None:
-    """The study case (ends_function prompt, feature) where steering the last function token gives the target the
-    highest probability, swept over strengths, with greedy continuations at the study strength."""
-    if study["best"] is None:
-        return None
-    _, i, (f, t) = study["best"]
-    strengths = tuple(round(m * norm, 1) for m in NORM_MULTIPLES)
-    cfg = steer_sweep.SweepConfig(study["layer"], f, strengths, continuation_strength=study["strength"])
-    return steer_sweep.sweep(am, prompts[i], cfg, am.decode([t]))
-
-
 def function_token_share(summary: dict) -> float:
     fn = sum(r["count"] for r in summary["table"] if r["is_function"])
     return fn / summary["tokens"] if summary["tokens"] else 0.0
@@ -155,22 +65,17 @@ def report_dir(model) -> Path:
 
 
 def headline(ctx: dict) -> dict:
-    """The numbers a reader compares across models (deepest SAE layer where a layer is needed)."""
+    """The numbers a reader compares across models (deepest SAE layer where a layer is needed), and every finding."""
     deep_cov = ctx["coverage"]["layers"][max(ctx["coverage"]["layers"], key=int)]
-    layers = ctx["reactivation"]["layers"]
-    deep_re = layers[max(layers, key=int)]["function"]
-    ef = ctx["study"]["variants"]["ends_function"]
+    rows = ctx["studies"]["results"]["loss_split"]["rows"]
     return {
         "model": ctx["model_name"],
         "n_function_tokens": ctx["function_tokens"]["n_function_tokens"],
         "heldout_fn_share": ctx["heldout_fn_share"],
         "function_tokens_coverage": deep_cov["function_tokens_coverage"],
         "next_k_coverage": deep_cov["next_k_coverage"],
-        "reactivated_predictive": deep_re["predictive_share_reactivated"],
-        "other_predictive": deep_re["predictive_share_other"],
-        "fc_loss_share": ctx["loss_split"][-1]["groups"]["function->content"]["loss_share"],
-        "steer_top1_function": ef["last_function"]["top1"],
-        "steer_top1_content": ef["last_content"]["top1"],
+        "fc_loss_share": rows[-1]["groups"]["function->content"]["loss_share"],
+        "findings": {f.name: f.to_json() for f in ctx["studies"]["findings"]},
     }
 
 
@@ -203,33 +108,10 @@ def main(args) -> int:
     coverage.plot(cov, n_fn_seen, figs)
     timings["coverage"] = time.time() - t
 
-    t = time.time()
-    rcfg = reactivation.ReactivationConfig(detail=False)
-    rsum = reactivation.summarize(reactivation.score_prompts(am, prompts, rcfg, progress=True), rcfg.top_frac)
-    reactivation.plot(rsum, figs / "reactivation.png")
-    timings["reactivation"] = time.time() - t
-
-    t = time.time()
-    ckpts = loss_split.discover_checkpoints(args.model)
-    ls_cfg = loss_split.LossSplitConfig(max_tokens=min(args.loss_tokens, args.max_tokens))
-    ls = loss_split.over_checkpoints(am, ckpts, stream[: ls_cfg.max_tokens], ls_cfg, am_dir=args.model)
-    loss_split.plot(ls, figs / "loss_split.png")
-    timings["loss_split"] = time.time() - t
-
-    t = time.time()
-    layer = max(am.saes)
-    norm = median_residual_norm(am, prompts, layer)
-    study = steering_study(am, prompts, layer, round(STUDY_MULTIPLE * norm, 1))
-    case = showcase(am, prompts, study, norm)
-    contexts = []
-    if case is not None:
-        steer_sweep.plot(case, figs / "steer_sweep.png")
-        fcfg = FeaturesConfig(layer, (case["feature"],), contexts=3, max_tokens=min(args.max_tokens, 16384))
-        top = top_contexts(am, stream[: fcfg.max_tokens], [case["feature"]], fcfg)
-        for v, p in zip(top.values[0].tolist(), top.where[0].tolist(), strict=True):
-            if p >= 0 and v > 0:
-                contexts.append((v, am.decode(stream[max(0, p - 12) : p].tolist()), am.decode([int(stream[p])])))
-    timings["steering"] = time.time() - t
+    # controlled findings (issue 22 part B): re-activation, loss dynamics, steering study, case study
+    loss_tokens = min(args.loss_tokens, args.max_tokens)
+    st = studies.run_all(am, prompts, stream, args.model, figs, loss_tokens)
+    timings.update(st["timings"])
 
     fts = json.loads(Path(args.function_tokens).read_text())
     archs = {sae.cfg.architecture for sae in am.saes.values()}
@@ -238,22 +120,16 @@ def main(args) -> int:
         "saes": rel(args.saes),
         "sae_tokens": sae_tokens(Path(args.saes)),
         "architectures": "/".join(sorted({{"jumprelu": "JumpReLU", "topk": "TopK"}.get(a, a) for a in archs})),
-        "multiple": STUDY_MULTIPLE,
         "function_tokens": fts,
         "heldout_fn_share": function_token_share(cov),
         "coverage": cov,
         "milestones": coverage.milestone_rows(cov["table"]),
-        "reactivation": rsum,
         "n_prompts": len(prompts),
         "prompts_path": rel(prompts_path),
         "prompts_origin": "openings of held-out paragraphs cut after a function token"
         if made
         else "given by --prompts",
-        "loss_split": ls,
-        "norm": norm,
-        "study": study,
-        "case": case,
-        "contexts": contexts,
+        "studies": st,
         "timings": timings,
         "total_seconds": time.time() - t_start,
         "threads": torch.get_num_threads(),
@@ -261,7 +137,7 @@ def main(args) -> int:
         "n_layers": am.model.config.num_hidden_layers,
         "n_params": sum(p.numel() for p in am.model.parameters()),
         "max_tokens": args.max_tokens,
-        "loss_tokens": ls_cfg.max_tokens,
+        "loss_tokens": loss_tokens,
     }
     ctx["model_name"] = Path(args.model).name
     summary = headline(ctx)
