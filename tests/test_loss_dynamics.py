@@ -69,3 +69,27 @@ def test_checkpoint_steps_from_names():
         500,
         None,
     ]
+
+
+def test_loss_split_command_over_pythia_style_checkpoints(tmp_path):
+    """Any list of checkpoint directories: names like Pythia's `step140` give the steps, and the reduction between
+    each consecutive pair comes out with its finding and the bigram row."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from functok_vllm.paths import DEMO_MODEL
+
+    for step in ("00140", "00500"):
+        (tmp_path / f"step{int(step)}").symlink_to(DEMO_MODEL / "checkpoints" / f"step-{step}")
+    cks = [str(tmp_path / "step140"), str(tmp_path / "step500"), str(DEMO_MODEL)]
+    functok = str(Path(sys.executable).parent / "functok")
+    cmd = [functok, "analyze", "loss-split", "--checkpoints", *cks, "--max-tokens", "1536", "--seq-len", "128"]
+    r = subprocess.run([*cmd, "--threads", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "o" / "loss_split.json").read_text())
+    assert [row["step"] for row in rows] == [140, 500, None]
+    md = (tmp_path / "o" / "loss_dynamics.md").read_text()
+    assert "| step140 -> step500 |" in md and "| bigram baseline |" in md
+    assert "loss reduction f->c step140->step500" in r.stdout

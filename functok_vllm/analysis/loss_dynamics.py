@@ -62,6 +62,12 @@ class Bigram:
             yield batch, self.nll(batch[:, :-1], batch[:, 1:]).float()
 
 
+def has_training_split() -> bool:
+    from functok_vllm.corpus import default_corpus_files
+
+    return bool(default_corpus_files())
+
+
 def training_documents(encode) -> Iterator[list[int]]:
     """Token ids of the training split (not held out) of the shared corpus, file after file."""
     from functok_vllm.corpus import default_corpus_files, is_heldout, iter_documents

@@ -187,12 +187,27 @@ def main(args) -> int:
         am, open_model = load_hf(args.model, None, args.function_tokens), None
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
     results = over_checkpoints(am, checkpoints, stream, cfg, open_model, am_dir=args.model)
+    from functok_vllm.analysis import loss_dynamics
+
+    trans = loss_dynamics.transitions(results)
+    bigram = None
+    if loss_dynamics.has_training_split():  # the bigram baseline: what text statistics alone give
+        model = loss_dynamics.Bigram(loss_dynamics.training_documents(am.encode), am.vocab_size)
+        bigram = loss_dynamics.bigram_split(am, stream, cfg, model)
     out = out_dir(args.out)
     paths = [
         write_json(out / "loss_split.json", results),
         write_csv(out / "loss_split.csv", table_rows(results)),
         plot(results, out / "loss_split.png"),
+        loss_dynamics.plot(results, trans, bigram, out / "loss_dynamics.png"),
     ]
+    (out / "loss_dynamics.md").write_text(loss_dynamics.markdown(results, trans, bigram, "loss_dynamics.png"))
+    for t in trans:
+        f = t["finding"]
+        print(
+            f"{f.name}: {f.statistic:.1%} of the reduction vs token share {f.null:.1%}, interval "
+            f"[{f.interval[0]:.1%}, {f.interval[1]:.1%}]: {f.verdict}"
+        )
     for r in results:
         shares = ", ".join(f"{g} {r['groups'][g]['loss_share']:.1%}" for g in GROUPS)
         print(f"{r['checkpoint']}: loss {r['groups']['all']['mean_loss']:.3f}; share of loss: {shares}")
