@@ -250,8 +250,8 @@ def markdown(result: dict, figure_path: str = "figures/case_study.png") -> str:
                 c["n_features"],
                 " ".join(map(str, c["reactivated"])),
                 " ".join(map(str, c["reactivated_in_twin"])),
-                f"{lf['flips']} / {lf['changed']} / {lf['random_flips']}",
-                f"{la['flips']} / {la['changed']} / {la['random_flips']}",
+                f"{lf['flips']} / {lf['changed']} / {lf['random_flips']} / {lf['random_changed']}",
+                f"{la['flips']} / {la['changed']} / {la['random_flips']} / {la['random_changed']}",
             ]
         )
     later = " ".join(tok(t) for _, t in cases[0]["later"])
@@ -265,8 +265,8 @@ def markdown(result: dict, figure_path: str = "figures/case_study.png") -> str:
         f"features (and the known feature {KNOWN.get(result['layer'], 'none')}) at "
         + ", ".join(f"{m:g}x" for m in MULTIPLES)
         + f" the median residual norm {result['norm']:.0f}, {tries} tries per position, against as many random "
-        "directions of the same norms; cells: answers naming Y's capital / answers changed / random directions "
-        "naming Y's capital.\n\n"
+        "directions of the same norms; cells: answers naming Y's capital / answers changed, then the same two for the "
+        "random directions.\n\n"
         + md_table(
             [
                 "X / Y",
