@@ -49,6 +49,9 @@ def test_country_features_and_their_reactivation_match_a_plain_forward(am):
     assert am.decode([a_ids[positions["last_function"]]]) == "?" and positions["last"] == len(a_ids) - 1
     assert c["last"]["tries"] == 1 * len(cs.MULTIPLES)
     assert c["last"]["changed"] >= c["last"]["flips"]
+    f = cs.paired(np.array([c["share"]] * 2), np.array([c["null_share"]] * 2), "re", 0.02, "")
+    md = cs.markdown({"layer": LAYER, "norm": 60.0, "answers": {}, "cases": [c], "findings": [f]})
+    assert "| France / Russia |" in md and "| re |" in md
 
 
 def test_a_model_that_knows_no_capital_is_refused_clearly(am):
