@@ -80,12 +80,15 @@ def run_all(am, prompts: list[str], stream: torch.Tensor, model_dir, figs: Path,
 
 
 def agreement(findings: list) -> str:
-    """One line per finding: the statistic beside its null, the interval and the verdict."""
-    lines = []
+    """One line per finding: the statistic beside its null, the interval and the verdict; what each kind of finding
+    measures is said once, before its first line."""
+    lines, said = [], set()
     for f in findings:
+        if f.what and f.what not in said:
+            said.add(f.what)
+            lines.append(f"- *{f.what[:1].upper() + f.what[1:]}:*")
         lo, hi = f.interval
         lines.append(
-            f"- {f.name}: {f.statistic:.4g} against {f.null:.4g} (95% interval [{lo:.4g}, {hi:.4g}]): "
-            f"**{f.verdict}**. {f.what[:1].upper() + f.what[1:]}."
+            f"  - {f.name}: {f.statistic:.4g} against {f.null:.4g} (95% interval [{lo:.4g}, {hi:.4g}]): **{f.verdict}**"
         )
     return "\n".join(lines) + "\n"
