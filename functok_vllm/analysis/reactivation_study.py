@@ -278,7 +278,8 @@ def markdown(result: dict, figure_path: str = "figures/reactivation_study.png") 
         f"{lo:.0%}, middle, dense >= {hi:.0%}. *causal*: at the last function position, the drop of the "
         "log-probability of the model's own next token when a re-activated feature is ablated there (through the "
         "steering table), against ablating another active feature; nats. Intervals: bootstrap over prompts of the "
-        "paired difference. The null controls frequency, not distance: features that persist over neighbouring "
+        "paired difference, placed on the null (so it can pass 100% near the ceiling). The null controls "
+        "frequency, not distance: features that persist over neighbouring "
         "positions also count as re-activated within a prompt.\n\n"
         + md_table(head, rows)
         + f"\n![re-activation]({figure_path})\n\n"
