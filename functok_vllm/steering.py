@@ -1,20 +1,22 @@
-"""A steering object as users write it, in one place: parsed, checked against the loaded SAEs, under one set of limits.
+"""The steering object, written once: its schema (what users write and what every engine runs), its limits and its
+one parser.
 
-Both HTTP edges (functok's server, and stock `vllm serve` through the plugin's admission hook) and both engines use
-this module: it sits above the core (it builds `core.spec.SteeringSpec`) and below the server (no HTTP here; a bad
-object is a `SpecError` naming the field, which each edge turns into its own 400). The user-facing object:
+A request's `steering` is a `SteeringSpec`: the same pydantic models validate the user's JSON at every edge and are
+the objects the engines apply, so no field is written twice. The user-facing object:
 
     {"edits": [{"layer": 2, "feature": 1493, "strength": 8.0, "mode": "add"},
                {"layer": 1, "feature": 77, "value": 0.0, "mode": "clamp"},
                {"vector": "calm", "strength": 2.0}],
      "positions": "last_function"}
 
-An edit naming a `vector` (a steering vector from the library, `functok_vllm.library`) adds `strength` times it at
-each of its layers; it is resolved here, once, to the vector's content (`Vectors.lookup`) and bound to this engine's
-layers, so the spec holds the version it started with whatever happens to the name later. `"version"` pins one.
-
-`SteeringLimits` holds every limit on steering (edits, clamp columns, strength); `SteeringInfo` what the engine has
-loaded (an SAE per layer, add-only layers, the function tokens), which `check_steering` checks a spec against.
+`parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
+admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
+vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
+started with whatever happens to the name later; `"version"` pins one). Its canonical JSON, `SteeringSpec.key()`, is
+the user's object with sorted keys and each vector's version filled in: the wire form a vLLM worker parses with the
+same function, and the steering table's slot key. It sits above the core (which applies a spec by duck typing) and
+below the server (no HTTP here: a bad object is a `SpecError` naming the user's field and index, which each edge
+turns into its own 400).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.spec import MAX_ABS_STRENGTH, MODES, POSITIONS, Edit, SpecError, SteeringSpec, VectorEdit
+from functok_vllm.core.spec import MAX_ABS_STRENGTH, MODES, POSITIONS, SpecError
 from functok_vllm.core.vector import Vector
 from functok_vllm.validation import describe, shown
 
@@ -70,7 +72,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class EditIn(Strict):
+class FeatureEdit(Strict):
+    """Push or clamp one SAE feature: `add` (residual += strength * W_dec[feature]), `clamp` (the feature's activation
+    set to value, keeping the SAE's reconstruction error) or `ablate` (clamped to 0)."""
+
+    model_config = ConfigDict(frozen=True)
     layer: StrictInt
     feature: StrictInt
     mode: Literal[MODES] = "add"
@@ -88,15 +94,29 @@ class EditIn(Strict):
                 raise ValueError(f"mode {self.mode!r} takes no '{name}'" + (f" (it takes '{need}')" if need else ""))
         return self
 
+    @property
+    def clamp_value(self) -> float:
+        return 0.0 if self.mode == "ablate" else self.value
+
+    def numbers(self) -> dict[str, float]:
+        return {k: v for k, v in (("strength", self.strength), ("value", self.value)) if v is not None}
+
 
 VECTOR_NAME_MAX = 64  # a vector's name (the library checks its characters when it is stored)
 
 
-class VectorEditIn(Strict):
+class VectorEdit(Strict):
+    """Add `strength` times a steering vector from the library at each of its layers. `version` (the content id) pins
+    one; parsing binds the edit to the vector's content (`content`) and to this engine's layers (`at`), and fills
+    `version`, so the spec keeps the numbers it started with whatever happens to the name later."""
+
+    model_config = ConfigDict(frozen=True)
     vector: str = Field(min_length=1, max_length=VECTOR_NAME_MAX)  # a name in the library
     mode: Literal["add"] = "add"
     strength: StrictFloat
     version: str | None = Field(None, min_length=1, max_length=64)  # the content id it must have (else 400)
+    _content: Vector | None = PrivateAttr(None)
+    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction
 
     @model_validator(mode="before")
     @classmethod
@@ -109,20 +129,99 @@ class VectorEditIn(Strict):
                 raise ValueError(f"a vector edit only adds (mode 'add'), not {shown(data['mode'])}")
         return data
 
+    @property
+    def content(self) -> Vector | None:
+        return self._content
+
+    @property
+    def at(self) -> dict:
+        """{layer: (d_model,) direction} at this engine's layers (empty until bound)."""
+        return self._at
+
+    def bound(self, content: Vector, at: dict) -> VectorEdit:
+        """This edit tied to `content` (its version filled in) and to directions by layer."""
+        out = self.model_copy(update={"version": content.id})
+        out._content, out._at = content, dict(at)
+        return out
+
+    def numbers(self) -> dict[str, float]:
+        return {"strength": self.strength}
+
+    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
+        return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.model_dump().items()))
+
 
 def _edit_kind(v) -> str:
     """Which model validates an edit: one naming a `vector`, or one naming an SAE feature."""
-    return "VectorEdit" if isinstance(v, VectorEditIn) or (isinstance(v, dict) and "vector" in v) else "FeatureEdit"
+    return "VectorEdit" if isinstance(v, VectorEdit) or (isinstance(v, dict) and "vector" in v) else "FeatureEdit"
 
 
 AnyEdit = Annotated[
-    Annotated[EditIn, Tag("FeatureEdit")] | Annotated[VectorEditIn, Tag("VectorEdit")], Discriminator(_edit_kind)
+    Annotated[FeatureEdit, Tag("FeatureEdit")] | Annotated[VectorEdit, Tag("VectorEdit")], Discriminator(_edit_kind)
 ]
 
 
-class SteeringIn(Strict):
-    edits: list[AnyEdit] = []
+class SteeringSpec(Strict):
+    """A request's steering, as the user writes it and as every engine runs it: the one form.
+
+    `key()` is its canonical JSON (sorted keys, vectors named with their version): the wire form the vLLM workers
+    receive, the steering table's slot key and the prefix-cache salt's input; parsing it gives the same spec back.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    edits: tuple[AnyEdit, ...] = ()
     positions: Literal[POSITIONS] = "function"
+    _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> SteeringSpec:
+        """A steering object in the user's form, validated against the schema only (no limits, no SAEs: for code and
+        tests that build specs; requests go through `parse_steering`)."""
+        return cls.model_validate(obj)
+
+    @property
+    def features(self) -> tuple[FeatureEdit, ...]:
+        return tuple(e for e in self.edits if isinstance(e, FeatureEdit))
+
+    @property
+    def vectors(self) -> tuple[VectorEdit, ...]:
+        return tuple(e for e in self.edits if isinstance(e, VectorEdit))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({e.layer for e in self.features} | {layer for v in self.vectors for layer in v.at})
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.edits
+
+    def user_form(self) -> dict:
+        """The steering object a user would send for this spec (vectors with their version)."""
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+
+    def key(self) -> str:
+        return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
+
+    def local(self, layers) -> SteeringSpec | None:
+        """The edits at `layers` (a pipeline-parallel rank's), None when none is left."""
+        keep = set(layers)
+        edits = []
+        for e in self.edits:
+            if isinstance(e, FeatureEdit):
+                if e.layer in keep:
+                    edits.append(e)
+            elif any(layer in keep for layer in e.at):
+                edits.append(e.bound(e.content, {k: d for k, d in e.at.items() if k in keep}))
+        return SteeringSpec(edits=tuple(edits), positions=self.positions) if edits else None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SteeringSpec) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
 
 @dataclass
@@ -167,6 +266,16 @@ class SteeringInfo:
             d_model=d_model,
         )
 
+    def accepts_like(self, other: SteeringInfo) -> bool:
+        """Does `other` accept exactly the specs this one accepts (same SAE widths, modes, layers and width)?"""
+        same = (self.d_sae, self.clamp_ok, self.hook_layers, self.add_layers) == (
+            other.d_sae,
+            other.clamp_ok,
+            other.hook_layers,
+            other.add_layers,
+        )
+        return same and (self.d_model is None or other.d_model is None or self.d_model == other.d_model)
+
     def describe_layers(self) -> str:
         """The steerable layers in words, for error messages."""
         names = {layer: hook for hook, layer in self.hook_layers.items()}
@@ -178,97 +287,101 @@ class SteeringInfo:
 
 
 @dataclass
-class Vectors:
-    """How a spec's vector edits are resolved: `lookup(name, version)` gives the vector (LookupError saying why not),
-    bound to the layers `info` steers."""
+class SteeringContext:
+    """What a steering object is parsed against in one process: what the engine can steer (`info`), the limits, and
+    how a vector's name resolves (`lookup(name, version) -> Vector`, LookupError saying why not; None: no vectors)."""
 
-    lookup: Callable[[str, str | None], Vector]
     info: SteeringInfo
-
-    def bind(self, name: str, version: str | None, strength: float, where: str) -> VectorEdit:
-        try:
-            v = self.lookup(name, version)
-        except LookupError as e:
-            raise SpecError(f"{where}.vector", e.args[0] if e.args else str(e)) from None
-        if self.info.d_model is not None and v.d_model != self.info.d_model:
-            msg = f"vector {name!r} is {v.d_model} wide; this model's d_model is {self.info.d_model}"
-            raise SpecError(f"{where}.vector", msg)
-        try:
-            at = v.at(self.info.hook_layers)
-        except KeyError as e:
-            msg = f"vector {name!r} has directions at {e.args[0]}, where this server does not steer; "
-            raise SpecError(f"{where}.vector", msg + self.info.describe_layers()) from None
-        return VectorEdit(v.id, strength, name, at, v)
+    limits: SteeringLimits = field(default_factory=SteeringLimits)
+    lookup: Callable[[str, str | None], Vector] | None = None
 
 
-def parse_steering(given, param: str, limits: SteeringLimits, vectors: Vectors | None = None) -> SteeringSpec | None:
-    """A user's steering object (a dict, or its JSON text) -> SteeringSpec; None when it has no edits. Vector edits
-    are resolved through `vectors` (SpecError without it). SpecError whose field starts with `param` (e.g.
-    `steering.edits[1].feature`) when it is bad."""
+def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | None:
+    """THE parser of a steering object, wherever one enters a process (the HTTP edge, vLLM's admission hook, a vLLM
+    worker): the user's object (a dict, or its JSON text; the canonical `key()` is one such text) -> a SteeringSpec
+    checked against `ctx`, its vectors bound to their content and to the engine's layers; None when it has no edits.
+    SpecError whose field starts with `param` and names the user's own index (`steering.edits[1].feature`)."""
     if isinstance(given, str):
         given = _json_object(given, param)
     if not isinstance(given, dict):
         raise SpecError(param, f"must be a JSON object, got {shown(given)}")
     try:
-        s = SteeringIn.model_validate(given)
+        spec = SteeringSpec.model_validate(given)
     except ValidationError as e:
         where, msg = describe(e.errors(), tuple(param.split(".")))
         raise SpecError(where or param, msg) from None
-    if len(s.edits) > limits.max_edits:
-        raise SpecError(f"{param}.edits", f"{len(s.edits)} edits; at most {limits.max_edits} are allowed")
-    for i, e in enumerate(s.edits):
-        for name in ("strength", "value"):
-            v = getattr(e, name, None)
-            if v is not None and abs(v) > limits.max_abs_strength:
-                raise SpecError(f"{param}.edits[{i}].{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
-    if not s.edits:
+    limits, info = ctx.limits, ctx.info
+    if len(spec.edits) > limits.max_edits:
+        raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    if spec.is_noop:
         return None
-    features = [(i, e) for i, e in enumerate(s.edits) if isinstance(e, EditIn)]
-    bound = []
-    for i, e in enumerate(s.edits):
-        if isinstance(e, VectorEditIn):
-            if vectors is None:
-                raise SpecError(f"{param}.edits[{i}].vector", "this server has no steering vectors")
-            bound.append(vectors.bind(e.vector, e.version, e.strength, f"{param}.edits[{i}]"))
-    try:
-        edits = tuple(Edit(**e.model_dump(exclude_none=True)) for _, e in features)
-        return SteeringSpec(edits, s.positions, tuple(bound))
-    except SpecError as e:  # its edits[j] counts feature edits only: name the user's index
-        field_name = e.field
-        if field_name.startswith("edits[") and "]" in field_name:
-            j, rest = field_name[6:].split("]", 1)
-            field_name = f"edits[{features[int(j)][0]}]{rest}"
-        raise SpecError(f"{param}.{field_name}", e.message) from None
-
-
-def check_steering(spec: SteeringSpec, info: SteeringInfo, limits: SteeringLimits, param: str = "steering") -> None:
-    """SpecError unless the spec fits what is loaded: every edit names a layer with an SAE, a feature inside it, and a
-    mode that SAE supports; every vector is bound to steering layers; the edits are within `limits`."""
-    n = len(spec.edits) + len(spec.vectors)
-    if n > limits.max_edits:
-        raise SpecError(f"{param}.edits", f"{n} edits; at most {limits.max_edits} are allowed")
-    steerable = set(info.hook_layers.values())
-    for v in spec.vectors:
-        name = v.name or v.vector
-        if abs(v.strength) > limits.max_abs_strength:
-            raise SpecError(
-                f"{param}.edits",
-                f"vector {name!r}: strength {v.strength!r} exceeds the limit of {limits.max_abs_strength:g}",
-            )
-        if not v.at or set(v.at) - steerable:
-            raise SpecError(
-                f"{param}.edits", f"vector {name!r} is not bound to this server's layers; {info.describe_layers()}"
-            )
+    edits, clamped = [], set()
     for i, e in enumerate(spec.edits):
         where = f"{param}.edits[{i}]"
-        check_feature(info, limits, e.layer, e.feature, {"strength": e.strength, "value": e.value}, where)
-        if e.mode != "add" and not info.clamp_ok[e.layer]:
-            arch = info.sae[e.layer]["architecture"]
-            raise SpecError(
-                f"{where}.mode",
-                f"{e.mode} needs one feature's activation; the SAE at layer {e.layer} is {arch}, whose activations "
-                "depend on every feature",
-            )
+        if isinstance(e, VectorEdit):
+            check_numbers(limits, e.numbers(), where)
+            edits.append(_bind(e, ctx, where))
+            continue
+        check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
+        if e.mode != "add":
+            if not info.clamp_ok[e.layer]:
+                arch = info.sae[e.layer]["architecture"]
+                raise SpecError(
+                    f"{where}.mode",
+                    f"{e.mode} needs one feature's activation; the SAE at layer {e.layer} is {arch}, whose "
+                    "activations depend on every feature",
+                )
+            if (e.layer, e.feature) in clamped:
+                raise SpecError(where, f"feature {e.feature} at layer {e.layer} is clamped twice")
+            clamped.add((e.layer, e.feature))
+        edits.append(e)
+    out = SteeringSpec(edits=tuple(edits), positions=spec.positions)
+    out._info = info
+    return out
+
+
+def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -> SteeringSpec:
+    """`spec` itself when `parse_steering` made it against `ctx.info` in this process (the check is not repeated),
+    else parsed and checked now from its user form (a spec built in code, e.g. by `SteeringSpec.from_dict`), its bound
+    vectors resolving to the content they carry."""
+    if spec._info is not None and (spec._info is ctx.info or spec._info.accepts_like(ctx.info)):
+        return spec
+    carried = {v.version: v.content for v in spec.vectors if v.content is not None}
+
+    def lookup(name: str, version: str | None) -> Vector:
+        if version in carried:
+            return carried[version]
+        if ctx.lookup is None:
+            raise LookupError(f"vector {name!r} is not bound to a content")
+        return ctx.lookup(name, version)
+
+    return parse_steering(spec.user_form(), param, SteeringContext(ctx.info, ctx.limits, lookup))
+
+
+def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
+    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+    if ctx.lookup is None:
+        raise SpecError(f"{where}.vector", "this server has no steering vectors")
+    try:
+        v = ctx.lookup(e.vector, e.version)
+    except LookupError as err:
+        raise SpecError(f"{where}.vector", err.args[0] if err.args else str(err)) from None
+    info = ctx.info
+    if info.d_model is not None and v.d_model != info.d_model:
+        msg = f"vector {e.vector!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
+        raise SpecError(f"{where}.vector", msg)
+    try:
+        at = v.at(info.hook_layers)
+    except KeyError as err:
+        msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
+        raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+    return e.bound(v, at)
+
+
+def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
+    for name, v in values.items():
+        if abs(v) > limits.max_abs_strength:
+            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
 
 
 def check_feature(
@@ -277,6 +390,7 @@ def check_feature(
     """One SAE feature with its strength/value: an SAE at `layer`, the feature inside it, every value within the
     strength limit. SpecError names `{where}.feature` etc.; `layer_at` the layer's field when it is not
     `{where}.layer` (a vector built from features names its layer once)."""
+    check_numbers(limits, values, where)
     if layer not in info.d_sae:
         have = ", ".join(map(str, sorted(info.d_sae))) or "none"
         raise SpecError(layer_at or f"{where}.layer", f"no SAE is loaded at layer {layer} (layers with SAEs: {have})")
@@ -284,27 +398,6 @@ def check_feature(
         raise SpecError(
             f"{where}.feature", f"{feature} is outside [0, {info.d_sae[layer]}) for the SAE at layer {layer}"
         )
-    for name, v in values.items():
-        if abs(v) > limits.max_abs_strength:
-            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
-
-
-def api_form(spec: SteeringSpec) -> dict:
-    """A spec as a request's steering object (without the field its mode does not use), so it can be sent back."""
-    used = {"add": ("strength",), "clamp": ("value",), "ablate": ()}
-    edits = [
-        {"layer": e.layer, "feature": e.feature, "mode": e.mode} | {k: getattr(e, k) for k in used[e.mode]}
-        for e in spec.edits
-    ]
-    edits += [
-        {"mode": "add", "vector": v.name or v.vector, "version": v.vector, "strength": v.strength} for v in spec.vectors
-    ]
-    return {"edits": edits, "positions": spec.positions}
-
-
-def to_json(spec: SteeringSpec) -> str:
-    """The spec as a client sends it in `vllm_xargs.steering` (a JSON string: vLLM's extension field is scalar)."""
-    return json.dumps(api_form(spec))
 
 
 def _json_object(text: str, param: str) -> dict:
@@ -313,8 +406,9 @@ def _json_object(text: str, param: str) -> dict:
 
     try:
         obj = json.loads(text, parse_constant=no_constants)
-    except ValueError as e:
-        raise SpecError(param, f"not a valid JSON object ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the interpreter's stack
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise SpecError(param, f"not a valid JSON object ({why})") from None
     if not isinstance(obj, dict):
         raise SpecError(param, f"must be a JSON object, got {shown(obj)}")
     return obj

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
 
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.paths import DEMO_MODEL
 
 KEY = "sk-test-6f1c0de"

@@ -10,13 +10,13 @@ from functok_vllm.core import (
     POLICY_CODES,
     POSITIONS,
     SlotsFull,
-    SteeringSpec,
     SteeringTable,
     StepIndex,
     build_slot_index,
     last_function_position,
 )
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.placement import residual_hooks
+from functok_vllm.steering import SteeringSpec
 
 # A hand-made step: vocab of 8 with function tokens {1, 2}. Request A (slot 3) is a 5-token prompt plus 2 generated
 # tokens; request B (slot 5) is a 2-token prompt; one padding token belongs to entry 2, whose slot is 0.

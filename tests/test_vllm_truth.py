@@ -14,15 +14,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import batch_state  # noqa: E402
 
-from functok_vllm.core import SteeringSpec  # noqa: E402
 from functok_vllm.engines.base import EngineStopped, GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
-from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
+from functok_vllm.engines.placement import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering  # noqa: E402
 from functok_vllm.engines.vllm.engine import ClampBudget  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
-from functok_vllm.steering import SteeringLimits  # noqa: E402
+from functok_vllm.steering import (
+    SteeringLimits,  # noqa: E402
+    SteeringSpec,  # noqa: E402
+)
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]

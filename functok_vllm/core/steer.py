@@ -18,7 +18,7 @@ import torch
 
 from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import SAE, normalize
-from functok_vllm.core.spec import SteeringSpec
+from functok_vllm.core.spec import Spec
 
 
 class SlotsFull(RuntimeError):
@@ -225,7 +225,7 @@ class SteeringTable:
         """Does any slot own a clamp column at this layer? If not, `add_delta` equals `delta` there."""
         return len(self._free_cols[layer]) < self.layers[layer].max_clamps
 
-    def acquire(self, spec: SteeringSpec | None) -> int:
+    def acquire(self, spec: Spec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
         if spec is None or spec.is_noop:
             return 0
@@ -234,7 +234,7 @@ class SteeringTable:
             self._by_key[key].refs += 1
             return self._by_key[key].slot
         need = {}
-        for e in spec.edits:
+        for e in spec.features:
             if e.mode != "add":
                 need[e.layer] = need.get(e.layer, 0) + 1
         if not self._free or any(len(self._free_cols[layer]) < n for layer, n in need.items()):
@@ -247,7 +247,7 @@ class SteeringTable:
         self._by_key[key] = _Slot(slot, 1, cols)
         return slot
 
-    def release(self, spec: SteeringSpec | None) -> None:
+    def release(self, spec: Spec | None) -> None:
         if spec is None or spec.is_noop:
             return
         key = spec.key()
@@ -264,13 +264,13 @@ class SteeringTable:
         self._free.append(entry.slot)
 
     @torch.no_grad()
-    def _write(self, slot: int, spec: SteeringSpec, cols: dict) -> None:
+    def _write(self, slot: int, spec: Spec, cols: dict) -> None:
         used = {layer: iter(c) for layer, c in cols.items()}
         for v in spec.vectors:  # the same arithmetic as a feature's add: strength * row, into the slot's row
             for layer, direction in v.at.items():
                 op = self.layers[layer]
                 op.add_table[slot] += v.strength * direction.to(device=op.add_table.device, dtype=op.add_table.dtype)
-        for e in spec.edits:
+        for e in spec.features:
             op = self.layers[e.layer]
             sae = op.sae
             if e.mode == "add":

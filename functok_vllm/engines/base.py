@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
-from functok_vllm.steering import SteeringInfo, SteeringLimits, check_steering
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
@@ -232,8 +232,8 @@ class Engine(ABC):
             if n is not None and not 0 <= n <= MAX_LOGPROBS:
                 raise RequestError(name, f"{n!r} must be between 0 and {MAX_LOGPROBS}")
         try:
-            if r.steering is not None:
-                check_steering(r.steering, self.steering_info(), limits)
+            if r.steering is not None:  # parsed at the edge of this process already, or checked now (`checked`)
+                r.steering = checked(r.steering, SteeringContext(self.steering_info(), limits))
             if r.features is not None:
                 check_features(r.features, self.steering_info())
         except SpecError as e:

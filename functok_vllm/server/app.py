@@ -47,7 +47,7 @@ from functok_vllm.server.protocol import (
     resolve_steering_list,
 )
 from functok_vllm.server.serving import Job, complete, stream
-from functok_vllm.steering import Vectors
+from functok_vllm.steering import SteeringContext
 
 log = logging.getLogger("functok.server")
 
@@ -69,8 +69,8 @@ def open_library(engine: Engine, config: ServerConfig) -> Library:
 
 def build_presets(engine: Engine, config: ServerConfig, library: Library) -> PresetBook:
     """Every preset (the config's, checked now like a request's steering: CLIError names a bad one; the library's)."""
-    vectors = Vectors(library.resolve, engine.steering_info())
-    book = PresetBook(config.presets, library, vectors, config.steering)
+    ctx = SteeringContext(engine.steering_info(), config.steering, library.resolve)
+    book = PresetBook(config.presets, library, ctx)
     for name, obj in config.presets.items():
         if name in library.presets():
             raise CLIError(f"presets.{name}: a preset of that name is stored in the library {library.root} too")
@@ -84,7 +84,7 @@ def build_presets(engine: Engine, config: ServerConfig, library: Library) -> Pre
 def create_app(engine: Engine, config: ServerConfig, library: Library | None = None) -> FastAPI:
     library = library or open_library(engine, config)
     presets = build_presets(engine, config, library)
-    vectors = presets.vectors
+    ctx = presets.ctx
     limits = config.limits
     metrics = Metrics(engine)
     started = int(time.time())
@@ -172,9 +172,8 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
             raise APIError(404, msg, "model", "model_not_found")
         body.check()
-        info = engine.steering_info()
-        listed = resolve_steering_list(body, presets, config.steering, info, limits.max_choices, vectors)
-        steerings = listed or [resolve_steering(body, presets, config.steering, info, vectors)]
+        listed = resolve_steering_list(body, presets, ctx, limits.max_choices)
+        steerings = listed or [resolve_steering(body, presets, ctx)]
         request.state.steered = str(any(s.spec is not None for s in steerings)).lower()
         return steerings, listed is not None
 

@@ -3,7 +3,7 @@ delete), and the lookups a request's `steering` uses (vector names, preset names
 routes; stock `vllm serve` reads the same data directory to resolve names (`additional_config.functok.library`).
 
 Reads need the user key, changes the admin key (`middleware.Gate`). A request's vector names are resolved once, when
-it arrives, to the vectors' current content (`steering.Vectors`): changing or deleting a vector later never changes
+it arrives, to the vectors' current content (`parse_steering`): changing or deleting a vector later never changes
 a request already admitted. Presets from the `--config` file are read-only here; presets created over the API are
 stored in the library, as given (a vector they name is looked up each time the preset is used).
 """
@@ -18,12 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import VectorError
 from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, vector_names
 from functok_vllm.server.errors import APIError, from_validation
 from functok_vllm.server.vector_input import DESCRIPTION_MAX, VectorIn, vector_from_request
-from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, Vectors, check_steering, parse_steering
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown
 
 
@@ -37,8 +37,8 @@ class PresetBook(Mapping):
     """Every preset by name, from the config file (read-only) and the library: `book[name]` is its spec resolved now
     (APIError 400 when it cannot be applied now, e.g. a vector it names is no longer steerable)."""
 
-    def __init__(self, config: dict[str, dict], library: Library, vectors: Vectors, limits: SteeringLimits):
-        self.config, self.library, self.vectors, self.limits = config, library, vectors, limits
+    def __init__(self, config: dict[str, dict], library: Library, ctx: SteeringContext):
+        self.config, self.library, self.ctx = config, library, ctx
 
     def steering_object(self, name: str) -> dict:
         if name in self.config:
@@ -47,10 +47,9 @@ class PresetBook(Mapping):
 
     def spec(self, name: str, obj: dict, param: str) -> SteeringSpec:
         """A preset's steering object as a spec, checked; SpecError naming `param` when it is bad."""
-        spec = parse_steering(obj, param, self.limits, self.vectors)
+        spec = parse_steering(obj, param, self.ctx)
         if spec is None:
             raise SpecError(param, "a preset needs at least one edit")
-        check_steering(spec, self.vectors.info, self.limits, param)
         return spec
 
     def __getitem__(self, name: str) -> SteeringSpec:

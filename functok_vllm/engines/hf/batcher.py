@@ -30,10 +30,10 @@ from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex,
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.hooks import residual_hooks
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.readout import Readout, entry
 from functok_vllm.engines.hf.textout import TextStream
+from functok_vllm.engines.placement import decoder_layers, hooked
 
 log = logging.getLogger("functok.engine")
 
@@ -91,8 +91,8 @@ class Batcher:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0}
-        self._steer_on = False  # does this forward steer any token? read by the hooks
         self._live = dict.fromkeys(table.layers if table else (), 0)  # layer -> running requests steering there
+        self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
@@ -119,10 +119,8 @@ class Batcher:
     # ---- the worker thread ----------------------------------------------------------------------------------------
 
     def _main(self) -> None:
-        hooks = {layer: self._hook(layer, op) for layer, op in self.table.layers.items()} if self.table else {}
         try:
-            points = {layer: op.hook for layer, op in self.table.layers.items()} if self.table else {}
-            with torch.inference_mode(), residual_hooks(self.model, hooks, points):
+            with torch.inference_mode():
                 while not self._stop:
                     self._drain(block=not (self.running or self.waiting))
                     self._admit()
@@ -145,18 +143,16 @@ class Batcher:
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "abort")
 
-    def _hook(self, layer: int, op):
-        readout = self.readout
-
-        def steer(h):  # (tokens, d_model) -> h + this step's steering; None (unchanged) when nothing steers here
-            out = None
-            if self._steer_on and self._live[layer]:
-                out = h + (op.delta(h) if self.table.clamps_in_use(layer) else op.add_delta(h))
-            if readout.plans:  # some request of this forward reads features: after this layer's steering
-                readout.observe(layer, op.sae, h if out is None else out)
-            return out
-
-        return steer
+    def _hooks(self, steer: bool):
+        """This forward's temporary hooks (`engines.placement`): the steering op at each layer a running request
+        steers when any token of the forward is steered, then the feature readout where a request reads features."""
+        fns = []
+        for layer, op in self.table.layers.items() if self.table else ():
+            add = steer and self._live[layer] > 0
+            read = bool(self.readout.plans) and op.sae is not None
+            if add or read:
+                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None)))
+        return hooked(self.layers, fns)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -204,16 +200,17 @@ class Batcher:
             seq.pen_row = self.pens.join(prompt)
         seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
         positions = torch.arange(n, device=self.device)
-        self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
+        steer = self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
-        out = self.model(
-            input_ids=ids[None],
-            position_ids=positions[None],
-            use_cache=False,
-            logits_to_keep=0 if r.prompt_logprobs is not None else 1,  # every position only for prompt scoring
-            **self.ragged.forward_kwargs([seq.kv]),
-        )
+        with self._hooks(steer):
+            out = self.model(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=0 if r.prompt_logprobs is not None else 1,  # every position only for prompt scoring
+                **self.ragged.forward_kwargs([seq.kv]),
+            )
         seq.kv.length = n
         self.stats["prefills"] += 1
         logits = out.logits[0]  # (n or 1, vocab)
@@ -237,16 +234,17 @@ class Batcher:
         at = [s.kv.length for s in rows]
         positions = torch.tensor(at + fill, dtype=torch.long, device=self.device)  # (r,)
         req = torch.arange(r, device=self.device).clamp_(max=b)  # filler rows point at the slot-0 entry b
-        self._set_steering(ids, positions, rows, req)
+        steer = self._set_steering(ids, positions, rows, req)
         wants = [(i, s.req.features, [i]) for i, s in enumerate(rows) if s.req.features is not None]
         if wants:
             self.readout.plan(wants)
-        out = self.model(
-            input_ids=ids[:, None],
-            position_ids=positions[:, None],
-            use_cache=False,
-            **self.ragged.forward_kwargs([s.kv for s in rows] + [None] * (r - b)),
-        )
+        with self._hooks(steer):
+            out = self.model(
+                input_ids=ids[:, None],
+                position_ids=positions[:, None],
+                use_cache=False,
+                **self.ragged.forward_kwargs([s.kv for s in rows] + [None] * (r - b)),
+            )
         for s in rows:
             s.kv.length += 1
         self.stats["decode_steps"] += 1
@@ -268,11 +266,11 @@ class Batcher:
             feat = entry(token, at[i], feats[i][0], fr) if fr is not None else None
             self._advance(s, token, (lps.get(i), feat) if (i in lps or fr is not None) else None)
 
-    def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> None:
-        """Write this forward's per-token slots into the steering table; count steered positions per request."""
-        self._steer_on = False
+    def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> bool:
+        """Write this forward's per-token slots into the steering table; count steered positions per request. Whether
+        any token of the forward is steered."""
         if self.table is None or not any(s.slot for s in seqs):
-            return
+            return False
         per_req = lambda attr: torch.tensor([getattr(s, attr) for s in seqs] + [0], device=self.device)  # noqa: E731
         step = StepIndex(
             input_ids=ids,
@@ -290,7 +288,7 @@ class Batcher:
         counts = counts.tolist()  # one device sync a step
         for s, c in zip(seqs, counts, strict=False):  # the last entry counts filler rows (always 0)
             s.steered += c
-        self._steer_on = any(counts)
+        return any(counts)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """(b, vocab) logits -> (b,) tokens, on the device (no host copy here)."""
@@ -337,3 +335,18 @@ class Batcher:
         seq.pen_row = -1
         seq.kv = None
         seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error, extra))
+
+
+def _callback(layer: int, op, add: bool, readout: Readout | None):
+    """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
+    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`."""
+
+    def fn(_module, hidden, residual):
+        out = op.steered_hidden(hidden, residual) if add else None
+        if readout is not None:
+            h = hidden if out is None else out
+            h = h if residual is None else h + residual
+            readout.observe(layer, op.sae, h.reshape(-1, h.shape[-1]))
+        return out
+
+    return fn

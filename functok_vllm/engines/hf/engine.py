@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
+from functok_vllm.core import FunctionTokens, SAELoadError, SteeringTable
 from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.batcher import Batcher, Seq
-from functok_vllm.engines.hf.hooks import check_hook_points, decoder_layers, load_model
+from functok_vllm.engines.hf.hooks import check_hook_points, load_model
 from functok_vllm.engines.hf.ragged import RaggedAttention
 from functok_vllm.engines.hf.textout import TextStream
-from functok_vllm.steering import SteeringInfo, SteeringLimits
+from functok_vllm.engines.placement import decoder_layers
+from functok_vllm.steering import SteeringInfo, SteeringLimits, SteeringSpec
 
 log = logging.getLogger("functok.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from functok_vllm.core import SteeringSpec
 from functok_vllm.engines.base import EngineStopped, RequestError
+from functok_vllm.steering import SteeringSpec
 
 
 class ClampBudget:
@@ -29,7 +29,7 @@ class ClampBudget:
     @staticmethod
     def need(spec: SteeringSpec | None) -> Counter:
         """layer -> clamp columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
-        return Counter(e.layer for e in spec.edits if e.mode != "add") if spec is not None else Counter()
+        return Counter(e.layer for e in spec.features if e.mode != "add") if spec is not None else Counter()
 
     def check(self, need: Counter) -> None:
         """RequestError if the request could never be admitted."""

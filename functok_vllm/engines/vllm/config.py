@@ -17,8 +17,9 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
 
 Everything here is torch-free apart from what the core imports, and reads SAE metadata from cfg.json only, so the API
 process validates specs without loading weights. A request's spec travels as `extra_args["steering"]`: a JSON string
-(what the OpenAI server's `vllm_xargs` allows) or, for offline `LLM` users, a dict; the API process rewrites it to the
-canonical `SteeringSpec.key()` string, which the workers parse back.
+(what the OpenAI server's `vllm_xargs` allows), for offline `LLM` users a dict, or the `SteeringSpec` that
+`functok serve --engine vllm` parsed at its edge; the API process replaces it with the canonical `SteeringSpec.key()`
+string (the user's form), which the workers parse with the same `parse_steering`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from functok_vllm.core.sae import SAEConfig, add_only_points, load_saes, sae_dirs
-from functok_vllm.core.spec import SpecError, SteeringSpec
 from functok_vllm.paths import shipped_function_tokens, shipped_saes
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
@@ -124,27 +124,3 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.steer_layers: {e}") from None
     return cfg
-
-
-def spec_from_xarg(value, bound=None) -> SteeringSpec | None:
-    """extra_args["steering"] as the admission hook rewrote it (the canonical `SteeringSpec.key()` JSON, already
-    checked) -> SteeringSpec; None for no edits. `bound`: {vector id: {layer: direction}} for the vectors it names.
-    SpecError if it is not such a spec."""
-    obj = json.loads(value) if isinstance(value, str) else value
-    if not isinstance(obj, dict):
-        raise SpecError(XARG, f"must be a JSON object, got {type(obj).__name__}")
-    try:
-        spec = SteeringSpec.from_dict(obj, bound)
-    except (TypeError, KeyError) as e:
-        raise SpecError(XARG, str(e)) from None
-    return None if spec.is_noop else spec
-
-
-def vector_payload(spec: SteeringSpec) -> dict:
-    """{VECTORS: the contents of the vectors `spec` names} for `extra_args` ({} without vectors): what the server that
-    resolved the names hands on, so the admission hook does not look them up again (it checks each against its id)."""
-    if not spec.vectors:
-        return {}
-    from functok_vllm.core.vector import encode_payloads
-
-    return {VECTORS: encode_payloads([v.content for v in spec.vectors])}

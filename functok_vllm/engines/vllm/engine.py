@@ -1,8 +1,8 @@
 """The vLLM engine for `functok serve --engine vllm`: an AsyncLLM with the steering worker extension, as an `Engine`.
 
 The server validates requests and builds `GenerateRequest`s exactly as for the transformers engine; this adapter
-passes the spec to vLLM as `extra_args["steering"]` (JSON, as a client of `vllm serve` sends it) and streams
-`RequestOutputKind.DELTA` outputs as `Delta`s.
+passes the parsed spec object to vLLM as `extra_args["steering"]` (the admission hook, in this same process, turns
+it into its wire form without parsing it again) and streams `RequestOutputKind.DELTA` outputs as `Delta`s.
 
 Steering is never claimed unless applied. A request with clamp/ablate edits WAITS (as in the transformers engine)
 until `ClampBudget` admits it: the budget never grants more clamp columns at a layer than the worker's pool holds, so
@@ -29,10 +29,10 @@ from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
-from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, vector_payload
+from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config
 from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
 from functok_vllm.engines.vllm.readout import XFEAT
-from functok_vllm.steering import SteeringInfo, SteeringLimits, to_json
+from functok_vllm.steering import SteeringInfo, SteeringLimits
 
 __all__ = ["ClampBudget", "VLLMEngine", "VLLMEngineConfig"]
 
@@ -184,9 +184,8 @@ class VLLMEngine(Engine):
         score_only = p.max_tokens == 0  # vLLM generates at least one token: it is dropped here
         cap = self.max_model_len if p.max_tokens is None else p.max_tokens
         extra = {TAG: rid} if spec is not None or fr is not None else {}
-        if spec is not None:
-            extra[XARG] = to_json(spec)
-            extra |= vector_payload(spec)
+        if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
+            extra[XARG] = spec
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
