@@ -205,8 +205,10 @@ def install_steering(runner) -> BatchSteering | None:
         try:
             targets[layer] = placement.target(layers, points[layer], pairs=True)
         except ValueError as e:
-            what = f"{saes[layer].cfg.path}: cannot apply an SAE at {saes[layer].cfg.hook_name}" if layer in saes else (
-                f"steer_layers: cannot add at layer {layer}"
+            what = (
+                f"{saes[layer].cfg.path}: cannot apply an SAE at {saes[layer].cfg.hook_name}"
+                if layer in saes
+                else (f"steer_layers: cannot add at layer {layer}")
             )
             raise ValueError(f"{what} on vLLM: {e}") from None
     max_slots = compat.max_rows(runner) + 1  # a slot per batch row, plus the zero row
