@@ -315,6 +315,8 @@ def _json_object(text: str, param: str) -> dict:
         obj = json.loads(text, parse_constant=no_constants)
     except ValueError as e:
         raise SpecError(param, f"not a valid JSON object ({e})") from None
+    except RecursionError:
+        raise SpecError(param, "not a valid JSON object (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise SpecError(param, f"must be a JSON object, got {shown(obj)}")
     return obj
