@@ -135,7 +135,7 @@ def test_4_token_ids_outside_the_vocabulary_with_echo_are_a_400(http, prompt):
 
 
 # 5. a deeply nested vllm_xargs.steering string
-@pytest.mark.parametrize("text", ["[" * 100_000, '{"edits": ' * 50_000], ids=["lists", "objects"])
+@pytest.mark.parametrize("text", ['{"edits": ' + "[" * 100_000, '{"edits": ' * 50_000], ids=["lists", "objects"])
 def test_5_deeply_nested_steering_json_is_a_400(http, text):
     err = is_error_body(http.post("/v1/completions", json=GOOD | {"vllm_xargs": {"steering": text}}), 400)
     assert err["param"] == "vllm_xargs.steering" or err["param"] == "steering", err
