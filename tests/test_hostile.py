@@ -14,6 +14,7 @@ import gguf
 import httpx
 import numpy as np
 import pytest
+import torch
 from helpers import ServerProc, is_error_body
 
 from functok_vllm.server.finite import dumps, logprob
@@ -22,6 +23,7 @@ KEY, ADMIN = "sk-user-24", "sk-admin-24"
 USER, ROOT = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {ADMIN}"}
 MODEL, D_MODEL, ADD_LAYER = "functok-tiny", 256, 3
 HEADER_TIMEOUT, BODY_TIMEOUT = 2, 2
+SCORED = 2000  # --max-prompt-logprob-values
 GOOD = {"model": MODEL, "prompt": "The king", "max_tokens": 4, "temperature": 0}
 
 
@@ -30,6 +32,7 @@ def server(tmp_path_factory):
     flags = ["--api-key", KEY, "--admin-api-key", ADMIN, "--steer-layers", str(ADD_LAYER)]
     flags += ["--data-dir", str(tmp_path_factory.mktemp("library"))]
     flags += ["--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+    flags += ["--max-prompt-logprob-values", str(SCORED)]
     proc = ServerProc(tmp_path_factory.mktemp("hostile"), *flags)
     yield proc
     proc.stop()
@@ -288,3 +291,18 @@ def test_the_host_header_is_checked_on_a_loopback_server(server, http):
     for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "[::1]"):
         assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
     assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+# prompt scoring: a budget checked before work starts, and chunked scoring equal to a plain transformers forward
+def test_prompt_scoring_has_a_budget_and_chunks_match_a_plain_forward(http, demo_model):
+    ids = list(range(300, 700))  # 400 positions: two chunks of scoring.CHUNK = 256
+    body = GOOD | {"prompt": ids, "echo": True, "max_tokens": 1}
+    err = is_error_body(http.post("/v1/completions", json=body | {"logprobs": 5}), 400)  # 400 x 6 > SCORED
+    assert err["param"] == "logprobs" and "max_prompt_logprob_values" in err["message"], err
+    r = http.post("/v1/completions", json=body | {"logprobs": 1})  # 400 x 2 <= SCORED
+    assert r.status_code == 200, r.text
+    got = torch.tensor(r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)])
+    with torch.no_grad():
+        logits = demo_model(torch.tensor([ids])).logits[0].float()  # (400, vocab)
+    want = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-3, (got - want).abs().max()

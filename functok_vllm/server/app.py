@@ -202,6 +202,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         else:
             lp, echo = body.logprobs, body.echo
             prompt_lp = lp if echo else None
+        fanout.check_prompt_scoring(prompt_lp, choices, limits)
         extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr}
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(

@@ -51,6 +51,11 @@ class Limits:
         "feature activations one request may ask for: choices x positions (max_tokens, plus the prompt with "
         "features.prompt) x layers x top_k; more get 400",
     )
+    max_prompt_logprob_values: int = _limit(
+        1 << 18,
+        "log-probabilities prompt scoring (echo) may return in one request: prompt tokens of every choice x "
+        "(logprobs + 1); more get 400 (checked before any work starts)",
+    )
     max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
     max_vectors: int = _limit(256, "named steering vectors in the library; creating more gets 409")
@@ -78,7 +83,7 @@ class Limits:
             if isinstance(f.default, int) and not isinstance(v, int):
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
         at_least_one = ("max_tokens", "max_running", "max_body_bytes", "max_choices", "max_feature_values")
-        at_least_one += ("max_connections", "max_header_bytes")
+        at_least_one += ("max_connections", "max_header_bytes", "max_prompt_logprob_values")
         for name in (*at_least_one, "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")

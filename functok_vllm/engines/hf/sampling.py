@@ -105,18 +105,9 @@ def draw(x: torch.Tensor, params: list[SamplingParams], generators) -> torch.Ten
     return order.gather(1, pick[:, None])[:, 0]
 
 
-LOGPROB_ROWS = 256  # rows log-softmaxed at once: prompt scoring holds (256, vocab) floats more, not (prompt, vocab)
-
-
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
     """(r, vocab) raw logits, (r,) the tokens at those positions, `tops[i]` alternatives for row i -> one
-    TokenLogprob per row, computed LOGPROB_ROWS rows at a time."""
-    if logits.shape[0] > LOGPROB_ROWS:
-        out = []
-        for i in range(0, logits.shape[0], LOGPROB_ROWS):
-            j = i + LOGPROB_ROWS
-            out += token_logprobs(logits[i:j], tokens[i:j], tops[i:j])
-        return out
+    TokenLogprob per row (one host copy for all)."""
     lp = logits.float().log_softmax(-1)
     chosen = lp.gather(1, tokens[:, None].long())[:, 0].tolist()
     k = max(tops, default=0)
