@@ -79,6 +79,7 @@ def drip_headers(url: str, tally: Tally, stop: threading.Event) -> None:
         t0 = time.monotonic()
         with socket.create_connection((host, int(port)), timeout=2) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            s.settimeout(None)  # blocking, so that recv(MSG_DONTWAIT) says "nothing yet" instead of timing out
             while not stop.is_set():  # a header byte every 0.3 s until the server closes the connection
                 try:
                     s.sendall(b"X")
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 health.append(time.monotonic() - s)
                 time.sleep(0.2)
         stop.set()
+        t_end = time.monotonic() - rss.t0
         for w in workers:
             w.join(60)
         rss.stop()
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "drip_held_s_max": round(max(tally.held, default=0), 1),
         "rss_mib": {"first_third_floor": first, "last_third_floor": last, "peak": max(m for _, m in rss.samples)},
+        "rss_floor_per_30s_mib": [min(m for t, m in rss.samples if k <= t < k + 30) for k in range(0, int(t_end), 30)],
     }
     (args.out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

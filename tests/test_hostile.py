@@ -306,3 +306,11 @@ def test_prompt_scoring_has_a_budget_and_chunks_match_a_plain_forward(http, demo
         logits = demo_model(torch.tensor([ids])).logits[0].float()  # (400, vocab)
     want = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert got.shape == want.shape and (got - want).abs().max() < 1e-3, (got - want).abs().max()
+
+
+def test_the_host_allow_list_defaults_to_loopback_names_only_on_loopback():
+    from functok_vllm.server.main import LOOPBACK, allowed_hosts
+
+    assert allowed_hosts(None, "127.0.0.1") == LOOPBACK and allowed_hosts(None, "::1") == LOOPBACK
+    assert allowed_hosts(None, "0.0.0.0") is None and allowed_hosts("*", "127.0.0.1") is None
+    assert allowed_hosts("A.example, [::1]", "0.0.0.0") == ("::1", "a.example")
