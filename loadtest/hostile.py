@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "drip_held_s_max": round(max(tally.held, default=0), 1),
         "rss_mib": {"first_third_floor": first, "last_third_floor": last, "peak": max(m for _, m in rss.samples)},
-        "rss_floor_per_30s_mib": [min(m for t, m in rss.samples if k <= t < k + 30) for k in range(0, int(t_end), 30)],
+        "rss_floor_per_30s_mib": [
+            min((m for t, m in rss.samples if k <= t < k + 30), default=None) for k in range(0, int(t_end), 30)
+        ],
     }
     (args.out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
