@@ -33,6 +33,7 @@ from functok_vllm.server.choices import Format, Prompt
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
 from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
+from functok_vllm.server.finite import FiniteJSONResponse
 from functok_vllm.server.library import PresetBook, add_library_routes
 from functok_vllm.server.logprobs import TokenText
 from functok_vllm.server.metrics import Metrics
@@ -106,7 +107,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         if analyzer is not None:
             analyzer.close()
 
-    app = FastAPI(title="functok-vllm", lifespan=lifespan)
+    app = FastAPI(title="functok-vllm", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(HTTPException, _http_error)
@@ -120,6 +121,8 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         metrics_public=config.metrics_public,
         admin_key=config.admin_api_key,
         max_vector_bytes=limits.max_vector_bytes,
+        allowed_hosts=config.allowed_hosts,
+        body_timeout=limits.body_timeout,
     )
     app.state.drain, app.state.stop_engine, app.state.library = drain, stop_engine, library
     analyzer = add_analysis_route(app, engine, limits)
@@ -156,7 +159,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 "tokens": info.function_token_strings,
             },
             "steer_layers": [{"layer": n, "hook_name": HookPoint(n, "resid_post").name} for n in info.add_layers],
-            "presets": {name: presets.steering_object(name) for name in presets},
+            "presets": presets.objects(),
             "vectors": sorted(library.vectors()),
             "modes": list(MODES),
             "positions": list(POSITIONS),
@@ -198,6 +201,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         else:
             lp, echo = body.logprobs, body.echo
             prompt_lp = lp if echo else None
+        fanout.check_prompt_scoring(prompt_lp, choices, limits)
         extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr}
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(
@@ -217,7 +221,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         )
         if body.stream:
             return StreamingResponse(stream(job, metrics), media_type="text/event-stream")
-        return JSONResponse(await complete(job, request, metrics))
+        return FiniteJSONResponse(await complete(job, request, metrics))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -228,6 +232,10 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 prompts.append(Prompt(engine.encode(p), p))
             else:
                 ids = list(p)
+                if ids and not 0 <= min(ids) <= max(ids) < engine.vocab_size:  # before decoding them (echo)
+                    bad = min(ids) if min(ids) < 0 else max(ids)
+                    msg = f"prompt: token id {bad} is outside the vocabulary [0, {engine.vocab_size})"
+                    raise APIError(400, msg, "prompt", "invalid_value")
                 prompts.append(Prompt(ids, engine.tokenizer.decode(ids) if body.echo else ""))
         given = "max_tokens" in body.model_fields_set  # OpenAI's default of 16, within this server's cap
         max_tokens = body.max_tokens if given else min(body.max_tokens, limits.max_tokens)

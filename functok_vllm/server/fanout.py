@@ -54,6 +54,20 @@ def check_features(fr: FeatureRequest | None, choices: list[Choice], max_tokens:
         raise APIError(400, msg, "features")
 
 
+def check_prompt_scoring(prompt_lp: int | None, choices: list[Choice], limits: Limits) -> None:
+    """400 naming `logprobs` when prompt scoring (echo) asks for more values than `max_prompt_logprob_values`:
+    checked before any work starts, since each choice scores its whole prompt."""
+    if prompt_lp is None:
+        return
+    total = sum(len(c.prompt.ids) for c in choices) * (prompt_lp + 1)
+    if total > limits.max_prompt_logprob_values:
+        msg = (
+            f"logprobs: echo scores {total} values (prompt tokens of every choice x (logprobs + 1)); this server "
+            f"scores at most {limits.max_prompt_logprob_values} a request (max_prompt_logprob_values)"
+        )
+        raise APIError(400, msg, "logprobs")
+
+
 async def start(
     engine: Engine,
     body,

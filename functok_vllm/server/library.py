@@ -20,8 +20,9 @@ from pydantic import Field, ValidationError
 
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import VectorError
-from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, vector_names
+from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, NotJSON, vector_names
 from functok_vllm.server.errors import APIError, from_validation
+from functok_vllm.server.finite import FiniteJSONResponse
 from functok_vllm.server.vector_input import DESCRIPTION_MAX, VectorIn, vector_from_request
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown
@@ -69,13 +70,25 @@ class PresetBook(Mapping):
     def __iter__(self):
         return iter(sorted(set(self.config) | set(self.library.presets())))
 
+    def objects(self) -> dict[str, dict]:
+        """{name: steering object} of every preset, from one reading of the library (consistent under writes)."""
+        stored = {name: rec["steering"] for name, rec in self.library.presets().items()}
+        return dict(sorted((stored | self.config).items()))
+
+    def cards(self) -> list[dict]:
+        """Every preset's card, from one reading of the library (a preset deleted meanwhile is simply absent)."""
+        stored = self.library.presets()
+        return [self._card(n, stored.get(n)) for n in sorted(set(self.config) | set(stored))]
+
     def __len__(self) -> int:
         return len(set(self.config) | set(self.library.presets()))
 
     def card(self, name: str) -> dict:
+        return self._card(name, None if name in self.config else self.library.preset_record(name))
+
+    def _card(self, name: str, rec: dict | None) -> dict:
         if name in self.config:
             return {"object": "steering.preset", "name": name, "steering": self.config[name], "source": "config"}
-        rec = self.library.preset_record(name)
         times = {k: int(rec[k]) for k in ("created", "updated")}
         return {"object": "steering.preset", "name": name, "steering": rec["steering"], "source": "api"} | {
             "description": rec["description"],
@@ -148,6 +161,8 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
             raise APIError(409, str(e), None, "limit_reached") from None
         except VectorError as e:
             raise APIError(400, str(e), "directions") from None
+        except NotJSON as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
 
     def named(given: str | None, path_name: str | None) -> str:
         if path_name is not None and given is not None and given != path_name:
@@ -175,7 +190,7 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
         given, vector, source, description = await vector_from_request(request, info, limits)
         name = named(given, path_name)
         rec, new = await change(library.put_vector, name, vector, source, description, path_name is not None)
-        return JSONResponse(vector_card(name, rec, info), status_code=201 if new else 200)
+        return FiniteJSONResponse(vector_card(name, rec, info), status_code=201 if new else 200)
 
     @app.post("/v1/steering/vectors", status_code=201, openapi_extra=body_schema(VectorIn, upload=True))
     async def create_vector(request: Request):
@@ -198,7 +213,7 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
 
     @app.get("/v1/steering/presets")
     async def list_presets():
-        return {"object": "list", "data": [book.card(n) for n in book]}
+        return {"object": "list", "data": book.cards()}
 
     @app.get("/v1/steering/presets/{name}")
     async def get_preset(name: str):
@@ -217,7 +232,7 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
         except SpecError as e:
             raise APIError(400, f"{e.field}: {e.message}", e.field) from None
         rec, new = await change(library.put_preset, name, body.steering, body.description, path_name is not None)
-        return JSONResponse(book.card(name), status_code=201 if new else 200)
+        return FiniteJSONResponse(book.card(name), status_code=201 if new else 200)
 
     @app.post("/v1/steering/presets", status_code=201, openapi_extra=body_schema(PresetIn))
     async def create_preset(request: Request):

@@ -67,6 +67,13 @@ def add_parser(sub) -> None:
         "fixed at start-up because vLLM builds its graph once",
     )
     sp.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="HOST,...",
+        help="Host header names requests may carry, or '*' for any (default: localhost, 127.0.0.1 and ::1 when bound "
+        "to loopback, so that no web page can drive the server by DNS rebinding; any otherwise); others get 400",
+    )
+    sp.add_argument(
         "--metrics-public",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -103,6 +110,20 @@ def layer_list(text: str) -> tuple[int, ...]:
     if any(layer < 0 for layer in layers):
         raise argparse.ArgumentTypeError(f"{text!r}: layer numbers start at 0")
     return layers
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(given: str | None, host: str) -> tuple[str, ...] | None:
+    """--allowed-hosts as a tuple of lower-case names (None: any Host); without it, the loopback names when bound to
+    loopback, else any."""
+    if given is None:
+        return LOOPBACK if host in LOOPBACK else None
+    names = tuple(sorted({h.strip().lower().strip("[]") for h in given.split(",") if h.strip()}))
+    if not names:
+        raise CLIError("--allowed-hosts: give host names, or '*' for any")
+    return None if "*" in names else names
 
 
 def default_saes(given: list[str] | None, model: Path) -> list[str]:
@@ -181,6 +202,7 @@ def serve(args) -> int:
     config.admin_api_key = args.admin_api_key or os.environ.get("FUNCTOK_ADMIN_API_KEY") or None
     config.data_dir = Path(args.data_dir) if args.data_dir else None
     config.metrics_public = args.metrics_public
+    config.allowed_hosts = allowed_hosts(args.allowed_hosts, args.host)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     engine = build_engine(args, config)
@@ -197,8 +219,17 @@ def serve(args) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"functok serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
+    from functok_vllm.server.connections import uvicorn_options
+
+    opts = uvicorn_options(config.limits)
     uv = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **opts,
     )
     server = DrainingServer(uv, app.state.drain, app.state.stop_engine)
     server.run()

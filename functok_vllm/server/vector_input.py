@@ -7,9 +7,17 @@ direction is stored at that layer's hook point, so it is applied exactly where a
 
 A vector from features is `sum_i strength_i * W_dec[feature_i]`, summed in float32 in the order given: the numbers
 the engine adds for the same features given as inline `add` edits (bit for bit on a float32 model).
+
+Parsing a body (JSON of up to --max-vector-bytes, a GGUF or safetensors file) runs in a worker thread, PARSERS at a
+time, so the event loop keeps answering; its work is bounded by the bytes present (`library.files`), and a parse that
+still passes PARSE_BUDGET_S is answered 413 (the thread finishes its bounded work and is dropped).
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
+import weakref
 
 import torch
 from fastapi import Request
@@ -27,6 +35,9 @@ from functok_vllm.validation import shown
 
 MAX_FEATURES = 1024  # features summed into one vector
 DESCRIPTION_MAX = 1000
+PARSERS = 2  # uploads parsed at once (the admin's; every other request keeps the event loop and the other core)
+PARSE_BUDGET_S = 10.0  # a backstop: a 16 MiB file within the scan's bounds parses in well under a second
+_parsing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Semaphore(PARSERS)
 
 
 class FeatureIn(Strict):
@@ -61,8 +72,24 @@ async def vector_from_request(
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         return await _from_upload(request, info)
+    return await off_loop(_from_json, await request.body(), info, limits)
+
+
+async def off_loop(fn, *args):
+    """fn(*args) in a worker thread, at most PARSERS at once, within PARSE_BUDGET_S (413 past it)."""
+    t0 = time.monotonic()
+    async with _parsing.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(PARSERS)):
+        left = PARSE_BUDGET_S - (time.monotonic() - t0)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), max(left, 0.001))
+        except asyncio.TimeoutError:
+            msg = f"the body could not be parsed within {PARSE_BUDGET_S:g} s; send a smaller or simpler one"
+            raise APIError(413, msg, "file", "parse_budget_exceeded") from None
+
+
+def _from_json(text: bytes, info: SteeringInfo, limits: SteeringLimits) -> tuple[str | None, Vector, dict, str]:
     try:
-        body = VectorIn.model_validate_json(await request.body())
+        body = VectorIn.model_validate_json(text)
     except ValidationError as e:
         raise from_validation(list(e.errors())) from None
     vector, source = from_features(body, info, limits) if body.features else from_directions(body.directions, info)
@@ -115,11 +142,7 @@ async def _from_upload(request: Request, info: SteeringInfo) -> tuple[str | None
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise APIError(400, "file: the upload needs a 'file' part (a GGUF control vector or safetensors)", "file")
-    data = await upload.read()
-    try:
-        directions, meta = read_vector_file(data, info.d_model)
-    except FileError as e:
-        raise APIError(400, f"file: {e}", "file") from None
+    directions, meta = await off_loop(_read_file, await upload.read(), info.d_model)
     directions = _pick_layers(directions, form.get("layers"), info)
     source = {"kind": meta.pop("format"), "filename": upload.filename, **{k: v for k, v in meta.items() if v}}
     source["layers"] = sorted(info.hook_layers[h] for h in directions)
@@ -128,6 +151,13 @@ async def _from_upload(request: Request, info: SteeringInfo) -> tuple[str | None
         raise APIError(400, f"description: at most {DESCRIPTION_MAX} characters of text", "description")
     name = form.get("name")
     return (name if isinstance(name, str) else None), _make(directions), source, description
+
+
+def _read_file(data: bytes, d_model: int) -> tuple[dict, dict]:
+    try:
+        return read_vector_file(data, d_model)
+    except FileError as e:
+        raise APIError(400, f"file: {e}", "file") from None
 
 
 def _pick_layers(directions: dict, layers, info: SteeringInfo) -> dict:

@@ -17,6 +17,7 @@ otherwise), and features are read in the same hooks that steer (`readout.py`), o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.readout import Readout, entry
+from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
 from functok_vllm.engines.placement import decoder_layers, hooked
 
@@ -203,20 +205,21 @@ class Batcher:
         steer = self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
-        with self._hooks(steer):
+        scoring = r.prompt_logprobs is not None
+        tap = HiddenTap(self.model) if scoring else contextlib.nullcontext()  # the head then computes 1 row
+        with self._hooks(steer), tap:
             out = self.model(
                 input_ids=ids[None],
                 position_ids=positions[None],
                 use_cache=False,
-                logits_to_keep=0 if r.prompt_logprobs is not None else 1,  # every position only for prompt scoring
+                logits_to_keep=0 if scoring else 1,  # every position's hidden state only for prompt scoring
                 **self.ragged.forward_kwargs([seq.kv]),
             )
         seq.kv.length = n
         self.stats["prefills"] += 1
-        logits = out.logits[0]  # (n or 1, vocab)
-        if r.prompt_logprobs is not None:
-            rest = sampling.token_logprobs(logits[:-1], ids[1:], [r.prompt_logprobs] * (n - 1)) if n > 1 else []
-            seq.pending["prompt_logprobs"] = [None, *rest]
+        logits = out.logits[0]  # (1, vocab)
+        if scoring:
+            seq.pending["prompt_logprobs"] = [None, *prompt_logprobs(self.model, tap.hidden, ids, r.prompt_logprobs)]
         feats = self.readout.take().get(0, []) if fr is not None else []
         if fr is not None and fr.prompt:
             seq.pending["prompt_features"] = [entry(prompt[p], p, feats[p], fr) for p in range(n)]
