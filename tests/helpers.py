@@ -32,14 +32,14 @@ class ServerProc(Server):
     """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log; the
     demo model (functok-tiny, with its shipped SAEs) unless ARGS name a --model."""
 
-    def __init__(self, tmp: Path, *args: str, config: dict | None = None):
+    def __init__(self, tmp: Path, *args: str, config: dict | None = None, env: dict | None = None):
         if "--model" not in args:
             args = ("--model", str(DEMO_MODEL), *args)
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config))
             args = (*args, "--config", str(tmp / "config.json"))
         try:
-            srv = start(functok_serve(*args), tmp / "server.log", timeout_s=180)
+            srv = start(functok_serve(*args), tmp / "server.log", env=env, timeout_s=300)
         except ServerStartError as e:
             pytest.fail(str(e))
         super().__init__(srv.proc, srv.url, srv.log)

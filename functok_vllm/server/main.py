@@ -83,6 +83,15 @@ def add_parser(sub) -> None:
     sp.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     sp.add_argument("--max-model-len", type=int, default=None)
     sp.add_argument("--threads", type=int, default=2, help="CPU threads for the model (hf engine)")
+    sp.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="vLLM tensor-parallel ranks (--engine vllm; on CPU each rank gets its share of the cores)",
+    )
+    sp.add_argument(
+        "--pipeline-parallel-size", type=positive_int, default=1, help="vLLM pipeline-parallel ranks (--engine vllm)"
+    )
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     lim = sp.add_argument_group("limits", "each overrides the --config file's 'limits' (default in brackets)")
     for f in limit_fields():
@@ -90,6 +99,12 @@ def add_parser(sub) -> None:
         help_text = f"{f.metadata['help']} [{f.default}]"
         lim.add_argument(flag, dest=f"limit_{f.name}", type=type(f.default), default=None, metavar="N", help=help_text)
     sp.set_defaults(func=serve)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def resolve_model(given: str | None) -> Path:
@@ -176,9 +191,14 @@ def build_engine(args, config: ServerConfig):
             from functok_vllm.engines.vllm.config import cpu_defaults
             from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
 
-            cpu_defaults()  # on CPU: the platform and a 1 GiB KV cache unless set; compiled mode
+            tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+            cpu_defaults(tp * pp)  # on CPU: the platform, a 1 GiB KV cache and each rank's cores unless set
             extra = json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}"))  # any other AsyncEngineArgs
-            return VLLMEngine(VLLMEngineConfig(model, saes, fn if steered else None, engine_args=extra, **common))
+            parallel = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+            fn = fn if steered else None
+            return VLLMEngine(VLLMEngineConfig(model, saes, fn, engine_args=extra, **parallel, **common))
+        if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+            raise CLIError("--tensor-parallel-size/--pipeline-parallel-size need --engine vllm")
         from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
 
         return HFEngine(HFEngineConfig(model, saes, fn if steered else None, threads=args.threads, **common))

@@ -65,14 +65,30 @@ class FunctokConfig:
         return replace(self.info, d_model=d_model)
 
 
-def cpu_defaults() -> None:
+def cpu_defaults(world_size: int = 1) -> None:
     """Without CUDA: VLLM_TARGET_DEVICE=cpu (our CPU build's version string does not say "cpu", so vLLM would not
-    detect it) and a 1 GiB KV cache, unless already set. Call before vLLM resolves its platform (first engine)."""
+    detect it) and a 1 GiB KV cache, unless already set; with several ranks (tensor x pipeline parallel), each rank
+    bound to its own share of this process's cores (`VLLM_CPU_OMP_THREADS_BIND`, unless set), without which vLLM's CPU
+    backend refuses to start several workers on one NUMA node. Call before vLLM resolves its platform."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(sorted(os.sched_getaffinity(0)), world_size)
+
+
+def cpu_binding(cores: list[int], ranks: int) -> str:
+    """vLLM's `VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers over `cores`: consecutive shares, e.g. "0|1" for two
+    ranks on cores [0, 1], "0-3|4-7" on eight. ValueError when there are fewer cores than ranks."""
+    if len(cores) < ranks:
+        raise ValueError(
+            f"{ranks} tensor/pipeline-parallel ranks need at least {ranks} cores; this process has {len(cores)}"
+        )
+    per = len(cores) // ranks
+    shares = [cores[r * per : (r + 1) * per] for r in range(ranks)]
+    return "|".join(",".join(map(str, s)) for s in shares)
 
 
 def from_additional_config(additional_config, model: str | None = None) -> FunctokConfig:

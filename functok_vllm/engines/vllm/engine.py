@@ -53,6 +53,8 @@ class VLLMEngineConfig:
     steer_layers: list[int] = field(default_factory=list)  # add-only layers (no SAE) where vectors go, at resid_post
     dtype: str = "float32"
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1  # vLLM's own parallelism (the mp backend on one node; Ray across nodes)
+    pipeline_parallel_size: int = 1
     engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs (block_size, enable_prefix_caching...)
 
     def __post_init__(self):
@@ -141,7 +143,11 @@ class VLLMEngine(Engine):
             seed=0,
             worker_extension_cls=EXTENSION if self.steer_cfg else "",
             additional_config=c.additional_config(),
+            tensor_parallel_size=c.tensor_parallel_size,
+            pipeline_parallel_size=c.pipeline_parallel_size,
         )
+        if c.tensor_parallel_size * c.pipeline_parallel_size > 1:
+            args["distributed_executor_backend"] = "mp"  # one node; FUNCTOK_VLLM_ARGS may name "ray" for several
         args |= c.engine_args
         if args.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
