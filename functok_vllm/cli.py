@@ -12,7 +12,7 @@ from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 
 
 def _function_tokens(args):
-    from functok_vllm.function_tokens import main
+    from functok_vllm.function_token_discovery import main
 
     return main(args)
 

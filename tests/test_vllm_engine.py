@@ -23,7 +23,7 @@ from functok_vllm.engines.placement import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.admission import PARAM, cache_salt, steering_context  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import VECTORS, from_additional_config  # noqa: E402
+from functok_vllm.engines.vllm.settings import VECTORS, from_additional_config  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
 from functok_vllm.steering import SteeringSpec, parse_steering  # noqa: E402
 

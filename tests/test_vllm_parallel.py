@@ -13,7 +13,7 @@ import pytest
 from helpers import ServerProc
 
 from functok_vllm.engines.vllm.available import vllm_status
-from functok_vllm.engines.vllm.config import cpu_binding
+from functok_vllm.engines.vllm.settings import cpu_binding
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]

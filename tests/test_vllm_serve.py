@@ -15,7 +15,7 @@ import pytest
 from helpers import openai_client
 
 from functok_vllm.engines.vllm.available import vllm_status
-from functok_vllm.engines.vllm.config import EXTENSION
+from functok_vllm.engines.vllm.settings import EXTENSION
 from functok_vllm.launch import Server, ServerStartError
 from functok_vllm.launch import start as launch_start
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES

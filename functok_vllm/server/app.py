@@ -32,12 +32,12 @@ from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.choices import Format, Prompt
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
-from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.finite import FiniteJSONResponse
 from functok_vllm.server.library import PresetBook, add_library_routes
 from functok_vllm.server.logprobs import TokenText
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
+from functok_vllm.server.openai_errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.playground import CAPABILITIES, add_playground
 from functok_vllm.server.protocol import (
     ChatCompletionRequest,

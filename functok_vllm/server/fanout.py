@@ -13,8 +13,8 @@ from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, Generat
 from functok_vllm.feature_request import FeatureRequest
 from functok_vllm.server.choices import Choice, Prompt, choice_seed
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.protocol import Steering, sampling_params
 from functok_vllm.server.serving import next_delta, timeout_error
 

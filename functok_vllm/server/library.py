@@ -21,8 +21,8 @@ from pydantic import Field, ValidationError
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import VectorError
 from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, NotJSON, vector_names
-from functok_vllm.server.errors import APIError, from_validation
 from functok_vllm.server.finite import FiniteJSONResponse
+from functok_vllm.server.openai_errors import APIError, from_validation
 from functok_vllm.server.vector_input import DESCRIPTION_MAX, VectorIn, vector_from_request
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown

@@ -188,8 +188,8 @@ def build_engine(args, config: ServerConfig):
             status = vllm_status()
             if not status.ok:
                 raise CLIError(f"--engine vllm: {status.line()}; use --engine hf")
-            from functok_vllm.engines.vllm.config import cpu_defaults
             from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
+            from functok_vllm.engines.vllm.settings import cpu_defaults
 
             tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
             cpu_defaults(tp * pp)  # on CPU: the platform, a 1 GiB KV cache and each rank's cores unless set

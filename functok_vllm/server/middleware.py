@@ -14,8 +14,8 @@ import json
 import time
 
 from functok_vllm.server.drain import Drain
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 
 COUNTED_PATHS = {
     "/v1/completions": "completions",

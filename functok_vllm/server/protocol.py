@@ -17,7 +17,7 @@ from functok_vllm.core.spec import SpecError
 from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
 from functok_vllm.feature_request import FeatureRequest, parse_features
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown
 

@@ -16,9 +16,9 @@ from fastapi import Request
 
 from functok_vllm.engines.base import Delta
 from functok_vllm.server.choices import Choice, Format
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.finite import dumps
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.protocol import Steering
 
 

@@ -29,7 +29,7 @@ from functok_vllm.core.sae import SAELoadError, decoder_rows
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError
 from functok_vllm.library.files import FileError, read_vector_file
-from functok_vllm.server.errors import APIError, from_validation
+from functok_vllm.server.openai_errors import APIError, from_validation
 from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, StrictFloat, StrictInt, check_feature
 from functok_vllm.validation import shown
 

@@ -12,7 +12,7 @@ request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
 
 What a request asks for beyond tokens costs only that request's rows: log-probabilities are one log-softmax of its
 logits row (of every prompt position only when it asks for prompt scoring: the prefill keeps the last position
-otherwise), and features are read in the same hooks that steer (`readout.py`), on its rows only.
+otherwise), and features are read in the same hooks that steer (`feature_plan.py`), on its rows only.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex,
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
+from functok_vllm.engines.hf.feature_plan import Readout, entry
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
-from functok_vllm.engines.hf.readout import Readout, entry
 from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
 from functok_vllm.engines.placement import decoder_layers, hooked

@@ -31,7 +31,8 @@ from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm.config import (
+from functok_vllm.engines.vllm.feature_op import XFEAT
+from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
     EXTENSION,
     VECTORS,
@@ -39,7 +40,6 @@ from functok_vllm.engines.vllm.config import (
     FunctokConfig,
     from_additional_config,
 )
-from functok_vllm.engines.vllm.readout import XFEAT
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
 from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering

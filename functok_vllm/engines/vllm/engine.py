@@ -10,7 +10,7 @@ the worker's table never refuses an admitted request (`SlotsFull`); slots always
 A request that could never fit is refused (RequestError, HTTP 400). `steered_positions` is what the worker applied:
 read from it (`collective_rpc("functok_applied")`) when the request ends, so only the last delta carries it.
 
-Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`readout.py`) and fetched with
+Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`feature_op.py`) and fetched with
 `collective_rpc("functok_features")`: per delta when the consumer streams (one RPC shared by the requests asking at
 that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM.
 """
@@ -29,9 +29,9 @@ from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
-from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config
+from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
-from functok_vllm.engines.vllm.readout import XFEAT
+from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, XARG, from_additional_config
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
 __all__ = ["ClampBudget", "VLLMEngine", "VLLMEngineConfig"]

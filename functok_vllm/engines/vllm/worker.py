@@ -2,7 +2,7 @@
 
 Use: `LLM(..., worker_extension_cls=EXTENSION)` or `vllm serve ... --worker-extension-cls EXTENSION`, where
 EXTENSION = "functok_vllm.engines.vllm.worker.SteeringWorkerExtension"; settings come from
-`additional_config["functok"]` (see `config.py`).
+`additional_config["functok"]` (see `settings.py`).
 
 How it gets in. vLLM appends the extension class to the worker's bases and refuses extensions that redefine a worker
 attribute, so the extension defines none: it only intercepts the worker's `self.model_runner = ...` assignment with
@@ -13,7 +13,7 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   hook point (`engines.placement.target`: a decoder layer, its attention/MLP module, layer 0, the fused norm after
   attention), and each `steer_layers` decoder layer (an add-only layer for steering vectors, no SAE), gets the core's
   `SteeringLayer` as a submodule and a hook placed by `engines.placement` (the same placement as the transformers
-  engine's) that calls `steer_and_read`: the steering op, then the feature readout op (`readout.py`, which does
+  engine's) that calls `steer_and_read`: the steering op, then the feature readout op (`feature_op.py`, which does
   nothing unless a request of the step asked for `features`). Dynamo traces hooks present when it traces the model,
   so the compiled graph contains both ops, which read the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
@@ -48,11 +48,11 @@ from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
 from functok_vllm.engines import placement
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm import readout as feature_readout
+from functok_vllm.engines.vllm import feature_op as feature_readout
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering
 from functok_vllm.engines.vllm.capture import RunnerCapture
-from functok_vllm.engines.vllm.config import VECTORS, XARG, FunctokConfig, from_additional_config
-from functok_vllm.engines.vllm.readout import READOUT_KEY, FeatureReadout
+from functok_vllm.engines.vllm.feature_op import READOUT_KEY, FeatureReadout
+from functok_vllm.engines.vllm.settings import VECTORS, XARG, FunctokConfig, from_additional_config
 from functok_vllm.steering import SteeringContext, SteeringSpec, parse_steering
 
 log = logging.getLogger("functok.vllm")
@@ -62,8 +62,8 @@ GRAPH_KEY = "functok_graph"  # additional_config key holding the steering finger
 def steer_and_read(mod: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The hook callback (`engines.placement.StreamFn`) at every steering layer: THE ADD of the vLLM path, the core's
     opaque op `functok::steered_hidden` (hidden + delta(hidden + residual); `core/steer.py` says why it must be opaque
-    to Inductor), then the feature readout op on what it leaves (`readout.py`). `mod` is the hooked module, which holds
-    the layer's tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
+    to Inductor), then the feature readout op on what it leaves (`feature_op.py`). `mod` is the hooked module, which
+    holds the layer's tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
     out = mod.functok_steer.steered_hidden(hidden, residual)
     torch.ops.functok.read_features(out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
     return out
