@@ -385,7 +385,7 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
         if e.mode in PROJECTIONS:  # two projections onto one direction would both read h: refuse, as for clamps
             direction = (e.vector, e.version) if isinstance(e, VectorEdit) else (e.layer, e.feature)
             if direction in projected:
-                what = f"vector {e.vector!r}" if isinstance(e, VectorEdit) else f"feature {e.feature} at layer {e.layer}"
+                what = f"vector {e.vector!r}" if isinstance(e, VectorEdit) else f"feature {e.feature}, layer {e.layer}"
                 raise SpecError(f"{where}.mode", f"{what} has two projection edits; give it one")
             projected.add(direction)
         if isinstance(e, VectorEdit):

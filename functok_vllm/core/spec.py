@@ -11,7 +11,7 @@ from typing import Protocol
 
 MODES = ("add", "clamp", "ablate", "project_out", "cap", "set")
 CLAMPS = ("clamp", "ablate")  # modes that set one SAE feature's activation (a clamp column each)
-PROJECTIONS = ("project_out", "cap", "set")  # modes that move the projection onto a unit direction (a projection column)
+PROJECTIONS = ("project_out", "cap", "set")  # modes that move the projection onto a unit direction (a column each)
 STRENGTH_UNITS = ("absolute", "token_norm")  # an add's strength: as given, or times the token's norm at the hook point
 POSITIONS = ("function", "last_function", "content", "prompt", "generated", "all")
 MAX_ABS_STRENGTH = 1e4  # beyond this an edit only produces NaN logits; refuse it rather than serve garbage

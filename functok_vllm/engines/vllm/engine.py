@@ -147,7 +147,7 @@ class VLLMEngine(Engine):
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(worker.limits.max_clamps)
+            self.budget = ClampBudget(worker.limits.max_clamps, worker.limits.max_projections)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
 
@@ -195,7 +195,7 @@ class VLLMEngine(Engine):
         held = submitted = finished = False
         try:
             if need:
-                await self.budget.acquire(need)  # waits while the clamp pool is taken
+                await self.budget.acquire(need)  # waits while the column pools are taken
                 held = True
             submitted = True
             first = True
