@@ -445,6 +445,11 @@ def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
     except KeyError as err:
         msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
         raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+    if e.mode != "add" or e.per_norm:  # these act on the unit direction, which a zero direction does not have
+        zero = [layer for layer, d in at.items() if not bool(d.abs().max() > 0)]
+        if zero:
+            msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
+            raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
 
 
