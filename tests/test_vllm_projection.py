@@ -1,7 +1,8 @@
 """Projection edits (`project_out`, `cap`, `set`, on SAE decoder rows and on a steering vector) and norm-relative
-adds (`strength_unit: "token_norm"`) in the vLLM engine, compiled: one batch mixing a request per operation and an
-unsteered one, prompt and generated log-probabilities against the independent reference (`reference.py`: a plain
-transformers forward with each operation written out in a forward hook at the SAE's hook point) within 1e-4 (float32).
+adds (`strength_unit: "token_norm"`) in the vLLM engine, compiled and eager: one batch mixing a request per operation
+and an unsteered one, prompt and generated log-probabilities against the independent reference (`reference.py`: a
+plain transformers forward with each operation written out in a forward hook at the SAE's hook point) within 1e-4
+(float32).
 
 A random Llama (fused add+norm layers) with SAEs at attn_out, resid_mid (per-token normalisation) and mlp_out, so the
 op reads h at each kind of hook point inside vLLM's compiled graph.
@@ -64,7 +65,8 @@ def cases() -> list:
     ]
 
 
-def test_projections_and_norm_adds_match_the_reference_on_vllm_compiled(tmp_path):
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_projections_and_norm_adds_match_the_reference_on_vllm(tmp_path, mode):
     from vllm import SamplingParams
 
     model_dir = random_model(tmp_path, "LlamaConfig", DEMO_MODEL, **BASE, **LLAMA, num_key_value_heads=2)
@@ -88,7 +90,7 @@ def test_projections_and_norm_adds_match_the_reference_on_vllm_compiled(tmp_path
             {"edits": user["edits"] + [{"layer": L, "direction": t, **vfields} for L, t in dirs.items()]}
             | {"positions": user["positions"]}
         )
-    llm = steering_llm(model_dir, paths.values(), DEMO_FUNCTION_TOKENS, enforce_eager=False, max_num_seqs=8)
+    llm = steering_llm(model_dir, paths.values(), DEMO_FUNCTION_TOKENS, enforce_eager=mode == "eager", max_num_seqs=8)
     try:
         params = [
             SamplingParams(
@@ -119,7 +121,7 @@ def test_projections_and_norm_adds_match_the_reference_on_vllm_compiled(tmp_path
             + [d[t].logprob for d, t in zip(g.logprobs, g.token_ids, strict=True)]
         )
         err = float((got - want).abs().max())
-        assert err < TOL, (spec, err)
+        assert err < TOL, (mode, spec, err)
         best = rows[n - 1 :].max(-1).values
         assert ((best - want[n - 1 :]) < TOL).all(), (spec, g.token_ids)
         got_all.append(got[: n - 1])  # the prompt's log-probabilities: the same tokens in every request
