@@ -6,7 +6,9 @@ the objects the engines apply, so no field is written twice. The user-facing obj
 
     {"edits": [{"layer": 2, "feature": 1493, "strength": 8.0, "mode": "add"},
                {"layer": 1, "feature": 77, "value": 0.0, "mode": "clamp"},
-               {"vector": "calm", "strength": 2.0}],
+               {"layer": 2, "feature": 12, "mode": "project_out"},
+               {"vector": "calm", "strength": 0.5, "strength_unit": "token_norm"},
+               {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
 `parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
@@ -29,7 +31,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.spec import MAX_ABS_STRENGTH, MODES, POSITIONS, SpecError
+from functok_vllm.core.spec import CLAMPS, MAX_ABS_STRENGTH, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
 from functok_vllm.validation import describe, shown
 
@@ -52,15 +54,21 @@ class SteeringLimits:
         "clamp/ablate columns per layer shared by the running batch (at least max-edits); a request that does "
         "not fit waits",
     )
-    max_abs_strength: float = _limit(1000.0, "largest |strength| and |value| of an edit; larger get 400")
+    max_projections: int = _limit(
+        64,
+        "project_out/cap/set columns per layer shared by the running batch (at least max-edits); a request that "
+        "does not fit waits",
+    )
+    max_abs_strength: float = _limit(1000.0, "largest |strength|, |value|, |min| and |max| of an edit; larger get 400")
 
     def __post_init__(self):
-        for f in ("max_edits", "max_clamps"):
+        for f in ("max_edits", "max_clamps", "max_projections"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a whole number of at least 1, got {v!r}")
-        if self.max_clamps < self.max_edits:
-            raise ValueError(f"max_clamps ({self.max_clamps}) must be at least max_edits ({self.max_edits})")
+        for f in ("max_clamps", "max_projections"):
+            if getattr(self, f) < self.max_edits:
+                raise ValueError(f"{f} ({getattr(self, f)}) must be at least max_edits ({self.max_edits})")
         s = self.max_abs_strength
         if isinstance(s, bool) or not isinstance(s, int | float) or not 0 < s <= MAX_ABS_STRENGTH:
             raise ValueError(f"max_abs_strength must be in (0, {MAX_ABS_STRENGTH:g}], got {s!r}")
@@ -72,48 +80,103 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class FeatureEdit(Strict):
-    """Push or clamp one SAE feature: `add` (residual += strength * W_dec[feature]), `clamp` (the feature's activation
-    set to value, keeping the SAE's reconstruction error) or `ablate` (clamped to 0)."""
+# mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
+MODE_FIELDS = {
+    "add": ({"strength"}, {"strength", "strength_unit"}),
+    "clamp": ({"value"}, {"value"}),
+    "ablate": (set(), set()),
+    "project_out": (set(), set()),
+    "cap": (set(), {"min", "max"}),
+    "set": ({"value"}, {"value"}),
+}
+NUMBERS = ("strength", "value", "min", "max")
+
+
+class FieldError(ValueError):
+    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.field = name
+
+
+class Edit(Strict):
+    """The numbers every edit may carry, checked against its mode (`MODE_FIELDS`).
+
+    Projection modes act on the unit direction v = d / |d| (d: the feature's decoder row, or the vector's direction
+    at a layer), with p = h . v read from the tensor h at the hook point before this request's edits:
+    `project_out` removes it (h -= p v), `cap` clamps it into [min, max] (either bound may be left out), `set` sets it
+    to `value`. `strength_unit: "token_norm"` makes an add's strength relative: strength * |h| * v per token.
+    """
 
     model_config = ConfigDict(frozen=True)
-    layer: StrictInt
-    feature: StrictInt
-    mode: Literal[MODES] = "add"
-    strength: StrictFloat | None = None  # add: residual += strength * W_dec[feature]
-    value: StrictFloat | None = None  # clamp: the feature's activation is set to value; ablate: to 0
+    strength: StrictFloat | None = None  # add: residual += strength * direction
+    value: StrictFloat | None = None  # clamp: the feature's activation; set: the projection onto the unit direction
+    min: StrictFloat | None = None  # cap: lowest projection onto the unit direction (None: no lower bound)
+    max: StrictFloat | None = None  # cap: highest projection (None: no upper bound)
+    strength_unit: Literal[STRENGTH_UNITS] | None = None  # add: "token_norm" = in units of the token's norm |h|
 
     @model_validator(mode="after")
     def _fields_fit_mode(self):
-        need = {"add": "strength", "clamp": "value", "ablate": None}[self.mode]
-        for name in ("strength", "value"):
+        need, may = MODE_FIELDS[self.mode]
+        for name in (*NUMBERS, "strength_unit"):
             given = getattr(self, name) is not None
-            if name == need and not given:
-                raise ValueError(f"mode {self.mode!r} needs '{name}'")
-            if name != need and given:
-                raise ValueError(f"mode {self.mode!r} takes no '{name}'" + (f" (it takes '{need}')" if need else ""))
+            if name in need and not given:
+                raise FieldError(name, f"mode {self.mode!r} needs '{name}'")
+            if name not in may and given:
+                takes = " (it takes " + ", ".join(f"'{n}'" for n in sorted(may)) + ")" if may else ""
+                raise FieldError(name, f"mode {self.mode!r} takes no '{name}'{takes}")
+        if self.mode == "cap":
+            if self.min is None and self.max is None:
+                raise FieldError("max", "mode 'cap' needs 'min' or 'max' (or both)")
+            if self.min is not None and self.max is not None and self.min > self.max:
+                raise FieldError("min", f"mode 'cap' needs min <= max, got min {self.min!r} > max {self.max!r}")
         return self
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """A projection edit's interval for the projection onto the unit direction; None for other modes."""
+        inf = float("inf")
+        return {
+            "project_out": (0.0, 0.0),
+            "set": (self.value, self.value),
+            "cap": (-inf if self.min is None else self.min, inf if self.max is None else self.max),
+        }.get(self.mode)
+
+    @property
+    def per_norm(self) -> bool:
+        """Is this an add whose strength is in units of the token's norm (of a unit direction)?"""
+        return self.strength_unit == "token_norm"
+
+    def numbers(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in NUMBERS if getattr(self, k) is not None}
+
+
+class FeatureEdit(Edit):
+    """Edit one SAE feature: `add` (residual += strength * W_dec[feature]), `clamp` (the feature's activation set to
+    value, keeping the SAE's reconstruction error), `ablate` (clamped to 0), or a projection mode on the unit decoder
+    direction W_dec[feature] / |W_dec[feature]| (`Edit`)."""
+
+    layer: StrictInt
+    feature: StrictInt
+    mode: Literal[MODES] = "add"
 
     @property
     def clamp_value(self) -> float:
         return 0.0 if self.mode == "ablate" else self.value
 
-    def numbers(self) -> dict[str, float]:
-        return {k: v for k, v in (("strength", self.strength), ("value", self.value)) if v is not None}
-
 
 VECTOR_NAME_MAX = 64  # a vector's name (the library checks its characters when it is stored)
 
 
-class VectorEdit(Strict):
-    """Add `strength` times a steering vector from the library at each of its layers. `version` (the content id) pins
-    one; parsing binds the edit to the vector's content (`content`) and to this engine's layers (`at`), and fills
-    `version`, so the spec keeps the numbers it started with whatever happens to the name later."""
+class VectorEdit(Edit):
+    """Add `strength` times a steering vector from the library at each of its layers, or move the projection onto
+    its unit direction there (`project_out`, `cap`, `set`: `Edit`). `version` (the content id) pins one; parsing
+    binds the edit to the vector's content (`content`) and to this engine's layers (`at`), and fills `version`, so the
+    spec keeps the numbers it started with whatever happens to the name later."""
 
-    model_config = ConfigDict(frozen=True)
     vector: str = Field(min_length=1, max_length=VECTOR_NAME_MAX)  # a name in the library
-    mode: Literal["add"] = "add"
-    strength: StrictFloat
+    mode: Literal[("add", *PROJECTIONS)] = "add"
     version: str | None = Field(None, min_length=1, max_length=64)  # the content id it must have (else 400)
     _content: Vector | None = PrivateAttr(None)
     _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction
@@ -122,11 +185,11 @@ class VectorEdit(Strict):
     @classmethod
     def _no_feature_fields(cls, data):
         if isinstance(data, dict):
-            for name in ("layer", "feature", "value"):
+            for name in ("layer", "feature"):
                 if name in data:
                     raise ValueError(f"a vector edit takes no '{name}' (the vector says where it adds)")
-            if data.get("mode", "add") != "add":
-                raise ValueError(f"a vector edit only adds (mode 'add'), not {shown(data['mode'])}")
+            if data.get("mode") in CLAMPS:
+                raise ValueError(f"a vector edit cannot {data['mode']} (that sets an SAE feature's activation)")
         return data
 
     @property
@@ -143,9 +206,6 @@ class VectorEdit(Strict):
         out = self.model_copy(update={"version": content.id})
         out._content, out._at = content, dict(at)
         return out
-
-    def numbers(self) -> dict[str, float]:
-        return {"strength": self.strength}
 
     def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
         return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
@@ -308,22 +368,32 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     try:
         spec = SteeringSpec.model_validate(given)
     except ValidationError as e:
-        where, msg = describe(e.errors(), tuple(param.split(".")))
+        errors = e.errors()
+        why = errors[0].get("ctx", {}).get("error")
+        if isinstance(why, FieldError):  # the field an edit's own check found (`steering.edits[0].min`)
+            errors = [{**errors[0], "loc": (*errors[0]["loc"], why.field)}]
+        where, msg = describe(errors, tuple(param.split(".")))
         raise SpecError(where or param, msg) from None
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
     if spec.is_noop:
         return None
-    edits, clamped = [], set()
+    edits, clamped, projected = [], set(), set()
     for i, e in enumerate(spec.edits):
         where = f"{param}.edits[{i}]"
+        if e.mode in PROJECTIONS:  # two projections onto one direction would both read h: refuse, as for clamps
+            direction = (e.vector, e.version) if isinstance(e, VectorEdit) else (e.layer, e.feature)
+            if direction in projected:
+                what = f"vector {e.vector!r}" if isinstance(e, VectorEdit) else f"feature {e.feature}, layer {e.layer}"
+                raise SpecError(f"{where}.mode", f"{what} has two projection edits; give it one")
+            projected.add(direction)
         if isinstance(e, VectorEdit):
             check_numbers(limits, e.numbers(), where)
             edits.append(_bind(e, ctx, where))
             continue
         check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
-        if e.mode != "add":
+        if e.mode in CLAMPS:
             if not info.clamp_ok[e.layer]:
                 arch = info.sae[e.layer]["architecture"]
                 raise SpecError(
@@ -375,6 +445,11 @@ def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
     except KeyError as err:
         msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
         raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+    if e.mode != "add" or e.per_norm:  # these act on the unit direction, which a zero direction does not have
+        zero = [layer for layer, d in at.items() if not bool(d.abs().max() > 0)]
+        if zero:
+            msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
+            raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
 
 

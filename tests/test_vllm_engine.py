@@ -171,6 +171,15 @@ def test_a_spec_the_worker_cannot_apply_runs_unsteered(state, demo_tokenizer):
         ('{"edits": [{"layer": 2, "feature": 99999, "strength": 1}]}', "vllm_xargs.steering.edits[0].feature"),
         ('{"edits": [{"layer": 2, "feature": 1, "strenght": 1}]}', "vllm_xargs.steering.edits[0].strenght"),
         ('{"edits": [], "positions": "everywhere"}', "vllm_xargs.steering.positions"),
+        ('{"edits": [{"layer": 2, "feature": 1, "mode": "cap"}]}', "vllm_xargs.steering.edits[0].max"),
+        (
+            '{"edits": [{"layer": 2, "feature": 1, "mode": "project_out", "value": 1}]}',
+            "vllm_xargs.steering.edits[0].value",
+        ),
+        (
+            '{"edits": [{"layer": 2, "feature": 1, "strength": 1, "strength_unit": "x"}]}',
+            "vllm_xargs.steering.edits[0].strength_unit",
+        ),
         ("[1, 2]", "vllm_xargs.steering"),
     ],
 )

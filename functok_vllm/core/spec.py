@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-MODES = ("add", "clamp", "ablate")
+MODES = ("add", "clamp", "ablate", "project_out", "cap", "set")
+CLAMPS = ("clamp", "ablate")  # modes that set one SAE feature's activation (a clamp column each)
+PROJECTIONS = ("project_out", "cap", "set")  # modes that move the projection onto a unit direction (a column each)
+STRENGTH_UNITS = ("absolute", "token_norm")  # an add's strength: as given, or times the token's norm at the hook point
 POSITIONS = ("function", "last_function", "content", "prompt", "generated", "all")
 MAX_ABS_STRENGTH = 1e4  # beyond this an edit only produces NaN logits; refuse it rather than serve garbage
 
@@ -29,10 +32,13 @@ class Spec(Protocol):
     positions: str
 
     @property
-    def features(self) -> Sequence: ...  # edits of SAE features: .layer .feature .mode .strength .clamp_value
+    def features(self) -> Sequence: ...  # SAE feature edits: .layer .feature .mode .strength .clamp_value .bounds
+
+    # (.bounds: a projection edit's (lo, hi) interval for the projection onto the unit direction, else None;
+    # .per_norm: an add whose strength is in units of the token's norm)
 
     @property
-    def vectors(self) -> Sequence: ...  # vector edits: .strength and .at, {layer: (d_model,) direction}
+    def vectors(self) -> Sequence: ...  # vector edits: .mode .strength .bounds .per_norm and .at, {layer: direction}
 
     @property
     def is_noop(self) -> bool: ...

@@ -102,6 +102,7 @@ class HFEngine(Engine):
                 self.saes,
                 max_slots=cfg.max_running + 1,  # distinct specs of a full batch always fit; row 0 is "no steering"
                 max_clamps=cfg.steering.max_clamps,
+                max_projections=cfg.steering.max_projections,
                 max_tokens=self.max_model_len,
                 dtype=dtype,
                 device=cfg.device,

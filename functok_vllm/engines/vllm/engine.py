@@ -4,9 +4,9 @@ The server validates requests and builds `GenerateRequest`s exactly as for the t
 passes the parsed spec object to vLLM as `extra_args["steering"]` (the admission hook, in this same process, turns
 it into its wire form without parsing it again) and streams `RequestOutputKind.DELTA` outputs as `Delta`s.
 
-Steering is never claimed unless applied. A request with clamp/ablate edits WAITS (as in the transformers engine)
-until `ClampBudget` admits it: the budget never grants more clamp columns at a layer than the worker's pool holds, so
-the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
+Steering is never claimed unless applied. A request with clamp/ablate or projection edits WAITS (as in the
+transformers engine) until `ClampBudget` admits it: it never grants more columns at a layer than the worker's pool
+holds, so the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
 A request that could never fit is refused (RequestError, HTTP 400). `steered_positions` is what the worker applied:
 read from it (`collective_rpc("functok_applied")`) when the request ends, so only the last delta carries it.
 
@@ -153,7 +153,7 @@ class VLLMEngine(Engine):
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(worker.limits.max_clamps)
+            self.budget = ClampBudget(worker.limits.max_clamps, worker.limits.max_projections)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
 
@@ -201,7 +201,7 @@ class VLLMEngine(Engine):
         held = submitted = finished = False
         try:
             if need:
-                await self.budget.acquire(need)  # waits while the clamp pool is taken
+                await self.budget.acquire(need)  # waits while the column pools are taken
                 held = True
             submitted = True
             first = True

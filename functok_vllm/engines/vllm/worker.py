@@ -221,6 +221,7 @@ def install_steering(runner) -> BatchSteering | None:
         device,
         add_layers=add_layers,
         d_model=mc.get_hidden_size(),
+        max_projections=cfg.limits.max_projections,
     )
     for layer, op in table.layers.items():
         mod = targets[layer]
@@ -231,10 +232,11 @@ def install_steering(runner) -> BatchSteering | None:
     fn_mask = FunctionTokens.load(cfg.function_tokens).mask(mc.get_vocab_size(), device=device)
     _fingerprint(runner.vllm_config, table, cfg)
     log.info(
-        "functok steering at %s (%d slots, %d clamp columns a layer, %d tokens a step)",
+        "functok steering at %s (%d slots, %d clamp and %d projection columns a layer, %d tokens a step)",
         ", ".join(op.hook.name for op in table.layers.values()),
         max_slots,
         table.max_clamps,
+        table.max_projections,
         table.slot_index.shape[0],
     )
     return BatchSteering(table, fn_mask, lambda value, extra=None: _local_spec(value, cfg, table, extra))
@@ -263,7 +265,7 @@ def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     src = b"".join(Path(m.__file__).read_bytes() for m in mods) + Path(__file__).read_bytes()
     what = {
         "hooks": [op.hook.name for op in table.layers.values()],
-        "shapes": [table.max_slots, table.max_clamps, int(table.slot_index.shape[0])],
+        "shapes": [table.max_slots, table.max_clamps, table.max_projections, int(table.slot_index.shape[0])],
         "dtype": str(table.dtype),
         "saes": [str(p) for p in cfg.saes],
         "steer_layers": list(cfg.steer_layers),
