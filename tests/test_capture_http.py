@@ -22,7 +22,7 @@ KEY, ADMIN = "sk-user-c4p", "sk-admin-c4p"
 MODEL = "functok-tiny"
 D_MODEL = 256
 ADD_LAYER = 3  # no SAE there: --steer-layers
-MAX_CAPTURE_BYTES = 64 * 1024
+MAX_CAPTURE_BYTES = 256 * 1024
 POINTS = {L: (L, "resid_post") for L in (0, 1, 2, ADD_LAYER)}  # every demo SAE reads resid_post
 PAIRS = [  # (positive, negative): royal against plain sentences
     ("The king said to his son", "The man said to his son"),
@@ -69,8 +69,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got.double() - want.double()).norm(dim=-1) / want.double().norm(dim=-1)).max())
 
 
-def test_capture_equals_the_reference_for_steered_and_plain_choices_of_one_batch(client, ref, demo_tokenizer):
-    steered = {"edits": [{"layer": 1, "feature": 7, "strength": 6.0}, {"layer": 0, "feature": 3, "strength": -4.0}]}
+def test_capture_equals_the_reference_for_steered_and_plain_choices_of_one_batch(
+    client, ref, demo_tokenizer, logit_lens_feature
+):
+    layer, feature, _ = logit_lens_feature
+    steered = {
+        "edits": [{"layer": layer, "feature": feature, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4.0}]
+    }
     specs = [None, steered | {"positions": "all"}]
     r = client.completions.create(
         model=MODEL,
@@ -80,7 +85,7 @@ def test_capture_equals_the_reference_for_steered_and_plain_choices_of_one_batch
         extra_body={
             "steering": specs,
             "return_token_ids": True,
-            "capture": {"layers": [0, 1, ADD_LAYER], "positions": "all"},
+            "capture": {"layers": [0, layer, ADD_LAYER], "positions": "all"},
         },
     )
     prompt = demo_tokenizer.encode(PROMPTS[1])
@@ -90,7 +95,7 @@ def test_capture_equals_the_reference_for_steered_and_plain_choices_of_one_batch
         forwarded = prompt + choice.token_ids[:-1]  # the last generated token is never fed back
         assert got["token_ids"].tolist() == forwarded and got["positions"].tolist() == list(range(len(forwarded)))
         want = grab(ref, forwarded, len(prompt), None if spec is None else spec | {"positions": "all"})
-        for L in (0, 1, ADD_LAYER):
+        for L in (0, layer, ADD_LAYER):
             t = got[f"blocks.{L}.hook_resid_post"]
             assert t.dtype == torch.float32 and t.shape == (len(forwarded), D_MODEL)
             assert rel_err(t, want[L]) <= 1e-5, L
@@ -135,7 +140,7 @@ def test_capture_at_function_positions_and_in_a_stream(client, ref, demo_tokeniz
         ({"layers": []}, 400, "capture.layers"),
         ({"layers": [1], "extra": 1}, 400, "capture.extra"),
         ([1], 400, "capture"),
-        ({"layers": [0, 1, 2], "positions": "all"}, 413, "capture"),  # 3 x (6 + 99) x 256 x 4 bytes > 64 KiB
+        ({"layers": [0, 1, 2], "positions": "all"}, 413, "capture"),  # 3 x (6 + 99) x 256 x 4 bytes > 256 KiB
     ],
 )
 def test_bad_captures_are_refused_naming_the_field(client, capture, status, field):
