@@ -78,7 +78,7 @@ class VectorIn(Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if sum(x is not None for x in (self.features, self.directions, self.examples)) != 1:
-            raise ValueError("give one of 'layer' and 'features', 'directions', or 'examples'")
+            raise ValueError("give either 'layer' and 'features', 'directions' or 'examples' (one of them)")
         if self.features is not None and self.layer is None:
             raise ValueError("'features' needs the 'layer' of their SAE")
         if self.directions is not None and self.layer is not None:
