@@ -55,8 +55,11 @@ class CaptureRequest:
         return self.max_rows(forwarded) * len(self.layers) * d_model * item
 
 
+MAX_LAYERS = 256  # more than any model's steering layers: bounds the checks' work
+
+
 class CaptureIn(Strict):
-    layers: list[StrictInt] = Field(min_length=1)
+    layers: list[StrictInt] = Field(min_length=1, max_length=MAX_LAYERS)
     positions: str = "all"
     dtype: str = "float32"
 
@@ -105,11 +108,14 @@ def select_rows(req: CaptureRequest, token_ids: torch.Tensor, fn_mask: torch.Ten
     return hits if req.positions == "function" else hits[-1:]
 
 
-def encode_capture(tensors: dict[str, torch.Tensor], rows: torch.Tensor, token_ids: torch.Tensor, dtype: str) -> bytes:
-    """The safetensors blob: each hook's (rows, d_model) tensor in `dtype`, `positions` and `token_ids` (int64)."""
-    out = {hook: t[rows].to("cpu", CAPTURE_DTYPES[dtype]).contiguous() for hook, t in tensors.items()}
-    out["positions"] = rows.to(torch.int64).contiguous()
-    out["token_ids"] = token_ids[rows].to("cpu", torch.int64).contiguous()
+def encode_capture(
+    tensors: dict[str, torch.Tensor], positions: torch.Tensor, token_ids: torch.Tensor, dtype: str
+) -> bytes:
+    """The safetensors blob: each hook's (rows, d_model) tensor in `dtype`, the `positions` (rows,) they were read
+    at and the `token_ids` (rows,) there (int64)."""
+    out = {hook: t.to("cpu", CAPTURE_DTYPES[dtype]).contiguous() for hook, t in tensors.items()}
+    out["positions"] = positions.to("cpu", torch.int64).contiguous()
+    out["token_ids"] = token_ids.to("cpu", torch.int64).contiguous()
     return save(out, metadata={"format": FORMAT})
 
 

@@ -2,7 +2,8 @@
 English sentence pairs, read at the last function token at layer 15, steer the "favourite city" prompt; beside it the
 shipped French feature (layer 15, feature 1516) and no steering. Writes the answers as JSON (stdout and --out).
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/french_vector_smollm2.py --out benchmarks/french_vector_smollm2.json
+    PYTHONPATH=$PWD .venv/bin/python scripts/french_vector_smollm2.py --strengths 1,1.5,2,3,4,8,12 \
+        --out benchmarks/french_vector_smollm2.json
 """
 
 import argparse

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from functok_vllm.capture import CaptureRequest, read_capture
-from functok_vllm.engines.base import Engine, GenerateRequest, RequestError, SamplingParams
+from functok_vllm.engines.base import Engine, EngineStopped, GenerateRequest, RequestError, SamplingParams
 
 READ_POSITIONS = {"last": "last", "last_function": "last_function", "mean": "all"}  # -> capture positions
 METHODS = ("mean_diff", "pca")
@@ -59,8 +59,8 @@ async def read_activations(
             last = None
             async for d in engine.generate(req):
                 last = d
-        if last.finish_reason == "error" or last.capture is None:
-            raise RuntimeError(f"{param}[{i}]: the engine failed on this prompt ({last.error or last.finish_reason})")
+        if last.capture is None:  # aborted (shutting down) or failed: no vector from part of the examples
+            raise EngineStopped(f"{param}[{i}]: the engine ended it with {last.error or last.finish_reason}")
         got = read_capture(last.capture)
         if got["positions"].shape[0] == 0:
             raise RequestError(f"{param}[{i}]", "the prompt has no function token, so no 'last_function' position")

@@ -27,7 +27,7 @@ from fastapi import Request
 from pydantic import Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
-from functok_vllm.capture import CaptureRequest, check_capture
+from functok_vllm.capture import MAX_LAYERS, CaptureRequest, check_capture
 from functok_vllm.core.hookpoint import parse_hook_name
 from functok_vllm.core.sae import SAELoadError, decoder_rows
 from functok_vllm.core.spec import SpecError
@@ -43,6 +43,7 @@ from functok_vllm.validation import shown
 log = logging.getLogger("functok.server")
 MAX_FEATURES = 1024  # features summed into one vector
 DESCRIPTION_MAX = 1000
+CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per allowed token is refused untokenized
 PARSERS = 2  # uploads parsed at once (the admin's; every other request keeps the event loop and the other core)
 PARSE_BUDGET_S = 10.0  # a backstop: a 16 MiB file within the scan's bounds parses in well under a second
 _parsing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Semaphore(PARSERS)
@@ -58,7 +59,7 @@ class ExamplesIn(Strict):
 
     positive: list[str] = Field(min_length=1)
     negative: list[str] = Field(min_length=1)
-    layers: list[StrictInt] = Field(min_length=1)
+    layers: list[StrictInt] = Field(min_length=1, max_length=MAX_LAYERS)
     position: str = "last_function"
     method: str = "mean_diff"
     paired: bool = True
@@ -175,10 +176,16 @@ def examples_of(given: ExamplesIn, engine: Engine, info: SteeringInfo, limits: L
         ids[side] = []
         for i, text in enumerate(getattr(given, side)):
             field = f"{where}.{side}[{i}]"
-            toks = engine.encode(text)
+            cap_tokens = min(limits.max_example_tokens, engine.max_model_len - 1)
+            if len(text) > CHARS_PER_TOKEN * cap_tokens:  # before tokenizing it on the event loop
+                msg = f"{len(text)} characters; at most {CHARS_PER_TOKEN * cap_tokens} ({cap_tokens} tokens)"
+                raise APIError(400, f"{field}: {msg}", field)
+            try:
+                toks = engine.encode(text)
+            except Exception as e:  # the tokenizer's errors (e.g. a lone surrogate)
+                raise APIError(400, f"{field}: the tokenizer cannot encode it ({type(e).__name__})", field) from None
             if not toks:
                 raise APIError(400, f"{field}: the prompt is empty", field)
-            cap_tokens = min(limits.max_example_tokens, engine.max_model_len - 1)
             if len(toks) > cap_tokens:
                 msg = f"{len(toks)} tokens; at most {cap_tokens} (max_example_tokens, the context)"
                 raise APIError(400, f"{field}: {msg}", field)
@@ -198,7 +205,7 @@ async def from_examples(given: ExamplesIn, engine: Engine, info: SteeringInfo, l
     except EngineStopped as e:
         raise APIError(503, str(e), code="engine_stopped") from None
     log.info("vector from %d examples computed in %.2f s", len(ex.positive) + len(ex.negative), time.monotonic() - t0)
-    prompts = json.dumps({"positive": given.positive, "negative": given.negative}, ensure_ascii=False)
+    prompts = json.dumps({"positive": given.positive, "negative": given.negative})  # ASCII: any code point hashes
     source = {
         "kind": "examples",
         "method": ex.method,

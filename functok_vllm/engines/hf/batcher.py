@@ -361,10 +361,15 @@ class Batcher:
         """The request's capture: the rows its forwards copied out, at the positions it asked for."""
         c = seq.req.capture
         hooks = {layer: op.hook.canonical().name for layer, op in self.table.layers.items()}  # as hook_layers
-        tensors = {hooks[layer]: torch.cat(seq.captured[layer]) for layer in c.layers}  # (forwarded, d_model)
-        forwarded = next(iter(tensors.values())).shape[0]
+        forwarded = len(seq.req.prompt_ids) + max(len(seq.out_ids) - 1, 0)  # the last token is never fed back
         token_ids = torch.tensor((seq.req.prompt_ids + seq.out_ids)[:forwarded], dtype=torch.long)  # (forwarded,)
-        return encode_capture(tensors, select_rows(c, token_ids, self.fn_mask), token_ids, c.dtype)
+        if c.positions == "last":  # the hooks kept only the latest row
+            rows, pick = torch.tensor([forwarded - 1]), slice(None)
+        else:
+            rows = select_rows(c, token_ids, self.fn_mask)
+            pick = rows
+        tensors = {hooks[layer]: torch.cat(seq.captured[layer])[pick] for layer in c.layers}  # (rows, d_model)
+        return encode_capture(tensors, rows, token_ids[rows], c.dtype)
 
 
 def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None):
@@ -380,7 +385,10 @@ def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | N
             if readout is not None:
                 readout.observe(layer, op.sae, h)
             for seq, rows in keep or ():
-                seq.captured.setdefault(layer, []).append(h[rows].clone())
+                if seq.req.capture.positions == "last":  # only the latest row is ever returned
+                    seq.captured[layer] = [h[rows][-1:].clone()]
+                else:
+                    seq.captured.setdefault(layer, []).append(h[rows].clone())
         return out
 
     return fn
