@@ -6,6 +6,7 @@ and used by name steers exactly as that reference forward with the same numbers 
 naming the field or the limit. One server for the module."""
 
 import base64
+import json
 
 import numpy as np
 import openai
@@ -253,3 +254,20 @@ def test_bad_examples_are_refused_naming_the_field(admin, client, change, field)
     assert e.value.body["param"] == field, e.value.body
     with pytest.raises(openai.PermissionDeniedError):  # the user key cannot create vectors
         create(client, {"name": "bad", "examples": ex})
+
+
+def test_the_cli_builds_the_same_vector_through_the_server(server, admin, tmp_path, capsys):
+    from functok_vllm.cli import main
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([list(p) for p in PAIRS]))
+    args = ["vector-from-examples", str(pairs), "--name", "royal-cli", "--url", server.url, "--admin-key", ADMIN]
+    assert main([*args, "--layers", f"1,{ADD_LAYER}"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    examples = {"positive": [p for p, _ in PAIRS], "negative": [n for _, n in PAIRS], "layers": [1, ADD_LAYER]}
+    by_api = create(
+        admin, {"name": "royal-api", "examples": examples}, method="put", path="/steering/vectors/royal-api"
+    )
+    assert card["name"] == "royal-cli" and card["version"] == by_api["version"]
+    assert main([*args, "--layers", "9"]) == 2  # refused by the server, said on stderr
+    assert "examples.layers[0]" in capsys.readouterr().err
