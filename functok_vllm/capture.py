@@ -1,10 +1,11 @@
 """The `capture` object of a generation request (raw residual activations), its binary answer, and a reader for it.
 
-    "capture": {"layers": [1, 2], "positions": "all", "dtype": "float32"}
+    "capture": {"layers": [1, 2], "positions": "all", "dtype": "float32", "edits": "after"}
 
 asks for the residual stream at the hook point of each listed steering layer (an SAE's hook, or `resid_post` of an
-add-only `--steer-layers` layer), AFTER this request's edits there (what the SAE reads when the request is steered),
-at every position the request's forwards compute: the prompt, then each generated token that is fed back (the last
+add-only `--steer-layers` layer), after this request's edits there (`edits: "after"`, the default: what the SAE reads
+when the request is steered) or before them (`"before"`: edits upstream applied, this layer's not), at every
+position the request's forwards compute: the prompt, then each generated token that is fed back (the last
 generated token is never forwarded, so it has no activation). `positions` keeps
 
 - `all`: every such position;
@@ -35,6 +36,7 @@ from functok_vllm.steering import SteeringInfo, Strict, StrictInt
 from functok_vllm.validation import describe, shown
 
 CAPTURE_POSITIONS = ("all", "last", "function", "last_function")
+CAPTURE_EDITS = ("after", "before")
 CAPTURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMAT = "functok.capture.v1"
 
@@ -44,6 +46,7 @@ class CaptureRequest:
     layers: tuple[int, ...]  # steering layers (the `layer` an edit names), in the order given
     positions: str = "all"
     dtype: str = "float32"
+    edits: str = "after"  # read the stream after this request's edits at the layer, or before them
 
     def max_rows(self, forwarded: int) -> int:
         """Positions the capture may hold when `forwarded` positions are computed."""
@@ -62,6 +65,7 @@ class CaptureIn(Strict):
     layers: list[StrictInt] = Field(min_length=1, max_length=MAX_LAYERS)
     positions: str = "all"
     dtype: str = "float32"
+    edits: str = "after"
 
 
 def parse_capture(given, info: SteeringInfo, param: str = "capture") -> CaptureRequest | None:
@@ -79,7 +83,9 @@ def parse_capture(given, info: SteeringInfo, param: str = "capture") -> CaptureR
         raise SpecError(f"{param}.positions", f"{shown(c.positions)} is not one of {', '.join(CAPTURE_POSITIONS)}")
     if c.dtype not in CAPTURE_DTYPES:
         raise SpecError(f"{param}.dtype", f"{shown(c.dtype)} is not one of {', '.join(CAPTURE_DTYPES)}")
-    req = CaptureRequest(tuple(c.layers), c.positions, c.dtype)
+    if c.edits not in CAPTURE_EDITS:
+        raise SpecError(f"{param}.edits", f"{shown(c.edits)} is not one of {', '.join(CAPTURE_EDITS)}")
+    req = CaptureRequest(tuple(c.layers), c.positions, c.dtype, c.edits)
     check_capture(req, info, param)
     return req
 

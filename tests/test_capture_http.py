@@ -103,6 +103,27 @@ def test_capture_equals_the_reference_for_steered_and_plain_choices_of_one_batch
         assert choice.capture["bytes"] == len(base64.b64decode(choice.capture["data"]))
 
 
+def test_capture_before_the_edits_is_the_stream_with_only_the_edits_upstream(
+    client, ref, demo_tokenizer, logit_lens_feature
+):
+    layer, feature, _ = logit_lens_feature
+    edits = [{"layer": layer, "feature": feature, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4.0}]
+    prompt = demo_tokenizer.encode(PROMPTS[3])
+    got = {}
+    for when in ("before", "after"):
+        body = {"steering": {"edits": edits, "positions": "all"}, "return_token_ids": True}
+        body["capture"] = {"layers": [0, layer], "edits": when}
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=5, temperature=0, extra_body=body)
+        got[when] = read_capture(r.choices[0].capture)
+    forwarded = prompt + r.choices[0].token_ids[:-1]
+    plain = grab(ref, forwarded, len(prompt), layers=(0,))
+    upstream = grab(ref, forwarded, len(prompt), {"edits": edits[1:], "positions": "all"}, layers=(0, layer))
+    assert rel_err(got["before"]["blocks.0.hook_resid_post"], plain[0]) <= 1e-5
+    assert rel_err(got["before"][f"blocks.{layer}.hook_resid_post"], upstream[layer]) <= 1e-5
+    moved = got["after"][f"blocks.{layer}.hook_resid_post"] - got["before"][f"blocks.{layer}.hook_resid_post"]
+    assert float(moved.norm(dim=-1).min()) > 1.0  # "after" holds the edit at every position: the two readings differ
+
+
 def test_capture_at_function_positions_and_in_a_stream(client, ref, demo_tokenizer, demo_function_tokens):
     fn = set(demo_function_tokens.ids)
     prompt = demo_tokenizer.encode(PROMPTS[0])
@@ -138,6 +159,7 @@ def test_capture_at_function_positions_and_in_a_stream(client, ref, demo_tokeniz
         ({"layers": [1, 1]}, 400, "capture.layers[1]"),
         ({"layers": [1], "positions": "first"}, 400, "capture.positions"),
         ({"layers": [1], "dtype": "int8"}, 400, "capture.dtype"),
+        ({"layers": [1], "edits": "during"}, 400, "capture.edits"),
         ({"layers": []}, 400, "capture.layers"),
         ({"layers": [1], "extra": 1}, 400, "capture.extra"),
         ([1], 400, "capture"),

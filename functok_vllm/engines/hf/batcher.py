@@ -377,18 +377,29 @@ def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | N
     vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, and the copies of the rows
     capturing requests asked for (`keep`: [(Seq, rows)])."""
 
+    def stream(x, residual):
+        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
+
     def fn(_module, hidden, residual):
+        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
+        if before:
+            _keep(layer, stream(hidden, residual), before)
         out = op.steered_hidden(hidden, residual) if add else None
-        if readout is not None or keep:
-            h = hidden if out is None else out
-            h = (h if residual is None else h + residual).reshape(-1, h.shape[-1])  # (tokens, d_model)
+        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
+        if readout is not None or after:
+            h = stream(hidden if out is None else out, residual)
             if readout is not None:
                 readout.observe(layer, op.sae, h)
-            for seq, rows in keep or ():
-                if seq.req.capture.positions == "last":  # only the latest row is ever returned
-                    seq.captured[layer] = [h[rows][-1:].clone()]
-                else:
-                    seq.captured.setdefault(layer, []).append(h[rows].clone())
+            _keep(layer, h, after)
         return out
 
     return fn
+
+
+def _keep(layer: int, h: torch.Tensor, keep: list) -> None:
+    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
+    for seq, rows in keep:
+        if seq.req.capture.positions == "last":  # only the latest row is ever returned
+            seq.captured[layer] = [h[rows][-1:].clone()]
+        else:
+            seq.captured.setdefault(layer, []).append(h[rows].clone())
