@@ -43,6 +43,7 @@ from functok_vllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Steering,
+    capture_of,
     features_of,
     resolve_steering,
     resolve_steering_list,
@@ -127,7 +128,9 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
     app.state.drain, app.state.stop_engine, app.state.library = drain, stop_engine, library
     analyzer = add_analysis_route(app, engine, limits)
     add_playground(app, engine, analyzer)  # the page at /, /static/, /tokenize, /v1/features/...
-    add_library_routes(app, library, presets, engine.steering_info(), config.steering)  # /v1/steering/vectors, presets
+    add_library_routes(
+        app, library, presets, engine.steering_info(), config.steering, engine, limits
+    )  # /v1/steering/vectors, presets
 
     @app.get("/health")
     async def health():
@@ -183,6 +186,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
     async def run(kind, body, prompts: list[Prompt], max_tokens, request: Request, t0: float):
         steerings, listed = prepare(body, request)
         fr = features_of(body, engine.steering_info())
+        cap = capture_of(body, engine.steering_info())
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         choices = fanout.plan(prompts, steerings, body.n, limits, listed)
         param = "messages" if kind == "chat" else "prompt"
@@ -196,17 +200,19 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 max_tokens if max_tokens is not None else min(limits.max_tokens, engine.max_model_len - len(p.ids))
             )
         fanout.check_features(fr, choices, caps, limits)
+        fanout.check_capture(cap, choices, caps, limits, engine.steering_info().d_model)
         if kind == "chat":
             lp, prompt_lp, echo = ((body.top_logprobs or 0) if body.logprobs else None), None, False
         else:
             lp, echo = body.logprobs, body.echo
             prompt_lp = lp if echo else None
         fanout.check_prompt_scoring(prompt_lp, choices, limits)
-        extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr}
+        extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr, "capture": cap}
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(
             kind, tt, lp is not None, echo, body.return_token_ids, fr is not None, fr is not None and fr.prompt
         )
+        fmt.capture = cap is not None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(
             kind,

@@ -56,6 +56,15 @@ class Limits:
         "log-probabilities prompt scoring (echo) may return in one request: prompt tokens of every choice x "
         "(logprobs + 1); more get 400 (checked before any work starts)",
     )
+    max_capture_bytes: int = _limit(
+        16 << 20,
+        "activation bytes a request's `capture` may return (before base64): choices x positions (prompt + max_tokens "
+        "for 'all' and 'function') x layers x d_model x dtype size; more get 413, before any work starts",
+    )
+    max_example_prompts: int = _limit(
+        256, "prompts (positive and negative together) one steering vector from examples may use; more get 400"
+    )
+    max_example_tokens: int = _limit(1024, "tokens of each prompt of a steering vector from examples; longer get 400")
     max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
     max_vectors: int = _limit(256, "named steering vectors in the library; creating more gets 409")
@@ -84,6 +93,7 @@ class Limits:
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
         at_least_one = ("max_tokens", "max_running", "max_body_bytes", "max_choices", "max_feature_values")
         at_least_one += ("max_connections", "max_header_bytes", "max_prompt_logprob_values")
+        at_least_one += ("max_capture_bytes", "max_example_prompts", "max_example_tokens")
         for name in (*at_least_one, "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")

@@ -54,6 +54,24 @@ def check_features(fr: FeatureRequest | None, choices: list[Choice], max_tokens:
         raise APIError(400, msg, "features")
 
 
+def check_capture(cap, choices: list[Choice], max_tokens: list[int], limits: Limits, d_model: int) -> None:
+    """413 naming `capture` when the activations it may return exceed `max_capture_bytes`, checked before any work
+    starts on the most the request can compute (every choice's prompt and max_tokens - 1 generated tokens)."""
+    if cap is None:
+        return
+    prompt_of = {id(c.prompt): i for i, c in enumerate({id(c.prompt): c for c in choices}.values())}
+    total = sum(
+        cap.max_bytes(len(c.prompt.ids) + max(max_tokens[prompt_of[id(c.prompt)]] - 1, 0), d_model) for c in choices
+    )
+    if total > limits.max_capture_bytes:
+        msg = (
+            f"capture: up to {total} bytes of activations (choices x positions x {len(cap.layers)} layers x d_model "
+            f"{d_model} x {cap.dtype}); this server returns at most {limits.max_capture_bytes} a request "
+            "(max_capture_bytes): ask for fewer positions, layers or max_tokens, or float16"
+        )
+        raise APIError(413, msg, "capture", "capture_too_large")
+
+
 def check_prompt_scoring(prompt_lp: int | None, choices: list[Choice], limits: Limits) -> None:
     """400 naming `logprobs` when prompt scoring (echo) asks for more values than `max_prompt_logprob_values`:
     checked before any work starts, since each choice scores its whole prompt."""

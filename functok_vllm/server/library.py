@@ -20,7 +20,9 @@ from pydantic import Field, ValidationError
 
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import VectorError
+from functok_vllm.engines.base import Engine
 from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, NotJSON, vector_names
+from functok_vllm.server.config import Limits
 from functok_vllm.server.finite import FiniteJSONResponse
 from functok_vllm.server.openai_errors import APIError, from_validation
 from functok_vllm.server.vector_input import DESCRIPTION_MAX, VectorIn, vector_from_request
@@ -140,7 +142,15 @@ def body_schema(model, upload: bool = False) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: SteeringInfo, limits: SteeringLimits):
+def add_library_routes(
+    app: FastAPI,
+    library: Library,
+    book: PresetBook,
+    info: SteeringInfo,
+    limits: SteeringLimits,
+    engine: Engine,
+    server_limits: Limits,
+):
     def lookup(fn, *args):
         try:
             return fn(*args)
@@ -187,15 +197,17 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
         return vector_card(name, rec, info) | {"directions": directions}
 
     async def put_vector(request: Request, path_name: str | None) -> JSONResponse:
-        given, vector, source, description = await vector_from_request(request, info, limits)
+        given, vector, source, description = await vector_from_request(request, info, limits, engine, server_limits)
         name = named(given, path_name)
         rec, new = await change(library.put_vector, name, vector, source, description, path_name is not None)
         return FiniteJSONResponse(vector_card(name, rec, info), status_code=201 if new else 200)
 
     @app.post("/v1/steering/vectors", status_code=201, openapi_extra=body_schema(VectorIn, upload=True))
     async def create_vector(request: Request):
-        """JSON {"name", "layer", "features": [{"feature", "strength"}]} or {"name", "directions": {"L": [...]}}, or
-        multipart/form-data with `name`, `file` (GGUF control vector or safetensors), `layers`, `description`."""
+        """JSON {"name", "layer", "features": [{"feature", "strength"}]}, {"name", "directions": {"L": [...]}} or
+        {"name", "examples": {"positive", "negative", "layers", "position", "method", "paired"}} (computed on this
+        engine, `engines.contrast`), or multipart/form-data with `name`, `file` (GGUF control vector or
+        safetensors), `layers`, `description`."""
         return await put_vector(request, None)
 
     @app.put("/v1/steering/vectors/{name}", openapi_extra=body_schema(VectorIn, upload=True))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from functok_vllm.capture import CaptureRequest, parse_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
 from functok_vllm.feature_request import FeatureRequest, parse_features
@@ -70,6 +71,7 @@ class _Common(Strict):
     # functok's extensions
     steering: SpecGiven | list[SpecGiven] = None  # one spec (or preset name), or a list of them: one choice each
     features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
+    capture: dict[str, Any] | None = None  # {"layers": [...], "positions": ..., "dtype": ...}: functok_vllm.capture
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
 
     @model_validator(mode="after")
@@ -159,6 +161,14 @@ def sampling_params(req: _Common, max_tokens: int | None, limits: Limits) -> Sam
         )
     except RequestError as e:
         raise APIError(400, str(e), e.param, e.code) from None
+
+
+def capture_of(req: _Common, info: SteeringInfo) -> CaptureRequest | None:
+    """The request's `capture`, checked against the steering layers; APIError 400 naming the field when it is bad."""
+    try:
+        return parse_capture(req.capture, info)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
 
 
 def features_of(req: _Common, info: SteeringInfo) -> FeatureRequest | None:

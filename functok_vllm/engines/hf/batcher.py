@@ -12,7 +12,8 @@ request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
 
 What a request asks for beyond tokens costs only that request's rows: log-probabilities are one log-softmax of its
 logits row (of every prompt position only when it asks for prompt scoring: the prefill keeps the last position
-otherwise), and features are read in the same hooks that steer (`feature_plan.py`), on its rows only.
+otherwise), and features are read in the same hooks that steer (`feature_plan.py`), on its rows only; so is a capture
+(`functok_vllm.capture`): its rows of the tensor at the hook point after the steering there are copied out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from functok_vllm.capture import encode_capture, select_rows
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
@@ -58,6 +60,7 @@ class Seq:
     steered: int = 0
     pen_row: int = -1  # its row of the sampler's PenaltyCounts (-1: no penalties)
     pending: dict = field(default_factory=dict)  # prompt extras for the next delta (prompt_logprobs, prompt_features)
+    captured: dict = field(default_factory=dict)  # layer -> [(rows, d_model) tensors], one per forward, when it asked
 
     def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
         """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
@@ -96,6 +99,7 @@ class Batcher:
         self._live = dict.fromkeys(table.layers if table else (), 0)  # layer -> running requests steering there
         self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
+        self.capture: dict[int, list] = {}  # this forward's capture plan: layer -> [(Seq, its flattened rows)]
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
@@ -152,9 +156,17 @@ class Batcher:
         for layer, op in self.table.layers.items() if self.table else ():
             add = steer and self._live[layer] > 0
             read = bool(self.readout.plans) and op.sae is not None
-            if add or read:
-                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None)))
+            keep = self.capture.get(layer)
+            if add or read or keep:
+                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None, keep)))
         return hooked(self.layers, fns)
+
+    def _plan_capture(self, wants: list[tuple[Seq, slice]]) -> None:
+        """This forward's capture plan from (request, its flattened rows) of the requests that capture."""
+        self.capture = {}
+        for seq, rows in wants:
+            for layer in seq.req.capture.layers:
+                self.capture.setdefault(layer, []).append((seq, rows))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -205,6 +217,7 @@ class Batcher:
         steer = self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
+        self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
         scoring = r.prompt_logprobs is not None
         tap = HiddenTap(self.model) if scoring else contextlib.nullcontext()  # the head then computes 1 row
         with self._hooks(steer), tap:
@@ -241,6 +254,7 @@ class Batcher:
         wants = [(i, s.req.features, [i]) for i, s in enumerate(rows) if s.req.features is not None]
         if wants:
             self.readout.plan(wants)
+        self._plan_capture([(s, slice(i, i + 1)) for i, s in enumerate(rows) if s.req.capture is not None])
         with self._hooks(steer):
             out = self.model(
                 input_ids=ids[:, None],
@@ -337,19 +351,55 @@ class Batcher:
         self.pens.leave(seq.pen_row)
         seq.pen_row = -1
         seq.kv = None
-        seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error, extra))
+        d = seq.delta(text + seq.text.flush(), list(ids), reason, error, extra)
+        if seq.req.capture is not None and reason in ("stop", "length"):
+            d.capture = self._capture_blob(seq)
+        seq.captured = {}
+        seq.emit(d)
+
+    def _capture_blob(self, seq: Seq) -> bytes:
+        """The request's capture: the rows its forwards copied out, at the positions it asked for."""
+        c = seq.req.capture
+        hooks = {layer: op.hook.canonical().name for layer, op in self.table.layers.items()}  # as hook_layers
+        forwarded = len(seq.req.prompt_ids) + max(len(seq.out_ids) - 1, 0)  # the last token is never fed back
+        token_ids = torch.tensor((seq.req.prompt_ids + seq.out_ids)[:forwarded], dtype=torch.long)  # (forwarded,)
+        if c.positions == "last":  # the hooks kept only the latest row
+            rows, pick = torch.tensor([forwarded - 1]), slice(None)
+        else:
+            rows = select_rows(c, token_ids, self.fn_mask)
+            pick = rows
+        tensors = {hooks[layer]: torch.cat(seq.captured[layer])[pick] for layer in c.layers}  # (rows, d_model)
+        return encode_capture(tensors, rows, token_ids[rows], c.dtype)
 
 
-def _callback(layer: int, op, add: bool, readout: Readout | None):
+def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None):
     """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
-    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`."""
+    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, and the copies of the rows
+    capturing requests asked for (`keep`: [(Seq, rows)])."""
+
+    def stream(x, residual):
+        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
 
     def fn(_module, hidden, residual):
+        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
+        if before:
+            _keep(layer, stream(hidden, residual), before)
         out = op.steered_hidden(hidden, residual) if add else None
-        if readout is not None:
-            h = hidden if out is None else out
-            h = h if residual is None else h + residual
-            readout.observe(layer, op.sae, h.reshape(-1, h.shape[-1]))
+        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
+        if readout is not None or after:
+            h = stream(hidden if out is None else out, residual)
+            if readout is not None:
+                readout.observe(layer, op.sae, h)
+            _keep(layer, h, after)
         return out
 
     return fn
+
+
+def _keep(layer: int, h: torch.Tensor, keep: list) -> None:
+    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
+    for seq, rows in keep:
+        if seq.req.capture.positions == "last":  # only the latest row is ever returned
+            seq.captured[layer] = [h[rows][-1:].clone()]
+        else:
+            seq.captured.setdefault(layer, []).append(h[rows].clone())

@@ -72,6 +72,8 @@ class HFEngineConfig:
 
 
 class HFEngine(Engine):
+    supports_capture = True  # the batcher copies capturing requests' rows out in its hooks (`batcher.py`)
+
     def __init__(self, cfg: HFEngineConfig):
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
