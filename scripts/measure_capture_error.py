@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference import eager_model, load_lens, logprobs  # noqa: E402
 
-from functok_vllm.capture import read_capture  # noqa: E402
+from functok_vllm.activation_capture import read_capture  # noqa: E402
 from functok_vllm.launch import functok_serve, start  # noqa: E402
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES  # noqa: E402
 

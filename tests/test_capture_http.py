@@ -15,7 +15,7 @@ import torch
 from helpers import PROMPTS, ServerProc, openai_client
 from reference import eager_model, load_lens, logprobs
 
-from functok_vllm.capture import read_capture
+from functok_vllm.activation_capture import read_capture
 from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from functok_vllm.capture import CaptureRequest, check_capture
+from functok_vllm.activation_capture import CaptureRequest, check_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
@@ -127,7 +127,7 @@ class GenerateRequest:
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: none
     features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
-    capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.capture`
+    capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.activation_capture`
     # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
     stream: bool = True
 

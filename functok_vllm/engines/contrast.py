@@ -1,7 +1,7 @@
 """Steering vectors from contrastive examples (CAA): the mean difference of activations between positive and negative
 prompts at chosen layers, read on the serving engine through per-request capture, unsteered.
 
-Each prompt is one engine request with `max_tokens` 0 and a `capture` of its layers (`functok_vllm.capture`), so the
+Each prompt is one engine request with `max_tokens` 0 and a `capture` of its layers (`activation_capture.py`), so the
 activations come from the engine's own forward (the same hook points, batching and dtype that later steer with the
 vector), with no edit applied. The read position per prompt:
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from functok_vllm.capture import CaptureRequest, read_capture
+from functok_vllm.activation_capture import CaptureRequest, read_capture
 from functok_vllm.engines.base import Engine, EngineStopped, GenerateRequest, RequestError, SamplingParams
 
 READ_POSITIONS = {"last": "last", "last_function": "last_function", "mean": "all"}  # -> capture positions

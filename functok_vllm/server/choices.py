@@ -143,7 +143,7 @@ class Choice:
 
 
 def capture_object(blob: bytes | None) -> dict | None:
-    """A choice's `capture`: the safetensors blob as base64 (`functok_vllm.capture.read_capture` reads it back);
+    """A choice's `capture`: the safetensors blob as base64 (`activation_capture.read_capture` reads it back);
     None when the request ended without one (aborted, failed)."""
     if blob is None:
         return None

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from functok_vllm.capture import CaptureRequest, parse_capture
+from functok_vllm.activation_capture import CaptureRequest, parse_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
 from functok_vllm.feature_request import FeatureRequest, parse_features
@@ -71,7 +71,7 @@ class _Common(Strict):
     # functok's extensions
     steering: SpecGiven | list[SpecGiven] = None  # one spec (or preset name), or a list of them: one choice each
     features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
-    capture: dict[str, Any] | None = None  # {"layers": [...], "positions": ..., "dtype": ...}: functok_vllm.capture
+    capture: dict[str, Any] | None = None  # {"layers", "positions", "dtype"}: activation_capture.py
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
 
     @model_validator(mode="after")

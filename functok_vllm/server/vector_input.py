@@ -27,7 +27,7 @@ from fastapi import Request
 from pydantic import Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
-from functok_vllm.capture import MAX_LAYERS, CaptureRequest, check_capture
+from functok_vllm.activation_capture import MAX_LAYERS, CaptureRequest, check_capture
 from functok_vllm.core.hookpoint import parse_hook_name
 from functok_vllm.core.sae import SAELoadError, decoder_rows
 from functok_vllm.core.spec import SpecError

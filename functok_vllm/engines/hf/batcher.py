@@ -13,7 +13,7 @@ request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
 What a request asks for beyond tokens costs only that request's rows: log-probabilities are one log-softmax of its
 logits row (of every prompt position only when it asks for prompt scoring: the prefill keeps the last position
 otherwise), and features are read in the same hooks that steer (`feature_plan.py`), on its rows only; so is a capture
-(`functok_vllm.capture`): its rows of the tensor at the hook point after the steering there are copied out.
+(`functok_vllm.activation_capture`): its rows of the tensor at the hook point after the steering there are copied out.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from functok_vllm.capture import encode_capture, select_rows
+from functok_vllm.activation_capture import encode_capture, select_rows
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
