@@ -28,9 +28,8 @@ import torch
 from functok_vllm.analysis.io import figure, save_figure
 from functok_vllm.analysis.md import finding_cells, md_table, tok
 from functok_vllm.analysis.reactivation_study import paired
-from functok_vllm.analysis.steer_study import steered_generate
+from functok_vllm.analysis.steer_study import add_spec, direction_spec, steered_generate
 from functok_vllm.analysis.steer_sweep import Steerer
-from functok_vllm.core import Edit, SteeringSpec, VectorEdit
 from functok_vllm.core.sinks import sink_mask
 
 CAPITALS = {
@@ -121,11 +120,11 @@ def pair_study(am, st, cfg: CaseConfig, x: str, y: str, norm: float, rng) -> dic
     for f in cands:
         for m in MULTIPLES:
             s = m * norm
-            specs.append(SteeringSpec((Edit(layer, f, "add", s / float(w[f])),), "all"))
+            specs.append(add_spec(layer, f, s / float(w[f])))
             d = torch.nn.functional.normalize(
                 torch.as_tensor(rng.standard_normal(sae.d_in), dtype=torch.float32), dim=0
             )
-            rand.append(SteeringSpec(vectors=(VectorEdit(f"random-{len(rand)}", s, at={layer: d}),)))
+            rand.append(direction_spec(sae.cfg.hook.canonical().name, layer, f"random-{len(rand)}", s, d))
             where.append((f, m))
     base = answer(am, st, a_ids)[0]
     out = {"x": x, "y": y, "position": p, "answer": base, "twin_answer": answer(am, st, b_ids)[0]}

@@ -29,9 +29,9 @@ from functok_vllm.analysis.io import figure, save_figure
 from functok_vllm.analysis.md import finding_cells, md_table
 from functok_vllm.analysis.steer_sweep import Steerer
 from functok_vllm.analysis.verdict import Finding, bootstrap, finding
-from functok_vllm.core import Edit, SteeringSpec
 from functok_vllm.core.capture import reactivated
 from functok_vllm.core.sinks import sink_mask
+from functok_vllm.steering import FeatureEdit, SteeringSpec
 
 STRATA = (0.01, 0.1)  # firing-rate edges: rare < 1% of positions <= middle < 10% <= dense
 STRATUM_NAMES = ("rare", "middle", "dense")
@@ -139,7 +139,9 @@ def within_cross(records: list[dict], masks: dict) -> dict[str, np.ndarray]:
 def ablation_drops(st: Steerer, ids: list[int], layer: int, p: int, feats: list[int], base, target: int):
     """(n,) drop of log p(target) at position p when each feature is ablated (clamped to 0) at p alone, one batch;
     `base`: the unsteered (vocab,) log-probabilities at p."""
-    specs = [SteeringSpec((Edit(layer, int(f), "ablate"),), "all") for f in feats]
+    specs = [
+        SteeringSpec(edits=(FeatureEdit(layer=layer, feature=int(f), mode="ablate"),), positions="all") for f in feats
+    ]
     x = torch.tensor(ids[: p + 1])  # causal: the logits at p read no later token
     lp = st.logits_at(x, specs, [p] * len(specs))[:, p].log_softmax(-1)  # (n, vocab)
     return base[target] - lp[:, target]

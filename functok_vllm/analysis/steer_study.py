@@ -25,8 +25,10 @@ from functok_vllm.analysis.io import figure, save_figure
 from functok_vllm.analysis.md import finding_cells, md_table, tok
 from functok_vllm.analysis.reactivation_study import paired
 from functok_vllm.analysis.steer_sweep import Steerer, kl, last_content_position
-from functok_vllm.core import Edit, SteeringSpec, VectorEdit, last_function_position
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.core import last_function_position
+from functok_vllm.core.vector import Vector
+from functok_vllm.engines.placement import residual_hooks
+from functok_vllm.steering import FeatureEdit, SteeringSpec, VectorEdit
 
 MULTIPLES = (0.25, 0.5, 1.0, 2.0)  # strengths in units of the median residual norm (the issue's 0.25x..2x)
 VERDICT_MULTIPLE = 1.0  # the strength whose findings are the headline: at 2x the text degenerates (KL of 8-11 nats)
@@ -92,11 +94,23 @@ def variants(am, prompts: list[str], n: int) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def specs_for(layer: int, cands, directions: dict[int, torch.Tensor], norm: float, w_norms, kind: str) -> list:
+def add_spec(layer: int, feature: int, strength: float) -> SteeringSpec:
+    """strength * W_dec[feature] added (where the caller's slot index puts it)."""
+    return SteeringSpec(edits=(FeatureEdit(layer=layer, feature=feature, strength=strength),), positions="all")
+
+
+def direction_spec(hook: str, layer: int, name: str, strength: float, direction: torch.Tensor) -> SteeringSpec:
+    """strength * direction added at the layer's hook point, as a steering vector bound to its content."""
+    vec = Vector.make({hook: direction})
+    edit = VectorEdit(vector=name, strength=strength).bound(vec, {layer: direction})
+    return SteeringSpec(edits=(edit,), positions="all")
+
+
+def specs_for(layer: int, hook: str, cands, directions: dict, norm: float, w_norms, kind: str) -> list:
     """One spec per candidate: its decoder row scaled to norm `norm`, or its random direction of that norm."""
     if kind == "feature":
-        return [SteeringSpec((Edit(layer, f, "add", norm / float(w_norms[f])),), "all") for f, _ in cands]
-    return [SteeringSpec(vectors=(VectorEdit(f"random-{f}", norm, at={layer: directions[f]}),)) for f, _ in cands]
+        return [add_spec(layer, f, norm / float(w_norms[f])) for f, _ in cands]
+    return [direction_spec(hook, layer, f"random-{f}", norm, directions[f]) for f, _ in cands]
 
 
 @torch.no_grad()
@@ -156,6 +170,7 @@ def run(am, prompts: list[str], cfg: StudyConfig, progress: bool = False) -> dic
     g = torch.Generator().manual_seed(cfg.seed)
     directions = {f: torch.nn.functional.normalize(torch.randn(W.shape[1], generator=g), dim=0) for f, _ in cands}
     st = Steerer(am, [layer])
+    hook = am.saes[layer].cfg.hook.canonical().name  # where a random direction is added: the feature's own point
     n_p = len(pairs["ends_function"])
     shape = (n_p, len(VARIANTS), len(DIRECTIONS), len(cfg.multiples))
     m = {k: np.full(shape, np.nan) for k in ("dlogp", "top1", "kl", "ppl")}
@@ -169,7 +184,7 @@ def run(am, prompts: list[str], cfg: StudyConfig, progress: bool = False) -> dic
             base = base[0]  # (vocab,)
             for d, kind in enumerate(DIRECTIONS):
                 for s, mult in enumerate(cfg.multiples):
-                    specs = specs_for(layer, cands, directions, mult * norm, W.norm(dim=1), kind)
+                    specs = specs_for(layer, hook, cands, directions, mult * norm, W.norm(dim=1), kind)
                     logp, cont = steered_generate(st, ids, specs, cfg.generate)  # (n, vocab), (n, k)
                     tgt = logp.gather(1, targets[:, None].to(logp.device))[:, 0]
                     m["dlogp"][i, v, d, s] = float((tgt - base[targets]).mean())
