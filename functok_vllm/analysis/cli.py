@@ -83,6 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = _add(sub, "coverage", "coverage", "token-feature bipartite graph and cumulative feature coverage by rank")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+    p.add_argument("--keep-sinks", action="store_true", help="count attention-sink positions too (default: left out)")
     add_engine(p, "capture mode of the steering worker extension")
 
     p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
