@@ -109,7 +109,7 @@ def test_coverage_leaves_out_the_first_position_of_every_window(am):
     assert g.n_sinks == 3
     assert g.token_count[[0, 1, 2, 3]].tolist() == [0, 2, 1, 1]
     tokens, feats, n = g.pairs()  # firings per edge: token 1 twice (features 1, 8), the others once
-    assert sorted(zip(tokens.tolist(), feats.tolist(), n.tolist())) == [
+    assert sorted(zip(tokens.tolist(), feats.tolist(), n.tolist(), strict=True)) == [
         (1, 1, 2),
         (1, 8, 2),
         (2, 2, 1),

@@ -11,7 +11,7 @@ SAELens on-disk format and loaded through the project's loader, as a user's SAE 
 import pytest
 import torch
 
-from functok_vllm.analysis import coverage, coverage_null
+from functok_vllm.analysis import coverage, coverage_null, render_findings
 from functok_vllm.analysis.data import token_stream
 from functok_vllm.analysis.model import HFAnalysisModel, load_saes
 from functok_vllm.analysis.verdict import DOES_NOT_SUPPORT, SUPPORTS
@@ -70,6 +70,9 @@ def test_features_firing_everywhere_do_not_support_the_hypothesis(setup, tmp_pat
     for name in ("coverage_m1", "coverage_m5", "enrichment"):
         assert nl["findings"][name].verdict == DOES_NOT_SUPPORT, (name, nl["findings"][name])
     assert nl["enrichment"]["share_enriched"] == 0.0  # every feature's share on function positions is their share
+    text, notes = render_findings.coverage_markdown(s, coverage.milestone_rows(s["table"]))
+    assert "the data **does not support** the claim that function tokens reach more" in notes[0]
+    assert "**supports**" not in "".join(notes)
 
 
 def test_features_firing_only_at_function_tokens_support_it(setup, tmp_path):
@@ -82,7 +85,8 @@ def test_features_firing_only_at_function_tokens_support_it(setup, tmp_path):
     saes = save_sae(tmp_path, W_enc, torch.zeros(len(tokens)), threshold)
     g, s = run(am, stream, saes)
     t, f, _ = g.pairs()
-    assert sorted(set(zip(f.tolist(), t.tolist()))) == [(i, tok) for i, tok in enumerate(tokens) if g.token_count[tok]]
+    fired = sorted(set(zip(f.tolist(), t.tolist(), strict=True)))
+    assert fired == [(i, tok) for i, tok in enumerate(tokens) if g.token_count[tok]]
     nl = s["nulls"][0]
     b = nl["by_m"][1]
     assert b["function_coverage"] == 1.0 and b["random_mean"] == 0.0
@@ -91,3 +95,6 @@ def test_features_firing_only_at_function_tokens_support_it(setup, tmp_path):
         assert nl["findings"][name].verdict == SUPPORTS, (name, nl["findings"][name])
     # the analytic level ignores which token a feature fires at: for these frequent features it is ~100% too
     assert b["analytic"] > 0.95
+    text, notes = render_findings.coverage_markdown(s, coverage.milestone_rows(s["table"]))
+    assert "the data **supports** the claim that function tokens reach more" in notes[0]
+    assert s["nulls"][0]["findings"]["coverage_m1"].to_json()["verdict"] == SUPPORTS

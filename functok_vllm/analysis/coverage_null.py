@@ -109,7 +109,9 @@ def rarefaction(counts: torch.Tensor, n_pos: int, points: int) -> tuple[list[int
 
 
 def window_bootstrap(g: EdgeBits, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% interval of the function tokens' coverage (m = 1) over resamples of the windows."""
+    """95% interval of the function tokens' coverage (m = 1) over resamples of the windows, re-centred on the
+    estimate: a resample repeats windows, so it holds fewer distinct ones and its coverage is biased low (by ~5 points
+    on 18 windows of functok-tiny); the percentile band is shifted by that bias (mean of the draws - estimate)."""
     fn, all_ = (w.cpu().numpy() for w in g.windows())
     if len(fn) < 2:
         return (float("nan"), float("nan"))
@@ -120,7 +122,11 @@ def window_bootstrap(g: EdgeBits, n_boot: int, seed: int) -> tuple[float, float]
         i = rng.integers(0, len(fn), len(fn))
         num, den = pop[np.bitwise_or.reduce(fn[i], 0)].sum(), pop[np.bitwise_or.reduce(all_[i], 0)].sum()
         draws.append(num / den if den else np.nan)
-    return percentile_interval(np.array(draws)[np.isfinite(draws)])
+    draws = np.array(draws)[np.isfinite(draws)]
+    full_num, full_den = pop[np.bitwise_or.reduce(fn, 0)].sum(), pop[np.bitwise_or.reduce(all_, 0)].sum()
+    shift = full_num / full_den - draws.mean() if full_den else 0.0
+    lo, hi = percentile_interval(draws)
+    return (float(np.clip(lo + shift, 0, 1)), float(np.clip(hi + shift, 0, 1)))
 
 
 def enrichment(fn_f: torch.Tensor, total: torch.Tensor, q: float, cfg: NullConfig) -> dict:
@@ -163,6 +169,7 @@ def layer_nulls(g: EdgeBits, fn_mask: torch.Tensor, cfg: NullConfig) -> dict:
         "function_share": q,
         "random_set_share": float(np.mean([int(count[s].sum()) / n_pos for s in sets])) if n_pos else 0.0,
         "random_set_tokens": float(np.mean([int(s.sum()) for s in sets])),
+        "n_random": cfg.n_random,
         "by_m": {},
         "findings": {},
     }
