@@ -63,9 +63,9 @@ def random_content_sets(count: torch.Tensor, fn_mask: torch.Tensor, n: int, seed
     return out
 
 
-def set_firings(g: EdgeBits, token_mask: torch.Tensor) -> torch.Tensor:
-    """(d_sae,) firings of each feature at the positions holding a token of the set."""
-    tokens, feats, n = g.pairs()
+def set_firings(g: EdgeBits, token_mask: torch.Tensor, pairs=None) -> torch.Tensor:
+    """(d_sae,) firings of each feature at the positions holding a token of the set (`pairs`: g.pairs(), reused)."""
+    tokens, feats, n = g.pairs() if pairs is None else pairs
     hit = token_mask.to(tokens.device)[tokens]
     return torch.bincount(feats[hit], weights=n[hit].double(), minlength=g.d_sae).long().cpu()
 
@@ -160,9 +160,10 @@ def layer_nulls(g: EdgeBits, fn_mask: torch.Tensor, cfg: NullConfig) -> dict:
     total = g.feature_count.cpu()  # (d_sae,) firings at kept positions
     n_pos, n_fn = int(count.sum()), int(count[fn].sum())
     q = n_fn / n_pos if n_pos else 0.0
-    fn_f = set_firings(g, fn)
+    pairs = g.pairs()
+    fn_f = set_firings(g, fn, pairs)
     sets = random_content_sets(count, fn, cfg.n_random, cfg.seed)
-    rand_f = [set_firings(g, s) for s in sets]
+    rand_f = [set_firings(g, s, pairs) for s in sets]
     out = {
         "positions": n_pos,
         "sinks_excluded": g.n_sinks,
@@ -191,7 +192,7 @@ def layer_nulls(g: EdgeBits, fn_mask: torch.Tensor, cfg: NullConfig) -> dict:
         )
         out["by_m"][m] = {
             "features": int((total >= m).sum()),
-            "edges": int((g.pairs()[2] >= m).sum()),
+            "edges": int((pairs[2] >= m).sum()),
             "function_coverage": stat,
             "interval": list(interval),
             "analytic": chance,
