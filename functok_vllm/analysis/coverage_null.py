@@ -252,7 +252,7 @@ def plot(nulls: dict, path) -> object:
         if len(vals):
             ax.hist(np.log2(np.maximum(vals, 1e-3)), bins=40, color="C2")
         ax.axvline(0, color="k", ls="--", label="chance (1)")
-        ax.set_xlabel("log2 enrichment on function positions")
+        ax.set_xlabel("log2 enrichment on function positions (-10: never)")
         ax.set_title("per-feature enrichment")
         ax.legend(fontsize=7)
         ax = row[3]
