@@ -160,5 +160,10 @@ def width_markdown(out: Path) -> tuple[str, list[str]]:
         f"{w['train_tokens']:,} tokens of the training split; coverage on all {w['heldout_tokens']:,} held-out tokens "
         f"(whole {256}-token windows), which the SAEs never saw. Run time {w['total_seconds']:.0f} s on "
         f"{w['threads']} CPU threads.\n\n" + table(head, rows) + "\n![coverage vs width](width/coverage_width.png)\n\n"
+        "What fitted a shared 2-core machine: widths up to 8x d_model, "
+        f"{w['train_tokens']:,} training tokens and {w['steps']} steps (the shipped SAEs: 393,216 tokens, 1,200 "
+        "steps); the train s column is what each width cost here. Training cost grows with d_sae x steps and the "
+        "capture with tokens x d_sae, so the paper's regime (1M-wide SAEs, ~5M tokens: ~200x the width and ~100x "
+        "the tokens) needs a GPU run of the same script (`--expansions`, `--train-tokens`; not measured here).\n\n"
     )
     return text, []
