@@ -65,8 +65,8 @@ def child(engine: str, modes: list[str], args) -> dict:
 
         eng = HFEngine(HFEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, max_running=args.requests))
     else:
-        from functok_vllm.engines.vllm.config import cpu_defaults
         from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
+        from functok_vllm.engines.vllm.settings import cpu_defaults
 
         cpu_defaults()
         cfg = VLLMEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, max_model_len=256, max_running=args.requests)
@@ -110,7 +110,7 @@ def op_cost(calls: int = 20000, repeats: int = 5) -> list[float]:
     """Microseconds per call of `functok::read_features` on (32, 256) tensors while no request asks."""
     import torch
 
-    from functok_vllm.engines.vllm.readout import FeatureReadout
+    from functok_vllm.engines.vllm.feature_op import FeatureReadout
 
     torch.set_num_threads(2)
     FeatureReadout({}, "cpu")  # the worker's readout, with no plan

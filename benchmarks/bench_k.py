@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import EngineModes  # noqa: E402
 from common import RESULTS, prompts, write_result  # noqa: E402
 
-from functok_vllm.core import SteeringSpec  # noqa: E402
+from functok_vllm.steering import SteeringSpec  # noqa: E402
 
 
 def k_specs(k: int, n: int) -> list[SteeringSpec]:

@@ -29,11 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prompts, write_result  # noqa: E402
 
-from functok_vllm.core import SAE, SteeringSpec, SteeringTable  # noqa: E402
+from functok_vllm.core import SAE, SteeringTable  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
-from functok_vllm.engines.hf.hooks import load_model, residual_hooks
+from functok_vllm.engines.hf.hooks import load_model
+from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
+from functok_vllm.steering import SteeringSpec  # noqa: E402
 
 
 def specs(n: int) -> list[SteeringSpec]:
@@ -125,11 +127,10 @@ class HTTPModes:
         self.pool = ThreadPoolExecutor(len(ps))
 
     def _stream(self, prompt, spec) -> int:
-        from functok_vllm.steering import api_form
 
         extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
         if spec is not None:
-            extra["steering"] = api_form(spec)
+            extra["steering"] = spec.user_form()
         chunks = self.client.completions.create(
             model="functok-tiny", prompt=prompt, max_tokens=self.tokens, temperature=0, stream=True, extra_body=extra
         )

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from functok_vllm.core import SAE, Edit, SAEConfig, SteeringSpec, SteeringTable
+from functok_vllm.core import SAE, SAEConfig, SteeringTable
+from functok_vllm.steering import SteeringSpec
 
 
 def random_sae(d_in: int, d_sae: int, layer: int, device, dtype) -> SAE:
@@ -55,7 +56,11 @@ def timed(fn, iters: int) -> float:
 
 
 def spec(i: int) -> SteeringSpec:
-    return SteeringSpec((Edit(0, 100 + i, "add", strength=4.0), Edit(0, 5000 + i, "clamp", value=1.0)))
+    edits = [
+        {"layer": 0, "feature": 100 + i, "strength": 4.0},
+        {"layer": 0, "feature": 5000 + i, "mode": "clamp", "value": 1.0},
+    ]
+    return SteeringSpec.from_dict({"edits": edits})
 
 
 def main():
@@ -103,7 +108,10 @@ def main():
     W2 = torch.randn(14336, d, device=dev, dtype=dtype) / 14336**0.5
     for s in list(table._by_key):
         table.release(SteeringSpec.from_dict(json.loads(s)))
-    all_slots = [table.acquire(SteeringSpec((Edit(0, 100 + i, "add", strength=4.0),))) for i in range(63)]
+    all_slots = [
+        table.acquire(SteeringSpec.from_dict({"edits": [{"layer": 0, "feature": 100 + i, "strength": 4.0}]}))
+        for i in range(63)
+    ]
     timing = []
     for tokens in (64, 512, 8192):
         x = torch.randn(tokens, d, device=dev, dtype=dtype)

@@ -12,7 +12,7 @@ from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 
 
 def _function_tokens(args):
-    from functok_vllm.function_tokens import main
+    from functok_vllm.function_token_discovery import main
 
     return main(args)
 
@@ -66,6 +66,41 @@ def _prepare_model(args) -> int:
     from functok_vllm.smollm2 import main
 
     return main(args)
+
+
+def _vector_from_examples(args) -> int:
+    """POST the examples file to a running server's library (the vector is computed on its engine, where it steers)."""
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    try:
+        given = json.loads(Path(args.examples).read_text())
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{args.examples}: cannot read it as JSON ({e})") from None
+    if isinstance(given, list):  # [[positive, negative], ...]
+        if not all(isinstance(p, list) and len(p) == 2 for p in given):
+            raise CLIError(f"{args.examples}: a list of examples holds [positive, negative] pairs")
+        given = {"positive": [p for p, _ in given], "negative": [n for _, n in given]}
+    if not isinstance(given, dict):
+        raise CLIError(f"{args.examples}: give {{'positive': [...], 'negative': [...]}} or [[positive, negative], ...]")
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else given.get("layers")
+    examples = given | {"layers": layers, "position": args.position, "method": args.method}
+    examples["paired"] = not args.unpaired
+    body = {"name": args.name, "examples": examples, "description": args.description}
+    key = args.admin_key or os.environ.get("FUNCTOK_ADMIN_KEY", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    n = len(given.get("positive", [])) + len(given.get("negative", []))
+    print(f"computing a vector from {n} prompts on {args.url} ...", file=sys.stderr)
+    try:
+        r = httpx.post(f"{args.url.rstrip('/')}/v1/steering/vectors", json=body, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as e:
+        raise CLIError(f"{args.url}: {e}") from None
+    if r.status_code >= 400:
+        raise CLIError(f"the server answered {r.status_code}: {r.text}")
+    print(json.dumps(r.json(), indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--out", default=None, help="directory to write (default: $FUNCTOK_HOME/models/NAME)")
     pm.add_argument("--force", action="store_true", help="derive again even if the directory is complete")
     pm.set_defaults(func=_prepare_model)
+
+    ve = sub.add_parser(
+        "vector-from-examples",
+        help="build a steering vector from contrastive prompts on a running server and store it in its library",
+    )
+    ve.add_argument("examples", help="JSON: {'positive': [...], 'negative': [...]} or [[positive, negative], ...]")
+    ve.add_argument("--name", required=True, help="the vector's name in the library")
+    ve.add_argument("--url", default="http://127.0.0.1:8000", help="the functok server [http://127.0.0.1:8000]")
+    ve.add_argument("--admin-key", default=None, help="the server's --admin-api-key [$FUNCTOK_ADMIN_KEY]")
+    ve.add_argument("--layers", default=None, help="comma-separated steering layers (default: the file's 'layers')")
+    ve.add_argument(
+        "--position", default="last_function", choices=["last", "last_function", "mean"], help="read position"
+    )
+    ve.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"], help="[mean_diff]")
+    ve.add_argument("--unpaired", action="store_true", help="two sets, not pairs (mean_diff only)")
+    ve.add_argument("--description", default="", help="stored with the vector")
+    ve.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server [600]")
+    ve.set_defaults(func=_vector_from_examples)
 
     from functok_vllm.analysis.cli import add_parser as add_analyze
 

@@ -1,20 +1,24 @@
-"""A steering object as users write it, in one place: parsed, checked against the loaded SAEs, under one set of limits.
+"""The steering object, written once: its schema (what users write and what every engine runs), its limits and its
+one parser.
 
-Both HTTP edges (functok's server, and stock `vllm serve` through the plugin's admission hook) and both engines use
-this module: it sits above the core (it builds `core.spec.SteeringSpec`) and below the server (no HTTP here; a bad
-object is a `SpecError` naming the field, which each edge turns into its own 400). The user-facing object:
+A request's `steering` is a `SteeringSpec`: the same pydantic models validate the user's JSON at every edge and are
+the objects the engines apply, so no field is written twice. The user-facing object:
 
     {"edits": [{"layer": 2, "feature": 1493, "strength": 8.0, "mode": "add"},
                {"layer": 1, "feature": 77, "value": 0.0, "mode": "clamp"},
-               {"vector": "calm", "strength": 2.0}],
+               {"layer": 2, "feature": 12, "mode": "project_out"},
+               {"vector": "calm", "strength": 0.5, "strength_unit": "token_norm"},
+               {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
-An edit naming a `vector` (a steering vector from the library, `functok_vllm.library`) adds `strength` times it at
-each of its layers; it is resolved here, once, to the vector's content (`Vectors.lookup`) and bound to this engine's
-layers, so the spec holds the version it started with whatever happens to the name later. `"version"` pins one.
-
-`SteeringLimits` holds every limit on steering (edits, clamp columns, strength); `SteeringInfo` what the engine has
-loaded (an SAE per layer, add-only layers, the function tokens), which `check_steering` checks a spec against.
+`parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
+admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
+vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
+started with whatever happens to the name later; `"version"` pins one). Its canonical JSON, `SteeringSpec.key()`, is
+the user's object with sorted keys and each vector's version filled in: the wire form a vLLM worker parses with the
+same function, and the steering table's slot key. It sits above the core (which applies a spec by duck typing) and
+below the server (no HTTP here: a bad object is a `SpecError` naming the user's field and index, which each edge
+turns into its own 400).
 """
 
 from __future__ import annotations
@@ -24,44 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
-from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.spec import MAX_ABS_STRENGTH, MODES, POSITIONS, Edit, SpecError, SteeringSpec, VectorEdit
+from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
+from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
 from functok_vllm.validation import describe, shown
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-def _limit(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass(frozen=True)
-class SteeringLimits:
-    """Every limit on steering, for both engines and both servers (flags of `functok serve`, keys of vLLM's
-    `additional_config["functok"]`)."""
-
-    max_edits: int = _limit(16, "edits per request; more get 400")
-    max_clamps: int = _limit(
-        64,
-        "clamp/ablate columns per layer shared by the running batch (at least max-edits); a request that does "
-        "not fit waits",
-    )
-    max_abs_strength: float = _limit(1000.0, "largest |strength| and |value| of an edit; larger get 400")
-
-    def __post_init__(self):
-        for f in ("max_edits", "max_clamps"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{f} must be a whole number of at least 1, got {v!r}")
-        if self.max_clamps < self.max_edits:
-            raise ValueError(f"max_clamps ({self.max_clamps}) must be at least max_edits ({self.max_edits})")
-        s = self.max_abs_strength
-        if isinstance(s, bool) or not isinstance(s, int | float) or not 0 < s <= MAX_ABS_STRENGTH:
-            raise ValueError(f"max_abs_strength must be in (0, {MAX_ABS_STRENGTH:g}], got {s!r}")
 
 
 class Strict(BaseModel):
@@ -70,205 +45,321 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class EditIn(Strict):
-    layer: StrictInt
-    feature: StrictInt
-    mode: Literal[MODES] = "add"
-    strength: StrictFloat | None = None  # add: residual += strength * W_dec[feature]
-    value: StrictFloat | None = None  # clamp: the feature's activation is set to value; ablate: to 0
+# mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
+MODE_FIELDS = {
+    "add": ({"strength"}, {"strength", "strength_unit"}),
+    "clamp": ({"value"}, {"value"}),
+    "ablate": (set(), set()),
+    "project_out": (set(), set()),
+    "cap": (set(), {"min", "max"}),
+    "set": ({"value"}, {"value"}),
+}
+NUMBERS = ("strength", "value", "min", "max")
+
+
+class FieldError(ValueError):
+    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.field = name
+
+
+class Edit(Strict):
+    """The numbers every edit may carry, checked against its mode (`MODE_FIELDS`).
+
+    Projection modes act on the unit direction v = d / |d| (d: the feature's decoder row, or the vector's direction
+    at a layer), with p = h . v read from the tensor h at the hook point before this request's edits:
+    `project_out` removes it (h -= p v), `cap` clamps it into [min, max] (either bound may be left out), `set` sets it
+    to `value`. `strength_unit: "token_norm"` makes an add's strength relative: strength * |h| * v per token.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    strength: StrictFloat | None = None  # add: residual += strength * direction
+    value: StrictFloat | None = None  # clamp: the feature's activation; set: the projection onto the unit direction
+    min: StrictFloat | None = None  # cap: lowest projection onto the unit direction (None: no lower bound)
+    max: StrictFloat | None = None  # cap: highest projection (None: no upper bound)
+    strength_unit: Literal[STRENGTH_UNITS] | None = None  # add: "token_norm" = in units of the token's norm |h|
 
     @model_validator(mode="after")
     def _fields_fit_mode(self):
-        need = {"add": "strength", "clamp": "value", "ablate": None}[self.mode]
-        for name in ("strength", "value"):
+        need, may = MODE_FIELDS[self.mode]
+        for name in (*NUMBERS, "strength_unit"):
             given = getattr(self, name) is not None
-            if name == need and not given:
-                raise ValueError(f"mode {self.mode!r} needs '{name}'")
-            if name != need and given:
-                raise ValueError(f"mode {self.mode!r} takes no '{name}'" + (f" (it takes '{need}')" if need else ""))
+            if name in need and not given:
+                raise FieldError(name, f"mode {self.mode!r} needs '{name}'")
+            if name not in may and given:
+                takes = " (it takes " + ", ".join(f"'{n}'" for n in sorted(may)) + ")" if may else ""
+                raise FieldError(name, f"mode {self.mode!r} takes no '{name}'{takes}")
+        if self.mode == "cap":
+            if self.min is None and self.max is None:
+                raise FieldError("max", "mode 'cap' needs 'min' or 'max' (or both)")
+            if self.min is not None and self.max is not None and self.min > self.max:
+                raise FieldError("min", f"mode 'cap' needs min <= max, got min {self.min!r} > max {self.max!r}")
         return self
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """A projection edit's interval for the projection onto the unit direction; None for other modes."""
+        inf = float("inf")
+        return {
+            "project_out": (0.0, 0.0),
+            "set": (self.value, self.value),
+            "cap": (-inf if self.min is None else self.min, inf if self.max is None else self.max),
+        }.get(self.mode)
+
+    @property
+    def per_norm(self) -> bool:
+        """Is this an add whose strength is in units of the token's norm (of a unit direction)?"""
+        return self.strength_unit == "token_norm"
+
+    def numbers(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in NUMBERS if getattr(self, k) is not None}
+
+
+class FeatureEdit(Edit):
+    """Edit one SAE feature: `add` (residual += strength * W_dec[feature]), `clamp` (the feature's activation set to
+    value, keeping the SAE's reconstruction error), `ablate` (clamped to 0), or a projection mode on the unit decoder
+    direction W_dec[feature] / |W_dec[feature]| (`Edit`)."""
+
+    layer: StrictInt
+    feature: StrictInt
+    mode: Literal[MODES] = "add"
+
+    @property
+    def clamp_value(self) -> float:
+        return 0.0 if self.mode == "ablate" else self.value
 
 
 VECTOR_NAME_MAX = 64  # a vector's name (the library checks its characters when it is stored)
 
 
-class VectorEditIn(Strict):
+class VectorEdit(Edit):
+    """Add `strength` times a steering vector from the library at each of its layers, or move the projection onto
+    its unit direction there (`project_out`, `cap`, `set`: `Edit`). `version` (the content id) pins one; parsing
+    binds the edit to the vector's content (`content`) and to this engine's layers (`at`), and fills `version`, so the
+    spec keeps the numbers it started with whatever happens to the name later."""
+
     vector: str = Field(min_length=1, max_length=VECTOR_NAME_MAX)  # a name in the library
-    mode: Literal["add"] = "add"
-    strength: StrictFloat
+    mode: Literal[("add", *PROJECTIONS)] = "add"
     version: str | None = Field(None, min_length=1, max_length=64)  # the content id it must have (else 400)
+    _content: Vector | None = PrivateAttr(None)
+    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction
 
     @model_validator(mode="before")
     @classmethod
     def _no_feature_fields(cls, data):
         if isinstance(data, dict):
-            for name in ("layer", "feature", "value"):
+            for name in ("layer", "feature"):
                 if name in data:
                     raise ValueError(f"a vector edit takes no '{name}' (the vector says where it adds)")
-            if data.get("mode", "add") != "add":
-                raise ValueError(f"a vector edit only adds (mode 'add'), not {shown(data['mode'])}")
+            if data.get("mode") in CLAMPS:
+                raise ValueError(f"a vector edit cannot {data['mode']} (that sets an SAE feature's activation)")
         return data
+
+    @property
+    def content(self) -> Vector | None:
+        return self._content
+
+    @property
+    def at(self) -> dict:
+        """{layer: (d_model,) direction} at this engine's layers (empty until bound)."""
+        return self._at
+
+    def bound(self, content: Vector, at: dict) -> VectorEdit:
+        """This edit tied to `content` (its version filled in) and to directions by layer."""
+        out = self.model_copy(update={"version": content.id})
+        out._content, out._at = content, dict(at)
+        return out
+
+    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
+        return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.model_dump().items()))
 
 
 def _edit_kind(v) -> str:
     """Which model validates an edit: one naming a `vector`, or one naming an SAE feature."""
-    return "VectorEdit" if isinstance(v, VectorEditIn) or (isinstance(v, dict) and "vector" in v) else "FeatureEdit"
+    return "VectorEdit" if isinstance(v, VectorEdit) or (isinstance(v, dict) and "vector" in v) else "FeatureEdit"
 
 
 AnyEdit = Annotated[
-    Annotated[EditIn, Tag("FeatureEdit")] | Annotated[VectorEditIn, Tag("VectorEdit")], Discriminator(_edit_kind)
+    Annotated[FeatureEdit, Tag("FeatureEdit")] | Annotated[VectorEdit, Tag("VectorEdit")], Discriminator(_edit_kind)
 ]
 
 
-class SteeringIn(Strict):
-    edits: list[AnyEdit] = []
+class SteeringSpec(Strict):
+    """A request's steering, as the user writes it and as every engine runs it: the one form.
+
+    `key()` is its canonical JSON (sorted keys, vectors named with their version): the wire form the vLLM workers
+    receive, the steering table's slot key and the prefix-cache salt's input; parsing it gives the same spec back.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    edits: tuple[AnyEdit, ...] = ()
     positions: Literal[POSITIONS] = "function"
-
-
-@dataclass
-class SteeringInfo:
-    """What steering an engine can apply: an SAE per layer, add-only layers, and the function-token set."""
-
-    d_sae: dict[int, int]  # layer -> SAE width
-    clamp_ok: dict[int, bool]  # layer -> False where one feature's activation is not computable alone (TopK)
-    sae: dict[int, dict]  # layer -> {"architecture", "hook_name", "site", "d_in", "normalize_activations"}
-    function_token_ids: list[int]
-    function_token_strings: list[str]
-    add_layers: list[int] = field(default_factory=list)  # layers without an SAE where vectors go (resid_post)
-    hook_layers: dict[str, int] = field(default_factory=dict)  # canonical hook name -> layer, every steering layer
-    d_model: int | None = None
-    sae_paths: dict[int, object] = field(default_factory=dict, repr=False)  # layer -> SAE directory (not shown)
+    _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
 
     @classmethod
-    def build(cls, configs: dict, function_tokens, add_layers=(), d_model: int | None = None) -> SteeringInfo:
-        """From {layer: SAEConfig}, a FunctionTokens (or None), the add-only layers and the model's width."""
-        ft = function_tokens
-        hooks = {c.hook.canonical().name: layer for layer, c in configs.items()}
-        hooks |= {HookPoint(layer, "resid_post").name: layer for layer in add_layers}
-        d_model = d_model or next((c.d_in for c in configs.values()), None)
-        return cls(
-            d_sae={layer: c.d_sae for layer, c in configs.items()},
-            clamp_ok={layer: c.arch.clamp_exact for layer, c in configs.items()},
-            sae={
-                layer: {
-                    "architecture": c.architecture,
-                    "hook_name": c.hook_name,
-                    "site": c.site,
-                    "d_in": c.d_in,
-                    "normalize_activations": c.normalize_activations,
-                }
-                for layer, c in configs.items()
-            },
-            function_token_ids=list(ft.ids) if ft else [],
-            function_token_strings=list(ft.strings) if ft else [],
-            add_layers=sorted(add_layers),
-            sae_paths={layer: c.path for layer, c in configs.items()},
-            hook_layers=dict(sorted(hooks.items(), key=lambda kv: kv[1])),
-            d_model=d_model,
-        )
+    def from_dict(cls, obj: dict) -> SteeringSpec:
+        """A steering object in the user's form, validated against the schema only (no limits, no SAEs: for code and
+        tests that build specs; requests go through `parse_steering`)."""
+        return cls.model_validate(obj)
 
-    def describe_layers(self) -> str:
-        """The steerable layers in words, for error messages."""
-        names = {layer: hook for hook, layer in self.hook_layers.items()}
-        parts = [
-            f"{layer} ({names[layer]}{', --steer-layers' if layer in self.add_layers else ''})"
-            for layer in sorted(names)
-        ]
-        return "steerable layers: " + (", ".join(parts) or "none")
+    @property
+    def features(self) -> tuple[FeatureEdit, ...]:
+        return tuple(e for e in self.edits if isinstance(e, FeatureEdit))
+
+    @property
+    def vectors(self) -> tuple[VectorEdit, ...]:
+        return tuple(e for e in self.edits if isinstance(e, VectorEdit))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({e.layer for e in self.features} | {layer for v in self.vectors for layer in v.at})
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.edits
+
+    def user_form(self) -> dict:
+        """The steering object a user would send for this spec (vectors with their version)."""
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+
+    def key(self) -> str:
+        return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
+
+    def local(self, layers) -> SteeringSpec | None:
+        """The edits at `layers` (a pipeline-parallel rank's), None when none is left."""
+        keep = set(layers)
+        edits = []
+        for e in self.edits:
+            if isinstance(e, FeatureEdit):
+                if e.layer in keep:
+                    edits.append(e)
+            elif any(layer in keep for layer in e.at):
+                edits.append(e.bound(e.content, {k: d for k, d in e.at.items() if k in keep}))
+        return SteeringSpec(edits=tuple(edits), positions=self.positions) if edits else None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SteeringSpec) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
 
 @dataclass
-class Vectors:
-    """How a spec's vector edits are resolved: `lookup(name, version)` gives the vector (LookupError saying why not),
-    bound to the layers `info` steers."""
+class SteeringContext:
+    """What a steering object is parsed against in one process: what the engine can steer (`info`), the limits, and
+    how a vector's name resolves (`lookup(name, version) -> Vector`, LookupError saying why not; None: no vectors)."""
 
-    lookup: Callable[[str, str | None], Vector]
     info: SteeringInfo
-
-    def bind(self, name: str, version: str | None, strength: float, where: str) -> VectorEdit:
-        try:
-            v = self.lookup(name, version)
-        except LookupError as e:
-            raise SpecError(f"{where}.vector", e.args[0] if e.args else str(e)) from None
-        if self.info.d_model is not None and v.d_model != self.info.d_model:
-            msg = f"vector {name!r} is {v.d_model} wide; this model's d_model is {self.info.d_model}"
-            raise SpecError(f"{where}.vector", msg)
-        try:
-            at = v.at(self.info.hook_layers)
-        except KeyError as e:
-            msg = f"vector {name!r} has directions at {e.args[0]}, where this server does not steer; "
-            raise SpecError(f"{where}.vector", msg + self.info.describe_layers()) from None
-        return VectorEdit(v.id, strength, name, at, v)
+    limits: SteeringLimits = field(default_factory=SteeringLimits)
+    lookup: Callable[[str, str | None], Vector] | None = None
 
 
-def parse_steering(given, param: str, limits: SteeringLimits, vectors: Vectors | None = None) -> SteeringSpec | None:
-    """A user's steering object (a dict, or its JSON text) -> SteeringSpec; None when it has no edits. Vector edits
-    are resolved through `vectors` (SpecError without it). SpecError whose field starts with `param` (e.g.
-    `steering.edits[1].feature`) when it is bad."""
+def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | None:
+    """THE parser of a steering object, wherever one enters a process (the HTTP edge, vLLM's admission hook, a vLLM
+    worker): the user's object (a dict, or its JSON text; the canonical `key()` is one such text) -> a SteeringSpec
+    checked against `ctx`, its vectors bound to their content and to the engine's layers; None when it has no edits.
+    SpecError whose field starts with `param` and names the user's own index (`steering.edits[1].feature`)."""
     if isinstance(given, str):
         given = _json_object(given, param)
     if not isinstance(given, dict):
         raise SpecError(param, f"must be a JSON object, got {shown(given)}")
     try:
-        s = SteeringIn.model_validate(given)
+        spec = SteeringSpec.model_validate(given)
     except ValidationError as e:
-        where, msg = describe(e.errors(), tuple(param.split(".")))
+        errors = e.errors()
+        why = errors[0].get("ctx", {}).get("error")
+        if isinstance(why, FieldError):  # the field an edit's own check found (`steering.edits[0].min`)
+            errors = [{**errors[0], "loc": (*errors[0]["loc"], why.field)}]
+        where, msg = describe(errors, tuple(param.split(".")))
         raise SpecError(where or param, msg) from None
-    if len(s.edits) > limits.max_edits:
-        raise SpecError(f"{param}.edits", f"{len(s.edits)} edits; at most {limits.max_edits} are allowed")
-    for i, e in enumerate(s.edits):
-        for name in ("strength", "value"):
-            v = getattr(e, name, None)
-            if v is not None and abs(v) > limits.max_abs_strength:
-                raise SpecError(f"{param}.edits[{i}].{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
-    if not s.edits:
+    limits, info = ctx.limits, ctx.info
+    if len(spec.edits) > limits.max_edits:
+        raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    if spec.is_noop:
         return None
-    features = [(i, e) for i, e in enumerate(s.edits) if isinstance(e, EditIn)]
-    bound = []
-    for i, e in enumerate(s.edits):
-        if isinstance(e, VectorEditIn):
-            if vectors is None:
-                raise SpecError(f"{param}.edits[{i}].vector", "this server has no steering vectors")
-            bound.append(vectors.bind(e.vector, e.version, e.strength, f"{param}.edits[{i}]"))
-    try:
-        edits = tuple(Edit(**e.model_dump(exclude_none=True)) for _, e in features)
-        return SteeringSpec(edits, s.positions, tuple(bound))
-    except SpecError as e:  # its edits[j] counts feature edits only: name the user's index
-        field_name = e.field
-        if field_name.startswith("edits[") and "]" in field_name:
-            j, rest = field_name[6:].split("]", 1)
-            field_name = f"edits[{features[int(j)][0]}]{rest}"
-        raise SpecError(f"{param}.{field_name}", e.message) from None
-
-
-def check_steering(spec: SteeringSpec, info: SteeringInfo, limits: SteeringLimits, param: str = "steering") -> None:
-    """SpecError unless the spec fits what is loaded: every edit names a layer with an SAE, a feature inside it, and a
-    mode that SAE supports; every vector is bound to steering layers; the edits are within `limits`."""
-    n = len(spec.edits) + len(spec.vectors)
-    if n > limits.max_edits:
-        raise SpecError(f"{param}.edits", f"{n} edits; at most {limits.max_edits} are allowed")
-    steerable = set(info.hook_layers.values())
-    for v in spec.vectors:
-        name = v.name or v.vector
-        if abs(v.strength) > limits.max_abs_strength:
-            raise SpecError(
-                f"{param}.edits",
-                f"vector {name!r}: strength {v.strength!r} exceeds the limit of {limits.max_abs_strength:g}",
-            )
-        if not v.at or set(v.at) - steerable:
-            raise SpecError(
-                f"{param}.edits", f"vector {name!r} is not bound to this server's layers; {info.describe_layers()}"
-            )
+    edits, clamped, projected = [], set(), set()
     for i, e in enumerate(spec.edits):
         where = f"{param}.edits[{i}]"
-        check_feature(info, limits, e.layer, e.feature, {"strength": e.strength, "value": e.value}, where)
-        if e.mode != "add" and not info.clamp_ok[e.layer]:
-            arch = info.sae[e.layer]["architecture"]
-            raise SpecError(
-                f"{where}.mode",
-                f"{e.mode} needs one feature's activation; the SAE at layer {e.layer} is {arch}, whose activations "
-                "depend on every feature",
-            )
+        if e.mode in PROJECTIONS:  # two projections onto one direction would both read h: refuse, as for clamps
+            direction = (e.vector, e.version) if isinstance(e, VectorEdit) else (e.layer, e.feature)
+            if direction in projected:
+                what = f"vector {e.vector!r}" if isinstance(e, VectorEdit) else f"feature {e.feature}, layer {e.layer}"
+                raise SpecError(f"{where}.mode", f"{what} has two projection edits; give it one")
+            projected.add(direction)
+        if isinstance(e, VectorEdit):
+            check_numbers(limits, e.numbers(), where)
+            edits.append(_bind(e, ctx, where))
+            continue
+        check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
+        if e.mode in CLAMPS:
+            if not info.clamp_ok[e.layer]:
+                arch = info.sae[e.layer]["architecture"]
+                raise SpecError(
+                    f"{where}.mode",
+                    f"{e.mode} needs one feature's activation; the SAE at layer {e.layer} is {arch}, whose "
+                    "activations depend on every feature",
+                )
+            if (e.layer, e.feature) in clamped:
+                raise SpecError(where, f"feature {e.feature} at layer {e.layer} is clamped twice")
+            clamped.add((e.layer, e.feature))
+        edits.append(e)
+    out = SteeringSpec(edits=tuple(edits), positions=spec.positions)
+    out._info = info
+    return out
+
+
+def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -> SteeringSpec:
+    """`spec` itself when `parse_steering` made it against `ctx.info` in this process (the check is not repeated),
+    else parsed and checked now from its user form (a spec built in code, e.g. by `SteeringSpec.from_dict`), its bound
+    vectors resolving to the content they carry."""
+    if spec._info is not None and (spec._info is ctx.info or spec._info.accepts_like(ctx.info)):
+        return spec
+    carried = {v.version: v.content for v in spec.vectors if v.content is not None}
+
+    def lookup(name: str, version: str | None) -> Vector:
+        if version in carried:
+            return carried[version]
+        if ctx.lookup is None:
+            raise LookupError(f"vector {name!r} is not bound to a content")
+        return ctx.lookup(name, version)
+
+    return parse_steering(spec.user_form(), param, SteeringContext(ctx.info, ctx.limits, lookup))
+
+
+def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
+    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+    if ctx.lookup is None:
+        raise SpecError(f"{where}.vector", "this server has no steering vectors")
+    try:
+        v = ctx.lookup(e.vector, e.version)
+    except LookupError as err:
+        raise SpecError(f"{where}.vector", err.args[0] if err.args else str(err)) from None
+    info = ctx.info
+    if info.d_model is not None and v.d_model != info.d_model:
+        msg = f"vector {e.vector!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
+        raise SpecError(f"{where}.vector", msg)
+    try:
+        at = v.at(info.hook_layers)
+    except KeyError as err:
+        msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
+        raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+    if e.mode != "add" or e.per_norm:  # these act on the unit direction, which a zero direction does not have
+        zero = [layer for layer, d in at.items() if not bool(d.abs().max() > 0)]
+        if zero:
+            msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
+            raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
+    return e.bound(v, at)
+
+
+def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
+    for name, v in values.items():
+        if abs(v) > limits.max_abs_strength:
+            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
 
 
 def check_feature(
@@ -277,6 +368,7 @@ def check_feature(
     """One SAE feature with its strength/value: an SAE at `layer`, the feature inside it, every value within the
     strength limit. SpecError names `{where}.feature` etc.; `layer_at` the layer's field when it is not
     `{where}.layer` (a vector built from features names its layer once)."""
+    check_numbers(limits, values, where)
     if layer not in info.d_sae:
         have = ", ".join(map(str, sorted(info.d_sae))) or "none"
         raise SpecError(layer_at or f"{where}.layer", f"no SAE is loaded at layer {layer} (layers with SAEs: {have})")
@@ -284,27 +376,6 @@ def check_feature(
         raise SpecError(
             f"{where}.feature", f"{feature} is outside [0, {info.d_sae[layer]}) for the SAE at layer {layer}"
         )
-    for name, v in values.items():
-        if abs(v) > limits.max_abs_strength:
-            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
-
-
-def api_form(spec: SteeringSpec) -> dict:
-    """A spec as a request's steering object (without the field its mode does not use), so it can be sent back."""
-    used = {"add": ("strength",), "clamp": ("value",), "ablate": ()}
-    edits = [
-        {"layer": e.layer, "feature": e.feature, "mode": e.mode} | {k: getattr(e, k) for k in used[e.mode]}
-        for e in spec.edits
-    ]
-    edits += [
-        {"mode": "add", "vector": v.name or v.vector, "version": v.vector, "strength": v.strength} for v in spec.vectors
-    ]
-    return {"edits": edits, "positions": spec.positions}
-
-
-def to_json(spec: SteeringSpec) -> str:
-    """The spec as a client sends it in `vllm_xargs.steering` (a JSON string: vLLM's extension field is scalar)."""
-    return json.dumps(api_form(spec))
 
 
 def _json_object(text: str, param: str) -> dict:
@@ -313,8 +384,9 @@ def _json_object(text: str, param: str) -> dict:
 
     try:
         obj = json.loads(text, parse_constant=no_constants)
-    except ValueError as e:
-        raise SpecError(param, f"not a valid JSON object ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the interpreter's stack
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise SpecError(param, f"not a valid JSON object ({why})") from None
     if not isinstance(obj, dict):
         raise SpecError(param, f"must be a JSON object, got {shown(obj)}")
     return obj

@@ -32,14 +32,14 @@ class ServerProc(Server):
     """`functok serve ARGS` on a free loopback port (`functok_vllm.launch.start`), its output in tmp/server.log; the
     demo model (functok-tiny, with its shipped SAEs) unless ARGS name a --model."""
 
-    def __init__(self, tmp: Path, *args: str, config: dict | None = None):
+    def __init__(self, tmp: Path, *args: str, config: dict | None = None, env: dict | None = None):
         if "--model" not in args:
             args = ("--model", str(DEMO_MODEL), *args)
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config))
             args = (*args, "--config", str(tmp / "config.json"))
         try:
-            srv = start(functok_serve(*args), tmp / "server.log", timeout_s=180)
+            srv = start(functok_serve(*args), tmp / "server.log", env=env, timeout_s=300)
         except ServerStartError as e:
             pytest.fail(str(e))
         super().__init__(srv.proc, srv.url, srv.log)
@@ -77,7 +77,7 @@ def batch_state(saes, function_tokens, max_clamps: int):
     no vLLM engine needed."""
     from functok_vllm.core import SteeringTable
     from functok_vllm.engines.vllm.batch_state import BatchSteering
-    from functok_vllm.engines.vllm.config import from_additional_config
+    from functok_vllm.engines.vllm.settings import from_additional_config
     from functok_vllm.engines.vllm.worker import _local_spec
 
     table = SteeringTable(saes, max_slots=8, max_clamps=max_clamps, max_tokens=256)
@@ -92,7 +92,7 @@ def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = F
     `saes`/`function_tokens` None: the SAEs shipped for the model; `functok`: more additional_config["functok"] keys."""
     from vllm import LLM
 
-    from functok_vllm.engines.vllm.config import EXTENSION
+    from functok_vllm.engines.vllm.settings import EXTENSION
 
     extra = dict(functok or {})
     if saes is not None:

@@ -40,14 +40,37 @@ def load_lens(path):
     return sae.eval()
 
 
+def projected(h: torch.Tensor, d: torch.Tensor, e: dict) -> torch.Tensor:
+    """(tokens, d) update of a projection edit written out: v = d / |d|, p = h . v; project_out moves p to 0, set to
+    e["value"], cap into [e["min"], e["max"]] (a missing bound: none)."""
+    v = d / d.norm()
+    p = h @ v  # (tokens,)
+    if e["mode"] == "project_out":
+        target = torch.zeros_like(p)
+    elif e["mode"] == "set":
+        target = torch.full_like(p, e["value"])
+    else:
+        target = p.clamp(min=e.get("min"), max=e.get("max"))
+    return (target - p)[:, None] * v
+
+
 def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
-    """(tokens, d) update of the tensor h an SAE reads, for its edits: add s * W_dec[f]; clamp/ablate: sae-lens's
-    reconstruction with the feature set to the value, minus its reconstruction as is (the SAE's error is kept)."""
+    """(tokens, d) update of the tensor h an SAE reads, for its edits: add s * W_dec[f] (with strength_unit
+    "token_norm": s * |h| * W_dec[f] / |W_dec[f]| per token); clamp/ablate: sae-lens's reconstruction with the feature
+    set to the value, minus its reconstruction as is (the SAE's error is kept); project_out/cap/set: `projected` on
+    the decoder row. An edit with a "direction" (a vector's at this layer) uses it instead of a decoder row. Every
+    term reads h as it arrives."""
     out = torch.zeros_like(h)
-    clamps = [e for e in edits if e.get("mode", "add") != "add"]
+    clamps = [e for e in edits if e.get("mode", "add") in ("clamp", "ablate")]
     for e in edits:
-        if e.get("mode", "add") == "add":
-            out += e["strength"] * lens.W_dec[e["feature"]].float()
+        d = e["direction"].float() if "direction" in e else lens.W_dec[e["feature"]].float()
+        mode = e.get("mode", "add")
+        if mode == "add" and e.get("strength_unit") == "token_norm":
+            out += e["strength"] * h.norm(dim=-1, keepdim=True) * (d / d.norm())
+        elif mode == "add":
+            out += e["strength"] * d
+        elif mode in ("project_out", "cap", "set"):
+            out += projected(h, d, e)
     if clamps:
         with torch.no_grad():
             acts = lens.encode(h)

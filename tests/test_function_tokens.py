@@ -13,7 +13,7 @@ import torch
 
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.corpus import DEFAULT_CORPUS_DIR, SHARED_DIR, load_split
-from functok_vllm.function_tokens import function_tokens, load_tokenizer
+from functok_vllm.function_token_discovery import function_tokens, load_tokenizer
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL
 
 torch.set_num_threads(1)

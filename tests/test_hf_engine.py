@@ -8,11 +8,12 @@ import pytest
 import torch
 from helpers import PROMPTS
 
-from functok_vllm.core import POLICY_CODES, SteeringSpec, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core import POLICY_CODES, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.engines.base import Delta, EngineFull, EngineStopped, GenerateRequest, RequestError, SamplingParams
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
-from functok_vllm.engines.hf.hooks import decoder_layers, residual_hooks
+from functok_vllm.engines.placement import decoder_layers, residual_hooks
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
+from functok_vllm.steering import SteeringSpec
 
 SAE_DIRS = sorted(DEMO_SAES.glob("layer_*"))
 
@@ -206,7 +207,9 @@ def test_full_engine_refuses_and_shutdown_removes_hooks():
         params = SamplingParams(0, max_tokens=400)
         gen = eng.generate(GenerateRequest("long", eng.encode(PROMPTS[0]), params))
         await anext(gen)
-        assert sum(len(layer._forward_hooks) for layer in decoder_layers(eng.model)) == 1  # the SAE layer's hook
+        # hooks are temporary: placed for a forward that steers or reads features, removed after it (an unsteered
+        # request's forwards get none)
+        assert sum(len(layer._forward_hooks) for layer in decoder_layers(eng.model)) == 0
         with pytest.raises(EngineFull):
             await anext(eng.generate(GenerateRequest("second", eng.encode(PROMPTS[1]), params)))
         await eng.shutdown()
@@ -219,4 +222,5 @@ def test_full_engine_refuses_and_shutdown_removes_hooks():
 
     last = asyncio.run(go())
     assert last.finish_reason == "abort"
+    assert sum(len(layer._forward_hooks) + len(layer._forward_pre_hooks) for layer in decoder_layers(eng.model)) == 0
     assert all(not layer._forward_hooks for layer in decoder_layers(eng.model))

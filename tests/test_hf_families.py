@@ -13,13 +13,14 @@ from operator import attrgetter
 import pytest
 import torch
 
-from functok_vllm.core import SAE, SAEConfig, SteeringSpec
+from functok_vllm.core import SAE, SAEConfig
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
-from functok_vllm.engines.hf.hooks import decoder_layers
 from functok_vllm.engines.hf.ragged import RaggedAttention, UnsupportedModel
+from functok_vllm.engines.placement import decoder_layers
 from functok_vllm.offline import go_offline
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL
+from functok_vllm.steering import SteeringSpec
 
 VOCAB = 8192  # the demo tokenizer's, so the demo function-token file fits
 WINDOW = 6  # sliding window, well under the prompts' 16-17 tokens

@@ -15,9 +15,9 @@ import torch
 from reference import check_features, eager_model, lens_sae, load_lens, logprobs, random_model
 from test_hf_families import NEW, serve
 
-from functok_vllm.core import SteeringSpec
 from functok_vllm.feature_request import FeatureRequest
 from functok_vllm.paths import DEMO_MODEL
+from functok_vllm.steering import SteeringSpec
 
 TOL = 1e-4
 BASE = {"vocab_size": 8192, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}

@@ -11,7 +11,8 @@ import torch
 from functok_vllm.cli import main as cli_main
 from functok_vllm.core.sae import SAE, SAEConfig, SAELoadError
 from functok_vllm.corpus import load_split
-from functok_vllm.engines.hf.hooks import load_model, residual_hooks
+from functok_vllm.engines.hf.hooks import load_model
+from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.errors import CLIError
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES, SAE_RELEASES
 from functok_vllm.releases import known_releases, resolve_sae

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from functok_vllm.core.sae import SAE
-from functok_vllm.engines.hf.hooks import decoder_layers
+from functok_vllm.engines.placement import decoder_layers
 from functok_vllm.paths import DEMO_MODEL, ROOT
 from functok_vllm.train.sae_train import (
     PRESETS,

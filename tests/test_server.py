@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
 
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.paths import DEMO_MODEL
 
 KEY = "sk-test-6f1c0de"
@@ -184,6 +184,27 @@ BAD = [  # (change to GOOD, status, param, text the message must show)
         "unknown",
     ),
     ({"steering": {"edits": [EDIT], "positions": "middle"}}, 400, "steering.positions", "middle"),
+    ({"steering": {"edits": [EDIT | {"mode": "project_out"}]}}, 400, "steering.edits[0].strength", "takes no"),
+    ({"steering": {"edits": [{"layer": 2, "feature": 1, "mode": "cap"}]}}, 400, "steering.edits[0].max", "'min' or"),
+    (
+        {"steering": {"edits": [{"layer": 2, "feature": 1, "mode": "cap", "min": 2.0, "max": 1.0}]}},
+        400,
+        "steering.edits[0].min",
+        "min <= max",
+    ),
+    ({"steering": {"edits": [{"layer": 2, "feature": 1, "mode": "set"}]}}, 400, "steering.edits[0].value", "needs"),
+    ({"steering": {"edits": [EDIT | {"strength_unit": "furlong"}]}}, 400, "steering.edits[0].strength_unit", "furlong"),
+    (
+        {
+            "steering": {
+                "edits": [{"layer": 2, "feature": 1, "mode": "set", "value": 1.0, "strength_unit": "token_norm"}]
+            }
+        },
+        400,
+        "steering.edits[0].strength_unit",
+        "takes no",
+    ),
+    ({"steering": {"edits": [{"vector": "calm", "mode": "ablate"}]}}, 400, "steering.edits[0]", "cannot ablate"),
     ({"steering": {"edits": [EDIT], "where": "all"}}, 400, "steering.where", "unknown"),
     ({"steering": "no-such-preset"}, 400, "steering", "no-such-preset"),
     ({"vllm_xargs": {"steering": "{not json"}}, 400, "vllm_xargs.steering", "JSON"),

@@ -10,13 +10,13 @@ from functok_vllm.core import (
     POLICY_CODES,
     POSITIONS,
     SlotsFull,
-    SteeringSpec,
     SteeringTable,
     StepIndex,
     build_slot_index,
     last_function_position,
 )
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.placement import residual_hooks
+from functok_vllm.steering import SteeringSpec
 
 # A hand-made step: vocab of 8 with function tokens {1, 2}. Request A (slot 3) is a 5-token prompt plus 2 generated
 # tokens; request B (slot 5) is a 2-token prompt; one padding token belongs to entry 2, whose slot is 0.
@@ -204,3 +204,46 @@ def test_core_imports_no_engine_or_server_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_projection_columns_are_a_pool_of_their_own_and_release_frees(demo_saes, resid):
+    """Two projection columns at layer 1: a third waits (SlotsFull) while clamps still fit; a released spec's columns
+    and norm-relative row are free again, and the layer's extra terms are then exact zeros (`add_delta` == `delta`)."""
+    table = SteeringTable(demo_saes, max_slots=8, max_clamps=4, max_projections=2, max_tokens=len(resid))
+    two = spec(
+        {"layer": 1, "feature": 3, "mode": "project_out"}, {"layer": 1, "feature": 4, "mode": "set", "value": 1.0}
+    )
+    s = table.acquire(two)
+    assert (table.layers[1].proj_owner == s).sum() == 2 and not table.clamps_in_use(2)
+    with pytest.raises(SlotsFull, match="2 projection columns"):
+        table.acquire(spec({"layer": 1, "feature": 5, "mode": "cap", "max": 0.0}))
+    assert table.acquire(spec({"layer": 1, "feature": 5, "mode": "ablate"}))  # the clamp pool is another
+    norm = table.acquire(spec({"layer": 2, "feature": 5, "strength": 0.5, "strength_unit": "token_norm"}))
+    assert table.clamps_in_use(2)
+    unit = demo_saes[2].W_dec[5] / demo_saes[2].W_dec[5].norm()
+    table.set_slot_index(torch.full((len(resid),), norm))
+    assert torch.allclose(table.layers[2].delta(resid), 0.5 * resid.norm(dim=-1, keepdim=True) * unit, atol=1e-5)
+    table.release(two)
+    table.release(spec({"layer": 2, "feature": 5, "strength": 0.5, "strength_unit": "token_norm"}))
+    assert (table.layers[1].proj_owner == -1).all() and not table.clamps_in_use(2)
+    assert torch.equal(table.layers[2].add_delta(resid), table.layers[2].delta(resid))
+
+
+def test_projection_maths_on_a_real_residual(demo_saes, resid):
+    """project_out leaves h orthogonal to the unit decoder direction; set puts its projection at the value; cap
+    leaves projections inside [min, max] untouched and moves the others to the nearest bound; unselected tokens keep
+    h exactly (slot 0)."""
+    v = demo_saes[1].W_dec[3] / demo_saes[1].W_dec[3].norm()
+    p = resid @ v
+    lo, hi = float(p.quantile(0.3)), float(p.quantile(0.7))  # a cap that binds on both sides and not in between
+    cases = [({"mode": "project_out"}, torch.zeros_like(p)), ({"mode": "set", "value": 2.5}, torch.full_like(p, 2.5))]
+    cases.append(({"mode": "cap", "min": lo, "max": hi}, p.clamp(lo, hi)))
+    for fields, want in cases:
+        table = SteeringTable(demo_saes, max_slots=4, max_clamps=4, max_tokens=len(resid))
+        slot = table.acquire(spec({"layer": 1, "feature": 3, **fields}))
+        table.set_slot_index(torch.arange(len(resid)) % 2 * slot)  # odd tokens steered
+        out = table.layers[1](resid)
+        assert torch.allclose((out @ v)[1::2], want[1::2], atol=1e-4), fields
+        assert torch.equal(out[0::2], resid[0::2])
+        rest = (out - resid) - ((out - resid) @ v)[:, None] * v  # nothing moves off the direction
+        assert float(rest.abs().max()) < 1e-5

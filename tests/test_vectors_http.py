@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import PROMPTS, ServerProc, is_error_body, metric, openai_client, write_gguf
 
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.placement import residual_hooks
 
 KEY, ADMIN = "sk-user-5c1", "sk-admin-9d2"
 MODEL = "functok-tiny"

@@ -4,6 +4,7 @@ preemption and prefix caching (skipped, with the reason, only where `vllm_status
 
 import asyncio
 import itertools
+import json
 import os
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -13,17 +14,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import batch_state, steering_llm  # noqa: E402
 
-from functok_vllm.core import POSITIONS, SpecError, SteeringSpec, Vector, VectorEdit  # noqa: E402
+from functok_vllm.core import POSITIONS, SpecError, Vector  # noqa: E402
 from functok_vllm.core.batch import last_function_position  # noqa: E402
+from functok_vllm.core.vector import encode_payloads  # noqa: E402
 from functok_vllm.engines.base import GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
-from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
-from functok_vllm.engines.vllm.admission import cache_salt, parse_user_spec  # noqa: E402
+from functok_vllm.engines.placement import residual_hooks  # noqa: E402
+from functok_vllm.engines.vllm.admission import PARAM, cache_salt, steering_context  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import BatchSteering  # noqa: E402
-from functok_vllm.engines.vllm.config import from_additional_config, spec_from_xarg, vector_payload  # noqa: E402
+from functok_vllm.engines.vllm.settings import VECTORS, from_additional_config  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
-from functok_vllm.steering import to_json as to_xarg  # noqa: E402
+from functok_vllm.steering import SteeringSpec, parse_steering  # noqa: E402
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
@@ -44,6 +46,20 @@ CHUNK = 32  # the eager engine's max_num_batched_tokens and KV block size
 
 def spec(*edits, positions="function") -> SteeringSpec:
     return SteeringSpec.from_dict({"edits": list(edits), "positions": positions})
+
+
+def wire(*edits, positions="function") -> str:
+    """`extra_args["steering"]` as a client of `vllm serve` writes it: the steering object's JSON text."""
+    return json.dumps({"edits": list(edits), "positions": positions})
+
+
+def xarg(s: SteeringSpec) -> str:
+    return json.dumps(s.user_form())
+
+
+def parse_user_spec(given, cfg):
+    """What the admission hook does with a client's spec."""
+    return parse_steering(given, PARAM, steering_context(cfg))
 
 
 # ---- the worker's batch state, on its own ---------------------------------------------------------------------------
@@ -72,7 +88,7 @@ def run_step(st: BatchSteering, chunks: list[tuple[str, list[int], int]], pad: i
 @pytest.mark.parametrize("policy", POSITIONS)
 def test_chunked_prefill_steers_the_tokens_a_whole_prefill_does(state, demo_tokenizer, policy):
     prompt = demo_tokenizer.encode(PROMPTS[0])
-    extra = {"steering": spec({"layer": 2, "feature": 3, "strength": 1.0}, positions=policy).key()}
+    extra = {"steering": wire({"layer": 2, "feature": 3, "strength": 1.0}, positions=policy)}
     for rid in ("whole", "chunked"):
         state.add_request(rid, prompt, extra)
     state.add_request("plain", prompt, None)
@@ -89,7 +105,7 @@ def test_chunked_prefill_steers_the_tokens_a_whole_prefill_does(state, demo_toke
 def test_recomputation_after_preemption_keeps_generated_tokens_generated(state, demo_tokenizer, policy):
     prompt = demo_tokenizer.encode(PROMPTS[1])
     generated = demo_tokenizer.encode(" and the, of a")
-    extra = {"steering": spec({"layer": 1, "feature": 9, "strength": 2.0}, positions=policy).key()}
+    extra = {"steering": wire({"layer": 1, "feature": 9, "strength": 2.0}, positions=policy)}
     state.add_request("r", prompt, extra)
     history = run_step(state, [("r", prompt, 0)])["r"]
     for k, tok in enumerate(generated):  # decode steps: one token each at its absolute position
@@ -109,8 +125,8 @@ def test_recomputation_after_preemption_keeps_generated_tokens_generated(state, 
 
 def test_slots_follow_batch_membership_and_equal_specs_share(state, demo_tokenizer):
     ids = demo_tokenizer.encode(PROMPTS[1])
-    a = {"steering": spec({"layer": 0, "feature": 1, "strength": 3.0}, positions="all").key()}
-    b = {"steering": spec({"layer": 1, "feature": 2, "mode": "ablate"}, positions="all").key()}
+    a = {"steering": wire({"layer": 0, "feature": 1, "strength": 3.0}, positions="all")}
+    b = {"steering": wire({"layer": 1, "feature": 2, "mode": "ablate"}, positions="all")}
     for rid, extra in (("a1", a), ("a2", a), ("b", b), ("u", None)):
         state.add_request(rid, ids, extra)
     out = run_step(state, [("a1", ids[:4], 0), ("u", ids[:4], 0), ("a2", ids[:4], 0), ("b", ids[:4], 0)])
@@ -131,14 +147,14 @@ def test_a_request_re_added_at_the_same_row_gets_its_new_spec(state, demo_tokeni
     ids = demo_tokenizer.encode(PROMPTS[1])
     state.add_request("r", ids, None)
     assert not any(run_step(state, [("r", ids[:4], 0)])["r"])  # unsteered, same rows as the next step
-    steer = {"steering": spec({"layer": 0, "feature": 1, "strength": 3.0}, positions="all").key()}
+    steer = {"steering": wire({"layer": 0, "feature": 1, "strength": 3.0}, positions="all")}
     state.add_request("r", ids, steer)  # vLLM re-adds it at the same index (a streamed-input update)
     assert all(run_step(state, [("r", ids, 0)])["r"])
 
 
 def test_a_spec_the_worker_cannot_apply_runs_unsteered(state, demo_tokenizer):
     ids = demo_tokenizer.encode(PROMPTS[2])
-    for rid, bad in (("json", "{not json"), ("layer", spec({"layer": 3, "feature": 1, "strength": 1.0}).key())):
+    for rid, bad in (("json", "{not json"), ("layer", wire({"layer": 3, "feature": 1, "strength": 1.0}))):
         state.add_request(rid, ids, {"steering": bad})
         assert not any(run_step(state, [(rid, ids, 0)])[rid])
     assert state.stats()["bad_specs"] == 2
@@ -155,6 +171,15 @@ def test_a_spec_the_worker_cannot_apply_runs_unsteered(state, demo_tokenizer):
         ('{"edits": [{"layer": 2, "feature": 99999, "strength": 1}]}', "vllm_xargs.steering.edits[0].feature"),
         ('{"edits": [{"layer": 2, "feature": 1, "strenght": 1}]}', "vllm_xargs.steering.edits[0].strenght"),
         ('{"edits": [], "positions": "everywhere"}', "vllm_xargs.steering.positions"),
+        ('{"edits": [{"layer": 2, "feature": 1, "mode": "cap"}]}', "vllm_xargs.steering.edits[0].max"),
+        (
+            '{"edits": [{"layer": 2, "feature": 1, "mode": "project_out", "value": 1}]}',
+            "vllm_xargs.steering.edits[0].value",
+        ),
+        (
+            '{"edits": [{"layer": 2, "feature": 1, "strength": 1, "strength_unit": "x"}]}',
+            "vllm_xargs.steering.edits[0].strength_unit",
+        ),
         ("[1, 2]", "vllm_xargs.steering"),
     ],
 )
@@ -168,11 +193,11 @@ def test_admission_canonicalises_and_drops_empty_specs():
     cfg = from_additional_config({}, str(DEMO_MODEL))
     s = parse_user_spec('{"positions": "all", "edits": [{"strength": 2, "feature": 5, "layer": 1}]}', cfg)
     assert s == spec({"layer": 1, "feature": 5, "strength": 2.0}, positions="all")
-    assert spec_from_xarg(s.key()) == s
+    assert parse_user_spec(s.key(), cfg) == s  # the wire form parses back to the same spec
     clamp = spec(
         {"layer": 1, "feature": 5, "mode": "clamp", "value": 3.0}, {"layer": 0, "feature": 2, "mode": "ablate"}
     )
-    assert parse_user_spec(to_xarg(clamp), cfg) == clamp
+    assert parse_user_spec(xarg(clamp), cfg) == clamp
     assert parse_user_spec({"edits": []}, cfg) is None
 
 
@@ -247,7 +272,8 @@ def vector_case(cases):
     g = torch.Generator().manual_seed(1)
     hooks = {"blocks.2.hook_resid_post": 2, "blocks.3.hook_resid_post": 3}
     v = Vector.make({h: torch.nn.functional.normalize(torch.randn(256, generator=g), dim=0) * 30 for h in hooks})
-    return cases[0][1], SteeringSpec((), "all", (VectorEdit(v.id, 1.5, "mix", v.at(hooks), v),))  # prompt 1
+    named = SteeringSpec.from_dict({"edits": [{"vector": "mix", "strength": 1.5}], "positions": "all"})
+    return cases[0][1], SteeringSpec(edits=(named.edits[0].bound(v, v.at(hooks)),), positions="all")  # prompt 1
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +356,7 @@ class TestEager:
         assert len(ids) > CHUNK  # at least one full KV block, which prefix caching keeps
 
         async def run(rid, steering):
-            extra = {"steering": to_xarg(steering)} if steering else None
+            extra = {"steering": xarg(steering)} if steering else None
             params = VSP(temperature=0, max_tokens=MAX_TOKENS, extra_args=extra)
             async for out in eager.llm.generate({"prompt_token_ids": ids}, params, rid):
                 final = out
@@ -366,7 +392,7 @@ class TestCompiled:
 
         prompts, specs = cases
         keys = list(itertools.product(range(len(prompts)), range(len(specs))))
-        xargs = [{"steering": to_xarg(s)} if s else None for s in specs]
+        xargs = [{"steering": xarg(s)} if s else None for s in specs]
         params = [VSP(temperature=0, max_tokens=MAX_TOKENS, extra_args=xargs[j]) for _, j in keys]
         for (i, j), p in zip(keys[: len(specs)], params, strict=False):  # one prompt alone with every spec
             out = compiled.generate([{"prompt_token_ids": prompts[i]}], p, use_tqdm=False)
@@ -385,7 +411,11 @@ class TestCompiled:
         from vllm import SamplingParams as VSP
 
         ids, s = vector_case
-        steered = VSP(temperature=0, max_tokens=MAX_TOKENS, extra_args={"steering": to_xarg(s)} | vector_payload(s))
+        steered = VSP(
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            extra_args={"steering": xarg(s), VECTORS: encode_payloads([s.vectors[0].content])},
+        )
         plain = VSP(temperature=0, max_tokens=MAX_TOKENS)
         outs = compiled.generate([{"prompt_token_ids": ids}] * 2, [steered, plain], use_tqdm=False)
         assert list(outs[0].outputs[0].token_ids) == reference["vector"][0]

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from reference import load_lens
 
-from functok_vllm.engines.vllm.readout import XFEAT, FeatureReadout
+from functok_vllm.engines.vllm.feature_op import XFEAT, FeatureReadout
 from functok_vllm.feature_request import FeatureRequest
 from functok_vllm.paths import DEMO_SAES
 
@@ -19,7 +19,7 @@ def step(ro: FeatureReadout, rows: list[tuple[str, int, torch.Tensor]]) -> None:
     ro.prepare([rid for rid, _, _ in rows], starts, qsl)
     if ro.plan is not None:
         for layer in ro.saes:
-            torch.ops.functok.read_features(hidden, None, torch.zeros(1), layer)  # what the op in the model does
+            ro.observe(layer, hidden, None)  # what the op in the model does with the readout its forward carries
     ro.end_step()
 
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import openai_client
 
 from functok_vllm.engines.vllm.available import vllm_status
-from functok_vllm.engines.vllm.config import EXTENSION
+from functok_vllm.engines.vllm.settings import EXTENSION
 from functok_vllm.launch import Server, ServerStartError
 from functok_vllm.launch import start as launch_start
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
@@ -75,20 +75,18 @@ def library(tmp_path_factory):
 def texts(library) -> dict[str, str]:
     """The transformers engine's (unsteered, steered, steered by the named vector) greedy text for PROMPT: what both
     vLLM servers must return."""
-    from functok_vllm.core import SteeringSpec
     from functok_vllm.engines.base import GenerateRequest, SamplingParams
     from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
     from functok_vllm.library.store import Library
     from functok_vllm.paths import DEMO_FUNCTION_TOKENS
-    from functok_vllm.steering import SteeringLimits, Vectors, parse_steering
+    from functok_vllm.steering import SteeringContext, SteeringLimits, SteeringSpec, parse_steering
 
     async def run() -> dict[str, str]:
         saes = sorted(DEMO_SAES.glob("layer_*"))
         hf = HFEngine(HFEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, steer_layers=[ADD_LAYER], warmup=False))
         await hf.start()
-        named = parse_steering(
-            NAMED, "steering", SteeringLimits(), Vectors(Library(library).resolve, hf.steering_info())
-        )
+        ctx = SteeringContext(hf.steering_info(), SteeringLimits(), Library(library).resolve)
+        named = parse_steering(NAMED, "steering", ctx)
         out = {}
         for name, spec in (("plain", None), ("steered", SteeringSpec.from_dict(SPEC)), ("named", named)):
             req = GenerateRequest(name, hf.encode(PROMPT), SamplingParams(0, max_tokens=10), spec)

@@ -14,15 +14,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import batch_state  # noqa: E402
 
-from functok_vllm.core import SteeringSpec  # noqa: E402
 from functok_vllm.engines.base import EngineStopped, GenerateRequest, RequestError, SamplingParams  # noqa: E402
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig  # noqa: E402
-from functok_vllm.engines.hf.hooks import residual_hooks  # noqa: E402
+from functok_vllm.engines.placement import residual_hooks  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering  # noqa: E402
 from functok_vllm.engines.vllm.engine import ClampBudget  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES  # noqa: E402
-from functok_vllm.steering import SteeringLimits  # noqa: E402
+from functok_vllm.steering import (
+    SteeringLimits,  # noqa: E402
+    SteeringSpec,  # noqa: E402
+)
 
 NO_VLLM = None if vllm_status().ok else vllm_status().line()
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))]
@@ -104,10 +106,14 @@ def test_worker_counts_each_position_once_across_recomputation_and_prefix_cache(
 
 def test_clamp_budget_admits_in_order_within_the_pool_and_refuses_what_never_fits():
     b = ClampBudget(POOL)
-    two, one, other = ClampBudget.need(clamp2(1, 2)), Counter({1: 1}), Counter({0: 1})
-    with pytest.raises(RequestError, match="3 clamp/ablate edits at layer 1.*holds 2"):
+    two, one, other = ClampBudget.need(clamp2(1, 2)), Counter({("clamp", 1): 1}), Counter({("clamp", 0): 1})
+    with pytest.raises(RequestError, match="3 clamp/ablate columns at layer 1.*holds 2"):
         b.check(ClampBudget.need(spec(*({"layer": 1, "feature": f, "mode": "ablate"} for f in range(3)))))
     assert ClampBudget.need(spec({"layer": 2, "feature": 1, "strength": 1.0})) == {}  # adds take no column
+    projections = spec(*({"layer": 1, "feature": f, "mode": "project_out"} for f in range(3)))
+    assert ClampBudget.need(projections) == {("projection", 1): 3}  # a pool of their own
+    with pytest.raises(RequestError, match="3 project_out/cap/set columns at layer 1.*(max_projections)"):
+        b.check(ClampBudget.need(projections))
 
     async def go():
         await b.acquire(two)
@@ -119,13 +125,13 @@ def test_clamp_budget_admits_in_order_within_the_pool_and_refuses_what_never_fit
         assert waits[1].done() and not waits[2].done()  # layer 0 is free; layer 1 still full
         b.release(two)
         await asyncio.sleep(0.01)
-        assert waits[2].done() and b.used == {0: 1, 1: 1}
+        assert waits[2].done() and b.used == {("clamp", 0): 1, ("clamp", 1): 1}
         late = asyncio.ensure_future(b.acquire(two))
         await asyncio.sleep(0.01)
         b.close()
         with pytest.raises(EngineStopped):
             await late
-        assert b.used == {0: 1, 1: 1}
+        assert b.used == {("clamp", 0): 1, ("clamp", 1): 1}
 
     asyncio.run(go())
 

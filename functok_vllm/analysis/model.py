@@ -20,7 +20,8 @@ from functok_vllm.core import SAE, FunctionTokens, SAELoadError
 from functok_vllm.core.capture import CoverageCapture, EdgeBits
 from functok_vllm.core.sae import SAEConfig
 from functok_vllm.core.sae import load_saes as core_load_saes
-from functok_vllm.engines.hf.hooks import ResidualFn, check_hook_points, decoder_layers, load_model, residual_hooks
+from functok_vllm.engines.hf.hooks import check_hook_points, load_model
+from functok_vllm.engines.placement import ResidualFn, decoder_layers, residual_hooks
 from functok_vllm.errors import CLIError
 
 

@@ -16,9 +16,10 @@ import torch
 
 from functok_vllm.analysis.data import check_prompt
 from functok_vllm.analysis.io import figure, out_dir, save_figure, write_json
-from functok_vllm.core import POLICY_CODES, Edit, SteeringSpec, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core import POLICY_CODES, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core import last_function_position as last_fn_position
 from functok_vllm.errors import CLIError
+from functok_vllm.steering import FeatureEdit, SteeringSpec
 
 POLICIES = ("last_function", "last_content", "all")
 DEFAULT_STRENGTHS = (0.0, 10.0, 20.0, 40.0, 80.0, 160.0)  # residual norms are ~50-100 in functok-tiny
@@ -73,7 +74,7 @@ def slot_index(policy: str, ids: torch.Tensor, slot: int, fn_mask: torch.Tensor,
 
 def spec_for(layer: int, feature: int, strength: float, policy: str) -> SteeringSpec:
     positions = policy if policy in POLICY_CODES else "content"  # last_content: the explicit index decides, not this
-    return SteeringSpec((Edit(layer, feature, "add", strength),), positions)
+    return SteeringSpec(edits=(FeatureEdit(layer=layer, feature=feature, strength=strength),), positions=positions)
 
 
 class Steerer:

@@ -49,7 +49,7 @@ class VLLMAnalysisModel(TokenizerMixin):
     ):
         from transformers import AutoConfig, AutoTokenizer
 
-        from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, cpu_defaults, from_additional_config
+        from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, cpu_defaults, from_additional_config
 
         cpu_defaults()
         from vllm import LLM

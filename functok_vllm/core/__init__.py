@@ -1,4 +1,4 @@
-"""The steering core: SAEs, function tokens, steering specs, per-token index building and the batched steer op.
+"""The steering core: SAEs, function tokens, the steering vocabulary, per-token index building and the batched steer op.
 
 Imports torch, numpy and safetensors only (never vllm, transformers or fastapi), so every engine and the analysis
 share one implementation of the steering math.
@@ -7,7 +7,7 @@ share one implementation of the steering math.
 from functok_vllm.core.batch import POLICY_CODES, StepIndex, build_slot_index, last_function_position
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.sae import SAE, SAEConfig, SAELoadError
-from functok_vllm.core.spec import MODES, POSITIONS, Edit, SpecError, SteeringSpec, VectorEdit
+from functok_vllm.core.spec import MODES, POSITIONS, SpecError
 from functok_vllm.core.steer import SlotsFull, SteeringLayer, SteeringTable
 from functok_vllm.core.vector import Vector, VectorError
 
@@ -16,18 +16,15 @@ __all__ = [
     "POLICY_CODES",
     "POSITIONS",
     "SAE",
-    "Edit",
     "FunctionTokens",
     "SAEConfig",
     "SAELoadError",
     "SlotsFull",
     "SpecError",
     "SteeringLayer",
-    "SteeringSpec",
     "SteeringTable",
     "StepIndex",
     "Vector",
-    "VectorEdit",
     "VectorError",
     "build_slot_index",
     "last_function_position",

@@ -1,4 +1,4 @@
-"""The batched steer op and its slot tables: one gather-add and one small clamp matmul per steered layer.
+"""The batched steer op and its slot tables: two gather-adds and two small column matmuls per steered layer.
 
 Every request in a batch owns a *slot* (row) of a preallocated table; equal specs share a slot and row 0 is the
 zero vector for unsteered requests. Before each forward an engine writes one slot number per token into
@@ -6,19 +6,39 @@ zero vector for unsteered requests. Before each forward an engine writes one slo
 buffers that are updated in place, so one compiled graph (Inductor, CUDA graphs) serves every mix of requests, and
 its cost does not depend on how many distinct specs share the batch.
 
-Edits at one layer are all computed from the tensor at its SAE's hook point as it arrives there, then summed.
-A layer without an SAE (`functok serve --steer-layers`) has no clamp columns: it adds steering vectors only.
+Edits at one layer are all computed from the tensor h at its SAE's hook point as it arrives there, then summed:
+plain adds (`add_table`), adds in units of the token's norm |h| (`norm_add_table`, unit directions), clamp columns
+(one SAE feature's activation each) and projection columns (a unit direction v with an interval [lo, hi]: the
+projection p = h . v is moved to clamp(p, lo, hi); project_out is [0, 0], set is [value, value]). A layer without an
+SAE (`functok serve --steer-layers`) has no clamp columns: it adds and projects steering vectors only.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import SAE, normalize
-from functok_vllm.core.spec import SteeringSpec
+from functok_vllm.core.spec import CLAMPS, PROJECTIONS, Spec
+
+
+def column_needs(spec: Spec) -> tuple[dict, dict]:
+    """({layer: clamp columns}, {layer: projection columns}) that `spec` takes in a `SteeringTable` (and in vLLM's
+    `ClampBudget`): a clamp/ablate edit one clamp column at its layer, a projection edit one projection column at its
+    layer (a vector's: at each of its layers)."""
+    clamps, proj = Counter(), Counter()
+    for e in spec.features:
+        if e.mode in CLAMPS:
+            clamps[e.layer] += 1
+        elif e.mode in PROJECTIONS:
+            proj[e.layer] += 1
+    for v in spec.vectors:
+        if v.mode in PROJECTIONS:
+            proj.update(v.at.keys())
+    return dict(clamps), dict(proj)
 
 
 class SlotsFull(RuntimeError):
@@ -39,6 +59,7 @@ class SteeringLayer(torch.nn.Module):
         device,
         hook: HookPoint | None = None,
         d_model: int | None = None,
+        max_projections: int = 64,
     ):
         super().__init__()
         d = sae.d_in if sae is not None else d_model
@@ -46,9 +67,10 @@ class SteeringLayer(torch.nn.Module):
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.hook = sae.cfg.hook if sae is not None else hook  # where the engine applies `delta`
         self.norm = sae.cfg.normalize_activations if sae is not None else "none"  # static: the graph is built for it
-        self.max_clamps = max_clamps
+        self.max_clamps, self.max_projections = max_clamps, max_projections
         self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
         self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
+        self.register_buffer("norm_add_table", z(max_slots, d), persistent=False)  # (slots, d_model), times |h|
         b_dec = sae.b_dec if sae is not None and sae.cfg.apply_b_dec_to_input else z(d)
         self.register_buffer("b_dec", b_dec.to(device=device, dtype=dtype).clone(), persistent=False)  # (d_model,)
         # Clamp columns: a flat pool of (slot, feature) pairs; column j belongs to slot clamp_owner[j] (-1: free).
@@ -64,6 +86,13 @@ class SteeringLayer(torch.nn.Module):
         self.register_buffer("clamp_value", z(max_clamps), persistent=False)
         owner = torch.full((max_clamps,), -1, dtype=torch.long, device=device)
         self.register_buffer("clamp_owner", owner, persistent=False)
+        # Projection columns: a flat pool of unit directions; column j belongs to slot proj_owner[j] (-1: free) and
+        # moves p = h . proj_dir[j] to clamp(p, proj_lo[j], proj_hi[j]) (bounds may be -inf/inf: a one-sided cap).
+        self.register_buffer("proj_dir", z(max_projections, d), persistent=False)  # (projections, d_model)
+        self.register_buffer("proj_lo", z(max_projections), persistent=False)
+        self.register_buffer("proj_hi", z(max_projections), persistent=False)
+        owner = torch.full((max_projections,), -1, dtype=torch.long, device=device)
+        self.register_buffer("proj_owner", owner, persistent=False)
         self.sae = sae.to(device=device, dtype=dtype) if sae is not None else None
 
     def tables(self) -> tuple:
@@ -71,6 +100,7 @@ class SteeringLayer(torch.nn.Module):
         return (
             self.slot_index,
             self.add_table,
+            self.norm_add_table,
             self.b_dec,
             self.clamp_W_gate,
             self.clamp_b_gate,
@@ -80,6 +110,10 @@ class SteeringLayer(torch.nn.Module):
             self.clamp_W_dec,
             self.clamp_value,
             self.clamp_owner,
+            self.proj_dir,
+            self.proj_lo,
+            self.proj_hi,
+            self.proj_owner,
             self.norm,
         )
 
@@ -96,9 +130,10 @@ class SteeringLayer(torch.nn.Module):
         return h + self.delta(h)
 
     def add_delta(self, h: torch.Tensor) -> torch.Tensor:
-        """`delta(h)` when no clamp column of this layer is owned (`SteeringTable.clamps_in_use`): the gather alone.
+        """`delta(h)` when this layer has no owned clamp or projection column and no norm-relative add
+        (`SteeringTable.clamps_in_use`): the gather alone.
 
-        Equal to `delta` then (the clamp term is an exact zero). For eager engines that may choose per step; compiled
+        Equal to `delta` then (the other terms are exact zeros). For eager engines that may choose per step; compiled
         engines call `delta`, whose graph never changes.
         """
         return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
@@ -108,6 +143,7 @@ def steer_delta(
     h,
     slot_index,
     add_table,
+    norm_add_table,
     b_dec,
     W_gate,
     b_gate,
@@ -117,13 +153,23 @@ def steer_delta(
     W_dec,
     value,
     owner,
+    proj_dir,
+    proj_lo,
+    proj_hi,
+    proj_owner,
     norm: str,
 ) -> torch.Tensor:
     """(tokens, d_model) tensor the SAE reads -> (tokens, d_model) update: the token's slot row of the add table, plus
-    for each clamp column its slot owns, (value - activation) times that feature's decoder row, mapped back through
-    the SAE's per-token output normalisation (adds are taken as given, in the model's space)."""
+    its row of the norm-relative table times |h|, plus for each projection column its slot owns (clamp(p, lo, hi) - p)
+    times the column's unit direction (p = h . direction), plus for each clamp column its slot owns (value -
+    activation) times that feature's decoder row, mapped back through the SAE's per-token output normalisation (adds
+    and projections are taken as given, in the model's space). Every term reads h as it arrived."""
     slot = slot_index[: h.shape[0]]  # (tokens,)
-    out = add_table[slot]  # (tokens, d_model)
+    out = add_table[slot] + h.norm(dim=-1, keepdim=True) * norm_add_table[slot]  # (tokens, d_model)
+    p = h @ proj_dir.T  # (tokens, projections)
+    moved = torch.minimum(torch.maximum(p, proj_lo), proj_hi) - p
+    mine = slot[:, None] == proj_owner[None, :]  # (tokens, projections)
+    out = out + torch.where(mine, moved, 0) @ proj_dir  # `where`: a column's inf bound never meets another's 0
     if W_dec.shape[0] == 0:  # an add-only layer (a static shape: one branch per graph, not per token)
         return out
     x, scale, _ = normalize(h, norm)
@@ -143,6 +189,7 @@ def steered_hidden(
     residual: torch.Tensor | None,
     slot_index: torch.Tensor,
     add_table: torch.Tensor,
+    norm_add_table: torch.Tensor,
     b_dec: torch.Tensor,
     clamp_W_gate: torch.Tensor,
     clamp_b_gate: torch.Tensor,
@@ -152,6 +199,10 @@ def steered_hidden(
     clamp_W_dec: torch.Tensor,
     clamp_value: torch.Tensor,
     clamp_owner: torch.Tensor,
+    proj_dir: torch.Tensor,
+    proj_lo: torch.Tensor,
+    proj_hi: torch.Tensor,
+    proj_owner: torch.Tensor,
     norm: str,
 ) -> torch.Tensor:
     """hidden + steer_delta(hidden + residual, ...): THE ADD of the vLLM path, as one op a compiler cannot see into.
@@ -161,10 +212,28 @@ def steered_hidden(
     request, steered or not, was computed from a stale buffer (issue 12). An opaque op is scheduled after its inputs
     exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input.
     """
-    tables = (slot_index, add_table, b_dec, clamp_W_gate, clamp_b_gate, clamp_threshold, clamp_W_mag, clamp_b_mag)
     h = hidden if residual is None else hidden + residual  # the SAE's tensor, maybe (1, tokens, d_model): vLLM's
     h = h.reshape(-1, hidden.shape[-1])  # Transformers backend keeps a batch dim; (tokens, d_model) from here
-    delta = steer_delta(h, *tables, clamp_W_dec, clamp_value, clamp_owner, norm)
+    delta = steer_delta(
+        h,
+        slot_index,
+        add_table,
+        norm_add_table,
+        b_dec,
+        clamp_W_gate,
+        clamp_b_gate,
+        clamp_threshold,
+        clamp_W_mag,
+        clamp_b_mag,
+        clamp_W_dec,
+        clamp_value,
+        clamp_owner,
+        proj_dir,
+        proj_lo,
+        proj_hi,
+        proj_owner,
+        norm,
+    )
     return hidden + delta.view(hidden.shape)
 
 
@@ -178,6 +247,8 @@ class _Slot:
     slot: int
     refs: int
     clamp_cols: dict  # layer -> list of clamp columns
+    proj_cols: dict  # layer -> list of projection columns
+    norm_layers: set  # layers where its norm-relative table row is written
 
 
 class SteeringTable:
@@ -197,35 +268,46 @@ class SteeringTable:
         device="cpu",
         add_layers: dict[int, HookPoint] | None = None,
         d_model: int | None = None,
+        max_projections: int = 64,
     ):
         if max_slots < 2:
             raise ValueError("max_slots must be at least 2 (row 0 is the unsteered row)")
         if add_layers and d_model is None:
             raise ValueError("add-only layers need d_model")
         self.max_slots, self.max_clamps, self.dtype, self.device = max_slots, max_clamps, dtype, torch.device(device)
+        self.max_projections = max_projections
         self.slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        P = max_projections
         layers = {
-            layer: SteeringLayer(sae, self.slot_index, max_slots, max_clamps, dtype, device)
+            layer: SteeringLayer(sae, self.slot_index, max_slots, max_clamps, dtype, device, max_projections=P)
             for layer, sae in saes.items()
         }
         for layer, hook in (add_layers or {}).items():
             if layer in layers:
                 raise ValueError(f"layer {layer} has an SAE already; it cannot be an add-only layer too")
-            layers[layer] = SteeringLayer(None, self.slot_index, max_slots, 0, dtype, device, hook, d_model)
+            layers[layer] = SteeringLayer(None, self.slot_index, max_slots, 0, dtype, device, hook, d_model, P)
         self.layers = dict(sorted(layers.items()))
         self._by_key: dict[str, _Slot] = {}
         self._free = list(range(max_slots - 1, 0, -1))
         self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
+        self._free_proj = {layer: list(range(P - 1, -1, -1)) for layer in self.layers}
+        self._norm_refs = dict.fromkeys(self.layers, 0)  # layer -> slots with a norm-relative add there
 
     @property
     def slots_in_use(self) -> int:
         return len(self._by_key)
 
     def clamps_in_use(self, layer: int) -> bool:
-        """Does any slot own a clamp column at this layer? If not, `add_delta` equals `delta` there."""
-        return len(self._free_cols[layer]) < self.layers[layer].max_clamps
+        """Does any slot own a clamp or projection column, or a norm-relative add, at this layer? If not, `add_delta`
+        equals `delta` there."""
+        op = self.layers[layer]
+        return (
+            len(self._free_cols[layer]) < op.max_clamps
+            or len(self._free_proj[layer]) < op.max_projections
+            or self._norm_refs[layer] > 0
+        )
 
-    def acquire(self, spec: SteeringSpec | None) -> int:
+    def acquire(self, spec: Spec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
         if spec is None or spec.is_noop:
             return 0
@@ -233,21 +315,26 @@ class SteeringTable:
         if key in self._by_key:
             self._by_key[key].refs += 1
             return self._by_key[key].slot
-        need = {}
-        for e in spec.edits:
-            if e.mode != "add":
-                need[e.layer] = need.get(e.layer, 0) + 1
-        if not self._free or any(len(self._free_cols[layer]) < n for layer, n in need.items()):
+        need, need_proj = column_needs(spec)
+        if (
+            not self._free
+            or any(len(self._free_cols[layer]) < n for layer, n in need.items())
+            or any(len(self._free_proj[layer]) < n for layer, n in need_proj.items())
+        ):
             raise SlotsFull(
-                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp columns a layer)"
+                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp and "
+                f"{self.max_projections} projection columns a layer)"
             )
         slot = self._free.pop()
         cols = {layer: [self._free_cols[layer].pop() for _ in range(n)] for layer, n in need.items()}
-        self._write(slot, spec, cols)
-        self._by_key[key] = _Slot(slot, 1, cols)
+        proj = {layer: [self._free_proj[layer].pop() for _ in range(n)] for layer, n in need_proj.items()}
+        norm_layers = self._write(slot, spec, cols, proj)
+        for layer in norm_layers:
+            self._norm_refs[layer] += 1
+        self._by_key[key] = _Slot(slot, 1, cols, proj, norm_layers)
         return slot
 
-    def release(self, spec: SteeringSpec | None) -> None:
+    def release(self, spec: Spec | None) -> None:
         if spec is None or spec.is_noop:
             return
         key = spec.key()
@@ -259,22 +346,45 @@ class SteeringTable:
         for layer, cols in entry.clamp_cols.items():
             self.layers[layer].clamp_owner[cols] = -1
             self._free_cols[layer].extend(cols)
+        for layer, cols in entry.proj_cols.items():
+            self.layers[layer].proj_owner[cols] = -1
+            self._free_proj[layer].extend(cols)
+        for layer in entry.norm_layers:
+            self._norm_refs[layer] -= 1
         for op in self.layers.values():
             op.add_table[entry.slot].zero_()
+            op.norm_add_table[entry.slot].zero_()
         self._free.append(entry.slot)
 
     @torch.no_grad()
-    def _write(self, slot: int, spec: SteeringSpec, cols: dict) -> None:
+    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict) -> set:
+        """Write `spec` into `slot`'s rows and into the columns given to it; the layers of its norm-relative adds."""
         used = {layer: iter(c) for layer, c in cols.items()}
-        for v in spec.vectors:  # the same arithmetic as a feature's add: strength * row, into the slot's row
+        used_proj = {layer: iter(c) for layer, c in proj.items()}
+        norm_layers = set()
+
+        def direct(layer, e, row):  # one edit's direction at one layer: an add or a projection column
+            op = self.layers[layer]
+            row = row.to(device=op.add_table.device, dtype=op.add_table.dtype)
+            unit = row / row.norm().clamp_min(torch.finfo(row.dtype).tiny)  # a zero direction stays zero: a no-op
+            if e.mode == "add" and e.per_norm:
+                op.norm_add_table[slot] += e.strength * unit
+                norm_layers.add(layer)
+            elif e.mode == "add":  # the same arithmetic for features and vectors: strength * row, into the slot's row
+                op.add_table[slot] += e.strength * row
+            else:
+                j = next(used_proj[layer])
+                op.proj_dir[j], (op.proj_lo[j], op.proj_hi[j]) = unit, e.bounds
+                op.proj_owner[j] = slot
+
+        for v in spec.vectors:
             for layer, direction in v.at.items():
-                op = self.layers[layer]
-                op.add_table[slot] += v.strength * direction.to(device=op.add_table.device, dtype=op.add_table.dtype)
-        for e in spec.edits:
+                direct(layer, v, direction)
+        for e in spec.features:
             op = self.layers[e.layer]
             sae = op.sae
-            if e.mode == "add":
-                op.add_table[slot] += e.strength * sae.W_dec[e.feature]
+            if e.mode not in CLAMPS:
+                direct(e.layer, e, sae.W_dec[e.feature])
                 continue
             j = next(used[e.layer])
             c = sae.cfg.arch.clamp_columns(sae, e.feature)
@@ -284,6 +394,7 @@ class SteeringTable:
             op.clamp_W_dec[j] = sae.W_dec[e.feature]
             op.clamp_value[j] = e.clamp_value
             op.clamp_owner[j] = slot
+        return norm_layers
 
     def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
         """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""

@@ -26,6 +26,9 @@ from functok_vllm.core.hookpoint import HookError, parse_hook_name
 
 FORMAT = "functok.vector.v1"
 ID_HEX = 32  # 128 bits of sha256
+# Largest direction norm: its square must stay finite in float32, which every RMSNorm / LayerNorm after the edit
+# computes (sum of squares); a longer direction can only turn the model's activations into inf and NaN.
+MAX_NORM = float(torch.finfo(torch.float32).max) ** 0.5  # ~1.8e19
 
 
 class VectorError(ValueError):
@@ -70,6 +73,12 @@ class Vector:
             d = t.detach().to("cpu", torch.float32).contiguous().clone()
             if not torch.isfinite(d).all():
                 raise VectorError(f"{hook}: the direction holds NaN or Inf")
+            norm = float(d.double().norm())
+            if norm > MAX_NORM:
+                raise VectorError(
+                    f"{hook}: the direction's norm {norm:.3g} is above {MAX_NORM:.3g}, where its square overflows "
+                    "float32 (every norm layer after it would compute inf)"
+                )
             out[hook] = d
         dims = {t.shape[0] for t in out.values()}
         if len(dims) > 1:
@@ -82,7 +91,7 @@ class Vector:
         return next(iter(self.directions.values())).shape[0]
 
     def norms(self) -> dict[str, float]:
-        return {hook: float(t.norm()) for hook, t in self.directions.items()}
+        return {hook: float(t.double().norm()) for hook, t in self.directions.items()}  # finite: see MAX_NORM
 
     def at(self, hook_layers: Mapping[str, int]) -> dict[int, torch.Tensor]:
         """{layer: direction} for the steering layers at its hooks; KeyError naming the hooks no layer steers."""

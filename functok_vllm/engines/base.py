@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.activation_capture import CaptureRequest, check_capture
+from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
-from functok_vllm.steering import SteeringInfo, SteeringLimits, check_steering
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
@@ -126,6 +127,7 @@ class GenerateRequest:
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: none
     features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
+    capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.activation_capture`
     # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
     stream: bool = True
 
@@ -153,6 +155,7 @@ class Delta:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta: one per prompt token, the first None
     features: list[FeatureEntry] | None = None  # the next generated tokens' entries, in order (see FeatureEntry)
     prompt_features: list[FeatureEntry] | None = None  # first delta (or with the first features): every prompt token
+    capture: bytes | None = None  # last delta of a request that asked: the safetensors blob (`capture.encode_capture`)
 
 
 class Engine(ABC):
@@ -160,6 +163,7 @@ class Engine(ABC):
 
     model_name: str
     max_model_len: int
+    supports_capture: bool = False  # whether `GenerateRequest.capture` is served (else a RequestError names it)
 
     @property
     @abstractmethod
@@ -232,10 +236,15 @@ class Engine(ABC):
             if n is not None and not 0 <= n <= MAX_LOGPROBS:
                 raise RequestError(name, f"{n!r} must be between 0 and {MAX_LOGPROBS}")
         try:
-            if r.steering is not None:
-                check_steering(r.steering, self.steering_info(), limits)
+            if r.steering is not None:  # parsed at the edge of this process already, or checked now (`checked`)
+                r.steering = checked(r.steering, SteeringContext(self.steering_info(), limits))
             if r.features is not None:
                 check_features(r.features, self.steering_info())
+            if r.capture is not None:
+                if not self.supports_capture:
+                    msg = f"{type(self).__name__} does not capture activations; serve with the transformers engine"
+                    raise SpecError("capture", msg)
+                check_capture(r.capture, self.steering_info())
         except SpecError as e:
             raise RequestError(e.field, e.message) from None
 

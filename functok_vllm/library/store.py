@@ -71,6 +71,10 @@ class BadName(LibraryError):
     pass
 
 
+class NotJSON(LibraryError):
+    """A change that holds NaN or Infinity (refused before anything is written)."""
+
+
 class StoreError(LibraryError):
     """The directory is not a usable library (corrupt index, another model's vectors)."""
 
@@ -268,7 +272,13 @@ class Library:
                 index = _read_index(self.root / INDEX) if (self.root / INDEX).exists() else _empty(self.d_model)
                 yield index
                 index["generation"] += 1
-                self._atomic_write(self.root / INDEX, json.dumps(index, indent=1, sort_keys=True).encode())
+                try:  # strict JSON: the index never holds what its own reader (and other tools) would refuse
+                    text = json.dumps(index, indent=1, sort_keys=True, allow_nan=False)
+                except ValueError as e:
+                    raise NotJSON(
+                        f"the change holds a number JSON cannot represent ({e}); nothing was stored"
+                    ) from None
+                self._atomic_write(self.root / INDEX, text.encode())
                 self._seen = None
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

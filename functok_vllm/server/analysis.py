@@ -25,7 +25,7 @@ from functok_vllm.analysis.model import HFAnalysisModel
 from functok_vllm.engines.base import Engine
 from functok_vllm.errors import CLIError
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.serving import timeout_error
 from functok_vllm.steering import Strict, StrictInt
 

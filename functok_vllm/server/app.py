@@ -32,22 +32,24 @@ from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.choices import Format, Prompt
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
-from functok_vllm.server.errors import APIError, api_error_handler, validation_handler
+from functok_vllm.server.finite import FiniteJSONResponse
 from functok_vllm.server.library import PresetBook, add_library_routes
 from functok_vllm.server.logprobs import TokenText
 from functok_vllm.server.metrics import Metrics
 from functok_vllm.server.middleware import Gate
+from functok_vllm.server.openai_errors import APIError, api_error_handler, validation_handler
 from functok_vllm.server.playground import CAPABILITIES, add_playground
 from functok_vllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Steering,
+    capture_of,
     features_of,
     resolve_steering,
     resolve_steering_list,
 )
 from functok_vllm.server.serving import Job, complete, stream
-from functok_vllm.steering import Vectors
+from functok_vllm.steering import SteeringContext
 
 log = logging.getLogger("functok.server")
 
@@ -69,8 +71,8 @@ def open_library(engine: Engine, config: ServerConfig) -> Library:
 
 def build_presets(engine: Engine, config: ServerConfig, library: Library) -> PresetBook:
     """Every preset (the config's, checked now like a request's steering: CLIError names a bad one; the library's)."""
-    vectors = Vectors(library.resolve, engine.steering_info())
-    book = PresetBook(config.presets, library, vectors, config.steering)
+    ctx = SteeringContext(engine.steering_info(), config.steering, library.resolve)
+    book = PresetBook(config.presets, library, ctx)
     for name, obj in config.presets.items():
         if name in library.presets():
             raise CLIError(f"presets.{name}: a preset of that name is stored in the library {library.root} too")
@@ -84,7 +86,7 @@ def build_presets(engine: Engine, config: ServerConfig, library: Library) -> Pre
 def create_app(engine: Engine, config: ServerConfig, library: Library | None = None) -> FastAPI:
     library = library or open_library(engine, config)
     presets = build_presets(engine, config, library)
-    vectors = presets.vectors
+    ctx = presets.ctx
     limits = config.limits
     metrics = Metrics(engine)
     started = int(time.time())
@@ -106,7 +108,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         if analyzer is not None:
             analyzer.close()
 
-    app = FastAPI(title="functok-vllm", lifespan=lifespan)
+    app = FastAPI(title="functok-vllm", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(HTTPException, _http_error)
@@ -120,11 +122,15 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         metrics_public=config.metrics_public,
         admin_key=config.admin_api_key,
         max_vector_bytes=limits.max_vector_bytes,
+        allowed_hosts=config.allowed_hosts,
+        body_timeout=limits.body_timeout,
     )
     app.state.drain, app.state.stop_engine, app.state.library = drain, stop_engine, library
     analyzer = add_analysis_route(app, engine, limits)
     add_playground(app, engine, analyzer)  # the page at /, /static/, /tokenize, /v1/features/...
-    add_library_routes(app, library, presets, engine.steering_info(), config.steering)  # /v1/steering/vectors, presets
+    add_library_routes(
+        app, library, presets, engine.steering_info(), config.steering, engine, limits
+    )  # /v1/steering/vectors, presets
 
     @app.get("/health")
     async def health():
@@ -156,7 +162,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 "tokens": info.function_token_strings,
             },
             "steer_layers": [{"layer": n, "hook_name": HookPoint(n, "resid_post").name} for n in info.add_layers],
-            "presets": {name: presets.steering_object(name) for name in presets},
+            "presets": presets.objects(),
             "vectors": sorted(library.vectors()),
             "modes": list(MODES),
             "positions": list(POSITIONS),
@@ -172,15 +178,15 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             msg = f"model: {body.model!r} does not exist; this server serves {engine.model_name!r}"
             raise APIError(404, msg, "model", "model_not_found")
         body.check()
-        info = engine.steering_info()
-        listed = resolve_steering_list(body, presets, config.steering, info, limits.max_choices, vectors)
-        steerings = listed or [resolve_steering(body, presets, config.steering, info, vectors)]
+        listed = resolve_steering_list(body, presets, ctx, limits.max_choices)
+        steerings = listed or [resolve_steering(body, presets, ctx)]
         request.state.steered = str(any(s.spec is not None for s in steerings)).lower()
         return steerings, listed is not None
 
     async def run(kind, body, prompts: list[Prompt], max_tokens, request: Request, t0: float):
         steerings, listed = prepare(body, request)
         fr = features_of(body, engine.steering_info())
+        cap = capture_of(body, engine.steering_info())
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         choices = fanout.plan(prompts, steerings, body.n, limits, listed)
         param = "messages" if kind == "chat" else "prompt"
@@ -194,16 +200,19 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 max_tokens if max_tokens is not None else min(limits.max_tokens, engine.max_model_len - len(p.ids))
             )
         fanout.check_features(fr, choices, caps, limits)
+        fanout.check_capture(cap, choices, caps, limits, engine.steering_info().d_model)
         if kind == "chat":
             lp, prompt_lp, echo = ((body.top_logprobs or 0) if body.logprobs else None), None, False
         else:
             lp, echo = body.logprobs, body.echo
             prompt_lp = lp if echo else None
-        extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr}
+        fanout.check_prompt_scoring(prompt_lp, choices, limits)
+        extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr, "capture": cap}
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(
             kind, tt, lp is not None, echo, body.return_token_ids, fr is not None, fr is not None and fr.prompt
         )
+        fmt.capture = cap is not None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(
             kind,
@@ -218,7 +227,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         )
         if body.stream:
             return StreamingResponse(stream(job, metrics), media_type="text/event-stream")
-        return JSONResponse(await complete(job, request, metrics))
+        return FiniteJSONResponse(await complete(job, request, metrics))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -229,6 +238,10 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 prompts.append(Prompt(engine.encode(p), p))
             else:
                 ids = list(p)
+                if ids and not 0 <= min(ids) <= max(ids) < engine.vocab_size:  # before decoding them (echo)
+                    bad = min(ids) if min(ids) < 0 else max(ids)
+                    msg = f"prompt: token id {bad} is outside the vocabulary [0, {engine.vocab_size})"
+                    raise APIError(400, msg, "prompt", "invalid_value")
                 prompts.append(Prompt(ids, engine.tokenizer.decode(ids) if body.echo else ""))
         given = "max_tokens" in body.model_fields_set  # OpenAI's default of 16, within this server's cap
         max_tokens = body.max_tokens if given else min(body.max_tokens, limits.max_tokens)

@@ -8,6 +8,7 @@ same seed returns the same choice, and the specs of a list share their random dr
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class Format:
     return_token_ids: bool = False
     features: bool = False
     prompt_features: bool = False
+    capture: bool = False
 
 
 @dataclass(eq=False)
@@ -56,6 +58,7 @@ class Choice:
     prompt_lps: list = field(default_factory=list)
     features: list = field(default_factory=list)
     prompt_features: list = field(default_factory=list)
+    capture: bytes | None = None  # the engine's safetensors blob, from the last delta
     last: Delta | None = None
     offset: int = 0  # completions text_offset of the next streamed token
     started: bool = False  # its first chunk has been sent
@@ -67,6 +70,7 @@ class Choice:
         self.prompt_lps += d.prompt_logprobs or ()
         self.features += d.features or ()
         self.prompt_features += d.prompt_features or ()
+        self.capture = d.capture or self.capture
         self.last = d
 
     @property
@@ -94,6 +98,8 @@ class Choice:
             body["features"] = self.features
         if fmt.prompt_features:
             body["prompt_features"] = self.prompt_features
+        if fmt.capture:
+            body["capture"] = capture_object(self.capture)
         return body
 
     def chunk(self, fmt: Format, d: Delta) -> dict | None:
@@ -123,6 +129,8 @@ class Choice:
                 body["prompt_features"] = d.prompt_features
         if finish is not None:
             body["steering"] = self.report()
+            if fmt.capture:
+                body["capture"] = capture_object(self.capture)
         return body
 
     def role_chunk(self) -> dict:
@@ -132,6 +140,14 @@ class Choice:
         if fmt.echo if echo is None else echo:
             return echo_logprobs(self.prompt.ids, prompt_lps, lps, fmt.tt)
         return completion_logprobs(lps, fmt.tt, offset)
+
+
+def capture_object(blob: bytes | None) -> dict | None:
+    """A choice's `capture`: the safetensors blob as base64 (`activation_capture.read_capture` reads it back);
+    None when the request ended without one (aborted, failed)."""
+    if blob is None:
+        return None
+    return {"format": "safetensors", "encoding": "base64", "bytes": len(blob), "data": base64.b64encode(blob).decode()}
 
 
 def _end(lp: dict, offset: int) -> int:

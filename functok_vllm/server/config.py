@@ -51,6 +51,20 @@ class Limits:
         "feature activations one request may ask for: choices x positions (max_tokens, plus the prompt with "
         "features.prompt) x layers x top_k; more get 400",
     )
+    max_prompt_logprob_values: int = _limit(
+        1 << 18,
+        "log-probabilities prompt scoring (echo) may return in one request: prompt tokens of every choice x "
+        "(logprobs + 1); more get 400 (checked before any work starts)",
+    )
+    max_capture_bytes: int = _limit(
+        16 << 20,
+        "activation bytes a request's `capture` may return (before base64): choices x positions (prompt + max_tokens "
+        "for 'all' and 'function') x layers x d_model x dtype size; more get 413, before any work starts",
+    )
+    max_example_prompts: int = _limit(
+        256, "prompts (positive and negative together) one steering vector from examples may use; more get 400"
+    )
+    max_example_tokens: int = _limit(1024, "tokens of each prompt of a steering vector from examples; longer get 400")
     max_analysis_prompts: int = _limit(16, "prompts in one POST /v1/analysis/reactivation; more get 400")
     max_analysis_waiting: int = _limit(4, "analysis requests queued behind the running one; more get 429")
     max_vectors: int = _limit(256, "named steering vectors in the library; creating more gets 409")
@@ -58,6 +72,17 @@ class Limits:
     max_vector_bytes: int = _limit(
         16 << 20, "body of a request that creates or replaces a steering vector (JSON or file); larger get 413"
     )
+    header_timeout: float = _limit(
+        10.0, "seconds a client may take to send a request's line and headers; slower ones are disconnected"
+    )
+    body_timeout: float = _limit(
+        30.0, "seconds a client may take to send a request's whole body; slower ones get 408 and are disconnected"
+    )
+    keep_alive_timeout: float = _limit(5.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int = _limit(
+        256, "open connections (each a request in flight or an idle keep-alive); requests past it get 503"
+    )
+    max_header_bytes: int = _limit(64 * 1024, "size of a request's line and headers; larger get 400")
 
     def __post_init__(self):
         for f in fields(self):
@@ -67,13 +92,15 @@ class Limits:
             if isinstance(f.default, int) and not isinstance(v, int):
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
         at_least_one = ("max_tokens", "max_running", "max_body_bytes", "max_choices", "max_feature_values")
+        at_least_one += ("max_connections", "max_header_bytes", "max_prompt_logprob_values")
+        at_least_one += ("max_capture_bytes", "max_example_prompts", "max_example_tokens")
         for name in (*at_least_one, "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_waiting", "max_analysis_waiting", "max_vectors", "max_presets"):
             if getattr(self, name) < 0:
                 raise CLIError(f"limits.{name} must be at least 0, got {getattr(self, name)}")
-        for name in ("request_timeout", "drain_timeout"):
+        for name in ("request_timeout", "drain_timeout", "header_timeout", "body_timeout", "keep_alive_timeout"):
             if getattr(self, name) <= 0:
                 raise CLIError(f"limits.{name} must be a positive number of seconds, got {getattr(self, name)}")
 
@@ -92,6 +119,9 @@ class ServerConfig:
     admin_api_key: str | None = None  # bearer token for changes to the steering library; None: the library is read-only
     data_dir: Path | None = None  # the steering library's directory (`functok_vllm.library.store`)
     metrics_public: bool = True  # /metrics answers without the API key (Prometheus scrapers rarely carry one)
+    # Host header names (no port) requests may carry; None: any. `functok serve` bound to loopback defaults to the
+    # loopback names, so that a web page cannot reach an unkeyed local server by DNS rebinding (`--allowed-hosts`).
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name, spec in self.presets.items():

@@ -13,8 +13,8 @@ from functok_vllm.engines.base import Engine, EngineFull, EngineStopped, Generat
 from functok_vllm.feature_request import FeatureRequest
 from functok_vllm.server.choices import Choice, Prompt, choice_seed
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.protocol import Steering, sampling_params
 from functok_vllm.server.serving import next_delta, timeout_error
 
@@ -52,6 +52,38 @@ def check_features(fr: FeatureRequest | None, choices: list[Choice], max_tokens:
             f"{fr.top_k}); this server returns at most {limits.max_feature_values} a request (max_feature_values)"
         )
         raise APIError(400, msg, "features")
+
+
+def check_capture(cap, choices: list[Choice], max_tokens: list[int], limits: Limits, d_model: int) -> None:
+    """413 naming `capture` when the activations it may return exceed `max_capture_bytes`, checked before any work
+    starts on the most the request can compute (every choice's prompt and max_tokens - 1 generated tokens)."""
+    if cap is None:
+        return
+    prompt_of = {id(c.prompt): i for i, c in enumerate({id(c.prompt): c for c in choices}.values())}
+    total = sum(
+        cap.max_bytes(len(c.prompt.ids) + max(max_tokens[prompt_of[id(c.prompt)]] - 1, 0), d_model) for c in choices
+    )
+    if total > limits.max_capture_bytes:
+        msg = (
+            f"capture: up to {total} bytes of activations (choices x positions x {len(cap.layers)} layers x d_model "
+            f"{d_model} x {cap.dtype}); this server returns at most {limits.max_capture_bytes} a request "
+            "(max_capture_bytes): ask for fewer positions, layers or max_tokens, or float16"
+        )
+        raise APIError(413, msg, "capture", "capture_too_large")
+
+
+def check_prompt_scoring(prompt_lp: int | None, choices: list[Choice], limits: Limits) -> None:
+    """400 naming `logprobs` when prompt scoring (echo) asks for more values than `max_prompt_logprob_values`:
+    checked before any work starts, since each choice scores its whole prompt."""
+    if prompt_lp is None:
+        return
+    total = sum(len(c.prompt.ids) for c in choices) * (prompt_lp + 1)
+    if total > limits.max_prompt_logprob_values:
+        msg = (
+            f"logprobs: echo scores {total} values (prompt tokens of every choice x (logprobs + 1)); this server "
+            f"scores at most {limits.max_prompt_logprob_values} a request (max_prompt_logprob_values)"
+        )
+        raise APIError(400, msg, "logprobs")
 
 
 async def start(

@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from functok_vllm.engines.base import Engine
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.feature_index import LEFT, RIGHT, FeatureIndex, FeatureTable, token_budget
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.validation import shown
 
 SEARCH, FEATURE = "/v1/features/search", "/v1/features/{layer}/{feature}"

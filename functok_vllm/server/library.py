@@ -3,7 +3,7 @@ delete), and the lookups a request's `steering` uses (vector names, preset names
 routes; stock `vllm serve` reads the same data directory to resolve names (`additional_config.functok.library`).
 
 Reads need the user key, changes the admin key (`middleware.Gate`). A request's vector names are resolved once, when
-it arrives, to the vectors' current content (`steering.Vectors`): changing or deleting a vector later never changes
+it arrives, to the vectors' current content (`parse_steering`): changing or deleting a vector later never changes
 a request already admitted. Presets from the `--config` file are read-only here; presets created over the API are
 stored in the library, as given (a vector they name is looked up each time the preset is used).
 """
@@ -18,12 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import VectorError
-from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, vector_names
-from functok_vllm.server.errors import APIError, from_validation
+from functok_vllm.engines.base import Engine
+from functok_vllm.library.store import BadName, Conflict, Library, LimitReached, NotFound, NotJSON, vector_names
+from functok_vllm.server.config import Limits
+from functok_vllm.server.finite import FiniteJSONResponse
+from functok_vllm.server.openai_errors import APIError, from_validation
 from functok_vllm.server.vector_input import DESCRIPTION_MAX, VectorIn, vector_from_request
-from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, Vectors, check_steering, parse_steering
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown
 
 
@@ -37,8 +40,8 @@ class PresetBook(Mapping):
     """Every preset by name, from the config file (read-only) and the library: `book[name]` is its spec resolved now
     (APIError 400 when it cannot be applied now, e.g. a vector it names is no longer steerable)."""
 
-    def __init__(self, config: dict[str, dict], library: Library, vectors: Vectors, limits: SteeringLimits):
-        self.config, self.library, self.vectors, self.limits = config, library, vectors, limits
+    def __init__(self, config: dict[str, dict], library: Library, ctx: SteeringContext):
+        self.config, self.library, self.ctx = config, library, ctx
 
     def steering_object(self, name: str) -> dict:
         if name in self.config:
@@ -47,10 +50,9 @@ class PresetBook(Mapping):
 
     def spec(self, name: str, obj: dict, param: str) -> SteeringSpec:
         """A preset's steering object as a spec, checked; SpecError naming `param` when it is bad."""
-        spec = parse_steering(obj, param, self.limits, self.vectors)
+        spec = parse_steering(obj, param, self.ctx)
         if spec is None:
             raise SpecError(param, "a preset needs at least one edit")
-        check_steering(spec, self.vectors.info, self.limits, param)
         return spec
 
     def __getitem__(self, name: str) -> SteeringSpec:
@@ -70,13 +72,25 @@ class PresetBook(Mapping):
     def __iter__(self):
         return iter(sorted(set(self.config) | set(self.library.presets())))
 
+    def objects(self) -> dict[str, dict]:
+        """{name: steering object} of every preset, from one reading of the library (consistent under writes)."""
+        stored = {name: rec["steering"] for name, rec in self.library.presets().items()}
+        return dict(sorted((stored | self.config).items()))
+
+    def cards(self) -> list[dict]:
+        """Every preset's card, from one reading of the library (a preset deleted meanwhile is simply absent)."""
+        stored = self.library.presets()
+        return [self._card(n, stored.get(n)) for n in sorted(set(self.config) | set(stored))]
+
     def __len__(self) -> int:
         return len(set(self.config) | set(self.library.presets()))
 
     def card(self, name: str) -> dict:
+        return self._card(name, None if name in self.config else self.library.preset_record(name))
+
+    def _card(self, name: str, rec: dict | None) -> dict:
         if name in self.config:
             return {"object": "steering.preset", "name": name, "steering": self.config[name], "source": "config"}
-        rec = self.library.preset_record(name)
         times = {k: int(rec[k]) for k in ("created", "updated")}
         return {"object": "steering.preset", "name": name, "steering": rec["steering"], "source": "api"} | {
             "description": rec["description"],
@@ -128,7 +142,15 @@ def body_schema(model, upload: bool = False) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: SteeringInfo, limits: SteeringLimits):
+def add_library_routes(
+    app: FastAPI,
+    library: Library,
+    book: PresetBook,
+    info: SteeringInfo,
+    limits: SteeringLimits,
+    engine: Engine,
+    server_limits: Limits,
+):
     def lookup(fn, *args):
         try:
             return fn(*args)
@@ -149,6 +171,8 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
             raise APIError(409, str(e), None, "limit_reached") from None
         except VectorError as e:
             raise APIError(400, str(e), "directions") from None
+        except NotJSON as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
 
     def named(given: str | None, path_name: str | None) -> str:
         if path_name is not None and given is not None and given != path_name:
@@ -173,15 +197,17 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
         return vector_card(name, rec, info) | {"directions": directions}
 
     async def put_vector(request: Request, path_name: str | None) -> JSONResponse:
-        given, vector, source, description = await vector_from_request(request, info, limits)
+        given, vector, source, description = await vector_from_request(request, info, limits, engine, server_limits)
         name = named(given, path_name)
         rec, new = await change(library.put_vector, name, vector, source, description, path_name is not None)
-        return JSONResponse(vector_card(name, rec, info), status_code=201 if new else 200)
+        return FiniteJSONResponse(vector_card(name, rec, info), status_code=201 if new else 200)
 
     @app.post("/v1/steering/vectors", status_code=201, openapi_extra=body_schema(VectorIn, upload=True))
     async def create_vector(request: Request):
-        """JSON {"name", "layer", "features": [{"feature", "strength"}]} or {"name", "directions": {"L": [...]}}, or
-        multipart/form-data with `name`, `file` (GGUF control vector or safetensors), `layers`, `description`."""
+        """JSON {"name", "layer", "features": [{"feature", "strength"}]}, {"name", "directions": {"L": [...]}} or
+        {"name", "examples": {"positive", "negative", "layers", "position", "method", "paired"}} (computed on this
+        engine, `engines.contrast`), or multipart/form-data with `name`, `file` (GGUF control vector or
+        safetensors), `layers`, `description`."""
         return await put_vector(request, None)
 
     @app.put("/v1/steering/vectors/{name}", openapi_extra=body_schema(VectorIn, upload=True))
@@ -199,7 +225,7 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
 
     @app.get("/v1/steering/presets")
     async def list_presets():
-        return {"object": "list", "data": [book.card(n) for n in book]}
+        return {"object": "list", "data": book.cards()}
 
     @app.get("/v1/steering/presets/{name}")
     async def get_preset(name: str):
@@ -218,7 +244,7 @@ def add_library_routes(app: FastAPI, library: Library, book: PresetBook, info: S
         except SpecError as e:
             raise APIError(400, f"{e.field}: {e.message}", e.field) from None
         rec, new = await change(library.put_preset, name, body.steering, body.description, path_name is not None)
-        return JSONResponse(book.card(name), status_code=201 if new else 200)
+        return FiniteJSONResponse(book.card(name), status_code=201 if new else 200)
 
     @app.post("/v1/steering/presets", status_code=201, openapi_extra=body_schema(PresetIn))
     async def create_preset(request: Request):

@@ -7,7 +7,8 @@
   OpenAI and vLLM); with `echo` the prompt's tokens come first, the first one's entries null.
 
 A token's string is its own text; a token that is not a whole UTF-8 character (byte-level BPE splits them) is shown as
-OpenAI shows it, `bytes:\\xe2\\x80`, and `bytes` always holds its raw bytes.
+OpenAI shows it, `bytes:\\xe2\\x80`, and `bytes` always holds its raw bytes. A log-probability of -inf is written
+-9999.0 and a NaN one null (`finite.logprob`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from functools import lru_cache
 
 from functok_vllm.engines.base import TokenLogprob
+from functok_vllm.server.finite import logprob as shown
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte-fallback tokens
 
@@ -74,7 +76,7 @@ class TokenText:
 def chat_logprobs(lps: list[TokenLogprob], tt: TokenText) -> dict:
     def one(token: int, logprob: float) -> dict:
         text, raw = tt.get(token)
-        return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"token": text, "logprob": shown(logprob), "bytes": raw}
 
     return {"content": [one(t.token, t.logprob) | {"top_logprobs": [one(i, v) for i, v in t.top]} for t in lps]}
 
@@ -90,9 +92,9 @@ def completion_logprobs(lps: list[TokenLogprob | None], tt: TokenText, offset: i
             out["top_logprobs"].append(None)
         else:
             out["tokens"].append(tt.text(t.token))
-            out["token_logprobs"].append(t.logprob)
-            top = {tt.text(i): v for i, v in t.top}
-            top.setdefault(tt.text(t.token), t.logprob)
+            out["token_logprobs"].append(shown(t.logprob))
+            top = {tt.text(i): shown(v) for i, v in t.top}
+            top.setdefault(tt.text(t.token), shown(t.logprob))
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(out["tokens"][-1] or "")

@@ -67,6 +67,13 @@ def add_parser(sub) -> None:
         "fixed at start-up because vLLM builds its graph once",
     )
     sp.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="HOST,...",
+        help="Host header names requests may carry, or '*' for any (default: localhost, 127.0.0.1 and ::1 when bound "
+        "to loopback, so that no web page can drive the server by DNS rebinding; any otherwise); others get 400",
+    )
+    sp.add_argument(
         "--metrics-public",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -76,6 +83,15 @@ def add_parser(sub) -> None:
     sp.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     sp.add_argument("--max-model-len", type=int, default=None)
     sp.add_argument("--threads", type=int, default=2, help="CPU threads for the model (hf engine)")
+    sp.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="vLLM tensor-parallel ranks (--engine vllm; on CPU each rank gets its share of the cores)",
+    )
+    sp.add_argument(
+        "--pipeline-parallel-size", type=positive_int, default=1, help="vLLM pipeline-parallel ranks (--engine vllm)"
+    )
     sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     lim = sp.add_argument_group("limits", "each overrides the --config file's 'limits' (default in brackets)")
     for f in limit_fields():
@@ -83,6 +99,12 @@ def add_parser(sub) -> None:
         help_text = f"{f.metadata['help']} [{f.default}]"
         lim.add_argument(flag, dest=f"limit_{f.name}", type=type(f.default), default=None, metavar="N", help=help_text)
     sp.set_defaults(func=serve)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def resolve_model(given: str | None) -> Path:
@@ -103,6 +125,20 @@ def layer_list(text: str) -> tuple[int, ...]:
     if any(layer < 0 for layer in layers):
         raise argparse.ArgumentTypeError(f"{text!r}: layer numbers start at 0")
     return layers
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(given: str | None, host: str) -> tuple[str, ...] | None:
+    """--allowed-hosts as a tuple of lower-case names (None: any Host); without it, the loopback names when bound to
+    loopback, else any."""
+    if given is None:
+        return LOOPBACK if host in LOOPBACK else None
+    names = tuple(sorted({h.strip().lower().strip("[]") for h in given.split(",") if h.strip()}))
+    if not names:
+        raise CLIError("--allowed-hosts: give host names, or '*' for any")
+    return None if "*" in names else names
 
 
 def default_saes(given: list[str] | None, model: Path) -> list[str]:
@@ -152,12 +188,17 @@ def build_engine(args, config: ServerConfig):
             status = vllm_status()
             if not status.ok:
                 raise CLIError(f"--engine vllm: {status.line()}; use --engine hf")
-            from functok_vllm.engines.vllm.config import cpu_defaults
             from functok_vllm.engines.vllm.engine import VLLMEngine, VLLMEngineConfig
+            from functok_vllm.engines.vllm.settings import cpu_defaults
 
-            cpu_defaults()  # on CPU: the platform and a 1 GiB KV cache unless set; compiled mode
+            tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+            cpu_defaults(tp * pp)  # on CPU: the platform, a 1 GiB KV cache and each rank's cores unless set
             extra = json.loads(os.environ.get("FUNCTOK_VLLM_ARGS", "{}"))  # any other AsyncEngineArgs
-            return VLLMEngine(VLLMEngineConfig(model, saes, fn if steered else None, engine_args=extra, **common))
+            parallel = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+            fn = fn if steered else None
+            return VLLMEngine(VLLMEngineConfig(model, saes, fn, engine_args=extra, **parallel, **common))
+        if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+            raise CLIError("--tensor-parallel-size/--pipeline-parallel-size need --engine vllm")
         from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
 
         return HFEngine(HFEngineConfig(model, saes, fn if steered else None, threads=args.threads, **common))
@@ -181,6 +222,7 @@ def serve(args) -> int:
     config.admin_api_key = args.admin_api_key or os.environ.get("FUNCTOK_ADMIN_API_KEY") or None
     config.data_dir = Path(args.data_dir) if args.data_dir else None
     config.metrics_public = args.metrics_public
+    config.allowed_hosts = allowed_hosts(args.allowed_hosts, args.host)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     engine = build_engine(args, config)
@@ -197,8 +239,17 @@ def serve(args) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"functok serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
+    from functok_vllm.server.connections import uvicorn_options
+
+    opts = uvicorn_options(config.limits)
     uv = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **opts,
     )
     server = DrainingServer(uv, app.state.drain, app.state.stop_engine)
     server.run()

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of the routes: the API keys, draining, the request body size limits, per-request metrics.
+"""ASGI middleware in front of the routes: the Host allow-list, the API keys, draining, the request body's size and
+deadline, per-request metrics.
 
 Two keys: the user key (`--api-key`) for every API call, and the admin key (`--admin-api-key`) for changes to the
 steering library (POST/PUT/DELETE under `LIBRARY_PREFIXES`); the admin key is accepted wherever the user key is.
@@ -6,13 +7,15 @@ Without an admin key the library is read-only over HTTP (403)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import time
 
 from functok_vllm.server.drain import Drain
-from functok_vllm.server.errors import APIError
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 
 COUNTED_PATHS = {
     "/v1/completions": "completions",
@@ -27,9 +30,11 @@ WRITES = ("POST", "PUT", "PATCH", "DELETE")
 
 
 class Gate:
-    """In this order: 401 without a valid bearer token (when a key is set; every path but the open ones), 503 while the
-    server drains (see `drain.py`), 413 for oversized bodies. Counts the requests in flight for the drain, and every
-    request to the counted endpoints by status code and by `request.state.steered` (set by the route)."""
+    """In this order: 400 for a Host header not in `allowed_hosts` (None: any), 401 without a valid bearer token (when
+    a key is set; every path but the open ones), 503 while the server drains (see `drain.py`), 413 for oversized
+    bodies, 408 (and the connection closed) for a body not received within `body_timeout` seconds. Counts the
+    requests in flight for the drain, and every request to the counted endpoints by status code and by
+    `request.state.steered` (set by the route)."""
 
     def __init__(
         self,
@@ -41,8 +46,11 @@ class Gate:
         metrics_public,
         admin_key: str | None = None,
         max_vector_bytes: int | None = None,
+        allowed_hosts: tuple[str, ...] | None = None,
+        body_timeout: float = 30.0,
     ):
         self.app, self.metrics, self.max_body, self.drain = app, metrics, max_body_bytes, drain
+        self.hosts, self.body_timeout = (set(allowed_hosts) if allowed_hosts else None), body_timeout
         self.max_vector_body = max_vector_bytes or max_body_bytes
         self.key = _digest(api_key.encode()) if api_key else None
         self.admin = _digest(admin_key.encode()) if admin_key else None
@@ -79,6 +87,11 @@ class Gate:
         """(error or None, the receive callable the app should use)."""
         headers = dict(scope["headers"])
         path = scope["path"]
+        if self.hosts is not None and not _host_allowed(headers.get(b"host"), self.hosts):
+            msg = (
+                f"the Host header {_shown_host(headers.get(b'host'))} is not one this server answers (--allowed-hosts)"
+            )
+            return APIError(400, msg, code="invalid_host"), receive
         error = self._auth(path, scope["method"], headers.get(b"authorization", b""))
         if error is not None:
             return error, receive
@@ -93,9 +106,13 @@ class Gate:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive
         body, more = [], True  # read the whole body now, refusing it once it passes the limit (chunked uploads too)
-        size = 0
+        size, deadline = 0, time.monotonic() + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                msg = f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)"
+                return APIError(408, msg, code="body_timeout", headers={"Connection": "close"}), receive
             if message["type"] != "http.request":
                 return None, _replay([], message, receive)
             body.append(message.get("body", b""))
@@ -125,6 +142,19 @@ class Gate:
             why = "no API key was given" if not got else "the API key is not valid"
             return APIError(401, f"{why}; send 'Authorization: Bearer <key>'", code="invalid_api_key")
         return None
+
+
+def _host_allowed(host: bytes | None, allowed: set[str]) -> bool:
+    """Whether a Host header names an allowed host (its port ignored; an HTTP/1.0 request without one passes)."""
+    if host is None:
+        return True
+    name = host.decode("latin-1").strip().lower()
+    name = name[1:].partition("]")[0] if name.startswith("[") else name.rpartition(":")[0] if ":" in name else name
+    return name in allowed
+
+
+def _shown_host(host: bytes | None) -> str:
+    return repr(host.decode("latin-1")[:100]) if host is not None else "(none)"
 
 
 def _digest(value: bytes) -> bytes:

@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.activation_capture import CaptureRequest, parse_capture
+from functok_vllm.core.spec import SpecError
 from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
 from functok_vllm.feature_request import FeatureRequest, parse_features
 from functok_vllm.server.config import Limits
-from functok_vllm.server.errors import APIError
-from functok_vllm.steering import SteeringInfo, SteeringLimits, Strict, api_form, check_steering, parse_steering
+from functok_vllm.server.openai_errors import APIError
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringSpec, Strict, parse_steering
 from functok_vllm.validation import shown
 
 SpecGiven = dict[str, Any] | str | None  # a steering object, a preset name, or (in a list) None for unsteered
@@ -70,6 +71,7 @@ class _Common(Strict):
     # functok's extensions
     steering: SpecGiven | list[SpecGiven] = None  # one spec (or preset name), or a list of them: one choice each
     features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
+    capture: dict[str, Any] | None = None  # {"layers", "positions", "dtype"}: activation_capture.py
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
 
     @model_validator(mode="after")
@@ -161,6 +163,14 @@ def sampling_params(req: _Common, max_tokens: int | None, limits: Limits) -> Sam
         raise APIError(400, str(e), e.param, e.code) from None
 
 
+def capture_of(req: _Common, info: SteeringInfo) -> CaptureRequest | None:
+    """The request's `capture`, checked against the steering layers; APIError 400 naming the field when it is bad."""
+    try:
+        return parse_capture(req.capture, info)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
+
+
 def features_of(req: _Common, info: SteeringInfo) -> FeatureRequest | None:
     """The request's `features`, checked against the loaded SAEs; APIError 400 naming the field when it is bad."""
     try:
@@ -181,7 +191,7 @@ class Steering:
         if self.spec is None:
             return None
         return {
-            **api_form(self.spec),
+            **self.spec.user_form(),
             "preset": self.preset,
             "source": self.source,
             "steered_positions": steered_positions,
@@ -189,12 +199,7 @@ class Steering:
 
 
 def resolve_steering_list(
-    req: _Common,
-    presets: dict[str, SteeringSpec],
-    limits: SteeringLimits,
-    info: SteeringInfo,
-    max_specs: int,
-    vectors=None,
+    req: _Common, presets: dict[str, SteeringSpec], ctx: SteeringContext, max_specs: int
 ) -> list[Steering] | None:
     """Each entry of a list-valued `steering`, parsed and checked (`steering[i]...` names a bad one); None when
     `steering` is not a list (then `resolve_steering` reads it)."""
@@ -207,12 +212,10 @@ def resolve_steering_list(
         raise APIError(400, msg + " a request (max_choices)", "steering")
     if req.vllm_xargs and "steering" in req.vllm_xargs:
         raise APIError(400, "steering: given both as 'steering' and as 'vllm_xargs.steering'; give one", "steering")
-    return [resolve_one(g, f"steering[{i}]", presets, limits, info, vectors) for i, g in enumerate(req.steering)]
+    return [resolve_one(g, f"steering[{i}]", presets, ctx) for i, g in enumerate(req.steering)]
 
 
-def resolve_steering(
-    req: _Common, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo, vectors=None
-) -> Steering:
+def resolve_steering(req: _Common, presets: dict[str, SteeringSpec], ctx: SteeringContext) -> Steering:
     """The request's steering from `steering` (object or preset name) or `vllm_xargs.steering` (JSON string or name),
     parsed and checked against what the engine has loaded; APIError 400 naming the field when it is bad."""
     xargs = req.vllm_xargs or {}
@@ -226,12 +229,10 @@ def resolve_steering(
         given, param = xargs["steering"], "vllm_xargs.steering"
         if not isinstance(given, str):
             raise APIError(400, f"{param}: must be a JSON string or a preset name, got {shown(given)}", param)
-    return resolve_one(given, param, presets, limits, info, vectors)
+    return resolve_one(given, param, presets, ctx)
 
 
-def resolve_one(
-    given, param: str, presets: dict[str, SteeringSpec], limits: SteeringLimits, info: SteeringInfo, vectors=None
-) -> Steering:
+def resolve_one(given, param: str, presets: dict[str, SteeringSpec], ctx: SteeringContext) -> Steering:
     """One steering object (dict or JSON text), preset name or None, at `param`."""
     if given is None:
         return Steering(None)
@@ -241,9 +242,7 @@ def resolve_one(
             raise APIError(400, f"{param}: unknown preset {shown(given)} (presets: {have})", param, "unknown_preset")
         return Steering(presets[given], given, param)
     try:
-        spec = parse_steering(given, param, limits, vectors)  # vector names resolved now, once
-        if spec is not None:
-            check_steering(spec, info, limits, param)
+        spec = parse_steering(given, param, ctx)  # checked, vector names resolved: now, once
     except SpecError as e:
         raise APIError(400, f"{e.field}: {e.message}", e.field) from None
     return Steering(spec, None, param if spec else None)

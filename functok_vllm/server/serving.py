@@ -8,7 +8,6 @@ and a client that disconnects abort every choice still running; so does one that
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ from fastapi import Request
 
 from functok_vllm.engines.base import Delta
 from functok_vllm.server.choices import Choice, Format
-from functok_vllm.server.errors import APIError
+from functok_vllm.server.finite import dumps
 from functok_vllm.server.metrics import Metrics
+from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.protocol import Steering
 
 
@@ -230,7 +230,7 @@ async def stream(job: Job, metrics: Metrics) -> AsyncIterator[str]:
 
 
 def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {dumps(obj)}\n\n"
 
 
 async def _disconnected(request: Request) -> None:

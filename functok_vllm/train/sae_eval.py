@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from functok_vllm.core.sae import SAE, SAELoadError, fraction_variance_explained
 from functok_vllm.core.sae import load_saes as core_load_saes
 from functok_vllm.corpus import load_split
-from functok_vllm.engines.hf.hooks import load_model, residual_hooks
+from functok_vllm.engines.hf.hooks import load_model
+from functok_vllm.engines.placement import residual_hooks
 from functok_vllm.errors import CLIError
 
 # The bars the shipped SAEs are held to (sae_weights/README.md, issue 14); a row that misses one is flagged, not hidden.

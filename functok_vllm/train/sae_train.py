@@ -20,7 +20,7 @@ import torch
 
 from functok_vllm.core.sae import SAE, SAEConfig
 from functok_vllm.corpus import load_split
-from functok_vllm.engines.hf.hooks import decoder_layers
+from functok_vllm.engines.placement import decoder_layers
 
 
 @dataclass(frozen=True)

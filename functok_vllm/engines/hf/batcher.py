@@ -12,11 +12,13 @@ request runs alone or not (see `HFEngineConfig.decode_row_multiple`).
 
 What a request asks for beyond tokens costs only that request's rows: log-probabilities are one log-softmax of its
 logits row (of every prompt position only when it asks for prompt scoring: the prefill keeps the last position
-otherwise), and features are read in the same hooks that steer (`readout.py`), on its rows only.
+otherwise), and features are read in the same hooks that steer (`feature_plan.py`), on its rows only; so is a capture
+(`functok_vllm.activation_capture`): its rows of the tensor at the hook point after the steering there are copied out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -26,14 +28,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from functok_vllm.activation_capture import encode_capture, select_rows
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.hooks import residual_hooks
+from functok_vllm.engines.hf.feature_plan import Readout, entry
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
-from functok_vllm.engines.hf.readout import Readout, entry
+from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
+from functok_vllm.engines.placement import decoder_layers, hooked
 
 log = logging.getLogger("functok.engine")
 
@@ -56,6 +60,7 @@ class Seq:
     steered: int = 0
     pen_row: int = -1  # its row of the sampler's PenaltyCounts (-1: no penalties)
     pending: dict = field(default_factory=dict)  # prompt extras for the next delta (prompt_logprobs, prompt_features)
+    captured: dict = field(default_factory=dict)  # layer -> [(rows, d_model) tensors], one per forward, when it asked
 
     def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
         """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
@@ -91,9 +96,10 @@ class Batcher:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0}
-        self._steer_on = False  # does this forward steer any token? read by the hooks
         self._live = dict.fromkeys(table.layers if table else (), 0)  # layer -> running requests steering there
+        self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
+        self.capture: dict[int, list] = {}  # this forward's capture plan: layer -> [(Seq, its flattened rows)]
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
@@ -119,10 +125,8 @@ class Batcher:
     # ---- the worker thread ----------------------------------------------------------------------------------------
 
     def _main(self) -> None:
-        hooks = {layer: self._hook(layer, op) for layer, op in self.table.layers.items()} if self.table else {}
         try:
-            points = {layer: op.hook for layer, op in self.table.layers.items()} if self.table else {}
-            with torch.inference_mode(), residual_hooks(self.model, hooks, points):
+            with torch.inference_mode():
                 while not self._stop:
                     self._drain(block=not (self.running or self.waiting))
                     self._admit()
@@ -145,18 +149,24 @@ class Batcher:
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "abort")
 
-    def _hook(self, layer: int, op):
-        readout = self.readout
+    def _hooks(self, steer: bool):
+        """This forward's temporary hooks (`engines.placement`): the steering op at each layer a running request
+        steers when any token of the forward is steered, then the feature readout where a request reads features."""
+        fns = []
+        for layer, op in self.table.layers.items() if self.table else ():
+            add = steer and self._live[layer] > 0
+            read = bool(self.readout.plans) and op.sae is not None
+            keep = self.capture.get(layer)
+            if add or read or keep:
+                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None, keep)))
+        return hooked(self.layers, fns)
 
-        def steer(h):  # (tokens, d_model) -> h + this step's steering; None (unchanged) when nothing steers here
-            out = None
-            if self._steer_on and self._live[layer]:
-                out = h + (op.delta(h) if self.table.clamps_in_use(layer) else op.add_delta(h))
-            if readout.plans:  # some request of this forward reads features: after this layer's steering
-                readout.observe(layer, op.sae, h if out is None else out)
-            return out
-
-        return steer
+    def _plan_capture(self, wants: list[tuple[Seq, slice]]) -> None:
+        """This forward's capture plan from (request, its flattened rows) of the requests that capture."""
+        self.capture = {}
+        for seq, rows in wants:
+            for layer in seq.req.capture.layers:
+                self.capture.setdefault(layer, []).append((seq, rows))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -204,22 +214,25 @@ class Batcher:
             seq.pen_row = self.pens.join(prompt)
         seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
         positions = torch.arange(n, device=self.device)
-        self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
+        steer = self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
-        out = self.model(
-            input_ids=ids[None],
-            position_ids=positions[None],
-            use_cache=False,
-            logits_to_keep=0 if r.prompt_logprobs is not None else 1,  # every position only for prompt scoring
-            **self.ragged.forward_kwargs([seq.kv]),
-        )
+        self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
+        scoring = r.prompt_logprobs is not None
+        tap = HiddenTap(self.model) if scoring else contextlib.nullcontext()  # the head then computes 1 row
+        with self._hooks(steer), tap:
+            out = self.model(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=0 if scoring else 1,  # every position's hidden state only for prompt scoring
+                **self.ragged.forward_kwargs([seq.kv]),
+            )
         seq.kv.length = n
         self.stats["prefills"] += 1
-        logits = out.logits[0]  # (n or 1, vocab)
-        if r.prompt_logprobs is not None:
-            rest = sampling.token_logprobs(logits[:-1], ids[1:], [r.prompt_logprobs] * (n - 1)) if n > 1 else []
-            seq.pending["prompt_logprobs"] = [None, *rest]
+        logits = out.logits[0]  # (1, vocab)
+        if scoring:
+            seq.pending["prompt_logprobs"] = [None, *prompt_logprobs(self.model, tap.hidden, ids, r.prompt_logprobs)]
         feats = self.readout.take().get(0, []) if fr is not None else []
         if fr is not None and fr.prompt:
             seq.pending["prompt_features"] = [entry(prompt[p], p, feats[p], fr) for p in range(n)]
@@ -237,16 +250,18 @@ class Batcher:
         at = [s.kv.length for s in rows]
         positions = torch.tensor(at + fill, dtype=torch.long, device=self.device)  # (r,)
         req = torch.arange(r, device=self.device).clamp_(max=b)  # filler rows point at the slot-0 entry b
-        self._set_steering(ids, positions, rows, req)
+        steer = self._set_steering(ids, positions, rows, req)
         wants = [(i, s.req.features, [i]) for i, s in enumerate(rows) if s.req.features is not None]
         if wants:
             self.readout.plan(wants)
-        out = self.model(
-            input_ids=ids[:, None],
-            position_ids=positions[:, None],
-            use_cache=False,
-            **self.ragged.forward_kwargs([s.kv for s in rows] + [None] * (r - b)),
-        )
+        self._plan_capture([(s, slice(i, i + 1)) for i, s in enumerate(rows) if s.req.capture is not None])
+        with self._hooks(steer):
+            out = self.model(
+                input_ids=ids[:, None],
+                position_ids=positions[:, None],
+                use_cache=False,
+                **self.ragged.forward_kwargs([s.kv for s in rows] + [None] * (r - b)),
+            )
         for s in rows:
             s.kv.length += 1
         self.stats["decode_steps"] += 1
@@ -268,11 +283,11 @@ class Batcher:
             feat = entry(token, at[i], feats[i][0], fr) if fr is not None else None
             self._advance(s, token, (lps.get(i), feat) if (i in lps or fr is not None) else None)
 
-    def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> None:
-        """Write this forward's per-token slots into the steering table; count steered positions per request."""
-        self._steer_on = False
+    def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> bool:
+        """Write this forward's per-token slots into the steering table; count steered positions per request. Whether
+        any token of the forward is steered."""
         if self.table is None or not any(s.slot for s in seqs):
-            return
+            return False
         per_req = lambda attr: torch.tensor([getattr(s, attr) for s in seqs] + [0], device=self.device)  # noqa: E731
         step = StepIndex(
             input_ids=ids,
@@ -290,7 +305,7 @@ class Batcher:
         counts = counts.tolist()  # one device sync a step
         for s, c in zip(seqs, counts, strict=False):  # the last entry counts filler rows (always 0)
             s.steered += c
-        self._steer_on = any(counts)
+        return any(counts)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """(b, vocab) logits -> (b,) tokens, on the device (no host copy here)."""
@@ -336,4 +351,55 @@ class Batcher:
         self.pens.leave(seq.pen_row)
         seq.pen_row = -1
         seq.kv = None
-        seq.emit(seq.delta(text + seq.text.flush(), list(ids), reason, error, extra))
+        d = seq.delta(text + seq.text.flush(), list(ids), reason, error, extra)
+        if seq.req.capture is not None and reason in ("stop", "length"):
+            d.capture = self._capture_blob(seq)
+        seq.captured = {}
+        seq.emit(d)
+
+    def _capture_blob(self, seq: Seq) -> bytes:
+        """The request's capture: the rows its forwards copied out, at the positions it asked for."""
+        c = seq.req.capture
+        hooks = {layer: op.hook.canonical().name for layer, op in self.table.layers.items()}  # as hook_layers
+        forwarded = len(seq.req.prompt_ids) + max(len(seq.out_ids) - 1, 0)  # the last token is never fed back
+        token_ids = torch.tensor((seq.req.prompt_ids + seq.out_ids)[:forwarded], dtype=torch.long)  # (forwarded,)
+        if c.positions == "last":  # the hooks kept only the latest row
+            rows, pick = torch.tensor([forwarded - 1]), slice(None)
+        else:
+            rows = select_rows(c, token_ids, self.fn_mask)
+            pick = rows
+        tensors = {hooks[layer]: torch.cat(seq.captured[layer])[pick] for layer in c.layers}  # (rows, d_model)
+        return encode_capture(tensors, rows, token_ids[rows], c.dtype)
+
+
+def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None):
+    """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
+    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, and the copies of the rows
+    capturing requests asked for (`keep`: [(Seq, rows)])."""
+
+    def stream(x, residual):
+        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
+
+    def fn(_module, hidden, residual):
+        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
+        if before:
+            _keep(layer, stream(hidden, residual), before)
+        out = op.steered_hidden(hidden, residual) if add else None
+        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
+        if readout is not None or after:
+            h = stream(hidden if out is None else out, residual)
+            if readout is not None:
+                readout.observe(layer, op.sae, h)
+            _keep(layer, h, after)
+        return out
+
+    return fn
+
+
+def _keep(layer: int, h: torch.Tensor, keep: list) -> None:
+    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
+    for seq, rows in keep:
+        if seq.req.capture.positions == "last":  # only the latest row is ever returned
+            seq.captured[layer] = [h[rows][-1:].clone()]
+        else:
+            seq.captured.setdefault(layer, []).append(h[rows].clone())

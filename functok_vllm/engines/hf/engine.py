@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from functok_vllm.core import FunctionTokens, SAELoadError, SteeringSpec, SteeringTable
+from functok_vllm.core import FunctionTokens, SAELoadError, SteeringTable
 from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.batcher import Batcher, Seq
-from functok_vllm.engines.hf.hooks import check_hook_points, decoder_layers, load_model
+from functok_vllm.engines.hf.hooks import check_hook_points, load_model
 from functok_vllm.engines.hf.ragged import RaggedAttention
 from functok_vllm.engines.hf.textout import TextStream
-from functok_vllm.steering import SteeringInfo, SteeringLimits
+from functok_vllm.engines.placement import decoder_layers
+from functok_vllm.steering import SteeringInfo, SteeringLimits, SteeringSpec
 
 log = logging.getLogger("functok.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,8 @@ class HFEngineConfig:
 
 
 class HFEngine(Engine):
+    supports_capture = True  # the batcher copies capturing requests' rows out in its hooks (`batcher.py`)
+
     def __init__(self, cfg: HFEngineConfig):
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
@@ -101,6 +104,7 @@ class HFEngine(Engine):
                 self.saes,
                 max_slots=cfg.max_running + 1,  # distinct specs of a full batch always fit; row 0 is "no steering"
                 max_clamps=cfg.steering.max_clamps,
+                max_projections=cfg.steering.max_projections,
                 max_tokens=self.max_model_len,
                 dtype=dtype,
                 device=cfg.device,

@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from functok_vllm.engines.hf.hooks import decoder_layers
+from functok_vllm.engines.placement import decoder_layers
 from functok_vllm.offline import go_offline
 
 log = logging.getLogger("functok.engine")

@@ -3,15 +3,16 @@
 `install()` wraps `InputProcessor.process_inputs`, the step every `LLM`/`AsyncLLM`/`vllm serve` request passes through
 in the API process before it reaches the engine core. For a request with `extra_args["steering"]` it
 
-1. parses and checks the spec against the configured SAEs (cfg.json only) and raises `VLLMValidationError`, which
-   the OpenAI server answers with a 400, which `LLM.generate` raises; vector names (`{"vector": "calm", ...}`) are
-   resolved here, once, from the steering library (`additional_config.functok.library`), or from the contents that
-   came with the request (`extra_args["functok_vectors"]`, what `functok serve --engine vllm` sends; every content is
-   checked against its id);
-2. rewrites the spec to its canonical key (vectors by content id), so the workers parse one well-formed string, and
-   puts the contents of its vectors in `extra_args["functok_vectors"]`: the workers read directions from the request,
-   never from a file, so a vector changed or deleted after admission cannot change a request, and workers need no
-   shared filesystem;
+1. parses and checks the spec (`steering.parse_steering`) against the configured SAEs (cfg.json only) and raises
+   `VLLMValidationError`, which the OpenAI server answers with a 400, which `LLM.generate` raises; vector names
+   (`{"vector": "calm", ...}`) are resolved here, once, from the steering library
+   (`additional_config.functok.library`), or from contents that came with the request (`extra_args
+   ["functok_vectors"]`, each checked against its id). A `SteeringSpec` object (what `functok serve --engine vllm`
+   passes, parsed at its HTTP edge in this same process) is taken as it is: it is not parsed or checked twice;
+2. replaces it with its canonical key (the user's form, vectors with their version), which the workers parse with
+   the same function, and puts the contents of its vectors in `extra_args["functok_vectors"]`: the workers read
+   directions from the request, never from a file, so a vector changed or deleted after admission cannot change a
+   request, and workers need no shared filesystem;
 3. sets `cache_salt` from that key. vLLM's prefix cache hashes the salt into the first KV block, so a steered
    request never reuses, nor leaves behind, blocks that an unsteered or differently steered request could hit.
    Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
@@ -27,10 +28,11 @@ from functools import lru_cache
 
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.core.function_tokens import FunctionTokens
-from functok_vllm.core.spec import SpecError, SteeringSpec
+from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm.config import (
+from functok_vllm.engines.vllm.feature_op import XFEAT
+from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
     EXTENSION,
     VECTORS,
@@ -38,10 +40,9 @@ from functok_vllm.engines.vllm.config import (
     FunctokConfig,
     from_additional_config,
 )
-from functok_vllm.engines.vllm.readout import XFEAT
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
-from functok_vllm.steering import Vectors, check_steering, parse_steering
+from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
 FEAT_PARAM = f"vllm_xargs.{XFEAT}"
@@ -69,7 +70,7 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         if prompt_features:
             request.sampling_params.skip_reading_prefix_cache = True
         return request
-    spec, cfg, used = _validated(self.vllm_config, given, given_args.get(VECTORS))
+    spec, cfg = _validated(self.vllm_config, given, given_args.get(VECTORS))
     request = original(self, request_id, prompt, params, *args, **kwargs)
     sp = request.sampling_params
     if prompt_features:
@@ -78,7 +79,7 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     if spec is not None:
         extra[XARG] = spec.key()
         if spec.vectors:
-            extra[VECTORS] = encode_payloads([used[v.vector] for v in spec.vectors])
+            extra[VECTORS] = encode_payloads(list({v.version: v.content for v in spec.vectors}.values()))
         vocab = self.model_config.get_vocab_size()
         salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
@@ -86,7 +87,7 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     return request
 
 
-def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, FunctokConfig, dict[str, Vector]]:
+def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, FunctokConfig]:
     from vllm.exceptions import VLLMValidationError
 
     if not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
@@ -95,21 +96,14 @@ def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, Functo
             parameter=PARAM,
         )
     cfg = from_additional_config(vllm_config.additional_config, vllm_config.model_config.model)
-    used: dict[str, Vector] = {}  # the contents the spec names, by id: they travel with the request
     try:
-        lookup = vector_lookup(cfg, payload)
-
-        def resolve(name: str, version: str | None) -> Vector:
-            v = lookup(name, version)
-            used[v.id] = v
-            return v
-
-        spec = parse_user_spec(given, cfg, resolve, vllm_config.model_config.get_hidden_size())
+        ctx = steering_context(cfg, vllm_config.model_config.get_hidden_size(), payload)
+        spec = checked(given, ctx, PARAM) if isinstance(given, SteeringSpec) else parse_steering(given, PARAM, ctx)
     except VectorError as e:
         raise VLLMValidationError(f"vllm_xargs.{VECTORS}: {e}", parameter=f"vllm_xargs.{VECTORS}") from None
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
-    return spec, cfg, used
+    return spec, cfg
 
 
 def _features_checked(vllm_config, given) -> bool:
@@ -167,14 +161,11 @@ def vector_lookup(cfg: FunctokConfig, payload):
     return none
 
 
-def parse_user_spec(given, cfg: FunctokConfig, lookup=None, d_model: int | None = None) -> SteeringSpec | None:
-    """A client's spec (JSON string or dict) -> SteeringSpec checked against the SAEs; None for no edits. The one
-    steering parser (`functok_vllm.steering`), so both servers accept and refuse exactly the same objects."""
+def steering_context(cfg: FunctokConfig, d_model: int | None = None, payload=None) -> SteeringContext:
+    """What the API process parses a request's steering against: the configured SAEs and limits, and its vectors
+    from the request's contents or the library (the same `parse_steering` as functok's own server)."""
     info = cfg.info_for(d_model) if d_model is not None else cfg.info
-    spec = parse_steering(given, PARAM, cfg.limits, Vectors(lookup or vector_lookup(cfg, None), info))
-    if spec is not None:
-        check_steering(spec, info, cfg.limits, PARAM)
-    return spec
+    return SteeringContext(info, cfg.limits, vector_lookup(cfg, payload))
 
 
 @lru_cache(maxsize=4)

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringSpec, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
+from functok_vllm.core.spec import Spec
 
 log = logging.getLogger("functok.vllm")
 TAG = "functok_id"  # extra_args key naming the request for `applied` (functok's VLLMEngine sets it; else the vLLM id)
@@ -44,7 +45,7 @@ KEEP_DONE = 4096  # finished requests whose applied count is kept until read (st
 
 @dataclass
 class ReqMeta:
-    spec: SteeringSpec
+    spec: Spec
     policy: int
     prompt_len: int
     last_fn: int

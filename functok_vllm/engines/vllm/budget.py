@@ -1,7 +1,9 @@
-"""Admission of clamp/ablate requests on vLLM: a per-layer budget of clamp columns that never exceeds the worker's pool.
+"""Admission of requests that take table columns on vLLM: a per-layer budget of clamp and projection columns that
+never exceeds the worker's pools.
 
-`VLLMEngine` makes a request whose clamp/ablate edits do not fit WAIT here (first come, first served) instead of
-letting the worker run it unsteered; a request that could never fit is refused (RequestError, HTTP 400).
+`VLLMEngine` makes a request whose clamp/ablate or project_out/cap/set edits do not fit WAIT here (first come, first
+served) instead of letting the worker run it unsteered; a request that could never fit is refused (RequestError,
+HTTP 400).
 """
 
 from __future__ import annotations
@@ -9,40 +11,48 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from functok_vllm.core import SteeringSpec
+from functok_vllm.core.steer import column_needs
 from functok_vllm.engines.base import EngineStopped, RequestError
+from functok_vllm.steering import SteeringSpec
+
+KINDS = {"clamp": ("clamp/ablate", "max_clamps"), "projection": ("project_out/cap/set", "max_projections")}
 
 
 class ClampBudget:
-    """Clamp/ablate columns per layer that admitted requests hold, never more than `capacity` (the worker's pool).
+    """Columns per (kind, layer) that admitted requests hold, never more than the worker's pool of that kind
+    (`capacity` clamp columns, `projections` projection columns; kinds: "clamp", "projection").
 
     Each request counts its own columns although equal specs share them in the worker, so this never admits more than
     fits. First come, first served: a request waits until every earlier waiting one has been admitted.
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, projections: int | None = None):
+        self.capacity = {"clamp": capacity, "projection": capacity if projections is None else projections}
         self.used: Counter[int] = Counter()
         self.queue: deque[tuple[Counter, asyncio.Future]] = deque()
         self.closed = False
 
     @staticmethod
     def need(spec: SteeringSpec | None) -> Counter:
-        """layer -> clamp columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
-        return Counter(e.layer for e in spec.edits if e.mode != "add") if spec is not None else Counter()
+        """(kind, layer) -> columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
+        if spec is None:
+            return Counter()
+        clamps, proj = column_needs(spec)
+        return Counter({("clamp", k): n for k, n in clamps.items()} | {("projection", k): n for k, n in proj.items()})
 
     def check(self, need: Counter) -> None:
         """RequestError if the request could never be admitted."""
-        for layer, n in sorted(need.items()):
-            if n > self.capacity:
+        for (kind, layer), n in sorted(need.items()):
+            if n > self.capacity[kind]:
+                what, flag = KINDS[kind]
                 raise RequestError(
                     "steering.edits",
-                    f"{n} clamp/ablate edits at layer {layer}, but this engine's clamp pool holds {self.capacity} "
-                    "a layer (max_clamps), so the request could never run",
+                    f"{n} {what} columns at layer {layer}, but this engine's pool holds {self.capacity[kind]} a layer "
+                    f"({flag}), so the request could never run",
                 )
 
     def _fits(self, need: Counter) -> bool:
-        return all(self.used[layer] + n <= self.capacity for layer, n in need.items())
+        return all(self.used[key] + n <= self.capacity[key[0]] for key, n in need.items())
 
     async def acquire(self, need: Counter) -> None:
         """Take `need`'s columns, waiting for earlier requests and for room; EngineStopped if closed meanwhile."""

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from functok_vllm.core.capture import CoverageCapture
+from functok_vllm.engines import placement
 from functok_vllm.engines.vllm import compat
 
 log = logging.getLogger("functok.vllm")
@@ -46,13 +47,15 @@ class RunnerCapture:
         self.capture = CoverageCapture(saes, layers, vocab, skip_id, runner.device, fn_mask, bos_id, exclude_sinks)
         self.ids: torch.Tensor | None = None  # (tokens,) ids of the forward running now, set by the runner
         self.positions: torch.Tensor | None = None  # (tokens,) their positions in their sequences, set with ids
-        mods = compat.decoder_layers(runner.get_model())
+        mods = placement.decoder_layers(runner.get_model())
         self.handles = [
-            compat.read_at(*compat.steer_target(mods, saes[layer].cfg.hook), self._observer(layer)) for layer in layers
+            h
+            for layer in layers
+            for h in placement.attach(mods, saes[layer].cfg.hook, placement.flat(self._observer(layer)), pairs=True)
         ]
 
     def _observer(self, layer: int):
-        def observe(h):  # (padded tokens, d_model) at the SAE's hook point
+        def observe(h):  # (padded tokens, d_model) at the SAE's hook point, after any steering there
             if self.ids is not None:  # else a forward the runner did not announce (warm-up, dummy run): not corpus
                 self.capture.observe(layer, self.ids, h[: self.ids.shape[0]], self.positions)
 

@@ -4,11 +4,12 @@ functok steers inside stock vLLM through its documented extension points (a gene
 runner's `_model_forward`) and, where vLLM has none, through the internals below, read from vLLM 0.32.0's source:
 
 - API process: `InputProcessor.process_inputs` (wrapped by the admission hook, `admission.py`);
-- workers: the model runner's class (a mixin swapped in), `input_batch.req_ids`/`num_reqs`, `query_start_loc`,
-  `input_ids`, `scheduler_config.max_num_seqs`, the scheduler output's `scheduled_new_reqs`,
-  `scheduled_cached_reqs.resumed_req_ids`, `finished_req_ids`, `total_num_scheduled_tokens`; the compilation config;
-- model modules: decoder layers (`model.layers`, `transformer.h`), their attention/MLP/norm submodules, whose
-  classes get a steering mixin (`steer_targets`), and `PPMissingLayer`;
+- workers: the model runner's class (a mixin swapped in: the one class swap left, since vLLM offers no hook around
+  a step), `input_batch.req_ids`/`num_reqs`, `query_start_loc`, `input_ids`, `scheduler_config.max_num_seqs`, the
+  scheduler output's `scheduled_new_reqs`, `scheduled_cached_reqs.resumed_req_ids`, `finished_req_ids`,
+  `total_num_scheduled_tokens`; the compilation config and the forward context (`register_forward_state`);
+- model modules: `PPMissingLayer` (the steering itself is placed by `engines/placement.py` with ordinary module
+  hooks, no class or name of the model changed);
 - CPU: vLLM 0.32.0's no-Triton fallback of the slot-mapping kernel, whose parameter names are wrong (`cpu_fix`).
 
 `check_version()` runs in `register()`: another vLLM release is refused with one line saying which are supported.
@@ -20,8 +21,6 @@ import inspect
 from functools import wraps
 
 import torch
-
-from functok_vllm.core.hookpoint import HookPoint, site_module_name
 
 SUPPORTED = ("0.32.",)  # vLLM releases whose internals this module was written against
 
@@ -69,7 +68,7 @@ _MIXED: dict[tuple[type, type], type] = {}
 
 
 def mix_in(obj, mixin: type, prefix: str):
-    """Give `obj` (a runner or a module) the class `prefix + its class name` that puts `mixin` first (cached)."""
+    """Give `obj` (the model runner) the class `prefix + its class name` that puts `mixin` first (cached)."""
     cls = type(obj)
     if issubclass(cls, mixin):
         return obj
@@ -105,6 +104,20 @@ def row_starts_and_qsl(runner):
     query start locations (row r owns tokens [qsl[r], qsl[r + 1]))."""
     n = runner.input_batch.num_reqs
     return runner.input_batch.num_computed_tokens_cpu[:n], runner.query_start_loc.np[: n + 1]
+
+
+def register_forward_state(vllm_config, key: str, obj) -> None:
+    """Make `obj` reachable from every forward's context under `key` (`forward_state`): vLLM copies the compilation
+    config's `static_forward_context` (where its attention layers register themselves for their ops) into each
+    forward's context. How an opaque op inside the compiled graph finds its per-step state without a global."""
+    vllm_config.compilation_config.static_forward_context[key] = obj
+
+
+def forward_state(key: str):
+    """What `register_forward_state` put under `key`, from the running forward's context (None outside one)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context().no_compile_layers.get(key) if is_forward_context_available() else None
 
 
 def cuda_graphs(vllm_config) -> bool:
@@ -163,20 +176,7 @@ def tp_rank() -> int:
         return 0
 
 
-# ---- model modules: where each hook point is ------------------------------------------------------------------------
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """`model.layers` (Llama-style models, and the Hugging Face model inside vLLM's Transformers backend) or
-    `transformer.h` (GPT-2), also inside a multimodal wrapper's `language_model`."""
-    for owner in (model, getattr(model, "language_model", None)):
-        for base, attr in (("model", "layers"), ("transformer", "h")):
-            layers = getattr(getattr(owner, base, None), attr, None)
-            if isinstance(layers, torch.nn.ModuleList) and len(layers):
-                return layers
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h)"
-    )
+# ---- model modules ---------------------------------------------------------------------------------------------
 
 
 def held(layer: torch.nn.Module) -> bool:
@@ -184,69 +184,6 @@ def held(layer: torch.nn.Module) -> bool:
     from vllm.model_executor.models.utils import PPMissingLayer
 
     return not isinstance(layer, PPMissingLayer)
-
-
-def steer_target(layers, point: HookPoint) -> tuple[torch.nn.Module, str]:
-    """(module, how) where steering at `point` goes: "layer" (a decoder layer's output, a tensor or a (hidden,
-    residual) pair summing to the stream), "module" (an attention/MLP/norm module whose output, or the first element
-    of its output tuple, is what the SAE reads), "input" (layer 0's hidden_states: the embeddings) or "mid" (a norm
-    called as (attention output, residual), whose sum is the stream after attention). ValueError otherwise."""
-    L, site = point.layer, point.site
-    if point.output_of() is not None:
-        return layers[point.output_of()], "layer"
-    if site == "resid_pre":
-        return layers[0], "input"
-    layer = layers[L]
-    sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma-2/3: norms after attention and MLP
-    if site == "resid_mid":
-        name = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
-        if not _takes_residual(getattr(layer, name, None)):
-            raise ValueError(f"{type(layer).__name__} adds its attention output to the stream inside its own code")
-        return getattr(layer, name), "mid"
-    return getattr(layer, site_module_name(layer, site)), "module"
-
-
-def _takes_residual(mod) -> bool:
-    """Is `mod` a norm with vLLM's fused residual add (RMSNorm(x, residual) -> (normed x + residual, x + residual))?
-    A vLLM CustomOp's `forward` takes *args and dispatches to `forward_native`, whose signature says."""
-    if not isinstance(mod, torch.nn.Module):
-        return False
-    fn = getattr(type(mod), "forward_native", None) or type(mod).forward
-    return "residual" in inspect.signature(fn).parameters
-
-
-def hidden_states_index(module: torch.nn.Module) -> int:
-    """Position of `hidden_states` among the positional arguments of the module's forward (Llama: 1, GPT-2: 0)."""
-    names = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
-    if "hidden_states" not in names:
-        raise ValueError(f"{type(module).__name__}.forward takes no hidden_states")
-    return names.index("hidden_states")
-
-
-def read_at(module: torch.nn.Module, how: str, fn) -> torch.utils.hooks.RemovableHandle:
-    """A temporary hook calling fn((tokens, d_model) tensor the SAE reads) at a `steer_target`, for capture in an
-    eager engine (it sees what the steering mixin produced for "layer"/"module", what reaches it for the others)."""
-    flat = lambda h: fn(h.reshape(-1, h.shape[-1]))  # noqa: E731
-    if how in ("layer", "module"):
-
-        def after(_m, _args, out):
-            if how == "layer" and isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
-                flat(out[0] + out[1])
-            else:
-                flat(out[0] if isinstance(out, tuple) else out)
-
-        return module.register_forward_hook(after)
-    i = getattr(module, "functok_arg", None) if how == "input" else 0  # set when steering was installed
-    i = hidden_states_index(module) if i is None else i
-
-    def before(_m, args, kwargs):
-        if how == "input":
-            flat(args[i] if len(args) > i else kwargs["hidden_states"])
-            return
-        x, residual = (list(args) + [kwargs.get("residual")])[:2] if args else (kwargs["x"], kwargs.get("residual"))
-        flat(x if residual is None else x + residual)
-
-    return module.register_forward_pre_hook(before, with_kwargs=True)
 
 
 # ---- CPU: vLLM 0.32.0's no-Triton fallback of the slot-mapping kernel ----------------------------------------------

@@ -1,16 +1,16 @@
 """The vLLM engine for `functok serve --engine vllm`: an AsyncLLM with the steering worker extension, as an `Engine`.
 
 The server validates requests and builds `GenerateRequest`s exactly as for the transformers engine; this adapter
-passes the spec to vLLM as `extra_args["steering"]` (JSON, as a client of `vllm serve` sends it) and streams
-`RequestOutputKind.DELTA` outputs as `Delta`s.
+passes the parsed spec object to vLLM as `extra_args["steering"]` (the admission hook, in this same process, turns
+it into its wire form without parsing it again) and streams `RequestOutputKind.DELTA` outputs as `Delta`s.
 
-Steering is never claimed unless applied. A request with clamp/ablate edits WAITS (as in the transformers engine)
-until `ClampBudget` admits it: the budget never grants more clamp columns at a layer than the worker's pool holds, so
-the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
+Steering is never claimed unless applied. A request with clamp/ablate or projection edits WAITS (as in the
+transformers engine) until `ClampBudget` admits it: it never grants more columns at a layer than the worker's pool
+holds, so the worker's table never refuses an admitted request (`SlotsFull`); slots always suffice (`max_num_seqs + 1`).
 A request that could never fit is refused (RequestError, HTTP 400). `steered_positions` is what the worker applied:
 read from it (`collective_rpc("functok_applied")`) when the request ends, so only the last delta carries it.
 
-Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`readout.py`) and fetched with
+Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`feature_op.py`) and fetched with
 `collective_rpc("functok_features")`: per delta when the consumer streams (one RPC shared by the requests asking at
 that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM.
 """
@@ -29,10 +29,10 @@ from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
-from functok_vllm.engines.vllm.config import CONFIG_KEY, EXTENSION, XARG, from_additional_config, vector_payload
+from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
-from functok_vllm.engines.vllm.readout import XFEAT
-from functok_vllm.steering import SteeringInfo, SteeringLimits, to_json
+from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, XARG, from_additional_config
+from functok_vllm.steering import SteeringInfo, SteeringLimits
 
 __all__ = ["ClampBudget", "VLLMEngine", "VLLMEngineConfig"]
 
@@ -53,6 +53,8 @@ class VLLMEngineConfig:
     steer_layers: list[int] = field(default_factory=list)  # add-only layers (no SAE) where vectors go, at resid_post
     dtype: str = "float32"
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1  # vLLM's own parallelism (the mp backend on one node; Ray across nodes)
+    pipeline_parallel_size: int = 1
     engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs (block_size, enable_prefix_caching...)
 
     def __post_init__(self):
@@ -141,13 +143,17 @@ class VLLMEngine(Engine):
             seed=0,
             worker_extension_cls=EXTENSION if self.steer_cfg else "",
             additional_config=c.additional_config(),
+            tensor_parallel_size=c.tensor_parallel_size,
+            pipeline_parallel_size=c.pipeline_parallel_size,
         )
+        if c.tensor_parallel_size * c.pipeline_parallel_size > 1:
+            args["distributed_executor_backend"] = "mp"  # one node; FUNCTOK_VLLM_ARGS may name "ray" for several
         args |= c.engine_args
         if args.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(worker.limits.max_clamps)
+            self.budget = ClampBudget(worker.limits.max_clamps, worker.limits.max_projections)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
 
@@ -184,9 +190,8 @@ class VLLMEngine(Engine):
         score_only = p.max_tokens == 0  # vLLM generates at least one token: it is dropped here
         cap = self.max_model_len if p.max_tokens is None else p.max_tokens
         extra = {TAG: rid} if spec is not None or fr is not None else {}
-        if spec is not None:
-            extra[XARG] = to_json(spec)
-            extra |= vector_payload(spec)
+        if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
+            extra[XARG] = spec
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
@@ -196,7 +201,7 @@ class VLLMEngine(Engine):
         held = submitted = finished = False
         try:
             if need:
-                await self.budget.acquire(need)  # waits while the clamp pool is taken
+                await self.budget.acquire(need)  # waits while the column pools are taken
                 held = True
             submitted = True
             first = True

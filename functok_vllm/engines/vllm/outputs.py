@@ -4,7 +4,7 @@ feature entries read from the workers.
 Log-probabilities come from vLLM itself (`logprobs` / `prompt_logprobs` of its SamplingParams), which reports the
 log-softmax of the raw logits under its default `logprobs_mode="raw_logprobs"`; `VLLMEngine` refuses to start with any
 other mode. Features have no place in vLLM's outputs: `FeatureReader` fetches them from the workers
-(`readout.py`) with one `collective_rpc` for all the requests that ask at the same time.
+(`feature_op.py`) with one `collective_rpc` for all the requests that ask at the same time.
 """
 
 from __future__ import annotations

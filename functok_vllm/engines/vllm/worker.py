@@ -2,7 +2,7 @@
 
 Use: `LLM(..., worker_extension_cls=EXTENSION)` or `vllm serve ... --worker-extension-cls EXTENSION`, where
 EXTENSION = "functok_vllm.engines.vllm.worker.SteeringWorkerExtension"; settings come from
-`additional_config["functok"]` (see `config.py`).
+`additional_config["functok"]` (see `settings.py`).
 
 How it gets in. vLLM appends the extension class to the worker's bases and refuses extensions that redefine a worker
 attribute, so the extension defines none: it only intercepts the worker's `self.model_runner = ...` assignment with
@@ -10,12 +10,12 @@ a property, and swaps the new runner's class for a subclass that mixes in `Steer
 which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runner methods:
 
 - `load_model`: after the weights are loaded, and before vLLM warms up or compiles anything, the module at each SAE's
-  hook point (`compat.steer_target`: a decoder layer, its attention/MLP module, layer 0's input, the norm after
+  hook point (`engines.placement.target`: a decoder layer, its attention/MLP module, layer 0, the fused norm after
   attention), and each `steer_layers` decoder layer (an add-only layer for steering vectors, no SAE), gets the core's
-  `SteeringLayer` as a submodule and a class that adds the steering update there (`SteeredLayerMixin` and its three
-  siblings), followed by the feature readout op (`readout.py`, which does nothing unless a request of the step asked
-  for `features`). Because that is in the module tree when Dynamo traces the model, the compiled graph contains the
-  ops, which read the table's buffers: graph inputs updated in place.
+  `SteeringLayer` as a submodule and a hook placed by `engines.placement` (the same placement as the transformers
+  engine's) that calls `steer_and_read`: the steering op, then the feature readout op (`feature_op.py`, which does
+  nothing unless a request of the step asked for `features`). Dynamo traces hooks present when it traces the model,
+  so the compiled graph contains both ops, which read the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
   come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
 - `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
@@ -24,9 +24,8 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   handed to the capture hooks.
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
-sum, which the next layer's fused add+norm (or the final norm) forms. A steered layer returns
-`(hidden_states + delta(h), residual)` (`SteeredLayerMixin`): the next add gives h + delta, the transformers engine's
-hooked output.
+sum, which the next layer's fused add+norm (or the final norm) forms. The hook makes a steered layer return
+`(hidden_states + delta(h), residual)`: the next add gives h + delta, the transformers engine's hooked output.
 
 Tensor parallel: the residual stream is replicated on every rank, and every rank holds the same SAEs and tables and
 sees the same scheduler output, so each applies the same update (untested here). Pipeline parallel: a rank steers
@@ -39,90 +38,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from functok_vllm.core import FunctionTokens, SteeringSpec, SteeringTable
+from functok_vllm.core import FunctionTokens, SteeringTable
 from functok_vllm.core import steer as core_steer
 from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
+from functok_vllm.engines import placement
 from functok_vllm.engines.vllm import compat
-from functok_vllm.engines.vllm import readout as feature_readout
+from functok_vllm.engines.vllm import feature_op as feature_readout
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering
 from functok_vllm.engines.vllm.capture import RunnerCapture
-from functok_vllm.engines.vllm.config import VECTORS, FunctokConfig, from_additional_config, spec_from_xarg
-from functok_vllm.engines.vllm.readout import FeatureReadout
-from functok_vllm.steering import check_steering
+from functok_vllm.engines.vllm.feature_op import READOUT_KEY, FeatureReadout
+from functok_vllm.engines.vllm.settings import VECTORS, XARG, FunctokConfig, from_additional_config
+from functok_vllm.steering import SteeringContext, SteeringSpec, parse_steering
 
 log = logging.getLogger("functok.vllm")
 GRAPH_KEY = "functok_graph"  # additional_config key holding the steering fingerprint (worker process only)
 
 
-class SteeredLayerMixin:
-    """Mixed into a decoder layer's class (`Steered<Layer>`) at `resid_post` (and `resid_pre` L >= 1, the output of
-    layer L - 1): THE ADD of the vLLM path happens here.
-
-    A vLLM decoder layer returns `(hidden, residual)` whose sum is the residual stream h leaving it; the steered layer
-    returns `(hidden + delta(h), residual)`, with the add (and the clamp encode of h) inside the one opaque custom op
-    `functok::steered_hidden` (`core/steer.py` says why it must be opaque to Inductor); the next layer's fused
-    add+norm, or the final norm, then forms h + delta, what the transformers engine's hook produces. A layer whose
-    output is one tensor (GPT-2, vLLM's Transformers backend) returns out + delta(out).
-    """
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
-            hidden, residual = out
-            return _read(self, self.functok_steer.steered_hidden(hidden, residual), residual), residual
-        if isinstance(out, tuple):
-            return (_read(self, self.functok_steer.steered_hidden(out[0], None)), *out[1:])
-        return _read(self, self.functok_steer.steered_hidden(out, None))
-
-
-def _read(mod, hidden, residual=None):
-    """After the steering at an SAE's hook point: the feature readout op (`readout.py`), then `hidden` unchanged."""
-    torch.ops.functok.read_features(hidden, residual, mod.functok_marker, mod.functok_layer)
-    return hidden
-
-
-class SteeredModuleMixin:
-    """`attn_out` / `mlp_out`: the attention or MLP module (or the norm after it) whose output the layer adds to the
-    stream returns out + delta(out); of an output tuple (a Hugging Face attention's (output, weights)), the first."""
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (_read(self, self.functok_steer.steered_hidden(out[0], None)), *out[1:])
-        return _read(self, self.functok_steer.steered_hidden(out, None))
-
-
-class SteeredInputMixin:
-    """`resid_pre` of block 0 (the embeddings): layer 0's `hidden_states` argument gets its delta before the layer
-    runs (there is no residual yet at layer 0, so hidden_states is the whole stream)."""
-
-    functok_arg = 1  # position of hidden_states among the positional arguments (`compat.hidden_states_index`)
-
-    def forward(self, *args, **kwargs):
-        i = self.functok_arg
-        if len(args) > i:
-            args = (*args[:i], _read(self, self.functok_steer.steered_hidden(args[i], None)), *args[i + 1 :])
-        else:
-            kwargs["hidden_states"] = _read(self, self.functok_steer.steered_hidden(kwargs["hidden_states"], None))
-        return super().forward(*args, **kwargs)
-
-
-class SteeredMidMixin:
-    """`resid_mid`: the norm a layer calls as (attention output, residual) before its MLP; their sum is the stream
-    after attention, and the attention output gets delta(that sum) before the fused add+norm."""
-
-    def forward(self, x, residual=None, *args, **kwargs):
-        x = _read(self, self.functok_steer.steered_hidden(x, residual), residual)
-        return super().forward(x, residual, *args, **kwargs)
-
-
-MIXINS = {"layer": SteeredLayerMixin, "module": SteeredModuleMixin, "input": SteeredInputMixin, "mid": SteeredMidMixin}
+def steer_and_read(mod: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The hook callback (`engines.placement.StreamFn`) at every steering layer: THE ADD of the vLLM path, the core's
+    opaque op `functok::steered_hidden` (hidden + delta(hidden + residual); `core/steer.py` says why it must be opaque
+    to Inductor), then the feature readout op on what it leaves (`feature_op.py`). `mod` is the hooked module, which
+    holds the layer's tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
+    out = mod.functok_steer.steered_hidden(hidden, residual)
+    torch.ops.functok.read_features(out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
+    return out
 
 
 class SteeringRunnerMixin:
@@ -139,6 +83,7 @@ class SteeringRunnerMixin:
         if self.functok is not None:
             saes = {L: op.sae for L, op in self.functok.table.layers.items() if op.sae is not None}
             self.functok_readout = FeatureReadout(saes, self.device)
+            compat.register_forward_state(self.vllm_config, READOUT_KEY, self.functok_readout)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         st, ro = self.functok, self.functok_readout
@@ -249,23 +194,28 @@ def install_steering(runner) -> BatchSteering | None:
         log.warning("functok: no SAEs or steer_layers for %s; requests run unsteered", runner.model_config.model)
         return None
     mc = runner.model_config
-    layers = compat.decoder_layers(runner.get_model())
+    layers = placement.decoder_layers(runner.get_model())
     dtype, device = mc.dtype, runner.device
     saes = load_saes(list(cfg.saes), mc.get_hidden_size(), len(layers), device, dtype)
-    targets = {}
-    for layer, sae in saes.items():
-        try:
-            targets[layer] = compat.steer_target(layers, sae.cfg.hook)
-        except ValueError as e:
-            raise ValueError(f"{sae.cfg.path}: cannot apply an SAE at {sae.cfg.hook_name} on vLLM: {e}") from None
     try:  # add-only layers: vectors without an SAE, at the layer's output
         add_layers = add_only_points(cfg.steer_layers, {k: sae.cfg for k, sae in saes.items()}, len(layers))
     except ValueError as e:
         raise ValueError(f"steer_layers: {e}") from None
-    for layer, point in add_layers.items():
-        targets[layer] = compat.steer_target(layers, point)
-    saes = {layer: sae for layer, sae in saes.items() if compat.held(targets[layer][0])}  # pipeline parallel
-    add_layers = {layer: p for layer, p in add_layers.items() if compat.held(targets[layer][0])}
+    points = {k: sae.cfg.hook for k, sae in saes.items()} | add_layers
+    mine = {k for k, p in points.items() if compat.held(layers[placement.layer_of(p)])}  # pipeline parallel
+    saes = {k: sae for k, sae in saes.items() if k in mine}
+    add_layers = {k: p for k, p in add_layers.items() if k in mine}
+    targets = {}
+    for layer in sorted(mine):
+        try:
+            targets[layer] = placement.target(layers, points[layer], pairs=True)
+        except ValueError as e:
+            what = (
+                f"{saes[layer].cfg.path}: cannot apply an SAE at {saes[layer].cfg.hook_name}"
+                if layer in saes
+                else (f"steer_layers: cannot add at layer {layer}")
+            )
+            raise ValueError(f"{what} on vLLM: {e}") from None
     max_slots = compat.max_rows(runner) + 1  # a slot per batch row, plus the zero row
     table = SteeringTable(
         saes,
@@ -276,43 +226,42 @@ def install_steering(runner) -> BatchSteering | None:
         device,
         add_layers=add_layers,
         d_model=mc.get_hidden_size(),
+        max_projections=cfg.limits.max_projections,
     )
     for layer, op in table.layers.items():
-        mod, how = targets[layer]
+        mod = targets[layer]
         mod.functok_steer = op
         mod.functok_layer = layer  # the SAE's layer, for the readout op
         mod.register_buffer("functok_marker", torch.zeros(1, device=device), persistent=False)
-        if how == "input":
-            mod.functok_arg = compat.hidden_states_index(mod)  # read off the layer's own forward, before the mixin
-        compat.mix_in(mod, MIXINS[how], "Steered")
+        placement.attach(layers, op.hook, steer_and_read, pairs=True)  # for the engine's life, before compile
     fn_mask = FunctionTokens.load(cfg.function_tokens).mask(mc.get_vocab_size(), device=device)
     _fingerprint(runner.vllm_config, table, cfg)
     log.info(
-        "functok steering at %s (%d slots, %d clamp columns a layer, %d tokens a step)",
+        "functok steering at %s (%d slots, %d clamp and %d projection columns a layer, %d tokens a step)",
         ", ".join(op.hook.name for op in table.layers.values()),
         max_slots,
         table.max_clamps,
+        table.max_projections,
         table.slot_index.shape[0],
     )
     return BatchSteering(table, fn_mask, lambda value, extra=None: _local_spec(value, cfg, table, extra))
 
 
 def _local_spec(value, cfg: FunctokConfig, table: SteeringTable, extra: dict | None = None) -> SteeringSpec | None:
-    """The admission hook's canonical spec, checked again here with the same function (a spec that reached the worker
-    another way must not crash it: BatchSteering runs it unsteered, logged), its vectors' directions read from the
-    request (`extra[VECTORS]`, each checked against its id); the edits at layers this rank holds (all of them
-    without pipeline parallel)."""
+    """The admission hook's canonical key, parsed and checked once in this process by the one parser (a spec that
+    reached the worker another way must not crash it: BatchSteering runs it unsteered, logged), its vectors'
+    directions read from the request (`extra[VECTORS]`, each checked against its id); the edits at layers this rank
+    holds (all of them without pipeline parallel)."""
     payload = (extra or {}).get(VECTORS)
-    vectors = decode_payloads(payload) if payload is not None else {}
-    bound = {vid: v.at(cfg.info.hook_layers) for vid, v in vectors.items()}
-    spec = spec_from_xarg(value, bound)
-    if spec is None:
-        return None
-    check_steering(spec, cfg.info, cfg.limits)
-    edits = tuple(e for e in spec.edits if e.layer in table.layers)
-    mine = (replace(v, at={k: d for k, d in v.at.items() if k in table.layers}) for v in spec.vectors)
-    local = SteeringSpec(edits, spec.positions, tuple(v for v in mine if v.at))
-    return None if local.is_noop else local
+    carried = decode_payloads(payload) if payload is not None else {}
+
+    def from_request(name: str, version: str | None):
+        if version not in carried:
+            raise LookupError(f"vector {name!r}: the request carries no content for version {version!r}")
+        return carried[version]
+
+    spec = parse_steering(value, XARG, SteeringContext(cfg.info, cfg.limits, from_request))
+    return spec.local(table.layers) if spec is not None else None
 
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
@@ -321,7 +270,7 @@ def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     src = b"".join(Path(m.__file__).read_bytes() for m in mods) + Path(__file__).read_bytes()
     what = {
         "hooks": [op.hook.name for op in table.layers.values()],
-        "shapes": [table.max_slots, table.max_clamps, int(table.slot_index.shape[0])],
+        "shapes": [table.max_slots, table.max_clamps, table.max_projections, int(table.slot_index.shape[0])],
         "dtype": str(table.dtype),
         "saes": [str(p) for p in cfg.saes],
         "steer_layers": list(cfg.steer_layers),

@@ -92,7 +92,8 @@ export function steeringSpec(override = null) {
     if (e.vector) return { vector: e.vector, mode: "add", strength };
     const out = { layer: e.layer, feature: e.feature, mode: e.mode };
     if (e.mode === "add") out.strength = strength;
-    if (e.mode === "clamp") out.value = strength;
+    if (e.mode === "clamp" || e.mode === "set") out.value = strength;
+    if (e.mode === "cap") out.max = strength; // the page caps from above; the API also takes "min"
     return out;
   });
   return { edits, positions: positions() };
@@ -144,7 +145,7 @@ function row(e, i) {
       el("label", { for: id("feature") }, "Feature "), feature,
       el("label", { for: id("mode") }, "Mode "), mode),
   ];
-  if (e.mode !== "ablate") parts.push(strengthRow(e, i));
+  if (e.mode !== "ablate" && e.mode !== "project_out") parts.push(strengthRow(e, i));
   parts.push(removeButton(i));
   return el("li", { class: "edit" }, ...parts);
 }
@@ -159,7 +160,7 @@ function vectorRow(e, i, name) {
 function strengthRow(e, i) {
   const id = (name) => `edit-${i}-${name}`;
   const m = maxStrength();
-  const word = e.mode === "clamp" ? "Value" : "Strength";
+  const word = { clamp: "Value", set: "Value", cap: "Max" }[e.mode] || "Strength";
   const number = el("input", { id: id("strength"), type: "number", step: "any", value: e.strength, class: "strength-number" });
   const slider = el("input", {
     id: id("slider"), type: "range", min: -m, max: m, step: m / 200, value: e.strength, class: "strength-slider",

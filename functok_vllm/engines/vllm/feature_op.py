@@ -3,10 +3,11 @@
 vLLM's protocol carries tokens, text and logprobs from the workers to the API process, nothing per token besides, so
 features travel on a side channel of our own:
 
-1. The op `functok::read_features(hidden, residual, marker, layer)` sits right after the steering op at each SAE's hook
-   point (`worker.py`'s mixins), in the module tree before vLLM compiles, and opaque to Dynamo/Inductor like the steer
-   op (it declares that it mutates `marker`, a one-element buffer, so the compiler keeps it and orders it after its
-   inputs exist). At run time it calls this process's `FeatureReadout`, which does nothing unless the step has a plan.
+1. The op `functok::read_features(hidden, residual, marker, layer, key)` runs right after the steering op at each
+   SAE's hook point (`worker.steer_and_read`, in a hook placed before vLLM compiles), opaque to Dynamo/Inductor like
+   the steer op (it declares that it mutates `marker`, a one-element buffer, so the compiler keeps it and orders it
+   after its inputs exist). At run time it finds the worker's `FeatureReadout` in vLLM's forward context (registered
+   under `key` when the model was loaded; no module global), which does nothing unless the step has a plan.
 2. `FeatureReadout.prepare` (before every forward, host-side only: no device sync) plans the step: for each running
    request that asked for `features`, the tokens of its rows whose positions it has not read yet (every prompt
    position with `prompt`, else from the last prompt position on). The op encodes only those rows with the core's
@@ -27,25 +28,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from functok_vllm.core.readout import rows_to_lists, top_features
+from functok_vllm.core.top_features import rows_to_lists, top_features
+from functok_vllm.engines.vllm import compat
 from functok_vllm.feature_request import FeatureRequest
 
 log = logging.getLogger("functok.vllm")
 XFEAT = "functok_features"  # extra_args key: FeatureRequest.to_dict() (set by functok's VLLMEngine or a Python caller)
 KEEP_DONE = 64  # finished requests whose unread features are kept (each holds its tensors)
-_ACTIVE: list = [None]  # this process's FeatureReadout (one model per worker process)
+READOUT_KEY = "functok.feature_readout"  # the worker's FeatureReadout in vLLM's forward context
 
 
 @torch.library.custom_op("functok::read_features", mutates_args=("marker",))
-def read_features(hidden: torch.Tensor, residual: torch.Tensor | None, marker: torch.Tensor, layer: int) -> None:
-    """Read out SAE features of `hidden + residual` (or `hidden`) at SAE layer `layer` for the planned rows."""
-    ro = _ACTIVE[0]
+def read_features(
+    hidden: torch.Tensor, residual: torch.Tensor | None, marker: torch.Tensor, layer: int, key: str
+) -> None:
+    """Read out SAE features of `hidden + residual` (or `hidden`) at SAE layer `layer` for the planned rows, into the
+    `FeatureReadout` this forward carries under `key` (vLLM's forward context, `compat.forward_state`)."""
+    ro = compat.forward_state(key)
     if ro is not None and ro.plan is not None:
         ro.observe(layer, hidden, residual)
 
 
 @read_features.register_fake
-def _(hidden, residual, marker, layer):
+def _(hidden, residual, marker, layer, key):
     return None
 
 
@@ -86,7 +91,6 @@ class FeatureReadout:
         self.tag_of: dict[str, str] = {}
         self.done: OrderedDict[str, Reader] = OrderedDict()
         self.plan: StepPlan | None = None
-        _ACTIVE[0] = self
 
     def add_request(self, req_id: str, prompt_len: int, extra: dict | None, tag: str) -> None:
         given = (extra or {}).get(XFEAT)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from functok_vllm.core.readout import rows_to_lists, top_features
+from functok_vllm.core.top_features import rows_to_lists, top_features
 from functok_vllm.feature_request import FeatureRequest
 
 

@@ -8,7 +8,7 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
   saes             SAE directories (cfg.json inside) or directories of them
   function_tokens  the function-token JSON written by `functok function-tokens` (default: MODEL/function_tokens.json
                    if the model directory has one, else the one shipped for its name)
-  max_edits, max_clamps, max_abs_strength
+  max_edits, max_clamps, max_projections, max_abs_strength
                    the steering limits (`functok_vllm.steering.SteeringLimits`, the same as `functok serve`'s flags)
   steer_layers     decoder layers without an SAE where steering vectors may be added (at resid_post), as
                    `functok serve --steer-layers`: the graph is built with them
@@ -17,8 +17,9 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
 
 Everything here is torch-free apart from what the core imports, and reads SAE metadata from cfg.json only, so the API
 process validates specs without loading weights. A request's spec travels as `extra_args["steering"]`: a JSON string
-(what the OpenAI server's `vllm_xargs` allows) or, for offline `LLM` users, a dict; the API process rewrites it to the
-canonical `SteeringSpec.key()` string, which the workers parse back.
+(what the OpenAI server's `vllm_xargs` allows), for offline `LLM` users a dict, or the `SteeringSpec` that
+`functok serve --engine vllm` parsed at its edge; the API process replaces it with the canonical `SteeringSpec.key()`
+string (the user's form), which the workers parse with the same `parse_steering`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from functok_vllm.core.sae import SAEConfig, add_only_points, load_saes, sae_dirs
-from functok_vllm.core.spec import SpecError, SteeringSpec
 from functok_vllm.paths import shipped_function_tokens, shipped_saes
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
@@ -65,14 +65,30 @@ class FunctokConfig:
         return replace(self.info, d_model=d_model)
 
 
-def cpu_defaults() -> None:
+def cpu_defaults(world_size: int = 1) -> None:
     """Without CUDA: VLLM_TARGET_DEVICE=cpu (our CPU build's version string does not say "cpu", so vLLM would not
-    detect it) and a 1 GiB KV cache, unless already set. Call before vLLM resolves its platform (first engine)."""
+    detect it) and a 1 GiB KV cache, unless already set; with several ranks (tensor x pipeline parallel), each rank
+    bound to its own share of this process's cores (`VLLM_CPU_OMP_THREADS_BIND`, unless set), without which vLLM's CPU
+    backend refuses to start several workers on one NUMA node. Call before vLLM resolves its platform."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(sorted(os.sched_getaffinity(0)), world_size)
+
+
+def cpu_binding(cores: list[int], ranks: int) -> str:
+    """vLLM's `VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers over `cores`: consecutive shares, e.g. "0|1" for two
+    ranks on cores [0, 1], "0-3|4-7" on eight. ValueError when there are fewer cores than ranks."""
+    if len(cores) < ranks:
+        raise ValueError(
+            f"{ranks} tensor/pipeline-parallel ranks need at least {ranks} cores; this process has {len(cores)}"
+        )
+    per = len(cores) // ranks
+    shares = [cores[r * per : (r + 1) * per] for r in range(ranks)]
+    return "|".join(",".join(map(str, s)) for s in shares)
 
 
 def from_additional_config(additional_config, model: str | None = None) -> FunctokConfig:
@@ -124,27 +140,3 @@ def _parse(raw_json: str, model: str | None) -> FunctokConfig:
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.steer_layers: {e}") from None
     return cfg
-
-
-def spec_from_xarg(value, bound=None) -> SteeringSpec | None:
-    """extra_args["steering"] as the admission hook rewrote it (the canonical `SteeringSpec.key()` JSON, already
-    checked) -> SteeringSpec; None for no edits. `bound`: {vector id: {layer: direction}} for the vectors it names.
-    SpecError if it is not such a spec."""
-    obj = json.loads(value) if isinstance(value, str) else value
-    if not isinstance(obj, dict):
-        raise SpecError(XARG, f"must be a JSON object, got {type(obj).__name__}")
-    try:
-        spec = SteeringSpec.from_dict(obj, bound)
-    except (TypeError, KeyError) as e:
-        raise SpecError(XARG, str(e)) from None
-    return None if spec.is_noop else spec
-
-
-def vector_payload(spec: SteeringSpec) -> dict:
-    """{VECTORS: the contents of the vectors `spec` names} for `extra_args` ({} without vectors): what the server that
-    resolved the names hands on, so the admission hook does not look them up again (it checks each against its id)."""
-    if not spec.vectors:
-        return {}
-    from functok_vllm.core.vector import encode_payloads
-
-    return {VECTORS: encode_payloads([v.content for v in spec.vectors])}
