@@ -125,11 +125,22 @@ def test_edge_state_round_trips_through_safetensors(tmp_path):
 
     g = torch.Generator().manual_seed(1)
     a = EdgeBits(d_sae=21, vocab_size=300, capacity=3)
+    dense = torch.zeros(300, 21, dtype=torch.long)  # firings per (token, feature), counted by hand
     for _ in range(3):
-        a.add(torch.randint(0, 300, (40,), generator=g), torch.rand(40, 21, generator=g) < 0.2)
+        ids, act = torch.randint(0, 300, (40,), generator=g), torch.rand(40, 21, generator=g) < 0.2
+        a.add(ids, act)
+        dense.index_add_(0, ids, act.long())
+        a.add_window(act[:20].any(0, keepdim=True), act.any(0, keepdim=True))  # one window a batch
     save_file(a.state(), str(tmp_path / "g.safetensors"))
     b = EdgeBits.from_state(load_file(str(tmp_path / "g.safetensors")))
     assert stored_edges(b) == stored_edges(a) and b.n_edges == a.n_edges > 0
+    tokens, feats, n = b.pairs()
+    assert torch.equal(dense[tokens, feats], n) and int(n.sum()) == int(dense.sum())  # every firing, once
+    win_fn, win_all = b.windows()
+    assert win_fn.shape == win_all.shape == (3, 3)  # 3 windows, 21 features in 3 bytes
+    assert torch.equal(unpack_bits(win_all, 21)[-1], act.any(0)) and torch.equal(
+        unpack_bits(win_fn, 21)[-1], act[:20].any(0)
+    )
     assert torch.equal(b.token_count, a.token_count) and torch.equal(b.feature_count, a.feature_count)
     assert torch.equal(b.row_of, a.row_of)
     new = torch.tensor([299, 0, 299])  # rows keep growing after a reload

@@ -31,6 +31,12 @@ def test_missing_corpus_file(tmp_path):
     assert_refused(r, f"corpus file {missing} does not exist")
 
 
+def test_report_on_a_missing_corpus_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    r = run("report", "--corpus", str(missing), "--out", str(tmp_path / "o"))
+    assert_refused(r, f"corpus file {missing} does not exist")
+
+
 def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

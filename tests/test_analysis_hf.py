@@ -29,17 +29,22 @@ def stream(am):
 
 def dense_edges(am, stream, layer, seq_len):
     """Edges from one unhooked forward per window, read from `output_hidden_states` (output of decoder layer L is
-    hidden_states[L + 1]), encoded densely: {(token, feature)}."""
-    edges = set()
+    hidden_states[L + 1]), encoded densely: {(token, feature)}. Sinks left out as the report states the rule: the
+    first position of each window, and residuals over 10x their window's median norm. -> (edges, sinks)"""
+    edges, sinks = set(), 0
     for s in range(0, len(stream), seq_len):
         x = stream[s : s + seq_len]
         with torch.no_grad():
             hs = am.model(input_ids=x[None], output_hidden_states=True).hidden_states[layer + 1][0]
         active = am.saes[layer].encode(hs) > 0  # (tokens, d_sae)
-        for t, row in zip(x.tolist(), active, strict=True):
-            if t != am.eos_id:
+        norms = hs.norm(dim=-1)
+        big = norms > 10 * norms.median()
+        for i, (t, row) in enumerate(zip(x.tolist(), active, strict=True)):
+            if t != am.eos_id and (i == 0 or big[i]):
+                sinks += 1
+            elif t != am.eos_id:
                 edges |= {(t, int(f)) for f in row.nonzero().flatten()}
-    return edges
+    return edges, sinks
 
 
 def test_coverage_edges_match_a_dense_recomputation(am, stream):
@@ -48,12 +53,14 @@ def test_coverage_edges_match_a_dense_recomputation(am, stream):
     for layer, g in graphs.items():
         rows = g.rows(g.token_of)
         got = {(int(t), int(f)) for t, row in zip(g.token_of, rows, strict=True) for f in row.nonzero().flatten()}
-        want = dense_edges(am, stream, layer, cfg.seq_len)
+        want, sinks = dense_edges(am, stream, layer, cfg.seq_len)
+        assert g.n_sinks == sinks
         # the hooked batch and the plain forward may sum in another order: allow features at the threshold's edge
         assert len(got ^ want) <= 0.002 * len(want), (layer, len(got ^ want))
         assert len(want) > 100
     s = coverage.summarize(graphs, am.fn_mask, am.decode)
-    assert s["tokens"] == len(stream) - 1  # the EOS is no node
+    n_sinks = graphs[max(graphs)].n_sinks
+    assert s["tokens"] == len(stream) - 1 - n_sinks  # the EOS is no node, sinks are left out
     for layer, st in s["layers"].items():
         assert st["edges"] == graphs[layer].n_edges
         assert 0 < st["function_tokens_coverage"] <= 1

@@ -82,7 +82,8 @@ def am():
 
 def test_coverage_graph_and_table(am):
     stream = torch.tensor([1, 1, 1, 2, 2, 3, 0])  # counts 1:3 2:2 3:1 0:1, so rank order 1, 2, 0, 3
-    cfg = coverage.CoverageConfig(seq_len=3, batch_size=1)  # two windows and a tail of one token
+    # two windows and a tail of one token; sinks kept here (this test is the edge arithmetic; see the next one)
+    cfg = coverage.CoverageConfig(seq_len=3, batch_size=1, exclude_sinks=False)
     graphs = coverage.build_graphs(am, stream, cfg, progress=False)
     g = graphs[0]
     edges = {(int(t), int(f)) for t in g.token_of for f in g.rows(t[None])[0].nonzero().flatten()}
@@ -97,6 +98,24 @@ def test_coverage_graph_and_table(am):
     assert [r["coverage_L0"] for r in s["table"]] == [2 / 5, 3 / 5, 4 / 5, 5 / 5]
     assert [r["degree_L0"] for r in s["table"]] == [2, 1, 1, 2]
     assert [r["is_function"] for r in s["table"]] == [True, True, False, False]
+
+
+def test_coverage_leaves_out_the_first_position_of_every_window(am):
+    stream = torch.tensor([1, 1, 1, 2, 2, 3, 0])  # windows start at 0 (token 1), 3 (token 2) and 6 (token 0)
+    graphs = coverage.build_graphs(am, stream, coverage.CoverageConfig(seq_len=3, batch_size=1), progress=False)
+    g = graphs[0]
+    edges = {(int(t), int(f)) for t in g.token_of for f in g.rows(t[None])[0].nonzero().flatten()}
+    assert edges == {(1, 1), (1, 8), (2, 2), (3, 3), (3, 8)}  # token 0 only ever sat at a window start
+    assert g.n_sinks == 3
+    assert g.token_count[[0, 1, 2, 3]].tolist() == [0, 2, 1, 1]
+    tokens, feats, n = g.pairs()  # firings per edge: token 1 twice (features 1, 8), the others once
+    assert sorted(zip(tokens.tolist(), feats.tolist(), n.tolist(), strict=True)) == [
+        (1, 1, 2),
+        (1, 8, 2),
+        (2, 2, 1),
+        (3, 3, 1),
+        (3, 8, 1),
+    ]
 
 
 def test_reactivation_sets_and_predictive_features(am):

@@ -84,6 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = _add(sub, "coverage", "coverage", "token-feature bipartite graph and cumulative feature coverage by rank")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
+    p.add_argument("--keep-sinks", action="store_true", help="count attention-sink positions too (default: left out)")
     add_engine(p, "capture mode of the steering worker extension")
 
     p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
@@ -129,7 +130,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.set_defaults(out=None)
     p.add_argument("--prompts", default=None, help="JSONL prompt set (default: OUT/prompts.jsonl, made if missing)")
-    p.add_argument("--max-tokens", type=positive_int, default=49152, help="held-out token budget (coverage)")
+    p.add_argument("--corpus", nargs="+", default=None, help="text files to analyse (default: the held-out split)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="token budget (default: every token)")
     p.add_argument("--loss-tokens", type=positive_int, default=24576, help="held-out tokens per checkpoint (loss)")
     p.add_argument("--rebuild-prompts", action="store_true", help="rewrite the prompt set from held-out text first")
     return a

@@ -2,7 +2,8 @@
 
 Edge (token t, feature f) at an SAE layer when f is active (encoder output > 0, JumpReLU threshold included) at some
 position holding t. Coverage of the top-k tokens: the share of the reached features (those with at least one edge)
-that at least one of the k most frequent tokens reaches.
+that at least one of the k most frequent tokens reaches. Attention-sink positions (`core/sinks.py`) are left out by
+default; each coverage stands beside its nulls (`coverage_null.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from functok_vllm.analysis import coverage_null
 from functok_vllm.analysis.data import check_corpus, n_batches, sequences, token_stream
 from functok_vllm.analysis.io import figure, out_dir, save_figure, write_csv, write_json
 from functok_vllm.core.capture import EdgeBits
@@ -27,6 +29,8 @@ class CoverageConfig:
     seq_len: int = 256
     batch_size: int = 8
     table_rows: int = 100  # rows of the coverage table kept in the JSON (the CSV has every rank)
+    exclude_sinks: bool = True  # leave attention-sink positions out (core/sinks.py): they carry no context
+    nulls: coverage_null.NullConfig | None = None  # None: the defaults
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1 or self.table_rows < 1:
@@ -42,7 +46,7 @@ def build_graphs(am, stream: torch.Tensor, cfg: CoverageConfig, progress: bool =
         raise CLIError(f"--seq-len {cfg.seq_len} is longer than the model's context ({am.max_len} tokens)")
     batches = sequences(stream, cfg.seq_len, cfg.batch_size)
     total = n_batches(stream, cfg.seq_len, cfg.batch_size)
-    return am.capture_edges(batches, layers, total, progress)
+    return am.capture_edges(batches, layers, total, progress, exclude_sinks=cfg.exclude_sinks)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -64,16 +68,21 @@ def _share(curve: torch.Tensor, reached: int) -> float:
     return float(curve[-1]) / reached if reached and len(curve) else 0.0
 
 
-def summarize(graphs: dict[int, EdgeBits], fn_mask: torch.Tensor, decode) -> dict:
-    """Node/edge counts, reach, degrees and the coverage table by frequency rank (most frequent first)."""
+def summarize(
+    graphs: dict[int, EdgeBits], fn_mask: torch.Tensor, decode, nulls: coverage_null.NullConfig | None = None
+) -> dict:
+    """Node/edge counts, reach, degrees, the coverage table by frequency rank (most frequent first), and each layer's
+    nulls and findings (`coverage_null.layer_nulls`) under "nulls"."""
     first = next(iter(graphs.values()))
     count = first.token_count.cpu()  # (vocab,) identical at every layer
     n_seen = int((count > 0).sum())
     order = torch.argsort(-count, stable=True)[:n_seen]  # token ids by frequency, ties by id
     fn = fn_mask.cpu()
     fn_seen = order[fn[order]]
-    layers, curves, degrees = {}, {}, {}
+    layers, curves, degrees, null = {}, {}, {}, {}
     for layer, g in graphs.items():
+        null[layer] = coverage_null.layer_nulls(g, fn, nulls or coverage_null.NullConfig())
+        b1 = null[layer]["by_m"][min(null[layer]["by_m"])]
         curve = g.coverage_curve(order).cpu()  # (n_seen,)
         deg = g.degree().cpu()  # (vocab,)
         reached = int(curve[-1])
@@ -94,6 +103,10 @@ def summarize(graphs: dict[int, EdgeBits], fn_mask: torch.Tensor, decode) -> dic
             "mean_degree_content": float(deg[content].double().mean()) if len(content) else 0.0,
             "spearman_degree_frequency": spearman(count[order].double(), deg[order].double()),
             "features_active_per_token": float(g.feature_count.sum()) / float(count.sum()),
+            "sinks_excluded": g.n_sinks,
+            "function_share_of_positions": null[layer]["function_share"],
+            "random_sets_coverage": b1["random_mean"],
+            "analytic_chance_coverage": b1["analytic"],
         }
         curves[layer], degrees[layer] = curve, deg
     rows = []
@@ -105,7 +118,7 @@ def summarize(graphs: dict[int, EdgeBits], fn_mask: torch.Tensor, decode) -> dic
             reached = layers[layer]["feature_nodes"]
             row[f"coverage_L{layer}"] = float(curves[layer][r]) / reached if reached else 0.0
         rows.append(row)
-    return {"tokens": int(count.sum()), "distinct_tokens": n_seen, "layers": layers, "table": rows}
+    return {"tokens": int(count.sum()), "distinct_tokens": n_seen, "layers": layers, "table": rows, "nulls": null}
 
 
 def milestone_rows(table: list[dict]) -> list[dict]:
@@ -149,11 +162,13 @@ def plot(summary: dict, n_function: int, out: Path) -> list[Path]:
 def write(summary: dict, out: Path, table_rows: int = 100) -> list[Path]:
     out = out_dir(out)
     short = {**summary, "table": summary["table"][:table_rows], "milestones": milestone_rows(summary["table"])}
+    short["nulls"] = coverage_null.compact(summary["nulls"])
     n_fn = next(iter(summary["layers"].values()))["function_tokens_seen"]
     return [
         write_json(out / "coverage.json", short),
         write_csv(out / "coverage.csv", summary["table"]),
         *plot(summary, n_fn, out),
+        coverage_null.plot(summary["nulls"], out / "coverage_null.png"),
     ]
 
 
@@ -163,19 +178,29 @@ def main(args) -> int:
 
     check_corpus(args.corpus)
 
-    cfg = CoverageConfig(tuple(args.layers) if args.layers else None, args.max_tokens, args.seq_len, args.batch_size)
+    cfg = CoverageConfig(
+        tuple(args.layers) if args.layers else None,
+        args.max_tokens,
+        args.seq_len,
+        args.batch_size,
+        exclude_sinks=not args.keep_sinks,
+    )
     layers = cfg.layers and list(cfg.layers)
     if getattr(args, "engine", "transformers") == "vllm":
         am = load_vllm(args.model, args.saes, args.function_tokens, layers)
     else:
         am = load_hf(args.model, args.saes, args.function_tokens, layers)
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
-    summary = summarize(build_graphs(am, stream, cfg), am.fn_mask, am.decode)
+    summary = summarize(build_graphs(am, stream, cfg), am.fn_mask, am.decode, cfg.nulls)
     paths = write(summary, Path(args.out), cfg.table_rows)
     for layer, s in summary["layers"].items():
         print(
             f"layer {layer}: {s['token_nodes']} tokens, {s['feature_nodes']}/{s['d_sae']} features reached, "
-            f"{s['edges']} edges; function tokens cover {s['function_tokens_coverage']:.1%} of reached features"
+            f"{s['edges']} edges; function tokens cover {s['function_tokens_coverage']:.1%} of reached features "
+            f"(random sets of the same share {s['random_sets_coverage']:.1%}, analytic chance "
+            f"{s['analytic_chance_coverage']:.1%}; {s['sinks_excluded']} sink positions left out)"
         )
+        for name, f in summary["nulls"][layer]["findings"].items():
+            print(f"  {name}: {f.statistic:.3f} vs null {f.null:.3f} -> {f.verdict}")
     print("wrote " + ", ".join(map(str, paths)))
     return 0

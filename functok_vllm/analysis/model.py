@@ -41,7 +41,9 @@ class AnalysisModel(Protocol):
 
     def unembed(self) -> torch.Tensor: ...
 
-    def capture_edges(self, batches, layers: list[int], total: int | None, progress: bool) -> dict[int, EdgeBits]: ...
+    def capture_edges(
+        self, batches, layers: list[int], total: int | None, progress: bool, exclude_sinks: bool = True
+    ) -> dict[int, EdgeBits]: ...
 
     def token_losses(self, batches, total: int | None, progress: bool, desc: str): ...
 
@@ -55,6 +57,11 @@ class TokenizerMixin:
     def eos_id(self) -> int:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return -1 if eos is None else int(eos)
+
+    @property
+    def bos_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return -1 if bos is None else int(bos)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -103,13 +110,18 @@ class HFAnalysisModel(TokenizerMixin):
             out = self.model(input_ids=ids.to(self.device), **({} if logits else {"logits_to_keep": 1}))
         return out.logits.float() if logits else None
 
-    def capture_edges(self, batches, layers: list[int], total: int | None = None, progress: bool = True):
-        """{layer: EdgeBits} over batches (b, seq) of token windows: one forward a batch, capture hooks at `layers`."""
+    def capture_edges(
+        self, batches, layers: list[int], total: int | None = None, progress: bool = True, exclude_sinks: bool = True
+    ):
+        """{layer: EdgeBits} over batches (b, seq) of token windows: one forward a batch, capture hooks at `layers`;
+        attention sinks (`core.sinks`) left out unless `exclude_sinks` is False."""
         from tqdm import tqdm
 
-        cap = CoverageCapture(self.saes, layers, self.vocab_size, self.eos_id, self.device)
+        cap = CoverageCapture(
+            self.saes, layers, self.vocab_size, self.eos_id, self.device, self.fn_mask, self.bos_id, exclude_sinks
+        )
         for batch in tqdm(batches, total=total, desc="coverage", disable=not progress):  # (b, seq)
-            self.forward(batch, cap.fns(batch.reshape(-1)), logits=False)  # hooks see (b * seq, d_model)
+            self.forward(batch, cap.fns(batch), logits=False)  # hooks see (b * seq, d_model)
         return cap.graphs
 
     def token_losses(self, batches, total: int | None = None, progress: bool = True, desc: str = "loss"):

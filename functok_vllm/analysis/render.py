@@ -1,8 +1,15 @@
-"""REPORT.md from the numbers of one report run: tables, figures, and comparison sentences chosen by conditions."""
+"""REPORT.md from the numbers of one report run: the frame (header, sections in order, the verdict list, caveats) and
+the sections not yet stated as findings (re-activation, loss split, steering: sentences chosen by conditions).
+
+Each section of `report.SECTIONS` gives its markdown and its verdict sentences; sections whose results are `Finding`s
+word them through `render_findings.verdict_line`, so a verdict can read "does not support".
+"""
 
 from __future__ import annotations
 
-from functok_vllm.analysis.studies import agreement
+from functok_vllm.analysis import studies
+
+TIE = 0.95  # a share at least this fraction of the largest one counts as a tie with it
 
 
 def pct(x) -> str:
@@ -31,66 +38,17 @@ def function_tokens(ctx: dict) -> tuple[str, list[str]]:
         f"{pct(ft['achieved_coverage'])} of the {ft['total_tokens']:,} tokens of the training documents "
         f"(`functok function-tokens --coverage {ft['coverage']}{' --skip-heldout' if ft.get('skip_heldout') else ''}`"
         "). On the "
-        f"{ctx['coverage']['tokens']:,} held-out tokens analysed here they are {pct(ctx['heldout_fn_share'])} of all "
+        f"{ctx['coverage']['tokens']:,} {'held-out ' if ctx.get('heldout', True) else ''}tokens analysed here "
+        f"(attention sinks left out) they are {pct(ctx['heldout_fn_share'])} of all "
         f"positions. The 20 most frequent: {shown}.\n\n"
     )
     return text, []
 
 
-def coverage_section(ctx: dict) -> tuple[str, list[str]]:
-    cov = ctx["coverage"]
-    layers = cov["layers"]
-    rows = [
-        [
-            L,
-            f"{s['token_nodes']:,}",
-            f"{s['feature_nodes']:,} / {s['d_sae']:,} ({pct(s['dictionary_reached_share'])})",
-            f"{s['edges']:,}",
-            f"{s['mean_degree_function']:.1f}",
-            f"{s['mean_degree_content']:.1f}",
-            f"{s['spearman_degree_frequency']:.2f}",
-            pct(s["function_tokens_coverage"]),
-            pct(s["next_k_coverage"]),
-        ]
-        for L, s in layers.items()
-    ]
-    head = ["layer", "token nodes", "feature nodes (reached)", "edges", "mean degree, function", "mean degree, content"]
-    head += ["Spearman(degree, freq.)", "function tokens cover", "next-k tokens cover"]
-    mrows = [[r["rank"], tok(r["token"]), "yes" if r["is_function"] else ""] for r in ctx["milestones"]]
-    for m, r in zip(mrows, ctx["milestones"], strict=True):
-        m += [pct(r[f"coverage_L{L}"]) for L in layers]
-    k = next(iter(layers.values()))["function_tokens_seen"]
-    text = (
-        "## 2. The token-feature bipartite graph\n\nEdge (token, feature) when the feature is active (encoder output "
-        "> 0) at some position holding the token; EOS separators excluded. *Coverage* of a token set: the share of the "
-        f"reached features that at least one of its tokens reaches. *next-k*: the {k} tokens ranked just after the "
-        f"{k} most frequent ones, a same-size baseline.\n\n"
-        + table(head, rows)
-        + "\nCumulative coverage by frequency rank (the paper's table):\n\n"
-        + table(["rank", "token", "function"] + [f"layer {L}" for L in layers], mrows)
-        + "\n![coverage vs rank](figures/coverage_vs_rank.png)\n"
-        + "![degree vs frequency](figures/degree_vs_frequency.png)\n\n"
-    )
-    covs = [s["function_tokens_coverage"] for s in layers.values()]
-    majority = all(c > 0.5 for c in covs)
-    above = all(s["function_tokens_coverage"] > s["next_k_coverage"] for s in layers.values())
-    rho = all(s["spearman_degree_frequency"] > 0 for s in layers.values())
-    lo, hi = min(covs), max(covs)
-    notes = [
-        f"Coverage {verdict(majority)}: the {k} function tokens reach {pct(lo)} to {pct(hi)} of the reached features "
-        f"across the SAE layers ({'a majority at every layer' if majority else 'not a majority at every layer'}), "
-        f"{'more' if above else 'not always more'} than the next {k} most frequent tokens reach.",
-        f"Degree {'rises' if rho else 'does not rise'} with token frequency at every layer (Spearman "
-        + ", ".join(f"{s['spearman_degree_frequency']:.2f}" for s in layers.values())
-        + ")"
-        + (", as the paper's log-log plot shows." if rho else ", unlike the paper's log-log plot."),
-    ]
-    return text, notes
-
-
 def verdict_counts(run: dict) -> str:
-    vs = [f["verdict"] for f in run.get("findings", {}).values()]
-    return " / ".join(str(vs.count(v)) for v in ("supports", "does not support", "inconclusive"))
+    """How a report's findings came out, from its summary.json."""
+    verdicts = [v["verdict"] for by_layer in run.get("findings", {}).values() for v in by_layer.values()]
+    return " / ".join(str(verdicts.count(v)) for v in ("supports", "does not support", "inconclusive"))
 
 
 def across_models(ctx: dict) -> str:
@@ -102,31 +60,42 @@ def across_models(ctx: dict) -> str:
         ("function tokens (40% rule)", lambda r: str(r["n_function_tokens"])),
         ("their share of held-out positions", lambda r: pct(r["heldout_fn_share"])),
         ("features reached by function tokens, deepest layer", lambda r: pct(r["function_tokens_coverage"])),
+        ("same for random content sets of the same share", lambda r: pct(r.get("random_sets_coverage"))),
+        ("coverage verdict (m = 1), deepest layer", lambda r: r.get("coverage_verdict", "n/a")),
         ("same for the next-k tokens", lambda r: pct(r["next_k_coverage"])),
         ("loss share function->content, final model", lambda r: pct(r.get("fc_loss_share"))),
-        ("findings: supports / does not support / inconclusive", verdict_counts),
+        ("findings supported / not supported / inconclusive", verdict_counts),
     ]
     rows = [[label] + [fn(r) for r in runs] for label, fn in keys]
     return "Across the models reported in this repository:\n\n" + table([""] + [r["model"] for r in runs], rows) + "\n"
 
 
-def render(ctx: dict, decode) -> str:
+def render(ctx: dict, sections) -> str:
+    """REPORT.md: the header, function tokens, each section's markdown (`section.markdown(result, ctx)` ->
+    (text, verdict sentences)) in order, the verdicts of every section, the caveats."""
     parts, notes = [], []
-    for fn in (function_tokens, coverage_section):
-        t, n = fn(ctx)
+    t, n = function_tokens(ctx)
+    parts.append(t)
+    for sec in sections:
+        t, n = sec.markdown(ctx[sec.name], ctx)
         parts.append(t)
         notes += n
-    parts += ctx["studies"]["sections"]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in ctx["timings"].items())
     head = (
         f"# {ctx['model_name']} and the function token hypothesis\n\n"
         f"Generated by `functok analyze report` (do not edit by hand). Model `{ctx['model']}` (transformers "
-        f"engine, float32), {ctx['architectures']} SAEs from `{ctx['saes']}`, held-out split of the shared corpus "
-        f"(budget {ctx['max_tokens']:,} tokens). Run time {ctx['total_seconds']:.0f} s on {ctx['threads']} CPU "
+        f"engine, float32), {ctx['architectures']} SAEs from `{ctx['saes']}`, {ctx['corpus']} "
+        f"({ctx['tokens_analysed']}). Run time {ctx['total_seconds']:.0f} s on {ctx['threads']} CPU "
         f"threads ({timing}); the machine's load average was {ctx['load']:.1f} when the run started.\n\n"
     )
-    verdicts = "## Agreement with the paper\n\n" + "".join(f"- {n}\n" for n in notes)
-    verdicts += agreement(ctx["studies"]["findings"]) + "\n"
+    verdicts = (
+        "## 6. Agreement with the paper\n\nEach line is decided against a null (what frequency, position or chance "
+        "alone gives); the wording follows from the verdict.\n\n"
+    )
+    verdicts += "".join(f"- {n}\n" for n in notes)
+    if "studies" in ctx:
+        verdicts += studies.agreement(ctx["studies"]["findings_flat"])
+    verdicts += "\n"
     verdicts += across_models(ctx)
     tokens = ctx.get("sae_tokens")
     trained = f"by this project on {tokens:,} tokens" if tokens else "elsewhere (no training_report.json)"
@@ -140,9 +109,9 @@ def render(ctx: dict, decode) -> str:
         "but narrow, and every number comes with the corpus it was measured on."
     )
     caveats = (
-        "## Caveats\n\n"
+        "## 7. Caveats\n\n"
         f"- {scale}\n"
-        "- The steering study picks features by their logit lens; its targets are those features' top words, so it "
-        "measures how well a feature pushes its own word, not every use of steering.\n"
+        "- The steering study picks its features by their logit lens; its targets are those features' top tokens, "
+        "which on a small model are often word pieces.\n"
     )
     return head + "".join(parts) + verdicts + caveats

@@ -90,8 +90,11 @@ class VLLMAnalysisModel(TokenizerMixin):
     def device(self) -> torch.device:
         return torch.device("cpu")  # where the graphs land; the capture itself runs on the workers' devices
 
-    def capture_edges(self, batches, layers: list[int], total: int | None = None, progress: bool = True):
-        """{layer: EdgeBits} over batches (b, seq) of token windows, each window one prompt (prefill only)."""
+    def capture_edges(
+        self, batches, layers: list[int], total: int | None = None, progress: bool = True, exclude_sinks: bool = True
+    ):
+        """{layer: EdgeBits} over batches (b, seq) of token windows, each window one prompt (prefill only); attention
+        sinks left out as on the transformers engine (`core.sinks`), unless `exclude_sinks` is False."""
         from tqdm import tqdm
         from vllm import SamplingParams
 
@@ -99,7 +102,9 @@ class VLLMAnalysisModel(TokenizerMixin):
         params = SamplingParams(max_tokens=1, temperature=0.0)
         tmp = Path(tempfile.mkdtemp(prefix="functok-capture-"))
         try:
-            self.llm.collective_rpc("functok_capture_begin", args=(list(layers), self.eos_id))
+            fn_ids = self.fn_mask.nonzero().flatten().tolist()
+            begin = (list(layers), self.eos_id, self.bos_id, fn_ids, exclude_sinks)
+            self.llm.collective_rpc("functok_capture_begin", args=begin)
             try:
                 with tqdm(total=len(windows), desc="coverage (vLLM)", unit="window", disable=not progress) as bar:
                     for s in range(0, len(windows), WINDOW_CHUNK):

@@ -2,7 +2,7 @@
 
 The offline analysis (`analysis/vllm_model.py`) drives it over RPC:
 
-    llm.collective_rpc("functok_capture_begin", args=(layers, skip_id))
+    llm.collective_rpc("functok_capture_begin", args=(layers, skip_id, bos_id, fn_ids, exclude_sinks))
     llm.generate(windows, SamplingParams(max_tokens=1))      # prefill only: every window token is forwarded once
     llm.collective_rpc("functok_capture_save", args=(out_dir,))  # out_dir/layer_{L}.safetensors, EdgeBits.state()
 
@@ -30,7 +30,9 @@ log = logging.getLogger("functok.vllm")
 class RunnerCapture:
     """A capture session on one model runner: hooks at the chosen SAEs' hook points, removed by `close`."""
 
-    def __init__(self, runner, layers: list[int], skip_id: int):
+    def __init__(
+        self, runner, layers: list[int], skip_id: int, bos_id: int = -1, fn_ids=(), exclude_sinks: bool = True
+    ):
         if not compat.is_eager(runner):
             raise RuntimeError("functok capture needs an eager model (start vLLM with enforce_eager=True)")
         steer = runner.functok
@@ -40,8 +42,11 @@ class RunnerCapture:
             raise ValueError(f"no SAE on this worker for layers {missing} (SAE layers here: {held})")
         saes = {layer: steer.table.layers[layer].sae for layer in layers}
         vocab = runner.model_config.get_vocab_size()
-        self.capture = CoverageCapture(saes, layers, vocab, skip_id, device=runner.device)
+        fn_mask = torch.zeros(vocab, dtype=torch.bool)
+        fn_mask[list(fn_ids)] = True
+        self.capture = CoverageCapture(saes, layers, vocab, skip_id, runner.device, fn_mask, bos_id, exclude_sinks)
         self.ids: torch.Tensor | None = None  # (tokens,) ids of the forward running now, set by the runner
+        self.positions: torch.Tensor | None = None  # (tokens,) their positions in their sequences, set with ids
         mods = placement.decoder_layers(runner.get_model())
         self.handles = [
             h
@@ -52,7 +57,7 @@ class RunnerCapture:
     def _observer(self, layer: int):
         def observe(h):  # (padded tokens, d_model) at the SAE's hook point, after any steering there
             if self.ids is not None:  # else a forward the runner did not announce (warm-up, dummy run): not corpus
-                self.capture.observe(layer, self.ids, h[: self.ids.shape[0]])
+                self.capture.observe(layer, self.ids, h[: self.ids.shape[0]], self.positions)
 
         return observe
 

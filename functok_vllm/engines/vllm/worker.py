@@ -115,10 +115,12 @@ class SteeringRunnerMixin:
             if cap is None:
                 return super()._model_forward(input_ids, positions, *args, **kwargs)
             cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
+            pos = positions if positions is None or positions.dim() == 1 else positions[0]
+            cap.positions = pos[: cap.ids.shape[0]] if pos is not None else torch.ones_like(cap.ids)  # none: no start
             return super()._model_forward(input_ids, positions, *args, **kwargs)
         finally:
             if cap is not None:
-                cap.ids = None
+                cap.ids = cap.positions = None
             if ro is not None:
                 ro.end_step()
 
@@ -140,13 +142,16 @@ class SteeringWorkerExtension:
             runner = compat.mix_in(runner, SteeringRunnerMixin, "Steering")
         self.__dict__["_functok_runner"] = runner
 
-    def functok_capture_begin(self, layers: list[int], skip_id: int = -1) -> None:
+    def functok_capture_begin(
+        self, layers: list[int], skip_id: int = -1, bos_id: int = -1, fn_ids=(), exclude_sinks: bool = True
+    ) -> None:
         """Start capture mode: every forward from now on adds its token-feature edges at `layers` (positions holding
-        `skip_id` add none) until `functok_capture_save`. Needs an eager engine; one session at a time."""
+        `skip_id` add none, nor attention sinks with `exclude_sinks`; `fn_ids`: the function tokens, for the
+        per-window records) until `functok_capture_save`. Needs an eager engine; one session at a time."""
         runner = self.model_runner
         if runner.functok_capture is not None:
             raise RuntimeError("a functok capture is already running on this worker")
-        runner.functok_capture = RunnerCapture(runner, list(layers), skip_id)
+        runner.functok_capture = RunnerCapture(runner, list(layers), skip_id, bos_id, fn_ids, exclude_sinks)
 
     def functok_capture_save(self, out_dir: str) -> list[str]:
         """End capture mode; write out_dir/layer_{L}.safetensors (`EdgeBits.state()`) and return the paths."""
