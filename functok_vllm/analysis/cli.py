@@ -133,5 +133,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", default=None, help="text files to analyse (default: the held-out split)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="token budget (default: every token)")
     p.add_argument("--loss-tokens", type=positive_int, default=24576, help="held-out tokens per checkpoint (loss)")
+    p.add_argument(
+        "--steer-prompts", type=positive_int, default=12, help="prompts of the steering study (its cost grows with it)"
+    )
+    p.add_argument("--steer-features", type=positive_int, default=6, help="candidate features per steering prompt")
     p.add_argument("--rebuild-prompts", action="store_true", help="rewrite the prompt set from held-out text first")
     return a

@@ -130,7 +130,8 @@ def run_studies(am, ctx) -> dict:
     """Part B's controlled findings (`studies.run_all`): re-activation against a cross-prompt null, the loss split as
     learning dynamics beside a bigram model, the position-matched steering study, the chat case study."""
     ctx["loss_tokens"] = min(ctx["loss_tokens"], len(ctx["stream"]))
-    st = studies.run_all(am, ctx["prompts"], ctx["stream"], ctx["model_dir"], ctx["figs"], ctx["loss_tokens"])
+    sizes = ctx["steer_prompts"], ctx["steer_features"]
+    st = studies.run_all(am, ctx["prompts"], ctx["stream"], ctx["model_dir"], ctx["figs"], ctx["loss_tokens"], *sizes)
     ctx["timings"].update({f"studies.{k}": v for k, v in st["timings"].items()})
     by_name: dict = {}
     for f in st["findings"]:  # their names carry the layer or the strength already
@@ -201,6 +202,8 @@ def main(args) -> int:
         "out": out,
         "decode": lambda i: am.decode([i]),
         "loss_tokens": args.loss_tokens,
+        "steer_prompts": getattr(args, "steer_prompts", studies.STEER_PROMPTS),
+        "steer_features": getattr(args, "steer_features", studies.STEER_FEATURES),
         "threads": torch.get_num_threads(),
         "load": load,
         "n_layers": am.model.config.num_hidden_layers,

@@ -26,7 +26,16 @@ def study_layer(am) -> int:
     return layers[len(layers) // 2]
 
 
-def run_all(am, prompts: list[str], stream: torch.Tensor, model_dir, figs: Path, loss_tokens: int) -> dict:
+def run_all(
+    am,
+    prompts: list[str],
+    stream: torch.Tensor,
+    model_dir,
+    figs: Path,
+    loss_tokens: int,
+    steer_prompts: int = STEER_PROMPTS,
+    steer_features: int = STEER_FEATURES,
+) -> dict:
     """{"sections": [markdown], "findings": [Finding], "timings": {study: seconds}, "results": {study: result}}."""
     out = {"sections": [], "findings": [], "timings": {}, "results": {}}
 
@@ -57,7 +66,7 @@ def run_all(am, prompts: list[str], stream: torch.Tensor, model_dir, figs: Path,
     out["results"]["loss_split"] = {"rows": rows, "transitions": trans, "bigram": bigram}
 
     layer = study_layer(am)
-    cfg = steer_study.StudyConfig(layer, STEER_PROMPTS, STEER_FEATURES, generate=GENERATE)
+    cfg = steer_study.StudyConfig(layer, steer_prompts, steer_features, generate=GENERATE)
     s = timed("steering", lambda: steer_study.run(am, prompts, cfg, progress=True))
     steer_study.plot(s, figs / "steer_study.png")
     out["sections"].append(steer_study.markdown(s))

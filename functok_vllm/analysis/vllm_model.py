@@ -161,6 +161,10 @@ class TokenizerOnly(TokenizerMixin):
     tokenizer: object
     fn_mask: torch.Tensor  # (vocab,) bool
 
+    @property
+    def vocab_size(self) -> int:
+        return self.fn_mask.shape[0]
+
 
 def open_vllm(model_dir: str | Path, function_tokens: str | Path):
     """For `loss-split --engine vllm`: (tokenizer + function-token mask, a function that starts a checkpoint on vLLM,
