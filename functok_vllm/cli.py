@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server [600]")
     ve.set_defaults(func=_vector_from_examples)
 
-    from functok_vllm.analysis.cli import add_parser as add_analyze
+    from functok_vllm.analysis.commands import add_parser as add_analyze
 
     add_analyze(sub)
 

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from pydantic import Field
 
 from functok_vllm.engines.base import Engine
-from functok_vllm.server.features import add_feature_routes
+from functok_vllm.server.feature_routes import add_feature_routes
 from functok_vllm.server.openai_errors import APIError
 from functok_vllm.server.protocol import Message
 from functok_vllm.steering import Strict

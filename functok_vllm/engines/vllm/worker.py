@@ -20,8 +20,8 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
 - `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
   `FeatureReadout.prepare` plans the step's feature readout (only while some request asks), and in capture mode
-  (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture.py`) the step's token ids are
-  handed to the capture hooks.
+  (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture_session.py`) the step's token
+  ids are handed to the capture hooks.
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
 sum, which the next layer's fused add+norm (or the final norm) forms. The hook makes a steered layer return
@@ -50,7 +50,7 @@ from functok_vllm.engines import placement
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm import feature_op as feature_readout
 from functok_vllm.engines.vllm.batch_state import TAG, BatchSteering
-from functok_vllm.engines.vllm.capture import RunnerCapture
+from functok_vllm.engines.vllm.capture_session import RunnerCapture
 from functok_vllm.engines.vllm.feature_op import READOUT_KEY, FeatureReadout
 from functok_vllm.engines.vllm.settings import VECTORS, XARG, FunctokConfig, from_additional_config
 from functok_vllm.steering import SteeringContext, SteeringSpec, parse_steering
