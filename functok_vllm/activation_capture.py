@@ -27,13 +27,13 @@ import binascii
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from functok_vllm.core.spec import SpecError
 from functok_vllm.steering import SteeringInfo, Strict, StrictInt
-from functok_vllm.validation import describe, shown
+from functok_vllm.validation import shown, validated
 
 CAPTURE_POSITIONS = ("all", "last", "function", "last_function")
 CAPTURE_EDITS = ("after", "before")
@@ -72,13 +72,7 @@ def parse_capture(given, info: SteeringInfo, param: str = "capture") -> CaptureR
     """A user's capture object -> CaptureRequest checked against the server's steering layers; None for None."""
     if given is None:
         return None
-    if not isinstance(given, dict):
-        raise SpecError(param, f"must be a JSON object, got {shown(given)}")
-    try:
-        c = CaptureIn.model_validate(given)
-    except ValidationError as e:
-        where, msg = describe(e.errors(), (param,))
-        raise SpecError(where or param, msg) from None
+    c = validated(CaptureIn, given, param)
     if c.positions not in CAPTURE_POSITIONS:
         raise SpecError(f"{param}.positions", f"{shown(c.positions)} is not one of {', '.join(CAPTURE_POSITIONS)}")
     if c.dtype not in CAPTURE_DTYPES:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from functok_vllm.core.spec import SpecError
 from functok_vllm.steering import SteeringInfo, Strict, StrictInt
-from functok_vllm.validation import describe, shown
+from functok_vllm.validation import validated
 
 MAX_TOP_K = 64  # features per layer and position
 
@@ -51,13 +51,7 @@ def parse_features(given, info: SteeringInfo, param: str = "features") -> Featur
     SpecError whose field starts with `param` when it is bad."""
     if given is None:
         return None
-    if not isinstance(given, dict):
-        raise SpecError(param, f"must be a JSON object, got {shown(given)}")
-    try:
-        f = FeaturesIn.model_validate(given)
-    except ValidationError as e:
-        where, msg = describe(e.errors(), (param,))
-        raise SpecError(where or param, msg) from None
+    f = validated(FeaturesIn, given, param)
     req = FeatureRequest(tuple(f.layers), f.top_k, f.prompt)
     check_features(req, info, param)
     return req

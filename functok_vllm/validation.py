@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 
+from pydantic import ValidationError
+
+from functok_vllm.core.spec import SpecError
+
 MAX_SHOWN = 120  # characters of a bad value echoed back in an error message
 UNION_TAG = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?")  # how pydantic names union members
 
@@ -44,3 +48,15 @@ def describe(errors: list[dict], prefix: tuple = ()) -> tuple[str | None, str]:
         msg += f" (got {shown(first['input'])})"
     rest = len(errors) - len(same)
     return param, msg + (f" (and {rest} more problems)" if rest else "")
+
+
+def validated(model, given, param: str):
+    """`given` (a user's JSON object at `param`) as an instance of the pydantic `model`; SpecError naming the first bad
+    field (`features.layers[0]`) otherwise."""
+    if not isinstance(given, dict):
+        raise SpecError(param, f"must be a JSON object, got {shown(given)}")
+    try:
+        return model.model_validate(given)
+    except ValidationError as e:
+        where, msg = describe(e.errors(), (param,))
+        raise SpecError(where or param, msg) from None

@@ -102,15 +102,9 @@ def attach(layers, point: HookPoint, fn: StreamFn, pairs: bool = False) -> list:
         return [mod.register_forward_pre_hook(before, with_kwargs=True)]
     if point.site == "resid_mid" and pairs:
 
-        def fused(m, args, kwargs):
-            x, residual = (
-                (args[0], args[1] if len(args) > 1 else kwargs.get("residual"))
-                if args
-                else (
-                    kwargs["x"],
-                    kwargs.get("residual"),
-                )
-            )
+        def fused(m, args, kwargs):  # the norm is called as (x, residual), positionally or by keyword
+            x = args[0] if args else kwargs["x"]
+            residual = args[1] if len(args) > 1 else kwargs.get("residual")
             new = fn(m, x, residual)
             if new is None:
                 return None
