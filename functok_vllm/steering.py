@@ -65,6 +65,65 @@ class FieldError(ValueError):
         self.field = name
 
 
+class Condition(Strict):
+    """`when` on an edit: the edit acts only at tokens where this holds, read at the same token from the tensor h at
+    the hook point of each layer where the edit acts, before this request's edits (what every term reads).
+
+    It reads one SAE feature's activation (`feature`: the SAE at that layer, encoded exactly as the SAE does) or the
+    projection h . v onto a vector's unit direction there (`vector`, `version` pinning one), and holds where that
+    number is strictly above `above` and strictly below `below` (either may be left out, not both)."""
+
+    model_config = ConfigDict(frozen=True)
+    feature: StrictInt | None = None  # an SAE feature at the edit's layer
+    vector: str | None = Field(None, min_length=1, max_length=64)  # or a vector in the library (VECTOR_NAME_MAX)
+    version: str | None = Field(None, min_length=1, max_length=64)  # the vector's content id (parsing fills it)
+    above: StrictFloat | None = None  # holds where the reading is > above (None: no lower threshold)
+    below: StrictFloat | None = None  # holds where the reading is < below (None: no upper threshold)
+    _content: Vector | None = PrivateAttr(None)
+    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction of the vector (empty for features)
+
+    @model_validator(mode="after")
+    def _one_reading(self):
+        if (self.feature is None) == (self.vector is None):
+            raise FieldError("feature", "a condition names one 'feature' or one 'vector'")
+        if self.version is not None and self.vector is None:
+            raise FieldError("version", "only a vector condition takes 'version'")
+        if self.above is None and self.below is None:
+            raise FieldError("above", "a condition needs 'above' or 'below' (or both)")
+        if self.above is not None and self.below is not None and not self.above < self.below:
+            raise FieldError("above", f"needs above < below, got above {self.above!r} >= below {self.below!r}")
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(above, below) with missing thresholds as -inf / inf: the condition holds where above < reading < below."""
+        inf = float("inf")
+        return (-inf if self.above is None else self.above, inf if self.below is None else self.below)
+
+    @property
+    def content(self) -> Vector | None:
+        return self._content
+
+    @property
+    def at(self) -> dict:
+        """{layer: (d_model,) direction} of a vector condition at this engine's layers (empty until bound)."""
+        return self._at
+
+    def bound(self, content: Vector, at: dict) -> Condition:
+        out = self.model_copy(update={"version": content.id})
+        out._content, out._at = content, dict(at)
+        return out
+
+    def numbers(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("above", "below") if getattr(self, k) is not None}
+
+    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
+        return isinstance(other, Condition) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.model_dump().items()))
+
+
 class Edit(Strict):
     """The numbers every edit may carry, checked against its mode (`MODE_FIELDS`).
 
@@ -72,6 +131,7 @@ class Edit(Strict):
     at a layer), with p = h . v read from the tensor h at the hook point before this request's edits:
     `project_out` removes it (h -= p v), `cap` clamps it into [min, max] (either bound may be left out), `set` sets it
     to `value`. `strength_unit: "token_norm"` makes an add's strength relative: strength * |h| * v per token.
+    `when` (a `Condition`) gates any mode per token: where it does not hold the edit adds exactly nothing.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -80,6 +140,7 @@ class Edit(Strict):
     min: StrictFloat | None = None  # cap: lowest projection onto the unit direction (None: no lower bound)
     max: StrictFloat | None = None  # cap: highest projection (None: no upper bound)
     strength_unit: Literal[STRENGTH_UNITS] | None = None  # add: "token_norm" = in units of the token's norm |h|
+    when: Condition | None = None  # act only at tokens where this holds (None: at every selected token)
 
     @model_validator(mode="after")
     def _fields_fit_mode(self):
@@ -176,7 +237,7 @@ class VectorEdit(Edit):
         return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.model_dump().items()))
+        return hash(json.dumps(self.model_dump(), sort_keys=True))
 
 
 def _edit_kind(v) -> str:
@@ -280,6 +341,10 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    n_when = sum(e.when is not None for e in spec.edits)
+    if n_when > limits.max_conditions:
+        msg = f"{n_when} edits with 'when'; at most {limits.max_conditions} are allowed (max_conditions)"
+        raise SpecError(f"{param}.edits", msg)
     if spec.is_noop:
         return None
     edits, clamped, projected = [], set(), set()
@@ -293,10 +358,12 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
             projected.add(direction)
         if isinstance(e, VectorEdit):
             check_numbers(limits, e.numbers(), where)
-            edits.append(_bind(e, ctx, where))
-            continue
-        check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
-        if e.mode in CLAMPS:
+            e = _bind(e, ctx, where)
+        else:
+            check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
+        if e.when is not None:
+            e = _bind_condition(e, ctx, f"{where}.when")
+        if isinstance(e, FeatureEdit) and e.mode in CLAMPS:
             if not info.clamp_ok[e.layer]:
                 arch = info.sae[e.layer]["architecture"]
                 raise SpecError(
@@ -320,6 +387,7 @@ def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -
     if spec._info is not None and (spec._info is ctx.info or spec._info.accepts_like(ctx.info)):
         return spec
     carried = {v.version: v.content for v in spec.vectors if v.content is not None}
+    carried |= {e.when.version: e.when.content for e in spec.edits if e.when is not None and e.when.content is not None}
 
     def lookup(name: str, version: str | None) -> Vector:
         if version in carried:
@@ -331,23 +399,61 @@ def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -
     return parse_steering(spec.user_form(), param, SteeringContext(ctx.info, ctx.limits, lookup))
 
 
-def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
-    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+def _resolve(name: str, version: str | None, ctx: SteeringContext, where: str) -> tuple[Vector, dict]:
+    """(content, {layer: direction}) of a named vector at this engine's layers; SpecError naming `{where}.vector`."""
     if ctx.lookup is None:
         raise SpecError(f"{where}.vector", "this server has no steering vectors")
     try:
-        v = ctx.lookup(e.vector, e.version)
+        v = ctx.lookup(name, version)
     except LookupError as err:
         raise SpecError(f"{where}.vector", err.args[0] if err.args else str(err)) from None
     info = ctx.info
     if info.d_model is not None and v.d_model != info.d_model:
-        msg = f"vector {e.vector!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
+        msg = f"vector {name!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
         raise SpecError(f"{where}.vector", msg)
     try:
-        at = v.at(info.hook_layers)
+        return v, v.at(info.hook_layers)
     except KeyError as err:
-        msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
+        msg = f"vector {name!r} has directions at {err.args[0]}, where this server does not steer; "
         raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+
+
+def _bind_condition(e: Edit, ctx: SteeringContext, where: str) -> Edit:
+    """The edit with its `when` checked at every layer where the edit acts (the layer rule: a condition is read
+    there, from that layer's SAE or the named vector's direction at that layer) and, for a vector, bound to its
+    content; SpecError naming `{where}.feature` / `.vector` / `.above` / `.below`."""
+    c, info = e.when, ctx.info
+    check_numbers(ctx.limits, c.numbers(), where)
+    layers = [e.layer] if isinstance(e, FeatureEdit) else sorted(e.at)
+    if c.feature is not None:
+        for layer in layers:
+            if layer not in info.d_sae:
+                msg = f"the edit acts at layer {layer}, which has no SAE to read feature {c.feature} from"
+                raise SpecError(f"{where}.feature", msg + " (a condition is read at the edit's own layers)")
+            if not 0 <= c.feature < info.d_sae[layer]:
+                msg = f"{c.feature} is outside [0, {info.d_sae[layer]}) for the SAE at layer {layer}"
+                raise SpecError(f"{where}.feature", msg)
+            if not info.clamp_ok[layer]:
+                arch = info.sae[layer]["architecture"]
+                msg = f"a feature condition needs one feature's activation; the SAE at layer {layer} is {arch}, "
+                raise SpecError(f"{where}.feature", msg + "whose activations depend on every feature")
+        return e
+    v, at = _resolve(c.vector, c.version, ctx, where)
+    for layer in layers:
+        if layer not in at:
+            msg = f"vector {c.vector!r} has no direction at layer {layer}, where the edit acts (a condition is read "
+            raise SpecError(f"{where}.vector", msg + "at the edit's own layers)")
+        if not bool(at[layer].abs().max() > 0):
+            raise SpecError(f"{where}.vector", f"vector {c.vector!r} is zero at layer {layer}: it has no direction")
+    out = e.model_copy(update={"when": c.bound(v, {layer: at[layer] for layer in layers})})
+    if isinstance(e, VectorEdit):
+        out._content, out._at = e.content, dict(e.at)
+    return out
+
+
+def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
+    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+    v, at = _resolve(e.vector, e.version, ctx, where)
     if e.mode != "add" or e.per_norm:  # these act on the unit direction, which a zero direction does not have
         zero = [layer for layer, d in at.items() if not bool(d.abs().max() > 0)]
         if zero:

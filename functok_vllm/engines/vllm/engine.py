@@ -153,7 +153,9 @@ class VLLMEngine(Engine):
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(worker.limits.max_clamps, worker.limits.max_projections)
+            self.budget = ClampBudget(
+                worker.limits.max_clamps, worker.limits.max_projections, worker.limits.max_condition_columns
+            )
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
 

@@ -8,7 +8,7 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
   saes             SAE directories (cfg.json inside) or directories of them
   function_tokens  the function-token JSON written by `functok function-tokens` (default: MODEL/function_tokens.json
                    if the model directory has one, else the one shipped for its name)
-  max_edits, max_clamps, max_projections, max_abs_strength
+  max_edits, max_clamps, max_projections, max_conditions, max_condition_columns, max_abs_strength
                    the steering limits (`functok_vllm.steering.SteeringLimits`, the same as `functok serve`'s flags)
   steer_layers     decoder layers without an SAE where steering vectors may be added (at resid_post), as
                    `functok serve --steer-layers`: the graph is built with them
