@@ -277,6 +277,13 @@ class SteeringSpec(Strict):
         return tuple(e for e in self.edits if isinstance(e, VectorEdit))
 
     @property
+    def contents(self) -> dict:
+        """{version: Vector} of every bound vector the spec names, in its edits and in their conditions."""
+        out = {v.version: v.content for v in self.vectors if v.content is not None}
+        conds = [e.when for e in self.edits if e.when is not None and e.when.content is not None]
+        return out | {c.version: c.content for c in conds}
+
+    @property
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.features} | {layer for v in self.vectors for layer in v.at})
 
@@ -386,8 +393,7 @@ def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -
     vectors resolving to the content they carry."""
     if spec._info is not None and (spec._info is ctx.info or spec._info.accepts_like(ctx.info)):
         return spec
-    carried = {v.version: v.content for v in spec.vectors if v.content is not None}
-    carried |= {e.when.version: e.when.content for e in spec.edits if e.when is not None and e.when.content is not None}
+    carried = spec.contents
 
     def lookup(name: str, version: str | None) -> Vector:
         if version in carried:

@@ -78,8 +78,8 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in (XARG, VECTORS)}
     if spec is not None:
         extra[XARG] = spec.key()
-        if spec.vectors:
-            extra[VECTORS] = encode_payloads(list({v.version: v.content for v in spec.vectors}.values()))
+        if spec.contents:  # the vectors of its edits and of their conditions
+            extra[VECTORS] = encode_payloads(list(spec.contents.values()))
         vocab = self.model_config.get_vocab_size()
         salt = cache_salt(spec, request.prompt_token_ids, _fn_mask(str(cfg.function_tokens), vocab), request_id)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt

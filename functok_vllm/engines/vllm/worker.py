@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from functok_vllm.core import FunctionTokens, SteeringTable
+from functok_vllm.core import condition as core_condition
 from functok_vllm.core import steer as core_steer
 from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
@@ -268,7 +269,7 @@ def _local_spec(value, cfg: FunctokConfig, table: SteeringTable, extra: dict | N
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     """Make vLLM's compile-cache keys (which hash additional_config) depend on the steering in the graph."""
-    mods = (core_steer, compat, feature_readout)
+    mods = (core_steer, core_condition, compat, feature_readout)
     src = b"".join(Path(m.__file__).read_bytes() for m in mods) + Path(__file__).read_bytes()
     what = {
         "hooks": [op.hook.name for op in table.layers.values()],
