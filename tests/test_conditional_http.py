@@ -23,13 +23,15 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     flags = ["--api-key", KEY, "--admin-api-key", ADMIN, "--data-dir", str(tmp / "lib"), "--steer-layers", "3"]
     proc = ServerProc(tmp, *flags, config={"limits": LIMITS})
-    torch.manual_seed(0)
-    for name, layers in (("mood", [2]), ("wide", [2, ADD_LAYER])):
-        body = {"name": name, "directions": {str(L): (3.0 * torch.randn(D_MODEL)).tolist() for L in layers}}
-        r = httpx.post(f"{proc.url}/v1/steering/vectors", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
-        assert r.status_code == 200, r.text
-    yield proc
-    proc.stop()
+    try:
+        torch.manual_seed(0)
+        for name, layers in (("mood", [2]), ("wide", [2, ADD_LAYER])):
+            body = {"name": name, "directions": {str(L): (3.0 * torch.randn(D_MODEL)).tolist() for L in layers}}
+            r = httpx.post(f"{proc.url}/v1/steering/vectors", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
+            assert r.status_code == 201, r.text
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
