@@ -15,10 +15,11 @@ from reference import eager_model, lens_sae, load_lens, logprobs, random_model
 from test_hf_families import serve
 from test_hook_points import BASE, BODY, PROMPTS
 
-from functok_vllm.core import SAE, SpecError
+from functok_vllm.core import SAE, SlotsFull, SpecError, SteeringTable
 from functok_vllm.core.vector import Vector
 from functok_vllm.engines.base import GenerateRequest, SamplingParams
 from functok_vllm.engines.hf.engine import HFEngine, HFEngineConfig
+from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringSpec, VectorEdit, parse_steering
 
@@ -254,3 +255,30 @@ def test_the_layer_rule_and_feature_conditions_on_topk_saes_are_refused():
     spec = parse_steering({"edits": [both]}, "steering", ctx)
     assert sorted(spec.edits[0].when.at) == [1, 3] and spec.edits[0].when.version == vec.id
     assert parse_steering(spec.key(), "steering", ctx) == spec  # the canonical form parses to the same spec
+
+
+def test_condition_columns_are_a_pool_that_waits_and_frees_and_the_budget_counts_them(demo_saes):
+    table = SteeringTable(demo_saes, max_slots=8, max_clamps=2, max_projections=2, max_conditions=2)
+    h = torch.randn(6, 256) * 3  # (tokens, d_model) at layer 1's hook point
+    clamp = {"layer": 1, "feature": 77, "mode": "clamp", "value": 6.0}
+    plain = SteeringSpec.from_dict({"edits": [clamp], "positions": "all"})
+
+    def delta(spec):
+        slot = table.acquire(spec)
+        table.set_slot_index(torch.full((6,), slot))
+        out = table.layers[1].delta(h)
+        table.release(spec)
+        return out
+
+    before = delta(plain)
+    two = SteeringSpec.from_dict({"edits": [clamp | {"when": NEVER}, EXACT[0] | {"when": ALWAYS}], "positions": "all"})
+    assert ClampBudget.need(two) == {("clamp", 1): 1, ("condition", 1): 2}
+    table.acquire(two)
+    assert table.clamps_in_use(1) and not table.clamps_in_use(0)
+    one_more = SteeringSpec.from_dict({"edits": [EXACT[0] | {"when": NEVER}]})
+    with pytest.raises(SlotsFull, match="2 condition columns"):
+        table.acquire(one_more)
+    table.release(two)
+    assert (table.layers[1].cond_owner == -1).all() and not table.clamps_in_use(1)
+    assert torch.equal(delta(plain), before)  # a column a conditional clamp held is ungated again for a plain one
+    assert torch.equal(delta(one_more), torch.zeros_like(h))  # never holds: exact zeros

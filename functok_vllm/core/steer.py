@@ -415,8 +415,8 @@ class SteeringTable:
             len(free[layer]) < n for free, need in zip(pools, needs, strict=True) for layer, n in need.items()
         ):
             raise SlotsFull(
-                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp, {self.max_projections} "
-                f"projection and {self.max_conditions} condition columns a layer)"
+                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp columns, "
+                f"{self.max_projections} projection columns and {self.max_conditions} condition columns a layer)"
             )
         slot = self._free.pop()
         cols, proj, conds = (
