@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from functok_vllm.core.steer import column_needs
+from functok_vllm.core.slots import column_needs
 from functok_vllm.engines.base import EngineStopped, RequestError
 from functok_vllm.steering import SteeringSpec
 
