@@ -35,7 +35,8 @@ class Spec(Protocol):
     def features(self) -> Sequence: ...  # SAE feature edits: .layer .feature .mode .strength .clamp_value .bounds
 
     # (.bounds: a projection edit's (lo, hi) interval for the projection onto the unit direction, else None;
-    # .per_norm: an add whose strength is in units of the token's norm)
+    # .per_norm: an add whose strength is in units of the token's norm; .when: None, or a condition with .feature
+    # (an SAE feature id, or None) .at ({layer: direction} of a vector condition) and .bounds ((above, below)))
 
     @property
     def vectors(self) -> Sequence: ...  # vector edits: .mode .strength .bounds .per_norm and .at, {layer: direction}
