@@ -51,7 +51,6 @@ class _Slot:
     clamp_cols: dict  # layer -> list of clamp columns
     proj_cols: dict  # layer -> list of projection columns
     cond_cols: dict  # layer -> list of condition columns
-    norm_layers: set  # layers where its norm-relative table row is written
 
 
 class SteeringTable:
@@ -96,22 +95,10 @@ class SteeringTable:
         self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
         self._free_proj = {layer: list(range(P - 1, -1, -1)) for layer in self.layers}
         self._free_cond = {layer: list(range(C - 1, -1, -1)) for layer in self.layers}
-        self._norm_refs = dict.fromkeys(self.layers, 0)  # layer -> slots with a norm-relative add there
 
     @property
     def slots_in_use(self) -> int:
         return len(self._by_key)
-
-    def clamps_in_use(self, layer: int) -> bool:
-        """Does any slot own a clamp, projection or condition column, or a norm-relative add, at this layer? If not,
-        `add_delta` equals `delta` there."""
-        op = self.layers[layer]
-        return (
-            len(self._free_cols[layer]) < op.max_clamps
-            or len(self._free_proj[layer]) < op.max_projections
-            or len(self._free_cond[layer]) < op.max_conditions
-            or self._norm_refs[layer] > 0
-        )
 
     def acquire(self, spec: Spec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
@@ -135,10 +122,8 @@ class SteeringTable:
             {layer: [free[layer].pop() for _ in range(n)] for layer, n in need.items()}
             for free, need in zip(pools, needs, strict=True)
         )
-        norm_layers = self._write(slot, spec, cols, proj, conds)
-        for layer in norm_layers:
-            self._norm_refs[layer] += 1
-        self._by_key[key] = _Slot(slot, 1, cols, proj, conds, norm_layers)
+        self._write(slot, spec, cols, proj, conds)
+        self._by_key[key] = _Slot(slot, 1, cols, proj, conds)
         return slot
 
     def release(self, spec: Spec | None) -> None:
@@ -159,20 +144,17 @@ class SteeringTable:
         for layer, cols in entry.cond_cols.items():
             self.layers[layer].cond_owner[cols] = -1
             self._free_cond[layer].extend(cols)
-        for layer in entry.norm_layers:
-            self._norm_refs[layer] -= 1
         for op in self.layers.values():
             op.add_table[entry.slot].zero_()
             op.norm_add_table[entry.slot].zero_()
         self._free.append(entry.slot)
 
     @torch.no_grad()
-    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict, conds: dict) -> set:
-        """Write `spec` into `slot`'s rows and into the columns given to it; the layers of its norm-relative adds."""
+    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict, conds: dict) -> None:
+        """Write `spec` into `slot`'s rows and into the columns given to it."""
         used = {layer: iter(c) for layer, c in cols.items()}
         used_proj = {layer: iter(c) for layer, c in proj.items()}
         used_cond = {layer: iter(c) for layer, c in conds.items()}
-        norm_layers = set()
 
         def gate(layer, e):  # the condition column of a conditional edit at one layer (written now), else None
             if e.when is None:
@@ -190,7 +172,6 @@ class SteeringTable:
                 op.cond_add[c], op.cond_per_norm[c] = e.strength * (unit if e.per_norm else row), e.per_norm
             elif e.mode == "add" and e.per_norm:
                 op.norm_add_table[slot] += e.strength * unit
-                norm_layers.add(layer)
             elif e.mode == "add":  # the same arithmetic for features and vectors: strength * row, into the slot's row
                 op.add_table[slot] += e.strength * row
             else:
@@ -218,7 +199,6 @@ class SteeringTable:
             c = gate(e.layer, e)
             op.clamp_cond[j] = op.max_conditions if c is None else c
             op.clamp_owner[j] = slot
-        return norm_layers
 
     def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
         """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""

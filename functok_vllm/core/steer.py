@@ -127,15 +127,6 @@ class SteeringLayer(torch.nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
 
-    def add_delta(self, h: torch.Tensor) -> torch.Tensor:
-        """`delta(h)` when this layer has no owned clamp, projection or condition column and no norm-relative add
-        (`SteeringTable.clamps_in_use`): the gather alone.
-
-        Equal to `delta` then (the other terms are exact zeros). For eager engines that may choose per step; compiled
-        engines call `delta`, whose graph never changes.
-        """
-        return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
-
 
 def steer_delta(
     h,
