@@ -28,22 +28,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
+from functok_vllm.steering_when import (
+    Condition,
+    FieldError,
+    Strict,
+    StrictFloat,
+    StrictInt,
+    check_condition,
+    check_numbers,
+)
 from functok_vllm.validation import describe, shown
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
 MODE_FIELDS = {
@@ -55,73 +54,6 @@ MODE_FIELDS = {
     "set": ({"value"}, {"value"}),
 }
 NUMBERS = ("strength", "value", "min", "max")
-
-
-class FieldError(ValueError):
-    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.field = name
-
-
-class Condition(Strict):
-    """`when` on an edit: the edit acts only at tokens where this holds, read at the same token from the tensor h at
-    the hook point of each layer where the edit acts, before this request's edits (what every term reads).
-
-    It reads one SAE feature's activation (`feature`: the SAE at that layer, encoded exactly as the SAE does) or the
-    projection h . v onto a vector's unit direction there (`vector`, `version` pinning one), and holds where that
-    number is strictly above `above` and strictly below `below` (either may be left out, not both)."""
-
-    model_config = ConfigDict(frozen=True)
-    feature: StrictInt | None = None  # an SAE feature at the edit's layer
-    vector: str | None = Field(None, min_length=1, max_length=64)  # or a vector in the library (VECTOR_NAME_MAX)
-    version: str | None = Field(None, min_length=1, max_length=64)  # the vector's content id (parsing fills it)
-    above: StrictFloat | None = None  # holds where the reading is > above (None: no lower threshold)
-    below: StrictFloat | None = None  # holds where the reading is < below (None: no upper threshold)
-    _content: Vector | None = PrivateAttr(None)
-    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction of the vector (empty for features)
-
-    @model_validator(mode="after")
-    def _one_reading(self):
-        if (self.feature is None) == (self.vector is None):
-            raise FieldError("feature", "a condition names one 'feature' or one 'vector'")
-        if self.version is not None and self.vector is None:
-            raise FieldError("version", "only a vector condition takes 'version'")
-        if self.above is None and self.below is None:
-            raise FieldError("above", "a condition needs 'above' or 'below' (or both)")
-        if self.above is not None and self.below is not None and not self.above < self.below:
-            raise FieldError("above", f"needs above < below, got above {self.above!r} >= below {self.below!r}")
-        return self
-
-    @property
-    def bounds(self) -> tuple[float, float]:
-        """(above, below) with missing thresholds as -inf / inf: the condition holds where above < reading < below."""
-        inf = float("inf")
-        return (-inf if self.above is None else self.above, inf if self.below is None else self.below)
-
-    @property
-    def content(self) -> Vector | None:
-        return self._content
-
-    @property
-    def at(self) -> dict:
-        """{layer: (d_model,) direction} of a vector condition at this engine's layers (empty until bound)."""
-        return self._at
-
-    def bound(self, content: Vector, at: dict) -> Condition:
-        out = self.model_copy(update={"version": content.id})
-        out._content, out._at = content, dict(at)
-        return out
-
-    def numbers(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("above", "below") if getattr(self, k) is not None}
-
-    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
-        return isinstance(other, Condition) and self.model_dump() == other.model_dump()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.model_dump().items()))
 
 
 class Edit(Strict):
@@ -425,33 +357,11 @@ def _resolve(name: str, version: str | None, ctx: SteeringContext, where: str) -
 
 
 def _bind_condition(e: Edit, ctx: SteeringContext, where: str) -> Edit:
-    """The edit with its `when` checked at every layer where the edit acts (the layer rule: a condition is read
-    there, from that layer's SAE or the named vector's direction at that layer) and, for a vector, bound to its
-    content; SpecError naming `{where}.feature` / `.vector` / `.above` / `.below`."""
-    c, info = e.when, ctx.info
-    check_numbers(ctx.limits, c.numbers(), where)
+    """The edit with its `when` checked at every layer where the edit acts (`steering_when.check_condition`) and,
+    for a vector condition, bound to the vector's content; SpecError naming `{where}.feature` / `.vector` etc."""
     layers = [e.layer] if isinstance(e, FeatureEdit) else sorted(e.at)
-    if c.feature is not None:
-        for layer in layers:
-            if layer not in info.d_sae:
-                msg = f"the edit acts at layer {layer}, which has no SAE to read feature {c.feature} from"
-                raise SpecError(f"{where}.feature", msg + " (a condition is read at the edit's own layers)")
-            if not 0 <= c.feature < info.d_sae[layer]:
-                msg = f"{c.feature} is outside [0, {info.d_sae[layer]}) for the SAE at layer {layer}"
-                raise SpecError(f"{where}.feature", msg)
-            if not info.clamp_ok[layer]:
-                arch = info.sae[layer]["architecture"]
-                msg = f"a feature condition needs one feature's activation; the SAE at layer {layer} is {arch}, "
-                raise SpecError(f"{where}.feature", msg + "whose activations depend on every feature")
-        return e
-    v, at = _resolve(c.vector, c.version, ctx, where)
-    for layer in layers:
-        if layer not in at:
-            msg = f"vector {c.vector!r} has no direction at layer {layer}, where the edit acts (a condition is read "
-            raise SpecError(f"{where}.vector", msg + "at the edit's own layers)")
-        if not bool(at[layer].abs().max() > 0):
-            raise SpecError(f"{where}.vector", f"vector {c.vector!r} is zero at layer {layer}: it has no direction")
-    out = e.model_copy(update={"when": c.bound(v, {layer: at[layer] for layer in layers})})
+    resolve = lambda name, version: _resolve(name, version, ctx, where)  # noqa: E731
+    out = e.model_copy(update={"when": check_condition(e.when, layers, ctx.info, ctx.limits, resolve, where)})
     if isinstance(e, VectorEdit):
         out._content, out._at = e.content, dict(e.at)
     return out
@@ -466,12 +376,6 @@ def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
             msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
             raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
-
-
-def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
-    for name, v in values.items():
-        if abs(v) > limits.max_abs_strength:
-            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
 
 
 def check_feature(

@@ -190,14 +190,14 @@ class SteeringTable:
                 direct(e.layer, e, sae.W_dec[e.feature])
                 continue
             j = next(used[e.layer])
-            c = sae.cfg.arch.clamp_columns(sae, e.feature)
-            op.clamp_W_gate[:, j], op.clamp_b_gate[j], op.clamp_threshold[j] = c.w_gate, c.b_gate, c.threshold
+            col = sae.cfg.arch.clamp_columns(sae, e.feature)
+            op.clamp_W_gate[:, j], op.clamp_b_gate[j], op.clamp_threshold[j] = col.w_gate, col.b_gate, col.threshold
             if op.clamp_W_mag is not None:
-                op.clamp_W_mag[:, j], op.clamp_b_mag[j] = c.w_mag, c.b_mag
+                op.clamp_W_mag[:, j], op.clamp_b_mag[j] = col.w_mag, col.b_mag
             op.clamp_W_dec[j] = sae.W_dec[e.feature]
             op.clamp_value[j] = e.clamp_value
             c = gate(e.layer, e)
-            op.clamp_cond[j] = op.max_conditions if c is None else c
+            op.clamp_cond[j] = op.max_conditions if c is None else c  # max_conditions: the always-true column
             op.clamp_owner[j] = slot
 
     def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
