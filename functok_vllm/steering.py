@@ -11,6 +11,9 @@ the objects the engines apply, so no field is written twice. The user-facing obj
                {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
+`positions` is a name (`POSITIONS`) or a position object (`Positions`: a base selector narrowed by windows, chat
+roles and token ids), e.g. `{"select": "function", "last_prompt": 8, "first_generated": 4, "exclude_ids": [13]}`.
+
 `parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
 admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
 vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
@@ -30,7 +33,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
-from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
+from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, ROLES, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
 from functok_vllm.validation import describe, shown
@@ -179,6 +182,59 @@ class VectorEdit(Edit):
         return hash(tuple(self.model_dump().items()))
 
 
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+Count = Annotated[int, Field(strict=True, ge=1, le=1 << 20)]
+
+
+class Positions(Strict):
+    """Where a request's edits apply, as an object: the base selector, narrowed.
+
+    A token is steered when all of these hold:
+    1. `select` (one of `POSITIONS`) selects it;
+    2. it is in the region, the UNION of the windows and roles given (every token when none is given):
+       `first_generated` k (the first k generated tokens), `last_prompt` k (the last k prompt tokens),
+       `last_functions` k (the last k function tokens of the prompt; `last_function` is k = 1), `roles` (chat requests:
+       the tokens of the system's, the user's or earlier assistant messages' content; "assistant" also takes every
+       generated token: the assistant's turn), with the chat template's own tokens and special tokens left out
+       unless `template_tokens` is true (then each message also takes the template text before its content, and
+       "assistant" the generation prompt);
+    3. its id is in `token_ids` when that is given;
+    4. its id is not in `exclude_ids`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    select: Literal[POSITIONS] = "all"  # "all": the object's other fields alone say where
+    token_ids: tuple[TokenId, ...] | None = None  # allowlist of token ids
+    exclude_ids: tuple[TokenId, ...] | None = None  # token ids never steered
+    first_generated: Count | None = None
+    last_prompt: Count | None = None
+    last_functions: Count | None = None
+    roles: tuple[Literal[ROLES], ...] | None = None
+    template_tokens: Annotated[bool, Field(strict=True)] = False
+
+    @model_validator(mode="after")
+    def _meaningful(self):
+        for name in ("token_ids", "roles"):
+            if getattr(self, name) == ():
+                raise FieldError(name, "an empty list selects nothing; leave the field out instead")
+        if self.template_tokens and not self.roles:
+            raise FieldError("template_tokens", "applies to 'roles' only; give roles or leave it out")
+        return self
+
+    @property
+    def has_region(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("first_generated", "last_prompt", "last_functions", "roles"))
+
+
+def _positions_kind(v) -> str:
+    return "Object" if isinstance(v, Positions | dict) else "Name"
+
+
+AnyPositions = Annotated[
+    Annotated[Literal[POSITIONS], Tag("Name")] | Annotated[Positions, Tag("Object")], Discriminator(_positions_kind)
+]
+
+
 def _edit_kind(v) -> str:
     """Which model validates an edit: one naming a `vector`, or one naming an SAE feature."""
     return "VectorEdit" if isinstance(v, VectorEdit) or (isinstance(v, dict) and "vector" in v) else "FeatureEdit"
@@ -198,7 +254,7 @@ class SteeringSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
     edits: tuple[AnyEdit, ...] = ()
-    positions: Literal[POSITIONS] = "function"
+    positions: AnyPositions = "function"
     _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
 
     @classmethod
@@ -223,9 +279,21 @@ class SteeringSpec(Strict):
     def is_noop(self) -> bool:
         return not self.edits
 
+    @property
+    def select(self) -> str:
+        """The base selector (`POSITIONS`) of `positions`."""
+        return self.positions if isinstance(self.positions, str) else self.positions.select
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The chat roles `positions` selects by (empty: none)."""
+        return () if isinstance(self.positions, str) else self.positions.roles or ()
+
     def user_form(self) -> dict:
         """The steering object a user would send for this spec (vectors with their version)."""
-        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+        pos = self.positions
+        pos = pos if isinstance(pos, str) else pos.model_dump(exclude_none=True, exclude_defaults=True)
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": pos}
 
     def key(self) -> str:
         return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
@@ -280,6 +348,7 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    check_positions(spec, limits, f"{param}.positions")
     if spec.is_noop:
         return None
     edits, clamped, projected = [], set(), set()
@@ -354,6 +423,34 @@ def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
             msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
             raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
+
+
+def check_positions(spec: SteeringSpec, limits: SteeringLimits, where: str) -> None:
+    """The position object's id lists within `max_position_ids`."""
+    pos = spec.positions
+    if isinstance(pos, str):
+        return
+    for name in ("token_ids", "exclude_ids"):
+        ids = getattr(pos, name) or ()
+        if len(ids) > limits.max_position_ids:
+            msg = f"{len(ids)} token ids; at most {limits.max_position_ids} are allowed (max_position_ids)"
+            raise SpecError(f"{where}.{name}", msg)
+
+
+def check_position_request(spec: SteeringSpec | None, where: str, vocab_size: int, chat: bool) -> None:
+    """What only the request's edge knows: the position object's token ids inside the vocabulary, and roles only on
+    a chat request (a plain completion has no roles). SpecError naming the field (`steering.positions.roles`)."""
+    if spec is None or isinstance(spec.positions, str):
+        return
+    pos = spec.positions
+    for name in ("token_ids", "exclude_ids"):
+        for i, t in enumerate(getattr(pos, name) or ()):
+            if t >= vocab_size:
+                raise SpecError(f"{where}.{name}[{i}]", f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    if pos.roles and not chat:
+        raise SpecError(
+            f"{where}.roles", "a plain completion has no chat roles; select by roles on /v1/chat/completions"
+        )
 
 
 def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
