@@ -136,10 +136,8 @@ def content_spans(tok, ids: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-@pytest.fixture(scope="module")
-def chat(demo_tokenizer):
+def chat_prompt(tok):
     """(prompt ids, role codes, content spans) of CHAT under CHAT_TEMPLATE with the demo tokenizer."""
-    tok = demo_tokenizer
     tok.chat_template = CHAT_TEMPLATE
     ids = tok.encode(
         tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False
@@ -147,7 +145,12 @@ def chat(demo_tokenizer):
     return ids, role_codes(tok, CHAT, ids), content_spans(tok, ids)
 
 
-def role_cases(spans, special: int):
+@pytest.fixture(scope="module")
+def chat(demo_tokenizer):
+    return chat_prompt(demo_tokenizer)
+
+
+def role_cases(spans):
     def content(*roles):
         return lambda ids, n: [t for i, (a, b) in enumerate(spans) if CHAT[i]["role"] in roles for t in range(a, b)]
 
@@ -183,4 +186,4 @@ def test_chat_roles_match_the_reference_on_a_mixed_batch(chat, demo_tokenizer):
     ids, codes, spans = chat
     special = demo_tokenizer.eos_token_id
     assert special in ids and len(ids) - spans[-1][1] > 3  # the template really has tokens of its own, and a tail
-    run_cases(role_cases(spans, special), [ids], codes)
+    run_cases(role_cases(spans), [ids], codes)
