@@ -257,6 +257,15 @@ class SteeringSpec(Strict):
     positions: AnyPositions = "function"
     _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _positions_form(cls, data):
+        if isinstance(data, dict) and not isinstance(data.get("positions", ""), str | dict | Positions):
+            names = ", ".join(POSITIONS)
+            msg = f"must be a name ({names}) or a position object, got {shown(data['positions'])}"
+            raise FieldError("positions", msg)
+        return data
+
     @classmethod
     def from_dict(cls, obj: dict) -> SteeringSpec:
         """A steering object in the user's form, validated against the schema only (no limits, no SAEs: for code and

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.spec import MODES, POSITIONS, SpecError
+from functok_vllm.core.spec import MODES, POSITIONS, ROLES, SpecError
 from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
 from functok_vllm.library.store import Library, LibraryLimits, StoreError
@@ -50,7 +50,7 @@ from functok_vllm.server.protocol import (
     resolve_steering_list,
 )
 from functok_vllm.server.serving import Job, complete, stream
-from functok_vllm.steering import SteeringContext, check_position_request
+from functok_vllm.steering import Positions, SteeringContext, check_position_request
 
 log = logging.getLogger("functok.server")
 
@@ -167,6 +167,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             "vectors": sorted(library.vectors()),
             "modes": list(MODES),
             "positions": list(POSITIONS),
+            "position_object": {"fields": list(Positions.model_fields), "roles": list(ROLES)},
             "limits": asdict(limits) | asdict(config.steering),
             "capabilities": CAPABILITIES,
         }
