@@ -187,3 +187,52 @@ def test_chat_roles_match_the_reference_on_a_mixed_batch(chat, demo_tokenizer):
     special = demo_tokenizer.eos_token_id
     assert special in ids and len(ids) - spans[-1][1] > 3  # the template really has tokens of its own, and a tail
     run_cases(role_cases(spans), [ids], codes)
+
+
+# ---- the vLLM worker's batch state and admission salt, on their own (no engine) -----------------------------------
+
+OBJECTS = [pos for pos, _, _ in PLAIN_CASES if isinstance(pos, dict)]
+
+
+@pytest.mark.parametrize("pos", OBJECTS, ids=[json.dumps(p) for p in OBJECTS])
+def test_vllm_batch_state_selects_the_same_positions_chunked_and_after_recomputation(
+    demo_saes, demo_function_tokens, demo_tokenizer, pos
+):
+    from helpers import batch_state
+    from test_vllm_engine import run_step
+
+    state = batch_state(demo_saes, demo_function_tokens, max_clamps=8)
+    prompt = demo_tokenizer.encode(PROMPTS[0])
+    generated = demo_tokenizer.encode(" and the, of a")
+    extra = {"steering": json.dumps({"edits": EDITS, "positions": pos})}
+    for rid in ("whole", "chunked"):
+        state.add_request(rid, prompt, extra)
+    state.add_request("plain", prompt, None)
+    whole = run_step(state, [("plain", prompt[:5], 0), ("whole", prompt, 0)])["whole"]
+    first = run_step(state, [("chunked", prompt[:7], 0), ("plain", prompt[5:9], 5)])
+    second = run_step(state, [("plain", prompt[9:12], 9), ("chunked", prompt[7:], 7)])
+    assert first["chunked"] + second["chunked"] == whole and not any(first["plain"] + second["plain"])
+    for k, tok in enumerate(generated):  # decode steps, then a recomputation of prompt and output in one go
+        whole += run_step(state, [("whole", [tok], len(prompt) + k)])["whole"]
+    run_step(state, [])
+    assert run_step(state, [("whole", prompt + generated, 0)])["whole"] == whole
+    seq, n = prompt + generated, len(prompt)
+    _, _, expect = next(c for c in PLAIN_CASES if c[0] == pos)
+    assert [t for t, s in enumerate(whole) if s] == [t for t in expect(seq, n) if t < len(seq)]
+
+
+def test_vllm_cache_salt_follows_the_prompt_positions_an_object_selects(demo_function_tokens, demo_tokenizer, chat):
+    from functok_vllm.engines.vllm.admission import cache_salt
+
+    mask = demo_function_tokens.mask(8192)
+    prompt = demo_tokenizer.encode(PROMPTS[0])
+    ids, codes, _ = chat
+
+    def salt(pos, p=prompt, roles=None):
+        return cache_salt(SteeringSpec.from_dict({"edits": EDITS, "positions": pos}), p, mask, "r", roles)
+
+    assert salt({"last_prompt": 3}) == salt({"last_prompt": 3})
+    assert salt({"last_prompt": 3}) != salt({"last_prompt": 3}, prompt[:-2])  # the same prefix, steered elsewhere
+    assert salt({"last_prompt": 3}) != salt({"last_prompt": 4})
+    moved = [0 if c & 3 == 2 else c for c in codes]  # the same prompt whose user content is no message's
+    assert salt({"roles": ["user"]}, ids, codes) != salt({"roles": ["user"]}, ids, moved)
