@@ -3,7 +3,7 @@
 Torch and the steering core only (no vllm import), so it is tested without an engine. The model runner calls
 
 - `add_request` when the scheduler first sends a request (its spec is parsed and its metadata cached: policy,
-  ORIGINAL prompt length, last function position of the prompt),
+  ORIGINAL prompt length, last function position of the prompt, a position object's narrowing),
 - `finish` for the scheduler's finished request ids,
 - `prepare` right before every forward, with the persistent batch's row order, the step's (padded) token ids and
   absolute positions, and `query_start_loc` (row r owns tokens [qsl[r], qsl[r+1]); tokens past qsl[rows] are padding).
