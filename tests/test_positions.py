@@ -9,6 +9,8 @@ alone (the narrowing changed what was steered), so agreeing with the reference s
 """
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from reference import eager_model, load_lens, logprobs
@@ -71,27 +73,40 @@ PLAIN_CASES = [
 ]
 
 
-def base_positions(base, ids, n):
+def base_positions(base, ids, n, fn=FN):
     return {
-        "function": lambda: where(ids, n, lambda t, tok: tok in FN),
-        "content": lambda: where(ids, n, lambda t, tok: tok not in FN),
+        "function": lambda: where(ids, n, lambda t, tok: tok in fn),
+        "content": lambda: where(ids, n, lambda t, tok: tok not in fn),
         "prompt": lambda: list(range(n)),
         "all": lambda: list(range(len(ids))),
     }[base]()
 
 
-def run_cases(cases, prompts, roles=None):
+@dataclass
+class Setup:
+    """A served model, its SAEs (a directory of layer_* SAEs) and function tokens, the edits every case applies."""
+
+    model: Path = DEMO_MODEL
+    saes: Path = DEMO_SAES
+    function_tokens: Path = DEMO_FUNCTION_TOKENS
+    edits: list = field(default_factory=lambda: EDITS)
+    fn: set = field(default_factory=lambda: FN)
+
+
+def run_cases(cases, prompts, roles=None, setup: Setup | None = None):
     """Serve every (prompt, case) in one mixed batch and check each against the reference."""
+    setup = setup or Setup()
+    edits = setup.edits
     run = [
-        (ids, None if pos is None else SteeringSpec.from_dict({"edits": EDITS, "positions": pos}))
+        (ids, None if pos is None else SteeringSpec.from_dict({"edits": edits, "positions": pos}))
         for ids in prompts
         for pos, _, _ in cases
     ]
     deltas: dict = {}
     extras = {"prompt_roles": roles} if roles is not None else None
-    tokens, got, _, _ = serve(DEMO_MODEL, DEMO_SAES, run, extras, deltas)
-    model = eager_model(DEMO_MODEL)
-    paths = {SAE.load(p).layer: p for p in sorted(DEMO_SAES.glob("layer_*"))}
+    tokens, got, _, _ = serve(setup.model, setup.saes, run, extras, deltas, setup.function_tokens)
+    model = eager_model(setup.model)
+    paths = {SAE.load(p).layer: p for p in sorted(setup.saes.glob("layer_*"))}
     lenses = {L: load_lens(p) for L, p in paths.items()}
     points = {L: (SAE.load(p).cfg.hook.layer, SAE.load(p).cfg.hook.site) for L, p in paths.items()}
     per = len(cases)
@@ -99,7 +114,7 @@ def run_cases(cases, prompts, roles=None):
         pos, base, expect = cases[i % per]
         seq, n = ids + toks, len(ids)
         at = [] if expect is None else expect(seq, n)
-        rows = logprobs(model, lenses, points, seq, n, None if spec is None else {"edits": EDITS, "positions": at})
+        rows = logprobs(model, lenses, points, seq, n, None if spec is None else {"edits": edits, "positions": at})
         rows = rows[n - 1 :]  # (NEW, vocab)
         for step in range(len(toks)):
             err = float((g[step] - rows[step]).abs().max())
@@ -112,7 +127,8 @@ def run_cases(cases, prompts, roles=None):
         moved = max(float((a - b).abs().max()) for a, b in zip(g, unsteered, strict=True))
         assert fed > 0 and moved > MOVED, (i, pos, fed, moved)
         if base is not None:  # the narrowing mattered: the base selector alone gives other log-probabilities
-            wide = logprobs(model, lenses, points, seq, n, {"edits": EDITS, "positions": base_positions(base, seq, n)})
+            wide = base_positions(base, seq, n, setup.fn)
+            wide = logprobs(model, lenses, points, seq, n, {"edits": edits, "positions": wide})
             apart = max(float((g[s] - wide[n - 1 + s]).abs().max()) for s in range(len(toks)))
             assert apart > MOVED, (i, pos, apart)
     return tokens
@@ -125,10 +141,10 @@ def test_each_position_object_matches_the_reference_on_a_mixed_batch(demo_tokeni
     run_cases(PLAIN_CASES, prompts)
 
 
-def content_spans(tok, ids: list[int]) -> list[tuple[int, int]]:
+def content_spans(tok, ids: list[int], chat=CHAT) -> list[tuple[int, int]]:
     """[start, end) token positions of each message's content in ids, found as the content's own tokens."""
     spans, at = [], 0
-    for m in CHAT:
+    for m in chat:
         want = tok.encode(m["content"], add_special_tokens=False)
         at = next(s for s in range(at, len(ids)) if ids[s : s + len(want)] == want)
         spans.append((at, at + len(want)))
@@ -150,14 +166,14 @@ def chat(demo_tokenizer):
     return chat_prompt(demo_tokenizer)
 
 
-def role_cases(spans):
+def role_cases(spans, chat=CHAT, fn=FN):
     def content(*roles):
-        return lambda ids, n: [t for i, (a, b) in enumerate(spans) if CHAT[i]["role"] in roles for t in range(a, b)]
+        return lambda ids, n: [t for i, (a, b) in enumerate(spans) if chat[i]["role"] in roles for t in range(a, b)]
 
     def turns(role):  # a message's turn: from the end of the previous content to the end of its own
         ends = [0] + [b for _, b in spans]
         return lambda ids, n: [
-            t for i in range(len(CHAT)) if CHAT[i]["role"] == role for t in range(ends[i], ends[i + 1])
+            t for i in range(len(chat)) if chat[i]["role"] == role for t in range(ends[i], ends[i + 1])
         ]
 
     def assistant(ids, n):
@@ -171,7 +187,7 @@ def role_cases(spans):
         (
             {"select": "function", "roles": ["user"]},
             "function",
-            lambda ids, n: [t for t in content("user")(ids, n) if ids[t] in FN],
+            lambda ids, n: [t for t in content("user")(ids, n) if ids[t] in fn],
         ),
         ({"roles": ["user"], "template_tokens": True}, "all", turns("user")),
         (
@@ -187,6 +203,33 @@ def test_chat_roles_match_the_reference_on_a_mixed_batch(chat, demo_tokenizer):
     special = demo_tokenizer.eos_token_id
     assert special in ids and len(ids) - spans[-1][1] > 3  # the template really has tokens of its own, and a tail
     run_cases(role_cases(spans), [ids], codes)
+
+
+SMOL_CHAT = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name a city, and one thing to see there."},
+    {"role": "assistant", "content": "Rome, and the Colosseum."},
+    {"role": "user", "content": "Tell me about your favorite city."},
+]
+
+
+def test_chat_roles_match_the_reference_on_smollm2():
+    """The real ChatML template (special <|im_start|>/<|im_end|> tokens, multi-token headers) of SmolLM2, its SAEs."""
+    from transformers import AutoTokenizer
+
+    from functok_vllm.paths import ROOT
+    from functok_vllm.smollm2 import derive
+
+    model_dir = derive()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok.encode(tok.apply_chat_template(SMOL_CHAT, tokenize=False, add_generation_prompt=True))
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 5  # four messages and the generation prompt
+    ft = ROOT / "models" / model_dir.name / "function_tokens.json"
+    fn = {t["id"] for t in json.loads(ft.read_text())["tokens"]}
+    edits = [{"layer": 15, "feature": 1516, "strength": 40.0}]
+    setup = Setup(model_dir, ROOT / "sae_weights" / model_dir.name, ft, edits, fn)
+    spans = content_spans(tok, ids, SMOL_CHAT)
+    run_cases(role_cases(spans, SMOL_CHAT, fn), [ids], role_codes(tok, SMOL_CHAT, ids), setup)
 
 
 # ---- the vLLM worker's batch state and admission salt, on their own (no engine) -----------------------------------
