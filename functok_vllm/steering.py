@@ -31,22 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
-from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, ROLES, STRENGTH_UNITS, SpecError
+from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
+from functok_vllm.positions import AnyPositions, Positions, check_positions
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-from functok_vllm.validation import describe, shown
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
+from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt, describe, shown
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
 MODE_FIELDS = {
@@ -58,14 +49,6 @@ MODE_FIELDS = {
     "set": ({"value"}, {"value"}),
 }
 NUMBERS = ("strength", "value", "min", "max")
-
-
-class FieldError(ValueError):
-    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.field = name
 
 
 class Edit(Strict):
@@ -180,59 +163,6 @@ class VectorEdit(Edit):
 
     def __hash__(self) -> int:
         return hash(tuple(self.model_dump().items()))
-
-
-TokenId = Annotated[int, Field(strict=True, ge=0)]
-Count = Annotated[int, Field(strict=True, ge=1, le=1 << 20)]
-
-
-class Positions(Strict):
-    """Where a request's edits apply, as an object: the base selector, narrowed.
-
-    A token is steered when all of these hold:
-    1. `select` (one of `POSITIONS`) selects it;
-    2. it is in the region, the UNION of the windows and roles given (every token when none is given):
-       `first_generated` k (the first k generated tokens), `last_prompt` k (the last k prompt tokens),
-       `last_functions` k (the last k function tokens of the prompt; `last_function` is k = 1), `roles` (chat requests:
-       the tokens of the system's, the user's or earlier assistant messages' content; "assistant" also takes every
-       generated token: the assistant's turn), with the chat template's own tokens and special tokens left out
-       unless `template_tokens` is true (then each message also takes the template text before its content, and
-       "assistant" the generation prompt);
-    3. its id is in `token_ids` when that is given;
-    4. its id is not in `exclude_ids`.
-    """
-
-    model_config = ConfigDict(frozen=True)
-    select: Literal[POSITIONS] = "all"  # "all": the object's other fields alone say where
-    token_ids: tuple[TokenId, ...] | None = None  # allowlist of token ids
-    exclude_ids: tuple[TokenId, ...] | None = None  # token ids never steered
-    first_generated: Count | None = None
-    last_prompt: Count | None = None
-    last_functions: Count | None = None
-    roles: tuple[Literal[ROLES], ...] | None = None
-    template_tokens: Annotated[bool, Field(strict=True)] = False
-
-    @model_validator(mode="after")
-    def _meaningful(self):
-        for name in ("token_ids", "roles"):
-            if getattr(self, name) == ():
-                raise FieldError(name, "an empty list selects nothing; leave the field out instead")
-        if self.template_tokens and not self.roles:
-            raise FieldError("template_tokens", "applies to 'roles' only; give roles or leave it out")
-        return self
-
-    @property
-    def has_region(self) -> bool:
-        return any(getattr(self, n) is not None for n in ("first_generated", "last_prompt", "last_functions", "roles"))
-
-
-def _positions_kind(v) -> str:
-    return "Object" if isinstance(v, Positions | dict) else "Name"
-
-
-AnyPositions = Annotated[
-    Annotated[Literal[POSITIONS], Tag("Name")] | Annotated[Positions, Tag("Object")], Discriminator(_positions_kind)
-]
 
 
 def _edit_kind(v) -> str:
@@ -432,34 +362,6 @@ def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
             msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
             raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
-
-
-def check_positions(spec: SteeringSpec, limits: SteeringLimits, where: str) -> None:
-    """The position object's id lists within `max_position_ids`."""
-    pos = spec.positions
-    if isinstance(pos, str):
-        return
-    for name in ("token_ids", "exclude_ids"):
-        ids = getattr(pos, name) or ()
-        if len(ids) > limits.max_position_ids:
-            msg = f"{len(ids)} token ids; at most {limits.max_position_ids} are allowed (max_position_ids)"
-            raise SpecError(f"{where}.{name}", msg)
-
-
-def check_position_request(spec: SteeringSpec | None, where: str, vocab_size: int, chat: bool) -> None:
-    """What only the request's edge knows: the position object's token ids inside the vocabulary, and roles only on
-    a chat request (a plain completion has no roles). SpecError naming the field (`steering.positions.roles`)."""
-    if spec is None or isinstance(spec.positions, str):
-        return
-    pos = spec.positions
-    for name in ("token_ids", "exclude_ids"):
-        for i, t in enumerate(getattr(pos, name) or ()):
-            if t >= vocab_size:
-                raise SpecError(f"{where}.{name}[{i}]", f"token id {t} is outside the vocabulary [0, {vocab_size})")
-    if pos.roles and not chat:
-        raise SpecError(
-            f"{where}.roles", "a plain completion has no chat roles; select by roles on /v1/chat/completions"
-        )
 
 
 def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:

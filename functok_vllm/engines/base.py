@@ -16,14 +16,8 @@ from typing import NamedTuple
 from functok_vllm.activation_capture import CaptureRequest, check_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
-from functok_vllm.steering import (
-    SteeringContext,
-    SteeringInfo,
-    SteeringLimits,
-    SteeringSpec,
-    check_position_request,
-    checked,
-)
+from functok_vllm.positions import check_position_request
+from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)

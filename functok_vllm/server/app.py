@@ -27,6 +27,7 @@ from functok_vllm.core.spec import MODES, POSITIONS, ROLES, SpecError
 from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
 from functok_vllm.library.store import Library, LibraryLimits, StoreError
+from functok_vllm.positions import Positions, check_position_request
 from functok_vllm.server import fanout
 from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.chat_roles import RolesUnavailable, role_codes
@@ -50,7 +51,7 @@ from functok_vllm.server.protocol import (
     resolve_steering_list,
 )
 from functok_vllm.server.serving import Job, complete, stream
-from functok_vllm.steering import Positions, SteeringContext, check_position_request
+from functok_vllm.steering import SteeringContext
 
 log = logging.getLogger("functok.server")
 

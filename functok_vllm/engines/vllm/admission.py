@@ -55,7 +55,8 @@ from functok_vllm.engines.vllm.settings import (
 )
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
-from functok_vllm.steering import SteeringContext, SteeringSpec, check_position_request, checked, parse_steering
+from functok_vllm.positions import check_position_request
+from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
 FEAT_PARAM = f"vllm_xargs.{XFEAT}"
