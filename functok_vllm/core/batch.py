@@ -16,6 +16,8 @@ from functok_vllm.core.spec import POSITIONS, ROLES
 
 POLICY_CODES = {name: i for i, name in enumerate(POSITIONS)}
 ALL_GENERATED = 1 << 62  # `gen_upto` of a region that takes every generated token
+ID_KEY = 1 << 32  # (request, token id) -> request * ID_KEY + id: one sorted key list for every request's ids
+SENTINEL = 1 << 62  # ends every key list: larger than any key
 ROLE_BITS = 2  # a chat prompt's role code per token: content role | turn role << ROLE_BITS (`role_codes`)
 
 
@@ -76,11 +78,13 @@ def narrowing(positions, prompt_ids, fn_mask: torch.Tensor, roles: torch.Tensor 
 
 @dataclass
 class Narrowings:
-    """The running requests' narrowings, stacked: per request (requests,) and padded (requests, width)."""
+    """The running requests' narrowings, stacked. An id list is one sorted (pairs + 1,) tensor of keys
+    request * ID_KEY + token id (ending with a sentinel), so a token is looked up by binary search, never compared
+    with a padded (tokens, ids) block."""
 
     has_allow: torch.Tensor  # (requests,) bool
-    allow: torch.Tensor  # (requests, a) long, padded with -1 (never a token id)
-    exclude: torch.Tensor  # (requests, e) long, padded with -1
+    allow: torch.Tensor  # (allowed pairs + 1,) long keys, sorted
+    exclude: torch.Tensor  # (excluded pairs + 1,) long keys, sorted
     has_region: torch.Tensor  # (requests,) bool
     region_at: torch.Tensor  # (requests,) long: where the request's prompt mask starts in `region`
     region: torch.Tensor  # (sum of masked prompt lengths + 1,) bool, every request's prompt mask end to end
@@ -91,28 +95,30 @@ def stack_narrowings(ns: list[Narrowing | None], device) -> Narrowings | None:
     """One entry per request of the step (None: a position name, or no steering); None when no request narrows."""
     if all(n is None for n in ns):
         return None
-    none = Narrowing(None, torch.zeros(0, dtype=torch.long), None, 0)
+    empty = torch.zeros(0, dtype=torch.long)
+    none = Narrowing(None, empty, None, 0)
     ns = [n or none for n in ns]
 
-    def pad(rows):
-        width = max(1, *(len(r) for r in rows))
-        out = torch.full((len(rows), width), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
+    def keys(lists):  # request i's sorted ids -> i * ID_KEY + id, in order, then the sentinel
+        return torch.cat([*(i * ID_KEY + ids for i, ids in enumerate(lists)), torch.tensor([SENTINEL])])
 
     masks = [n.region if n.region is not None else torch.zeros(0, dtype=torch.bool) for n in ns]
     starts = torch.tensor([0, *(len(m) for m in masks)]).cumsum(0)[:-1]
     t = Narrowings(
         has_allow=torch.tensor([n.allow is not None for n in ns]),
-        allow=pad([n.allow if n.allow is not None else torch.zeros(0, dtype=torch.long) for n in ns]),
-        exclude=pad([n.exclude for n in ns]),
+        allow=keys([n.allow if n.allow is not None else empty for n in ns]),
+        exclude=keys([n.exclude for n in ns]),
         has_region=torch.tensor([n.region is not None for n in ns]),
         region_at=starts,
         region=torch.cat([*masks, torch.zeros(1, dtype=torch.bool)]),
         gen_upto=torch.tensor([n.gen_upto for n in ns]),
     )
     return Narrowings(*(getattr(t, f).to(device) for f in t.__dataclass_fields__))
+
+
+def _member(keys: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(tokens,) whether each key is in the sorted `keys` (which end with the sentinel, so never empty)."""
+    return keys[torch.searchsorted(keys, key).clamp_(max=keys.shape[0] - 1)] == key
 
 
 @dataclass
@@ -153,9 +159,10 @@ def build_slot_index(step: StepIndex, fn_mask: torch.Tensor) -> torch.Tensor:
     pick = selected.gather(0, step.policy[step.req][None, :])[0]  # (tokens,)
     nw = step.narrow
     if nw is not None:
-        q, ids = step.req, step.input_ids[:, None]
-        pick &= ~nw.has_allow[q] | (nw.allow[q] == ids).any(1)  # (tokens, a) compared, then per token
-        pick &= ~(nw.exclude[q] == ids).any(1)
+        q = step.req
+        key = q * ID_KEY + step.input_ids  # (tokens,) this token's (request, id) key
+        pick &= ~nw.has_allow[q] | _member(nw.allow, key)
+        pick &= ~_member(nw.exclude, key)
         at = (nw.region_at[q] + pos).clamp_(0, nw.region.shape[0] - 1)  # prompt tokens of a masked request: in range
         gen = pos - step.prompt_len[q] < nw.gen_upto[q]
         pick &= ~nw.has_region[q] | torch.where(is_prompt, nw.region[at], gen)
