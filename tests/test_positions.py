@@ -262,6 +262,9 @@ def test_vllm_batch_state_selects_the_same_positions_chunked_and_after_recomputa
     seq, n = prompt + generated, len(prompt)
     _, _, expect = next(c for c in PLAIN_CASES if c[0] == pos)
     assert [t for t, s in enumerate(whole) if s] == [t for t in expect(seq, n) if t < len(seq)]
+    state.add_request("cached", prompt, extra, num_cached=9)  # 9 prompt tokens from the prefix cache: counted once
+    run_step(state, [("cached", prompt[9:], 9)])
+    assert state.applied("cached") == state.applied("chunked") == sum(1 for s in whole[:n] if s)
 
 
 def test_vllm_cache_salt_follows_the_prompt_positions_an_object_selects(demo_function_tokens, demo_tokenizer, chat):
