@@ -11,6 +11,9 @@ the objects the engines apply, so no field is written twice. The user-facing obj
                {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
+`positions` is a name (`POSITIONS`) or a position object (`Positions`: a base selector narrowed by windows, chat
+roles and token ids), e.g. `{"select": "function", "last_prompt": 8, "first_generated": 4, "exclude_ids": [13]}`.
+
 `parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
 admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
 vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
@@ -32,17 +35,10 @@ from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, Validat
 
 from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
+from functok_vllm.positions import AnyPositions, Positions, check_positions
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-from functok_vllm.steering_when import (
-    Condition,
-    FieldError,
-    Strict,
-    StrictFloat,
-    StrictInt,
-    check_condition,
-    check_numbers,
-)
-from functok_vllm.validation import describe, shown
+from functok_vllm.steering_when import Condition, check_condition, check_numbers
+from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt, describe, shown
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
 MODE_FIELDS = {
@@ -191,8 +187,17 @@ class SteeringSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
     edits: tuple[AnyEdit, ...] = ()
-    positions: Literal[POSITIONS] = "function"
+    positions: AnyPositions = "function"
     _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _positions_form(cls, data):
+        if isinstance(data, dict) and not isinstance(data.get("positions", ""), str | dict | Positions):
+            names = ", ".join(POSITIONS)
+            msg = f"must be a name ({names}) or a position object, got {shown(data['positions'])}"
+            raise FieldError("positions", msg)
+        return data
 
     @classmethod
     def from_dict(cls, obj: dict) -> SteeringSpec:
@@ -223,9 +228,21 @@ class SteeringSpec(Strict):
     def is_noop(self) -> bool:
         return not self.edits
 
+    @property
+    def select(self) -> str:
+        """The base selector (`POSITIONS`) of `positions`."""
+        return self.positions if isinstance(self.positions, str) else self.positions.select
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The chat roles `positions` selects by (empty: none)."""
+        return () if isinstance(self.positions, str) else self.positions.roles or ()
+
     def user_form(self) -> dict:
         """The steering object a user would send for this spec (vectors with their version)."""
-        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+        pos = self.positions
+        pos = pos if isinstance(pos, str) else pos.model_dump(exclude_none=True, exclude_defaults=True)
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": pos}
 
     def key(self) -> str:
         return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
@@ -280,6 +297,7 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    check_positions(spec, limits, f"{param}.positions")
     n_when = sum(e.when is not None for e in spec.edits)
     if n_when > limits.max_conditions:
         msg = f"{n_when} edits with 'when'; at most {limits.max_conditions} are allowed (max_conditions)"

@@ -1,5 +1,5 @@
 """The `when` of a steering edit, a per-token condition: its schema (`Condition`) and its check against one engine at
-the layers where the edit acts (`check_condition`, the layer rule), with the strict base every steering object shares.
+the layers where the edit acts (`check_condition`, the layer rule).
 
 The layer rule: a condition is read at the layer where its edit acts, from that layer's SAE (a feature's activation,
 encoded exactly as the SAE encodes it) or from the named vector's direction at that layer (the projection h . v onto
@@ -10,30 +10,13 @@ there, and a condition that cannot be read at one of them is refused naming the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class FieldError(ValueError):
-    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.field = name
+from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt
 
 
 class Condition(Strict):

@@ -28,11 +28,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from functok_vllm.core.batch import last_function_position
+import torch
+
+from functok_vllm.core.batch import (
+    ROLE_BITS,
+    StepIndex,
+    build_slot_index,
+    last_function_position,
+    narrowing,
+    policy_code,
+    stack_narrowings,
+)
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
+from functok_vllm.engines.vllm.batch_state import ROLES_XARG
 from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
@@ -44,6 +55,7 @@ from functok_vllm.engines.vllm.settings import (
 )
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
+from functok_vllm.positions import check_position_request
 from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
@@ -105,11 +117,12 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         sp.skip_reading_prefix_cache = True
     extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in (XARG, VECTORS)}
     if spec is not None:
+        vocab = self.model_config.get_vocab_size()
+        roles = _roles_checked(spec, given_args.get(ROLES_XARG), request.prompt_token_ids, vocab)
         extra[XARG] = spec.key()
         if spec.contents:  # the vectors of its edits and of their conditions
             extra[VECTORS] = encode_payloads(list(spec.contents.values()))
-        vocab = self.model_config.get_vocab_size()
-        salt = cache_salt(spec, request.prompt_token_ids, adm.fn_mask(vocab), request_id)
+        salt = cache_salt(spec, request.prompt_token_ids, adm.fn_mask(vocab), request_id, roles)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
     sp.extra_args = extra or None
     return request
@@ -132,6 +145,33 @@ def _validated(adm: Admission, given, payload) -> SteeringSpec | None:
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
     return spec
+
+
+def _roles_checked(spec: SteeringSpec, roles, prompt_ids, vocab: int) -> list[int] | None:
+    """The request's role codes (`extra_args["functok_roles"]`, which functok serve sets from the chat template it
+    renders) when its positions select by role; VLLMValidationError naming the field otherwise. Stock `vllm serve`
+    renders chats without telling us where each message is, so roles there need the client to send the codes."""
+    from vllm.exceptions import VLLMValidationError
+
+    where = f"{PARAM}.positions"
+    try:
+        check_position_request(spec, where, vocab, chat=roles is not None)
+    except SpecError as e:
+        msg = e.message
+        if e.field.endswith(".roles"):
+            msg = (
+                f"selecting by chat roles needs each prompt token's role ({ROLES_XARG}); functok serve computes them "
+                "from the chat template it renders, stock vllm serve does not: use functok serve"
+            )
+        raise VLLMValidationError(f"{e.field}: {msg}", parameter=e.field) from None
+    if not spec.roles:
+        return None
+    top = 1 << (2 * ROLE_BITS)
+    ok = isinstance(roles, list) and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < top for c in roles)
+    if not ok or prompt_ids is None or len(roles) != len(prompt_ids):
+        msg = f"must be a list of one role code in [0, {top}) per prompt token"
+        raise VLLMValidationError(f"vllm_xargs.{ROLES_XARG}: {msg}", parameter=f"vllm_xargs.{ROLES_XARG}")
+    return roles
 
 
 def _features_checked(adm: Admission, given) -> bool:
@@ -199,16 +239,29 @@ def steering_context(
     return SteeringContext(info, cfg.limits, vector_lookup(cfg, payload, library))
 
 
-def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str) -> str:
+def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str, roles=None) -> str:
     """Prefix-cache salt: equal only for requests whose every cached token is steered the same way."""
     key = spec.key()
     if prompt_ids is None:  # prompt embeddings: nothing to compare, share nothing
         key += f"|request={request_id}"
+    elif not isinstance(spec.positions, str):  # a position object: the prompt positions it selects, exactly
+        key += f"|prompt_len={len(prompt_ids)}|selected={_selected(spec, prompt_ids, fn_mask, roles)}"
     elif spec.positions in ("prompt", "generated"):
         key += f"|prompt_len={len(prompt_ids)}"
     elif spec.positions == "last_function":
         key += f"|last_function={last_function_position(prompt_ids, fn_mask)}"
     return "functok:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _selected(spec: SteeringSpec, prompt_ids: list[int], fn_mask, roles) -> str:
+    """A digest of the prompt positions a position object selects (the same `build_slot_index` as the workers)."""
+    ids = torch.tensor(prompt_ids, dtype=torch.long)
+    n = ids.shape[0]
+    nw = narrowing(spec.positions, ids, fn_mask, None if roles is None else torch.tensor(roles))
+    per_req = (torch.tensor([v]) for v in (1, policy_code(spec.positions), n, last_function_position(ids, fn_mask)))
+    step = StepIndex(ids, torch.arange(n), torch.zeros_like(ids), *per_req, stack_narrowings([nw], "cpu"))
+    picked = build_slot_index(step, fn_mask.cpu()).ne(0).nonzero()[:, 0]
+    return hashlib.sha256(picked.numpy().tobytes()).hexdigest()[:16]
 
 
 def _extension_loaded(qualname: str | None) -> bool:
