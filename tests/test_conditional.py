@@ -1,8 +1,9 @@
 """Conditional edits (`when`) in the transformers engine: a mixed batch of requests (a conditional add, clamp,
 projection and norm-relative vector add, an unconditional add, a mix, and an unsteered one) against the independent
 reference (`reference.py`: a plain forward whose hooks read the condition with sae-lens, or as h . v, and write the
-operation out), log-probabilities at every generated step within 1e-4 (float32), on the demo model and on a random
-Llama whose SAEs sit at attn_out (gated), resid_mid (JumpReLU, per-token normalisation) and mlp_out (and on SmolLM2
+operation out), log-probabilities at every generated step within 1e-4 (float32), on the demo model, on a random
+Llama whose SAEs sit at attn_out (gated), resid_mid (JumpReLU, per-token normalisation) and mlp_out, on random GPT-2
+and Gemma-2 models (two more families, each with its own module layout) (and on SmolLM2
 with its shipped SAEs at layers 7, 15 and 22 when FUNCTOK_SLOW=1: 50-80 s, too slow for CI). A condition that
 never holds gives exactly the unsteered log-probabilities, one that always holds exactly the unconditional edit's; the
 layer rule and the architectures a feature condition cannot read are refused with the field named.
@@ -170,6 +171,37 @@ def test_conditional_edits_match_the_reference_at_other_hook_points(tmp_path, de
         for L, (site, arch, norm) in LLAMA_SITES.items()
     }
     points = {L: (L, site) for L, (site, _, _) in LLAMA_SITES.items()}
+    check(model_dir, tmp_path / "saes", paths, points, [demo_tokenizer.encode(p) for p in PROMPTS])
+
+
+# config class, keywords, SAE (site, architecture) by layer: two families besides Llama, with their own module layouts
+# (GPT-2's random attention output is too small for an SAE to fire at a quarter of the tokens, which the clamp's
+# "below" condition needs: its attn_out SAE reads the stream after it, resid_post, instead)
+OTHER_FAMILIES = {
+    "gpt2": (
+        "GPT2Config",
+        {"n_embd": 64, "n_layer": 3, "n_head": 4, "initializer_range": 0.08},
+        {0: ("resid_post", "jumprelu"), 1: ("resid_post", "standard"), 2: ("mlp_out", "gated")},
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        {**BODY, "num_key_value_heads": 2, "head_dim": 16, "initializer_range": 0.08, "sliding_window": 6},
+        {0: ("resid_post", "standard"), 1: ("attn_out", "jumprelu"), 2: ("mlp_out", "gated")},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_conditional_and_projection_edits_match_the_reference_on_other_families(tmp_path, demo_tokenizer, family):
+    """The same mixed batch (conditional add, clamp, set, cap, project_out, token_norm vector add) on GPT-2 (fused
+    qkv, no gate) and Gemma-2 (sandwich norms: attn_out/mlp_out read after the post-norms, sliding window)."""
+    cls, kw, sites = OTHER_FAMILIES[family]
+    model_dir = random_model(tmp_path, cls, DEMO_MODEL, **BASE, **kw)
+    paths = {
+        L: lens_sae(tmp_path / "saes" / f"layer_{L}", arch, 64, f"blocks.{L}.hook_{site}", seed=L)
+        for L, (site, arch) in sites.items()
+    }
+    points = {L: (L, site) for L, (site, _) in sites.items()}
     check(model_dir, tmp_path / "saes", paths, points, [demo_tokenizer.encode(p) for p in PROMPTS])
 
 
