@@ -94,16 +94,17 @@ class EdgeBits:
     @torch.no_grad()
     def add(self, token_ids: torch.Tensor, active: torch.Tensor) -> None:
         """Record the edges of one batch: token_ids (tokens,), active (tokens, d_sae) bool."""
+        token_ids = token_ids.to(active.device)
         pos, feat = active.nonzero(as_tuple=True)
-        self.add_firings(token_ids.to(active.device), pos, feat)
+        self.add_firings(token_ids, token_ids[pos], feat)
 
     @torch.no_grad()
-    def add_firings(self, token_ids: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor) -> None:
-        """Record one batch sparsely: token_ids (tokens,) of its counted positions; pos, feat (firings,): feature
-        feat fired at position pos (an index into token_ids). All three on one device."""
-        self.token_count += torch.bincount(token_ids, minlength=self.vocab_size).to(self.device)
+    def add_firings(self, counted: torch.Tensor, tokens: torch.Tensor, feat: torch.Tensor) -> None:
+        """Record one batch sparsely: counted (positions,) the token ids of its counted positions; tokens, feat
+        (firings,): feature feat fired at a position holding token `tokens`. All on one device."""
+        self.token_count += torch.bincount(counted, minlength=self.vocab_size).to(self.device)
         self.feature_count += torch.bincount(feat, minlength=self.d_sae).to(self.device)  # a bool sum is far slower
-        key, n = torch.unique(token_ids[pos] * self.d_sae + feat, return_counts=True)  # distinct (token, feature)
+        key, n = torch.unique(tokens * self.d_sae + feat, return_counts=True)  # distinct (token, feature)
         self._pending.append((key.cpu(), n.cpu()))
         self._pending_len += len(key)
         if self._pending_len > max(len(self.pair_key), 1 << 20):  # merge when the pending pairs outgrow the merged ones
@@ -255,21 +256,20 @@ class CoverageCapture:
         window = window - window.min()  # (tokens,) window index within this forward
         n_win = int(window.max()) + 1 if len(window) else 0
         fn_pos = self.fn_mask[token_ids] & keep
-        fn_any = torch.zeros(n_win, sae.d_sae, dtype=torch.bool, device=h.device)  # (windows, d_sae) at function pos.
+        fn_any = torch.zeros(n_win + 1, sae.d_sae, dtype=torch.bool, device=h.device)  # (windows + spare, d_sae)
         all_any = torch.zeros(n_win, sae.d_sae, dtype=torch.bool, device=h.device)  # (windows, d_sae) anywhere
+        spare = n_win * sae.d_sae  # fn_any's last row: where firings off function positions go
         chunks = encode_chunks(sae, h.to(sae.W_enc.dtype), self.chunk_bytes, active_only=True)
-        for start, active in chunks:  # (rows, d_sae) bool
+        for start, active in chunks:  # (rows, d_sae) bool, a fresh tensor
             sl = slice(start, start + active.shape[0])
+            active &= keep[sl, None]  # positions not counted (separators, sinks) fire nothing
             pos, feat = active.nonzero(as_tuple=True)  # (firings,) each
-            k = keep[sl]
-            index = torch.cumsum(k, 0) - 1  # (rows,) each kept row's index among the kept rows
-            hit = k[pos]
-            graph.add_firings(token_ids[sl][k], index[pos[hit]], feat[hit])
-            win = window[sl][pos]
-            all_any[win[hit], feat[hit]] = True
-            at_fn = fn_pos[sl][pos]
-            fn_any[win[at_fn], feat[at_fn]] = True
-        graph.add_window(fn_any, all_any)
+            ids = token_ids[sl]
+            graph.add_firings(ids[keep[sl]], ids[pos], feat)
+            flat = window[sl][pos] * sae.d_sae + feat  # (firings,) index into (windows, d_sae)
+            all_any.view(-1).index_fill_(0, flat, True)
+            fn_any.view(-1).index_fill_(0, torch.where(fn_pos[sl][pos], flat, spare), True)
+        graph.add_window(fn_any[:n_win], all_any)
 
     def fns(self, batch: torch.Tensor) -> dict:
         """Residual functions in capture mode (they return None: the stream is unchanged) for a forward over the
