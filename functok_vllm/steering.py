@@ -11,6 +11,9 @@ the objects the engines apply, so no field is written twice. The user-facing obj
                {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
+`positions` is a name (`POSITIONS`) or a position object (`Positions`: a base selector narrowed by windows, chat
+roles and token ids), e.g. `{"select": "function", "last_prompt": 8, "first_generated": 4, "exclude_ids": [13]}`.
+
 `parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
 admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
 vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
@@ -28,22 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
+from functok_vllm.positions import AnyPositions, Positions, check_positions
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-from functok_vllm.validation import describe, shown
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
+from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt, describe, shown
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
 MODE_FIELDS = {
@@ -55,14 +49,6 @@ MODE_FIELDS = {
     "set": ({"value"}, {"value"}),
 }
 NUMBERS = ("strength", "value", "min", "max")
-
-
-class FieldError(ValueError):
-    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.field = name
 
 
 class Edit(Strict):
@@ -198,8 +184,17 @@ class SteeringSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
     edits: tuple[AnyEdit, ...] = ()
-    positions: Literal[POSITIONS] = "function"
+    positions: AnyPositions = "function"
     _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _positions_form(cls, data):
+        if isinstance(data, dict) and not isinstance(data.get("positions", ""), str | dict | Positions):
+            names = ", ".join(POSITIONS)
+            msg = f"must be a name ({names}) or a position object, got {shown(data['positions'])}"
+            raise FieldError("positions", msg)
+        return data
 
     @classmethod
     def from_dict(cls, obj: dict) -> SteeringSpec:
@@ -223,9 +218,21 @@ class SteeringSpec(Strict):
     def is_noop(self) -> bool:
         return not self.edits
 
+    @property
+    def select(self) -> str:
+        """The base selector (`POSITIONS`) of `positions`."""
+        return self.positions if isinstance(self.positions, str) else self.positions.select
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The chat roles `positions` selects by (empty: none)."""
+        return () if isinstance(self.positions, str) else self.positions.roles or ()
+
     def user_form(self) -> dict:
         """The steering object a user would send for this spec (vectors with their version)."""
-        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+        pos = self.positions
+        pos = pos if isinstance(pos, str) else pos.model_dump(exclude_none=True, exclude_defaults=True)
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": pos}
 
     def key(self) -> str:
         return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
@@ -280,6 +287,7 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    check_positions(spec, limits, f"{param}.positions")
     if spec.is_noop:
         return None
     edits, clamped, projected = [], set(), set()

@@ -30,9 +30,12 @@ class SteeringLimits:
         "does not fit waits",
     )
     max_abs_strength: float = _limit(1000.0, "largest |strength|, |value|, |min| and |max| of an edit; larger get 400")
+    max_position_ids: int = _limit(
+        256, "token ids in a position object's token_ids and in its exclude_ids (each); more get 400"
+    )
 
     def __post_init__(self):
-        for f in ("max_edits", "max_clamps", "max_projections"):
+        for f in ("max_edits", "max_clamps", "max_projections", "max_position_ids"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a whole number of at least 1, got {v!r}")

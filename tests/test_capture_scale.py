@@ -58,6 +58,11 @@ def test_plan_runs_without_weights_and_its_memory_is_the_arithmetic(paper_scale,
     assert rows["SAE L9 weights"][1] == encoder + D_SAE * 3584 * 2  # vLLM's worker also holds W_dec
     chunk_rows = (2 << 30) // (D_SAE * 4)  # bf16 pre-activations + 2 bool masks per element
     assert chunk_rows == 512 and rows["capture L9"][0].startswith(f"capture L9: chunks of {chunk_rows} rows")
+    tp2 = make_plan(
+        PlanInput(model_shape(model), sae, 5_000_000, 256, 8, engine="vllm", device="h100", tensor_parallel=2)
+    )
+    assert tp2.rows[0][1] == params  # half the bf16 weights per GPU; every rank holds the SAEs and builds the graph
+    assert tp2.device_bytes == vllm.device_bytes - params and tp2.host_bytes == 2 * vllm.host_bytes
     hf = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, sae_dtype="bfloat16"))
     hf_rows = {r[0].split(":")[0]: r for r in hf.rows}
     assert hf_rows["model"][1] == 4 * params and hf_rows["SAE L9 weights"][1] == encoder  # float32 model, no W_dec

@@ -192,7 +192,7 @@ def main(args) -> int:
     )
     layers = cfg.layers and list(cfg.layers)
     if getattr(args, "engine", "transformers") == "vllm":
-        am = load_vllm(args.model, args.saes, args.function_tokens, layers)
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size)
     else:
         dtype = getattr(torch, getattr(args, "sae_dtype", "float32"))
         chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20

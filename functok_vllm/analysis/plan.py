@@ -6,7 +6,7 @@ Reads only the model's config.json (hidden size, layers, heads, MLP width, vocab
   device: model weights; SAE encoders (+ decoders on vLLM, whose worker loads them for steering); one forward's
           activations; one encode chunk (rows x d_sae x `capture.element_bytes`); per-layer counts and window masks
   host:   the sparse edge set, at most (tokens x L0) edges of 16 bytes each (3x that while a merge sorts), and
-          2 x d_sae / 8 bytes per window per layer
+          2 x d_sae / 8 bytes per window per layer; under tensor parallelism once per rank (each builds the graph)
   time:   matmul FLOPs (forward 2 x decoder params + attention, encoders 2 x d_in x d_sae per token and layer) at the
           device's rate, each encoder read once per chunk at its bandwidth, the per-(token, feature) active test and
           scan, and the per-firing edge bookkeeping
@@ -149,6 +149,7 @@ class PlanInput:
     sae_dtype: str = "float32"
     chunk_bytes: int = 2 << 30
     l0: float = 100.0
+    tensor_parallel: int = 1  # vLLM: the model sharded over this many GPUs; every rank holds every SAE and graph
 
 
 @dataclass
@@ -190,11 +191,13 @@ def make_plan(p: PlanInput) -> Plan:
     fwd_flops = (
         2 * (m.params - m.embedding_params) * p.tokens + 2 * m.n_layers * p.tokens * p.seq_len * m.n_heads * m.head_dim
     )
+    tp = p.tensor_parallel
+    shard = f", 1/{tp} per GPU" if tp > 1 else ""
     plan.add(
-        f"model: {m.params / 1e9:.3f}B params in {model_dtype}",
-        m.params * msize,
+        f"model: {m.params / 1e9:.3f}B params in {model_dtype}{shard}",
+        m.params * msize / tp,
         0,
-        fwd_flops / dev.matmul[model_dtype],
+        fwd_flops / dev.matmul[model_dtype] / tp,
     )
     act = rows_fwd * (6 * m.d_model + 2 * m.d_mlp) * msize + p.batch_size * m.n_heads * p.seq_len**2 * msize
     plan.add(f"one forward's activations ({p.batch_size} x {p.seq_len} tokens)", act)
@@ -216,7 +219,7 @@ def make_plan(p: PlanInput) -> Plan:
         what = f"SAE L{layer} weights: d_sae {d_sae}, {sae_dtype}{' + decoder' if dec else ', encoder only'}"
         plan.add(what, enc + dec)
         what = f"capture L{layer}: chunks of {rows} rows, edges, windows"
-        plan.add(what, chunk + small, 3 * edges + windows, t_mm + t_elem + firings * dev.firing_s)
+        plan.add(what, chunk + small, tp * (3 * edges + windows), t_mm + t_elem + firings * dev.firing_s)
     return plan
 
 
@@ -233,7 +236,7 @@ def render(p: PlanInput, plan: Plan) -> str:
     lines = [
         f"plan: coverage of {p.tokens:,} tokens (windows of {p.seq_len}, {p.batch_size} a batch) on the {p.engine} "
         f"engine, {dev.name} ({dev.source}); L0 {p.l0:g} firings per token assumed",
-        f"  {'':58} {'device':>10} {'host':>10} {'time':>9}",
+        f"  {'':58} {'per GPU' if p.tensor_parallel > 1 else 'device':>10} {'host':>10} {'time':>9}",
     ]
     for what, d, h, s in plan.rows:
         lines.append(f"  {what:58} {fmt_bytes(d):>10} {fmt_bytes(h):>10} {fmt_time(s):>9}")
@@ -267,5 +270,6 @@ def plan_from_args(args) -> tuple[PlanInput, Plan]:
         sae_dtype=args.sae_dtype,
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         l0=args.l0,
+        tensor_parallel=getattr(args, "tensor_parallel_size", 1),
     )
     return p, make_plan(p)

@@ -129,15 +129,6 @@ class SteeringLayer(torch.nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
 
-    def add_delta(self, h: torch.Tensor) -> torch.Tensor:
-        """`delta(h)` when this layer has no owned clamp or projection column and no norm-relative add
-        (`SteeringTable.clamps_in_use`): the gather alone.
-
-        Equal to `delta` then (the other terms are exact zeros). For eager engines that may choose per step; compiled
-        engines call `delta`, whose graph never changes.
-        """
-        return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
-
 
 def steer_delta(
     h,
@@ -248,7 +239,6 @@ class _Slot:
     refs: int
     clamp_cols: dict  # layer -> list of clamp columns
     proj_cols: dict  # layer -> list of projection columns
-    norm_layers: set  # layers where its norm-relative table row is written
 
 
 class SteeringTable:
@@ -291,21 +281,10 @@ class SteeringTable:
         self._free = list(range(max_slots - 1, 0, -1))
         self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
         self._free_proj = {layer: list(range(P - 1, -1, -1)) for layer in self.layers}
-        self._norm_refs = dict.fromkeys(self.layers, 0)  # layer -> slots with a norm-relative add there
 
     @property
     def slots_in_use(self) -> int:
         return len(self._by_key)
-
-    def clamps_in_use(self, layer: int) -> bool:
-        """Does any slot own a clamp or projection column, or a norm-relative add, at this layer? If not, `add_delta`
-        equals `delta` there."""
-        op = self.layers[layer]
-        return (
-            len(self._free_cols[layer]) < op.max_clamps
-            or len(self._free_proj[layer]) < op.max_projections
-            or self._norm_refs[layer] > 0
-        )
 
     def acquire(self, spec: Spec | None) -> int:
         """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
@@ -328,10 +307,8 @@ class SteeringTable:
         slot = self._free.pop()
         cols = {layer: [self._free_cols[layer].pop() for _ in range(n)] for layer, n in need.items()}
         proj = {layer: [self._free_proj[layer].pop() for _ in range(n)] for layer, n in need_proj.items()}
-        norm_layers = self._write(slot, spec, cols, proj)
-        for layer in norm_layers:
-            self._norm_refs[layer] += 1
-        self._by_key[key] = _Slot(slot, 1, cols, proj, norm_layers)
+        self._write(slot, spec, cols, proj)
+        self._by_key[key] = _Slot(slot, 1, cols, proj)
         return slot
 
     def release(self, spec: Spec | None) -> None:
@@ -349,19 +326,16 @@ class SteeringTable:
         for layer, cols in entry.proj_cols.items():
             self.layers[layer].proj_owner[cols] = -1
             self._free_proj[layer].extend(cols)
-        for layer in entry.norm_layers:
-            self._norm_refs[layer] -= 1
         for op in self.layers.values():
             op.add_table[entry.slot].zero_()
             op.norm_add_table[entry.slot].zero_()
         self._free.append(entry.slot)
 
     @torch.no_grad()
-    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict) -> set:
-        """Write `spec` into `slot`'s rows and into the columns given to it; the layers of its norm-relative adds."""
+    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict) -> None:
+        """Write `spec` into `slot`'s rows and into the columns given to it."""
         used = {layer: iter(c) for layer, c in cols.items()}
         used_proj = {layer: iter(c) for layer, c in proj.items()}
-        norm_layers = set()
 
         def direct(layer, e, row):  # one edit's direction at one layer: an add or a projection column
             op = self.layers[layer]
@@ -369,7 +343,6 @@ class SteeringTable:
             unit = row / row.norm().clamp_min(torch.finfo(row.dtype).tiny)  # a zero direction stays zero: a no-op
             if e.mode == "add" and e.per_norm:
                 op.norm_add_table[slot] += e.strength * unit
-                norm_layers.add(layer)
             elif e.mode == "add":  # the same arithmetic for features and vectors: strength * row, into the slot's row
                 op.add_table[slot] += e.strength * row
             else:
@@ -394,7 +367,6 @@ class SteeringTable:
             op.clamp_W_dec[j] = sae.W_dec[e.feature]
             op.clamp_value[j] = e.clamp_value
             op.clamp_owner[j] = slot
-        return norm_layers
 
     def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
         """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""

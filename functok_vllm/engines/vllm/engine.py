@@ -27,7 +27,7 @@ from pathlib import Path
 from functok_vllm.core import FunctionTokens
 from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
-from functok_vllm.engines.vllm.batch_state import TAG
+from functok_vllm.engines.vllm.batch_state import ROLES_XARG, TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
@@ -192,6 +192,8 @@ class VLLMEngine(Engine):
         extra = {TAG: rid} if spec is not None or fr is not None else {}
         if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
             extra[XARG] = spec
+            if spec.roles:  # the chat prompt's role codes the server computed, for the worker's narrowing
+                extra[ROLES_XARG] = list(request.prompt_roles)
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
