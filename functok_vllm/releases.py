@@ -2,7 +2,8 @@
 
 Names: `path/to/sae_dir`; `release:sae_id` for any id of any sae-lens release (`gpt2-small-res-jb:blocks.8.hook_
 resid_pre`); `release:N` for a release listed in sae_weights/releases.json, whose sae_id_pattern is filled with N
-(`gemma-scope-2b-pt-res-canonical:20`). A release is downloaded once by sae-lens's own loader (which converts and
+(`gemma-scope-2b-pt-res-canonical:20`), or whose `sae_ids` names that layer's id (`gemma-scope-9b-pt-res:20`, the
+paper's 1M-wide dictionary). A release is downloaded once by sae-lens's own loader (which converts and
 folds it to the plain SAELens format) and saved under the cache directory, where `core.sae.SAE.load` reads it.
 The server runs offline (functok_vllm.offline), so fetching a release needs HF_HUB_OFFLINE=0 and a reachable hub.
 """
@@ -32,20 +33,29 @@ def parse_name(name: str, releases: dict[str, dict]) -> tuple[str, str]:
     """`release:sae_id` or `release:N` -> (release, sae_id)."""
     release, sep, rest = name.partition(":")
     if release in releases and not sep:
-        e = releases[release]
         raise CLIError(
-            f"SAE release {release} needs an SAE: name it {release}:N with N in {e['layers'][0]}..{e['layers'][1]} "
-            f"(sae id {e['sae_id_pattern']}) or {release}:<sae_id>"
+            f"SAE release {release} needs an SAE: name it {release}:N with N in {_layers(releases[release])} "
+            f"or {release}:<sae_id>"
         )
     if not sep or not release or not rest:
         raise CLIError(f"SAE {name!r} is neither an existing directory nor release:sae_id")
     if rest.isdigit() and release in releases:
         e = releases[release]
+        if "sae_ids" in e:  # a few layers, each with its own id
+            if rest not in e["sae_ids"]:
+                raise CLIError(f"SAE release {release} lists layers {_layers(e)}, not {rest}")
+            return release, e["sae_ids"][rest]
         lo, hi = e["layers"]
         if not lo <= int(rest) <= hi:
             raise CLIError(f"SAE release {release} covers layers {lo}..{hi}, not {rest}")
         return release, e["sae_id_pattern"].format(layer=int(rest))
     return release, rest
+
+
+def _layers(e: dict) -> str:
+    if "sae_ids" in e:
+        return "/".join(e["sae_ids"])
+    return f"{e['layers'][0]}..{e['layers'][1]} (sae id {e['sae_id_pattern']})"
 
 
 def resolve_sae(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:

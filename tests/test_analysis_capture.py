@@ -23,9 +23,9 @@ def test_unpack_bits_orders_bits_within_bytes():
     assert got == [0, 2, 15]
 
 
-def test_edges_are_exact_across_batches_and_row_growth():
+def test_edges_are_exact_across_batches():
     g = torch.Generator().manual_seed(0)
-    g_edges = EdgeBits(d_sae=37, vocab_size=500, capacity=2)  # capacity 2 forces several regrowths
+    g_edges = EdgeBits(d_sae=37, vocab_size=500)
     want = set()
     for _ in range(5):
         ids = torch.randint(0, 500, (64,), generator=g)
@@ -70,7 +70,7 @@ def test_million_feature_dictionary_stays_exact():
     for i, fs in enumerate(feats):
         active[i, fs] = True
     g.add(ids, active)
-    assert g.bits.shape[1] == d_sae // 8
+    assert g.n_bytes == d_sae // 8 and g.n_edges == 5  # five edges held, no (tokens, d_sae) table
     assert stored_edges(g) == {(3, 0), (3, d_sae - 1), (3, 999_999), (4, 12345), (7, d_sae - 8)}
     assert g.coverage_curve(torch.tensor([3, 4, 7])).tolist() == [3, 4, 5]
 
@@ -89,7 +89,7 @@ def test_encode_chunks_equals_one_encode():
         },
     )
     h = torch.randn(23, 6, generator=g)
-    chunks = list(encode_chunks(sae, h, max_elems=40 * 5))  # 5 rows a chunk
+    chunks = list(encode_chunks(sae, h, chunk_bytes=40 * 13 * 5))  # 5 rows a chunk: 13 bytes per float32 element
     assert [s for s, _ in chunks] == [0, 5, 10, 15, 20]
     whole = sae.encode(h)
     torch.testing.assert_close(torch.cat([a for _, a in chunks]), whole)  # sgemm sums rows in another order
@@ -124,7 +124,7 @@ def test_edge_state_round_trips_through_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(1)
-    a = EdgeBits(d_sae=21, vocab_size=300, capacity=3)
+    a = EdgeBits(d_sae=21, vocab_size=300)
     dense = torch.zeros(300, 21, dtype=torch.long)  # firings per (token, feature), counted by hand
     for _ in range(3):
         ids, act = torch.randint(0, 300, (40,), generator=g), torch.rand(40, 21, generator=g) < 0.2
@@ -142,7 +142,54 @@ def test_edge_state_round_trips_through_safetensors(tmp_path):
         unpack_bits(win_fn, 21)[-1], act[:20].any(0)
     )
     assert torch.equal(b.token_count, a.token_count) and torch.equal(b.feature_count, a.feature_count)
-    assert torch.equal(b.row_of, a.row_of)
-    new = torch.tensor([299, 0, 299])  # rows keep growing after a reload
+    assert torch.equal(b.token_of, a.token_of)
+    new = torch.tensor([299, 0, 299])  # edges keep being added after a reload
     b.add(new, torch.ones(3, 21, dtype=torch.bool))
     assert b.rows(torch.tensor([299, 0])).all()
+
+
+def test_chunk_size_changes_no_activation_and_no_edge(demo_model, demo_tokenizer, demo_saes, demo_function_tokens):
+    """The demo model's residuals encoded by its SAEs (float64: no sum order can flip a threshold) in chunks of 1, 7
+    and every row give the same activations and the same edge tables, counts and window sets as a plain dense
+    reference built here from one `encode` of all rows."""
+    from collections import Counter
+
+    from functok_vllm.core.capture import CoverageCapture, chunk_rows, element_bytes
+
+    text = "The old prince was sitting in his study, and he said to his daughter that the letter had come. " * 8
+    ids = torch.tensor(demo_tokenizer(text)["input_ids"][:96])  # (tokens,)
+    assert len(ids) == 96
+    seq = 32
+    with torch.no_grad():
+        hs = demo_model(input_ids=ids.view(-1, seq), output_hidden_states=True).hidden_states
+    vocab = demo_model.get_output_embeddings().weight.shape[0]
+    fn = demo_function_tokens.mask(vocab)
+    positions = torch.arange(seq).repeat(len(ids) // seq)  # (tokens,) three windows
+    skip = int(ids[5])  # a token whose positions must add nothing
+    for layer, sae in demo_saes.items():
+        sae = sae.to(dtype=torch.float64)
+        h = hs[layer + 1].reshape(-1, sae.d_in).double()  # (tokens, d_in) output of decoder layer `layer`
+        act = sae.encode(h)  # (tokens, d_sae) the reference: one encode of every row
+        keep = ids != skip
+        want = Counter((int(t), int(f)) for t, row in zip(ids[keep], act[keep] > 0, strict=True) for f in row.nonzero())
+        win = positions.eq(0).cumsum(0) - 1
+        want_all = torch.stack([((act > 0) & keep[:, None])[win == w].any(0) for w in range(3)])
+        want_fn = torch.stack([((act > 0) & (keep & fn[ids])[:, None])[win == w].any(0) for w in range(3)])
+        per_row = sae.d_sae * element_bytes(sae, active_only=True)
+        for rows in (1, 7, len(ids)):
+            assert chunk_rows(sae, rows * per_row, active_only=True) == rows
+            chunks = list(encode_chunks(sae, h, rows * sae.d_sae * element_bytes(sae, False)))
+            assert len(chunks) == -(-len(ids) // rows) and torch.equal(torch.cat([a for _, a in chunks]), act)
+            cap = CoverageCapture({layer: sae}, [layer], vocab, skip, fn_mask=fn, exclude_sinks=False)
+            cap.chunk_bytes = rows * per_row
+            cap.observe(layer, ids, h, positions)
+            g = cap.graphs[layer]
+            tokens, feats, n = g.pairs()
+            got = dict(zip(zip(tokens.tolist(), feats.tolist(), strict=True), n.tolist(), strict=True))
+            assert got == want, (layer, rows)
+            assert torch.equal(g.token_count, torch.bincount(ids[keep], minlength=vocab))
+            assert torch.equal(g.feature_count, (act[keep] > 0).sum(0))
+            win_fn, win_all = g.windows()
+            assert torch.equal(unpack_bits(win_all, sae.d_sae), want_all)
+            assert torch.equal(unpack_bits(win_fn, sae.d_sae), want_fn), (layer, rows)
+        assert len(want) > 100 and want_fn.any() and not torch.equal(want_fn, want_all)

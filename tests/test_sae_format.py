@@ -165,8 +165,15 @@ def test_releases_json_matches_sae_lens_directory(lens):
         assert name in directory, name
         assert directory[name].repo_id == e["repo_id"] and directory[name].model == e["model"], name
         lo, hi = e["layers"]
-        for layer in range(lo, hi + 1):
-            assert e["sae_id_pattern"].format(layer=layer) in directory[name].saes_map, (name, layer)
+        ids = (
+            e["sae_ids"].values()
+            if "sae_ids" in e
+            else [e["sae_id_pattern"].format(layer=n) for n in range(lo, hi + 1)]
+        )
+        for sae_id in ids:
+            assert sae_id in directory[name].saes_map, (name, sae_id)
+    paper = known_releases(SAE_RELEASES)["gemma-scope-9b-pt-res"]["sae_ids"]  # the paper's 1M-wide dictionaries
+    assert sorted(map(int, paper)) == [9, 20, 31] and all(f"layer_{n}/width_1m/" in paper[n] for n in paper)
 
 
 def test_resolve_sae_local_dir_and_offline_release(tmp_path, monkeypatch):
@@ -178,6 +185,10 @@ def test_resolve_sae_local_dir_and_offline_release(tmp_path, monkeypatch):
         resolve_sae("gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical", cache_dir=tmp_path)
     with pytest.raises(CLIError, match=r"covers layers 0\.\.31, not 40"):
         resolve_sae("llama_scope_lxr_8x:40", cache_dir=tmp_path)
+    with pytest.raises(CLIError, match=r"gemma-scope-9b-pt-res \(sae id layer_20/width_1m/average_l0_101\).*hub"):
+        resolve_sae("gemma-scope-9b-pt-res:20", cache_dir=tmp_path)
+    with pytest.raises(CLIError, match=r"lists layers 9/20/31, not 10"):
+        resolve_sae("gemma-scope-9b-pt-res:10", cache_dir=tmp_path)
     with pytest.raises(CLIError, match="neither an existing directory nor release:sae_id"):
         resolve_sae(str(tmp_path / "no_such_sae"), cache_dir=tmp_path)
 

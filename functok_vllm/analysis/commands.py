@@ -92,6 +92,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="SAE layers (default: all)")
     p.add_argument("--keep-sinks", action="store_true", help="count attention-sink positions too (default: left out)")
     add_engine(p, "capture mode of the steering worker extension")
+    p.add_argument(
+        "--chunk-mb",
+        type=positive_int,
+        default=2048,
+        help="MiB of (rows, d_sae) intermediates per SAE encode chunk (default 2048: 512 rows at d_sae 2^20 in bf16)",
+    )
+    p.add_argument(
+        "--sae-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="SAE encoder dtype on the transformers engine (encoders only are loaded; see BENCHMARKS.md for how "
+        "closely a lower dtype's firing sets agree with float32)",
+    )
+    p.add_argument("--plan", action="store_true", help="print the memory and time the run needs, load nothing, exit")
+    p.add_argument(
+        "--plan-device", choices=["cpu", "a100", "h100", "h200"], default="cpu", help="device the plan is for"
+    )
+    p.add_argument("--l0", type=float, default=100.0, help="features firing per token, for the plan (default 100)")
 
     p = _add(sub, "reactivation", "reactivation", "re-activated and predictive features at function tokens", False)
     p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')

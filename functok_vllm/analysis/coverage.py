@@ -16,7 +16,7 @@ import torch
 from functok_vllm.analysis import coverage_null
 from functok_vllm.analysis.data import check_corpus, n_batches, sequences, token_stream
 from functok_vllm.analysis.io import figure, out_dir, save_figure, write_csv, write_json
-from functok_vllm.core.capture import EdgeBits
+from functok_vllm.core.capture import CHUNK_BYTES, EdgeBits
 from functok_vllm.errors import CLIError
 
 MILESTONES = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -177,6 +177,11 @@ def main(args) -> int:
     from functok_vllm.analysis.vllm_model import load_vllm
 
     check_corpus(args.corpus)
+    if getattr(args, "plan", False):
+        from functok_vllm.analysis.plan import plan_from_args, render
+
+        print(render(*plan_from_args(args)))
+        return 0
 
     cfg = CoverageConfig(
         tuple(args.layers) if args.layers else None,
@@ -189,7 +194,9 @@ def main(args) -> int:
     if getattr(args, "engine", "transformers") == "vllm":
         am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size)
     else:
-        am = load_hf(args.model, args.saes, args.function_tokens, layers)
+        dtype = getattr(torch, getattr(args, "sae_dtype", "float32"))
+        chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20
+        am = load_hf(args.model, args.saes, args.function_tokens, layers, True, dtype, chunk)  # encoders only
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
     summary = summarize(build_graphs(am, stream, cfg), am.fn_mask, am.decode, cfg.nulls)
     paths = write(summary, Path(args.out), cfg.table_rows)

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from functok_vllm.core import SAE, FunctionTokens, SAELoadError
-from functok_vllm.core.capture import CoverageCapture, EdgeBits
+from functok_vllm.core.capture import CHUNK_BYTES, CoverageCapture, EdgeBits
 from functok_vllm.core.sae import SAEConfig
 from functok_vllm.core.sae import load_saes as core_load_saes
 from functok_vllm.engines.hf.hooks import check_hook_points, load_model
@@ -79,6 +79,7 @@ class HFAnalysisModel(TokenizerMixin):
     saes: dict[int, SAE] = field(default_factory=dict)
     fn_mask: torch.Tensor | None = None  # (vocab,) bool
     function_tokens: FunctionTokens | None = None
+    chunk_bytes: int = CHUNK_BYTES  # capture's encode chunks, see core.capture.CHUNK_BYTES
 
     def __post_init__(self):
         if self.fn_mask is None:
@@ -118,7 +119,15 @@ class HFAnalysisModel(TokenizerMixin):
         from tqdm import tqdm
 
         cap = CoverageCapture(
-            self.saes, layers, self.vocab_size, self.eos_id, self.device, self.fn_mask, self.bos_id, exclude_sinks
+            self.saes,
+            layers,
+            self.vocab_size,
+            self.eos_id,
+            self.device,
+            self.fn_mask,
+            self.bos_id,
+            exclude_sinks,
+            chunk_bytes=self.chunk_bytes,
         )
         for batch in tqdm(batches, total=total, desc="coverage", disable=not progress):  # (b, seq)
             self.forward(batch, cap.fns(batch), logits=False)  # hooks see (b * seq, d_model)
@@ -158,10 +167,13 @@ def sae_configs(saes_dir: str | Path, layers: list[int] | None = None) -> dict[i
     return {layer: found[layer] for layer in want}
 
 
-def load_saes(saes_dir: str | Path, layers: list[int] | None = None) -> dict[int, SAE]:
-    """{layer: SAE}, weights loaded, for `sae_configs(saes_dir, layers)`."""
+def load_saes(
+    saes_dir: str | Path, layers: list[int] | None = None, decoder: bool = True, dtype=torch.float32
+) -> dict[int, SAE]:
+    """{layer: SAE}, weights loaded (`decoder=False`: encoders only, for capture), for `sae_configs(saes_dir,
+    layers)`."""
     try:
-        return core_load_saes([c.path for c in sae_configs(saes_dir, layers).values()])
+        return core_load_saes([c.path for c in sae_configs(saes_dir, layers).values()], dtype=dtype, decoder=decoder)
     except SAELoadError as e:
         raise CLIError(str(e)) from None
 
@@ -196,11 +208,15 @@ def load_hf(
     saes_dir: str | Path | None,
     function_tokens: str | Path,
     layers: list[int] | None = None,
+    encoder_only: bool = False,
+    sae_dtype=torch.float32,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> HFAnalysisModel:
-    """Check every input first (cheap), then load: the analysis model on the transformers engine, in float32."""
+    """Check every input first (cheap), then load: the analysis model on the transformers engine, in float32, with
+    its SAEs in `sae_dtype` (encoders only with `encoder_only`: capture reads no decoder)."""
     model_dir = check_model_dir(model_dir)
     fts = load_function_tokens(function_tokens)
-    saes = load_saes(saes_dir, layers) if saes_dir is not None else {}
+    saes = load_saes(saes_dir, layers, not encoder_only, sae_dtype) if saes_dir is not None else {}
     model, tok = load_model(model_dir)
     n_layers = len(decoder_layers(model))
     for layer in saes:
@@ -211,7 +227,7 @@ def load_hf(
     except ValueError as e:
         raise CLIError(str(e)) from None
     mask = function_token_mask(fts, model.get_output_embeddings().weight.shape[0])
-    return HFAnalysisModel(model, tok, saes, mask, fts)
+    return HFAnalysisModel(model, tok, saes, mask, fts, chunk_bytes)
 
 
 def load_checkpoint(path: str | Path) -> torch.nn.Module:

@@ -14,17 +14,35 @@ import torch
 from functok_vllm.core.sae import SAE
 from functok_vllm.core.sinks import SINK_NORM_RATIO, sink_mask
 
-MAX_CHUNK_ELEMS = 1 << 25  # (rows, d_sae) activations of one chunk stay under 128 MiB in float32
+# Bytes of (rows, d_sae) intermediates one encode chunk may hold; rows per chunk = this / (d_sae x bytes per element).
+# At d_sae = 2^20 in bfloat16 that is 512 rows: the encoder GEMM then does 512 flops per byte of encoder it reads,
+# above an H100's ~295 (989 TFLOP/s over 3.35 TB/s), so it is compute-bound, by arithmetic (a fixed 2^25 elements
+# gave 32 rows: 16x the reads). A 16k-wide SAE takes a whole batch. `--chunk-mb` sets it; `analysis/plan.py` counts it.
+CHUNK_BYTES = 2 << 30
 _BIT = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # (8,)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)  # (256,)
 
 
+def element_bytes(sae: SAE, active_only: bool) -> int:
+    """Bytes per (row, feature) one chunk's encode holds at its peak: the pre-activations in the SAE's dtype and two
+    bool masks (active_only), or the pre-activations, their relu, the product and a mask (encode); a gated SAE's
+    magnitude path doubles it."""
+    size = sae.W_enc.element_size()
+    per = size + 2 if active_only else 3 * size + 1
+    return 2 * per if sae.cfg.architecture == "gated" else per
+
+
+def chunk_rows(sae: SAE, chunk_bytes: int = CHUNK_BYTES, active_only: bool = False) -> int:
+    """Rows per encode chunk so that its (rows, d_sae) intermediates stay under chunk_bytes (at least one row)."""
+    return max(1, chunk_bytes // (sae.d_sae * element_bytes(sae, active_only)))
+
+
 def encode_chunks(
-    sae: SAE, h: torch.Tensor, max_elems: int = MAX_CHUNK_ELEMS, active_only: bool = False
+    sae: SAE, h: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, active_only: bool = False
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, (rows, d_sae) activations) over row chunks of h (tokens, d_in), so a d_sae of 2^20 fits in memory;
-    with active_only, (rows, d_sae) bool `activations > 0` instead (cheaper: no activation values are formed)."""
-    rows = max(1, max_elems // sae.d_sae)
+    """(start, (rows, d_sae) activations) over row chunks of h (tokens, d_in) sized by `chunk_rows`, so a d_sae of
+    2^20 fits in memory; with active_only, (rows, d_sae) bool `activations > 0` instead (no activation values)."""
+    rows = chunk_rows(sae, chunk_bytes, active_only)
     fn = sae.active if active_only else sae.encode
     for start in range(0, h.shape[0], rows):
         yield start, fn(h[start : start + rows])
@@ -44,93 +62,76 @@ def unpack_bits(packed: torch.Tensor, n_bits: int) -> torch.Tensor:
 
 
 class EdgeBits:
-    """The token-feature bipartite graph of one SAE layer as packed bits, (tokens seen) x d_sae, on the device.
+    """The token-feature bipartite graph of one SAE layer as a sparse edge set in host memory.
 
-    Rows are assigned to token ids in order of first sight (`row_of[token_id]`, -1 if unseen), so memory grows with the
-    distinct tokens seen, one bit per (token, feature). Also counts token occurrences, feature firings, and the firings
-    of each edge (sparse: `pair_key` = row * d_sae + feature, sorted, with `pair_n` firings; memory grows with the
-    edges, not with tokens x d_sae), which give any token set's firing counts, edges needing m firings and the
-    nulls of random token sets. Per window (a unit to bootstrap over): the features fired at function positions and
-    at any position, packed (`add_window`), and the sink positions left out (`n_sinks`).
+    Every edge (token t, feature f) is one sorted key t * d_sae + f with its firings (`pair_key`, `pair_n`), so memory
+    grows with the distinct edges (16 bytes each), not with (tokens seen) x d_sae: a 1M-wide dictionary costs no
+    131 kB row per token. A batch's pairs are made distinct on the device it ran on and only they cross to the host,
+    where they wait in `_pending` until they outgrow the merged set (then one sort merges them: no table doubles on
+    the device). Token occurrences and feature firings are counted on the device ((vocab,) and (d_sae,), fixed size).
+    Per window (a unit to bootstrap over), on the host: the features fired at function positions and at any
+    position, packed (`add_window`); and the sink positions left out (`n_sinks`).
     """
 
-    def __init__(self, d_sae: int, vocab_size: int, device="cpu", capacity: int = 256):
+    def __init__(self, d_sae: int, vocab_size: int, device="cpu"):
         self.d_sae, self.vocab_size, self.device = d_sae, vocab_size, torch.device(device)
         self.n_bytes = (d_sae + 7) // 8
-        self.row_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)  # (vocab,)
-        self.token_of = torch.empty(0, dtype=torch.long, device=device)  # (rows,)
-        self.bits = torch.zeros(capacity, self.n_bytes, dtype=torch.uint8, device=device)  # (capacity, bytes)
         self.token_count = torch.zeros(vocab_size, dtype=torch.long, device=device)  # (vocab,)
         self.feature_count = torch.zeros(d_sae, dtype=torch.long, device=device)  # (d_sae,) positions active
-        self.pair_key = torch.empty(0, dtype=torch.long, device=device)  # (edges,) row * d_sae + feature, sorted
-        self.pair_n = torch.empty(0, dtype=torch.long, device=device)  # (edges,) firings of each edge
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # batches' pairs not yet merged into pair_key
+        self.pair_key = torch.empty(0, dtype=torch.long)  # (edges,) token * d_sae + feature, sorted, host
+        self.pair_n = torch.empty(0, dtype=torch.long)  # (edges,) firings of each edge, host
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # batches' pairs not yet merged, host
         self._pending_len = 0
-        self.win_fn: list[torch.Tensor] = []  # (bytes,) per window: features fired at its function positions
-        self.win_all: list[torch.Tensor] = []  # (bytes,) per window: features fired at any of its positions
+        self.win_fn: list[torch.Tensor] = []  # (bytes,) per window: features fired at its function positions, host
+        self.win_all: list[torch.Tensor] = []  # (bytes,) per window: features fired at any of its positions, host
         self.n_sinks = 0  # positions left out as attention sinks
 
     @property
-    def n_rows(self) -> int:
-        return self.token_of.shape[0]
-
-    def _rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Row of each token id, assigning rows to ids not seen before. (tokens,) -> (tokens,)"""
-        new = torch.unique(token_ids[self.row_of[token_ids] < 0])
-        if len(new):
-            need = self.n_rows + len(new)
-            if need > self.bits.shape[0]:
-                cap = max(need, 2 * self.bits.shape[0])
-                grown = torch.zeros(cap, self.n_bytes, dtype=torch.uint8, device=self.device)
-                grown[: self.n_rows] = self.bits[: self.n_rows]
-                self.bits = grown
-            self.row_of[new] = torch.arange(self.n_rows, need, device=self.device)
-            self.token_of = torch.cat([self.token_of, new])
-        return self.row_of[token_ids]
+    def token_of(self) -> torch.Tensor:
+        """(tokens seen,) the token ids with at least one counted position, ascending (host)."""
+        return (self.token_count > 0).nonzero().flatten().cpu()
 
     @torch.no_grad()
     def add(self, token_ids: torch.Tensor, active: torch.Tensor) -> None:
         """Record the edges of one batch: token_ids (tokens,), active (tokens, d_sae) bool."""
-        token_ids = token_ids.to(self.device)
-        rows = self._rows(token_ids)
-        self.token_count += torch.bincount(token_ids, minlength=self.vocab_size)
+        token_ids = token_ids.to(active.device)
         pos, feat = active.nonzero(as_tuple=True)
-        self.feature_count += torch.bincount(feat, minlength=self.d_sae)  # a bool sum over tokens is far slower
-        pair, n = torch.unique(rows[pos] * self.d_sae + feat, return_counts=True)  # distinct (row, feature)
-        self._pending.append((pair, n))
-        self._pending_len += len(pair)
+        self.add_firings(token_ids, token_ids[pos], feat)
+
+    @torch.no_grad()
+    def add_firings(self, counted: torch.Tensor, tokens: torch.Tensor, feat: torch.Tensor) -> None:
+        """Record one batch sparsely: counted (positions,) the token ids of its counted positions; tokens, feat
+        (firings,): feature feat fired at a position holding token `tokens`. All on one device."""
+        self.token_count += torch.bincount(counted, minlength=self.vocab_size).to(self.device)
+        self.feature_count += torch.bincount(feat, minlength=self.d_sae).to(self.device)  # a bool sum is far slower
+        key, n = torch.unique(tokens * self.d_sae + feat, return_counts=True)  # distinct (token, feature)
+        self._pending.append((key.cpu(), n.cpu()))
+        self._pending_len += len(key)
         if self._pending_len > max(len(self.pair_key), 1 << 20):  # merge when the pending pairs outgrow the merged ones
             self._merge()
-        row, feat = pair // self.d_sae, pair % self.d_sae
-        byte = row * self.n_bytes + feat // 8
-        byte_ids, inv = torch.unique(byte, return_inverse=True)
-        bits = torch.zeros(len(byte_ids), dtype=torch.long, device=self.device)
-        bits.index_add_(0, inv, (1 << (feat % 8)).long())  # a sum of distinct powers of two is their OR
-        flat = self.bits.view(-1)
-        flat[byte_ids] |= bits.to(torch.uint8)
 
     def _merge(self) -> None:
         if not self._pending:
             return
         keys = torch.cat([self.pair_key, *(k for k, _ in self._pending)])
         ns = torch.cat([self.pair_n, *(n for _, n in self._pending)])
-        self.pair_key, inv = torch.unique(keys, return_inverse=True)
-        self.pair_n = torch.zeros(len(self.pair_key), dtype=torch.long, device=self.device).index_add_(0, inv, ns)
         self._pending, self._pending_len = [], 0
+        self.pair_key, inv = torch.unique(keys, return_inverse=True)
+        self.pair_n = torch.zeros(len(self.pair_key), dtype=torch.long).index_add_(0, inv, ns)
 
     def add_window(self, fn_any: torch.Tensor, all_any: torch.Tensor) -> None:
         """Record windows: fn_any, all_any (windows, d_sae) bool, features fired at function / any positions."""
-        self.win_fn += list(pack_bits(fn_any.to(self.device)))
-        self.win_all += list(pack_bits(all_any.to(self.device)))
+        self.win_fn += list(pack_bits(fn_any).cpu())
+        self.win_all += list(pack_bits(all_any).cpu())
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every edge as (token ids (edges,), features (edges,), firings (edges,))."""
+        """Every edge as (token ids (edges,), features (edges,), firings (edges,)), by token then feature (host)."""
         self._merge()
-        return self.token_of[self.pair_key // self.d_sae], self.pair_key % self.d_sae, self.pair_n
+        return self.pair_key // self.d_sae, self.pair_key % self.d_sae, self.pair_n
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(windows, bytes) uint8 packed features fired at function positions, and at any position, per window."""
-        empty = torch.zeros(0, self.n_bytes, dtype=torch.uint8, device=self.device)
+        empty = torch.zeros(0, self.n_bytes, dtype=torch.uint8)
         fn = torch.stack(self.win_fn) if self.win_fn else empty
         return fn, torch.stack(self.win_all) if self.win_all else empty
 
@@ -139,61 +140,57 @@ class EdgeBits:
         self._merge()
         win_fn, win_all = self.windows()
         return {
-            "bits": self.bits[: self.n_rows].cpu().contiguous(),  # (rows, bytes)
-            "token_of": self.token_of.cpu().contiguous(),  # (rows,)
             "token_count": self.token_count.cpu().contiguous(),  # (vocab,)
             "feature_count": self.feature_count.cpu().contiguous(),  # (d_sae,)
-            "pair_key": self.pair_key.cpu().contiguous(),  # (edges,)
-            "pair_n": self.pair_n.cpu().contiguous(),  # (edges,)
-            "win_fn": win_fn.cpu().contiguous(),  # (windows, bytes)
-            "win_all": win_all.cpu().contiguous(),  # (windows, bytes)
+            "pair_key": self.pair_key.contiguous(),  # (edges,)
+            "pair_n": self.pair_n.contiguous(),  # (edges,)
+            "win_fn": win_fn.contiguous(),  # (windows, bytes)
+            "win_all": win_all.contiguous(),  # (windows, bytes)
             "n_sinks": torch.tensor(self.n_sinks),
             "d_sae": torch.tensor(self.d_sae),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], device="cpu") -> EdgeBits:
-        vocab, d_sae = state["token_count"].shape[0], int(state["d_sae"])
-        g = cls(d_sae, vocab, device=device, capacity=max(1, state["bits"].shape[0]))
-        g.token_of = state["token_of"].to(device)
-        g.bits[: g.n_rows] = state["bits"].to(device)
-        g.row_of[g.token_of] = torch.arange(g.n_rows, device=g.device)
+        g = cls(int(state["d_sae"]), state["token_count"].shape[0], device=device)
         g.token_count = state["token_count"].to(device)
         g.feature_count = state["feature_count"].to(device)
-        if "pair_key" in state:
-            g.pair_key, g.pair_n = state["pair_key"].to(device), state["pair_n"].to(device)
-            g.win_fn, g.win_all = list(state["win_fn"].to(device)), list(state["win_all"].to(device))
-            g.n_sinks = int(state["n_sinks"])
+        g.pair_key, g.pair_n = state["pair_key"].cpu(), state["pair_n"].cpu()
+        g.win_fn, g.win_all = list(state["win_fn"].cpu()), list(state["win_all"].cpu())
+        g.n_sinks = int(state["n_sinks"])
         return g
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(n,) token ids -> (n, d_sae) bool edge rows (all False for a token never seen)."""
-        r = self.row_of[token_ids.to(self.device)]
-        out = unpack_bits(self.bits[r.clamp(min=0)], self.d_sae)
-        return out & (r >= 0)[:, None]
+        """(n,) token ids -> (n, d_sae) bool edge rows on the host (all False for a token never seen)."""
+        self._merge()
+        t = token_ids.cpu().long()
+        starts = torch.searchsorted(self.pair_key, t * self.d_sae)  # (n,) first edge of each token
+        counts = torch.searchsorted(self.pair_key, (t + 1) * self.d_sae) - starts  # (n,) its edges
+        row = torch.repeat_interleave(torch.arange(len(t)), counts)  # (hits,)
+        offset = torch.arange(len(row)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        edge = torch.repeat_interleave(starts, counts) + offset  # (hits,) index into pair_key
+        out = torch.zeros(len(t), self.d_sae, dtype=torch.bool)
+        out[row, self.pair_key[edge] % self.d_sae] = True
+        return out
 
-    def degree(self, chunk_rows: int = 1024) -> torch.Tensor:
-        """(vocab,) number of features each token reaches (0 for unseen tokens)."""
-        deg = torch.zeros(self.vocab_size, dtype=torch.long, device=self.device)
-        pop = _POPCOUNT.to(self.device)
-        for s in range(0, self.n_rows, chunk_rows):
-            e = min(s + chunk_rows, self.n_rows)
-            deg[self.token_of[s:e]] = pop[self.bits[s:e].long()].sum(1).long()
-        return deg
+    def degree(self) -> torch.Tensor:
+        """(vocab,) number of features each token reaches (0 for unseen tokens), host."""
+        self._merge()
+        return torch.bincount(self.pair_key // self.d_sae, minlength=self.vocab_size)
 
     @property
     def n_edges(self) -> int:
-        return int(self.degree().sum())
+        self._merge()
+        return len(self.pair_key)
 
-    def first_rank(self, order: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+    def first_rank(self, order: torch.Tensor) -> torch.Tensor:
         """(d_sae,) 1-based rank in `order` (token ids, best first) of the first token reaching a feature; 0: none."""
+        self._merge()
         n = len(order)
-        best = torch.full((self.d_sae,), n + 1, dtype=torch.long, device=self.device)
-        order = order.to(self.device)
-        for s in range(0, n, chunk_rows):
-            edges = self.rows(order[s : s + chunk_rows])  # (chunk, d_sae)
-            rank = torch.arange(s + 1, s + 1 + edges.shape[0], device=self.device)[:, None]
-            best = torch.minimum(best, torch.where(edges, rank, n + 1).min(0).values)
+        rank = torch.full((self.vocab_size,), n + 1, dtype=torch.long)
+        rank[order.cpu()] = torch.arange(1, n + 1)
+        best = torch.full((self.d_sae,), n + 1, dtype=torch.long)
+        best.scatter_reduce_(0, self.pair_key % self.d_sae, rank[self.pair_key // self.d_sae], "amin")
         return torch.where(best > n, 0, best)
 
     def coverage_curve(self, order: torch.Tensor) -> torch.Tensor:
@@ -223,8 +220,9 @@ class CoverageCapture:
         bos_id: int = -1,
         exclude_sinks: bool = True,
         sink_ratio: float = SINK_NORM_RATIO,
+        chunk_bytes: int = CHUNK_BYTES,  # encode chunks' (rows, d_sae) intermediates, see CHUNK_BYTES
     ):
-        self.saes, self.skip_id, self.bos_id = saes, skip_id, bos_id
+        self.saes, self.skip_id, self.bos_id, self.chunk_bytes = saes, skip_id, bos_id, chunk_bytes
         self.exclude_sinks, self.sink_ratio = exclude_sinks, sink_ratio
         fn = torch.zeros(vocab_size, dtype=torch.bool) if fn_mask is None else fn_mask
         self.fn_mask = fn.to(device)
@@ -258,17 +256,20 @@ class CoverageCapture:
         window = window - window.min()  # (tokens,) window index within this forward
         n_win = int(window.max()) + 1 if len(window) else 0
         fn_pos = self.fn_mask[token_ids] & keep
-        fn_any = torch.zeros(n_win, sae.d_sae, device=h.device)  # (windows, d_sae) firings at function positions
-        all_any = torch.zeros(n_win, sae.d_sae, device=h.device)  # (windows, d_sae) firings anywhere
-        for start, active in encode_chunks(sae, h.to(sae.W_enc.dtype), active_only=True):  # (rows, d_sae) bool
+        fn_any = torch.zeros(n_win + 1, sae.d_sae, dtype=torch.bool, device=h.device)  # (windows + spare, d_sae)
+        all_any = torch.zeros(n_win, sae.d_sae, dtype=torch.bool, device=h.device)  # (windows, d_sae) anywhere
+        spare = n_win * sae.d_sae  # fn_any's last row: where firings off function positions go
+        chunks = encode_chunks(sae, h.to(sae.W_enc.dtype), self.chunk_bytes, active_only=True)
+        for start, active in chunks:  # (rows, d_sae) bool, a fresh tensor
             sl = slice(start, start + active.shape[0])
-            k = keep[sl]
-            graph.add(token_ids[sl][k], active[k])
-            onehot = torch.nn.functional.one_hot(window[sl], n_win).t().float()  # (windows, rows)
-            act = active.float()
-            all_any += onehot @ (act * k[:, None])
-            fn_any += onehot @ (act * fn_pos[sl][:, None])
-        graph.add_window(fn_any > 0, all_any > 0)
+            active &= keep[sl, None]  # positions not counted (separators, sinks) fire nothing
+            pos, feat = active.nonzero(as_tuple=True)  # (firings,) each
+            ids = token_ids[sl]
+            graph.add_firings(ids[keep[sl]], ids[pos], feat)
+            flat = window[sl][pos] * sae.d_sae + feat  # (firings,) index into (windows, d_sae)
+            all_any.view(-1).index_fill_(0, flat, True)
+            fn_any.view(-1).index_fill_(0, torch.where(fn_pos[sl][pos], flat, spare), True)
+        graph.add_window(fn_any[:n_win], all_any)
 
     def fns(self, batch: torch.Tensor) -> dict:
         """Residual functions in capture mode (they return None: the stream is unchanged) for a forward over the

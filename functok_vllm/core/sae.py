@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from functok_vllm.core.hookpoint import HookError, HookPoint, parse_hook_name
 from functok_vllm.core.sae_arch import ARCHITECTURES, Architecture
@@ -100,6 +100,7 @@ class SAE:
     """Weights of one SAE, with encode/decode as SAELens computes them and what steering reads of them."""
 
     threshold: torch.Tensor | None = None  # (d_sae,) JumpReLU only
+    W_dec: torch.Tensor | None = None  # (d_sae, d_in); None when loaded encoder-only (`load(decoder=False)`)
 
     def __init__(self, cfg: SAEConfig, tensors: dict[str, torch.Tensor]):
         self.cfg = cfg
@@ -156,6 +157,8 @@ class SAE:
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """(tokens, d_sae) -> (tokens, d_in). With per-token normalisation, `x` (the encoded input) is needed."""
+        if self.W_dec is None:
+            raise ValueError(f"{self.cfg.path}: loaded encoder-only (decoder=False), it cannot decode")
         y = acts @ self.W_dec + self.b_dec
         if self.cfg.normalize_activations == "none":
             return y
@@ -172,30 +175,36 @@ class SAE:
     # ---- disk format --------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=torch.float32) -> SAE:
+    def load(cls, path: str | Path, device="cpu", dtype=torch.float32, decoder: bool = True) -> SAE:
+        """The SAE in one directory, in `dtype` on `device`. `decoder=False` (capture: only which features fire is
+        read) leaves W_dec on disk, unread: `W_dec` is None and `decode` refuses; half the memory of the SAE."""
         path = Path(path)
         cfg = read_config(path)
         w_path = path / "sae_weights.safetensors"
         if not w_path.is_file():
             raise SAELoadError(f"{w_path}: missing (an SAELens directory holds cfg.json and sae_weights.safetensors)")
+        want = cfg.arch.shapes(cfg.d_in, cfg.d_sae) | {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
         try:
-            w = load_file(str(w_path), device="cpu")
+            with safe_open(str(w_path), "pt") as f:
+                stored = set(f.keys())
+                for name, shape in want.items():
+                    if name not in stored:
+                        raise SAELoadError(f"{w_path}: tensor {name} is missing (a {cfg.architecture} SAE needs it)")
+                    if tuple(f.get_slice(name).get_shape()) != shape:
+                        got = tuple(f.get_slice(name).get_shape())
+                        raise SAELoadError(f"{w_path}: {name} has shape {got}, cfg.json implies {shape}")
+                w = {name: f.get_tensor(name) for name in want if decoder or name != "W_dec"}
         except (SafetensorError, OSError, RuntimeError) as e:
             raise SAELoadError(f"{w_path}: cannot be read as safetensors ({e})") from None
-        want = cfg.arch.shapes(cfg.d_in, cfg.d_sae) | {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
-        for name, shape in want.items():
-            if name not in w:
-                raise SAELoadError(f"{w_path}: tensor {name} is missing (a {cfg.architecture} SAE needs it)")
-            if tuple(w[name].shape) != shape:
-                raise SAELoadError(f"{w_path}: {name} has shape {tuple(w[name].shape)}, cfg.json implies {shape}")
-            if not torch.isfinite(w[name].float()).all():
+        for name, t in w.items():
+            if not torch.isfinite(t.float()).all():
                 raise SAELoadError(f"{w_path}: {name} holds NaN or Inf")
-        tensors = {name: w[name].to(torch.float32) for name in want}
         s = cfg.scaling_factor
-        if s != 1.0:  # expected_average_only_in: SAELens's fold_activation_norm_scaling_factor
-            tensors |= {"W_enc": tensors["W_enc"] * s, "W_dec": tensors["W_dec"] / s, "b_dec": tensors["b_dec"] / s}
+        if s != 1.0:  # expected_average_only_in: SAELens's fold_activation_norm_scaling_factor, in float32
+            w = {k: v.float() for k, v in w.items()}
+            w |= {"W_enc": w["W_enc"] * s, "b_dec": w["b_dec"] / s} | ({"W_dec": w["W_dec"] / s} if decoder else {})
             cfg.scaling_factor = 1.0
-        return cls(cfg, tensors).to(device=device, dtype=dtype)
+        return cls(cfg, {name: t.to(device=device, dtype=dtype) for name, t in w.items()})
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
         path = Path(path)
@@ -340,15 +349,16 @@ def load_saes(
     device="cpu",
     dtype=torch.float32,
     weights: bool = True,
+    decoder: bool = True,
 ) -> dict[int, SAE | SAEConfig]:
     """THE SAE loader: {layer: SAE} from SAE directories or directories of them, checked against the model when its
     hidden size and depth are given. `weights=False` reads only the cfg.json files ({layer: SAEConfig}), for a
-    process that validates requests without holding weights. One SAE per layer: the edits of a request name it by
-    its layer. SAELoadError names the file and what is wrong."""
+    process that validates requests without holding weights; `decoder=False` loads encoders only (capture). One SAE
+    per layer: the edits of a request name it by its layer. SAELoadError names the file and what is wrong."""
     out: dict[int, SAE | SAEConfig] = {}
     stream: dict[int, Path] = {}  # decoder layer output -> the SAE reading it (resid_post L is resid_pre L + 1)
     for p in sae_dirs(given):
-        item = SAE.load(p, device=device, dtype=dtype) if weights else read_config(p)
+        item = SAE.load(p, device=device, dtype=dtype, decoder=decoder) if weights else read_config(p)
         cfg = item.cfg if weights else item
         if d_model is not None and cfg.d_in != d_model:
             raise SAELoadError(f"{p}: d_in {cfg.d_in} does not match the model's hidden size {d_model}")

@@ -44,8 +44,9 @@ class Architecture:
         return {}
 
     def pre(self, sae, sae_in: torch.Tensor) -> torch.Tensor:
-        """(tokens, d_in) -> (tokens, d_sae) pre-activations, `sae_in @ W_enc + b_enc` as SAELens writes it."""
-        return sae_in @ sae.W_enc + sae.b_enc
+        """(tokens, d_in) -> (tokens, d_sae) pre-activations, `sae_in @ W_enc + b_enc` as SAELens writes it (the bias
+        added in place: the same sums, one (tokens, d_sae) tensor at a time)."""
+        return (sae_in @ sae.W_enc).add_(sae.b_enc)
 
     def encode(self, sae, sae_in: torch.Tensor) -> torch.Tensor:
         return self.pre(sae, sae_in).relu()
@@ -112,14 +113,14 @@ class Gated(Architecture):
         return {"W_mag": w["W_enc"] * w["r_mag"].exp()}  # (d_in, d_sae), as SAELens forms it on every encode
 
     def pre(self, sae, sae_in):
-        return sae_in @ sae.W_enc + sae.b_gate
+        return (sae_in @ sae.W_enc).add_(sae.b_gate)
 
     def encode(self, sae, sae_in):
         gate = self.pre(sae, sae_in) > 0
         return gate * (sae_in @ sae.W_mag + sae.b_mag).relu()
 
     def active(self, sae, sae_in):
-        return (self.pre(sae, sae_in) > 0) & (sae_in @ sae.W_mag + sae.b_mag > 0)
+        return (self.pre(sae, sae_in) > 0) & ((sae_in @ sae.W_mag).add_(sae.b_mag) > 0)
 
     def clamp_columns(self, sae, feature):
         return ClampColumns(

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from functok_vllm.core.capture import MAX_CHUNK_ELEMS
+from functok_vllm.core.capture import chunk_rows
 from functok_vllm.core.sae import SAE
 
 
 @torch.no_grad()
 def top_features(sae: SAE, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h (rows, d_in) -> (values, feature ids), each (rows, k), largest first; in row chunks so that a wide SAE's
-    (rows, d_sae) activations stay under MAX_CHUNK_ELEMS elements."""
+    (rows, d_sae) activations stay under `capture.CHUNK_BYTES`."""
     h = h.reshape(-1, h.shape[-1]).to(sae.W_dec.dtype)
-    step = max(1, MAX_CHUNK_ELEMS // sae.d_sae)
+    step = chunk_rows(sae)
     if h.shape[0] <= step:
         return sae.encode(h).topk(k, dim=-1)
     vals, ids = zip(*(sae.encode(h[s : s + step]).topk(k, dim=-1) for s in range(0, h.shape[0], step)), strict=True)

@@ -9,7 +9,7 @@ The offline analysis (`analysis/vllm_model.py`) drives it over RPC:
 Hooks run only where the model runs as Python modules, so capture needs `enforce_eager=True` (no torch.compile, no
 CUDA graphs); it is refused otherwise. Tensor parallel: the residual stream leaving a layer is replicated, so every
 rank builds the same graph and only TP rank 0 writes it. Pipeline parallel: each rank captures and writes the layers it
-holds. Memory on the device: the (distinct tokens) x d_sae bits of each layer, plus one chunk of activations.
+holds. Memory: on the device one encode chunk and fixed-size counts per layer; the edge sets in host memory (sparse).
 """
 
 from __future__ import annotations
