@@ -37,7 +37,7 @@ from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENG
 from functok_vllm.core.vector import Vector
 from functok_vllm.positions import AnyPositions, Positions, check_positions
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-from functok_vllm.steering_when import Condition, check_condition, check_numbers
+from functok_vllm.steering_when import BindsVector, Condition, check_condition, check_numbers
 from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt, describe, shown
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
@@ -123,7 +123,7 @@ class FeatureEdit(Edit):
 VECTOR_NAME_MAX = 64  # a vector's name (the library checks its characters when it is stored)
 
 
-class VectorEdit(Edit):
+class VectorEdit(Edit, BindsVector):
     """Add `strength` times a steering vector from the library at each of its layers, or move the projection onto
     its unit direction there (`project_out`, `cap`, `set`: `Edit`). `version` (the content id) pins one; parsing
     binds the edit to the vector's content (`content`) and to this engine's layers (`at`), and fills `version`, so the
@@ -132,8 +132,6 @@ class VectorEdit(Edit):
     vector: str = Field(min_length=1, max_length=VECTOR_NAME_MAX)  # a name in the library
     mode: Literal[("add", *PROJECTIONS)] = "add"
     version: str | None = Field(None, min_length=1, max_length=64)  # the content id it must have (else 400)
-    _content: Vector | None = PrivateAttr(None)
-    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction
 
     @model_validator(mode="before")
     @classmethod
@@ -145,27 +143,6 @@ class VectorEdit(Edit):
             if data.get("mode") in CLAMPS:
                 raise ValueError(f"a vector edit cannot {data['mode']} (that sets an SAE feature's activation)")
         return data
-
-    @property
-    def content(self) -> Vector | None:
-        return self._content
-
-    @property
-    def at(self) -> dict:
-        """{layer: (d_model,) direction} at this engine's layers (empty until bound)."""
-        return self._at
-
-    def bound(self, content: Vector, at: dict) -> VectorEdit:
-        """This edit tied to `content` (its version filled in) and to directions by layer."""
-        out = self.model_copy(update={"version": content.id})
-        out._content, out._at = content, dict(at)
-        return out
-
-    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
-        return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.model_dump(), sort_keys=True))
 
 
 def _edit_kind(v) -> str:

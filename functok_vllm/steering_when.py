@@ -19,7 +19,37 @@ from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
 from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt
 
 
-class Condition(Strict):
+class BindsVector(Strict):
+    """A model that names a library vector (`VectorEdit`, a vector `Condition`) and, once parsed, is bound to that
+    vector's content (`content`, its `version` filled in) and to its directions at this engine's layers (`at`).
+    Equality and hashing compare the fields, never the tensors they are bound to."""
+
+    _content: Vector | None = PrivateAttr(None)
+    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction
+
+    @property
+    def content(self) -> Vector | None:
+        return self._content
+
+    @property
+    def at(self) -> dict:
+        """{layer: (d_model,) direction} at this engine's layers (empty until bound)."""
+        return self._at
+
+    def bound(self, content: Vector, at: dict):
+        """This object tied to `content` (its version filled in) and to directions by layer."""
+        out = self.model_copy(update={"version": content.id})
+        out._content, out._at = content, dict(at)
+        return out
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.model_dump().items()))
+
+
+class Condition(BindsVector):
     """`when` on an edit: the edit acts only at tokens where this holds, read at the same token from the tensor h at
     the hook point of each layer where the edit acts, before this request's edits (what every term reads).
 
@@ -33,8 +63,6 @@ class Condition(Strict):
     version: str | None = Field(None, min_length=1, max_length=64)  # the vector's content id (parsing fills it)
     above: StrictFloat | None = None  # holds where the reading is > above (None: no lower threshold)
     below: StrictFloat | None = None  # holds where the reading is < below (None: no upper threshold)
-    _content: Vector | None = PrivateAttr(None)
-    _at: dict = PrivateAttr(default_factory=dict)  # layer -> (d_model,) direction of the vector (empty for features)
 
     @model_validator(mode="after")
     def _one_reading(self):
@@ -54,28 +82,8 @@ class Condition(Strict):
         inf = float("inf")
         return (-inf if self.above is None else self.above, inf if self.below is None else self.below)
 
-    @property
-    def content(self) -> Vector | None:
-        return self._content
-
-    @property
-    def at(self) -> dict:
-        """{layer: (d_model,) direction} of a vector condition at this engine's layers (empty until bound)."""
-        return self._at
-
-    def bound(self, content: Vector, at: dict) -> Condition:
-        out = self.model_copy(update={"version": content.id})
-        out._content, out._at = content, dict(at)
-        return out
-
     def numbers(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("above", "below") if getattr(self, k) is not None}
-
-    def __eq__(self, other) -> bool:  # the fields, not the tensors they are bound to
-        return isinstance(other, Condition) and self.model_dump() == other.model_dump()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.model_dump().items()))
 
 
 def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
