@@ -31,9 +31,10 @@ import torch
 from functok_vllm.activation_capture import encode_capture, select_rows
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
+from functok_vllm.core.readout import probe_groups
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.feature_plan import Readout, entry
+from functok_vllm.engines.hf.feature_plan import Readout, entry, layer_fn
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
@@ -61,6 +62,8 @@ class Seq:
     pen_row: int = -1  # its row of the sampler's PenaltyCounts (-1: no penalties)
     pending: dict = field(default_factory=dict)  # prompt extras for the next delta (prompt_logprobs, prompt_features)
     captured: dict = field(default_factory=dict)  # layer -> [(rows, d_model) tensors], one per forward, when it asked
+    groups: dict = field(default_factory=dict)  # its readout's ProbeGroups by (layer, before), when it asked
+    read_out: list = field(default_factory=list)  # [(positions, (rows, series) buffer)], one per forward
 
     def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
         """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
@@ -100,6 +103,7 @@ class Batcher:
         self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
         self.capture: dict[int, list] = {}  # this forward's capture plan: layer -> [(Seq, its flattened rows)]
+        self.reads: dict[int, list] = {}  # this forward's readout plan: layer -> [(Seq, its rows, its buffer)]
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
@@ -156,9 +160,9 @@ class Batcher:
         for layer, op in self.table.layers.items() if self.table else ():
             add = steer and self._live[layer] > 0
             read = bool(self.readout.plans) and op.sae is not None
-            keep = self.capture.get(layer)
-            if add or read or keep:
-                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None, keep)))
+            keep, reads = self.capture.get(layer), self.reads.get(layer)
+            if add or read or keep or reads:
+                fns.append((op.hook, layer_fn(layer, op, add, self.readout if read else None, keep, reads)))
         return hooked(self.layers, fns)
 
     def _plan_capture(self, wants: list[tuple[Seq, slice]]) -> None:
@@ -167,6 +171,16 @@ class Batcher:
         for seq, rows in wants:
             for layer in seq.req.capture.layers:
                 self.capture.setdefault(layer, []).append((seq, rows))
+
+    def _plan_reads(self, wants: list[tuple[Seq, slice, list[int]]]) -> None:
+        """This forward's readout plan from (request, its flattened rows, their positions) of the requests that read
+        series: a fresh (rows, series) buffer each, filled by the hooks."""
+        self.reads = {}
+        for seq, rows, positions in wants:
+            buf = torch.zeros(len(positions), len(seq.req.readout.probes), device=self.device)  # (rows, series)
+            seq.read_out.append((positions, buf))
+            for layer in {layer for layer, _ in seq.groups}:
+                self.reads.setdefault(layer, []).append((seq, rows, buf))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -218,6 +232,12 @@ class Batcher:
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
         self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
+        if r.readout is not None:  # every prompt position, or only the one that predicts the first token
+            seq.groups = probe_groups(r.readout.probes, self.device)
+            first = 0 if r.readout.prompt else n - 1
+            self._plan_reads([(seq, slice(first, n), list(range(first, n)))])
+        else:
+            self.reads = {}
         scoring = r.prompt_logprobs is not None
         tap = HiddenTap(self.model) if scoring else contextlib.nullcontext()  # the head then computes 1 row
         with self._hooks(steer), tap:
@@ -255,6 +275,7 @@ class Batcher:
         if wants:
             self.readout.plan(wants)
         self._plan_capture([(s, slice(i, i + 1)) for i, s in enumerate(rows) if s.req.capture is not None])
+        self._plan_reads([(s, slice(i, i + 1), [at[i]]) for i, s in enumerate(rows) if s.req.readout is not None])
         with self._hooks(steer):
             out = self.model(
                 input_ids=ids[:, None],
@@ -355,7 +376,17 @@ class Batcher:
         if seq.req.capture is not None and reason in ("stop", "length"):
             d.capture = self._capture_blob(seq)
         seq.captured = {}
+        if seq.req.readout is not None and reason in ("stop", "length"):
+            d.readout = self._readout(seq)
+        seq.read_out = []
         seq.emit(d)
+
+    def _readout(self, seq: Seq) -> dict:
+        """The request's series: {"positions", "token_ids", "values": [[a float per series] per position]}."""
+        positions = [p for ps, _ in seq.read_out for p in ps]
+        ids = seq.req.prompt_ids + seq.out_ids
+        values = torch.cat([buf for _, buf in seq.read_out]).tolist() if positions else []
+        return {"positions": positions, "token_ids": [ids[p] for p in positions], "values": values}
 
     def _capture_blob(self, seq: Seq) -> bytes:
         """The request's capture: the rows its forwards copied out, at the positions it asked for."""
@@ -370,36 +401,3 @@ class Batcher:
             pick = rows
         tensors = {hooks[layer]: torch.cat(seq.captured[layer])[pick] for layer in c.layers}  # (rows, d_model)
         return encode_capture(tensors, rows, token_ids[rows], c.dtype)
-
-
-def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None):
-    """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
-    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, and the copies of the rows
-    capturing requests asked for (`keep`: [(Seq, rows)])."""
-
-    def stream(x, residual):
-        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
-
-    def fn(_module, hidden, residual):
-        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
-        if before:
-            _keep(layer, stream(hidden, residual), before)
-        out = op.steered_hidden(hidden, residual) if add else None
-        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
-        if readout is not None or after:
-            h = stream(hidden if out is None else out, residual)
-            if readout is not None:
-                readout.observe(layer, op.sae, h)
-            _keep(layer, h, after)
-        return out
-
-    return fn
-
-
-def _keep(layer: int, h: torch.Tensor, keep: list) -> None:
-    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
-    for seq, rows in keep:
-        if seq.req.capture.positions == "last":  # only the latest row is ever returned
-            seq.captured[layer] = [h[rows][-1:].clone()]
-        else:
-            seq.captured.setdefault(layer, []).append(h[rows].clone())

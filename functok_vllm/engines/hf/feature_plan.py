@@ -1,9 +1,11 @@
-"""Feature readout in the transformers engine: which rows of a forward each SAE layer reads out, and the entries.
+"""What the transformers engine's hooks read at a steering layer: top-k features, chosen series, capture copies.
 
 The batcher sets a plan before a forward in which some request asked for `features` (otherwise the plan is empty and
 the hooks skip it: a dictionary lookup per SAE layer). The hook at each SAE layer hands the tensor at the hook point
 AFTER this forward's steering there to `Readout.observe`, which encodes only the planned rows with the core's
-`top_features`; after the forward, `entries` turns the results into each request's feature entries.
+`top_features`; after the forward, `entries` turns the results into each request's feature entries. A request's
+`readout` series (`core.readout`) are read in the same hook, on its rows only, into a (rows, series) buffer per
+forward (`read_series`); a capture copies its rows out (`keep_rows`). `layer_fn` is the hook of one layer.
 """
 
 from __future__ import annotations
@@ -72,3 +74,51 @@ def entry(token_id: int, position: int, layers: dict, fr: FeatureRequest) -> dic
         "position": position,
         "layers": {str(L): layers[str(L)][: fr.top_k] for L in fr.layers},
     }
+
+
+def layer_fn(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None, reads: list | None = None):
+    """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
+    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, the copies of the rows
+    capturing requests asked for (`keep`: [(Seq, rows)]) and the series reading requests asked for (`reads`: [(Seq,
+    rows, buffer)]), each before or after the edits as the request asked."""
+
+    def stream(x, residual):
+        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
+
+    def fn(_module, hidden, residual):
+        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
+        pre = stream(hidden, residual) if before or reads else None
+        if before:
+            keep_rows(layer, pre, before)
+        if reads:
+            read_series(layer, op.sae, pre, reads, before=True)
+        out = op.steered_hidden(hidden, residual) if add else None
+        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
+        if readout is not None or after or reads:
+            h = pre if out is None and pre is not None else stream(hidden if out is None else out, residual)
+            if readout is not None:
+                readout.observe(layer, op.sae, h)
+            keep_rows(layer, h, after)
+            if reads:
+                read_series(layer, op.sae, h, reads, before=False)
+        return out
+
+    return fn
+
+
+def read_series(layer: int, sae, h: torch.Tensor, reads: list, before: bool) -> None:
+    """Each reading request's series at this layer and moment, from its rows of h (tokens, d_model), into its
+    (rows, series) buffer of this forward: one `ProbeGroup.values` (two matmuls) per request."""
+    for seq, rows, buf in reads:
+        g = seq.groups.get((layer, before))
+        if g is not None:
+            buf[:, g.cols] = g.values(sae, h[rows])
+
+
+def keep_rows(layer: int, h: torch.Tensor, keep: list) -> None:
+    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
+    for seq, rows in keep:
+        if seq.req.capture.positions == "last":  # only the latest row is ever returned
+            seq.captured[layer] = [h[rows][-1:].clone()]
+        else:
+            seq.captured.setdefault(layer, []).append(h[rows].clone())

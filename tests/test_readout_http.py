@@ -1,0 +1,220 @@
+"""Readouts of chosen features and vectors over HTTP on a real `functok serve` (transformers engine), with the official
+openai client: every value equals an independent reference (a plain transformers forward with hooks, sae-lens's
+`encode`, a numpy projection), for steered and unsteered choices decoded in one batch, before and after the edits;
+the server's monitors reach /metrics with exactly the crossings the reference's activations give, both ways; bad
+readouts are 400s naming the field. One server for the module."""
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
+from reference import eager_model, load_lens, logprobs
+
+from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+
+KEY, ADMIN = "sk-user-r34d", "sk-admin-r34d"
+MODEL = "functok-tiny"
+ADD_LAYER = 3  # no SAE there: --steer-layers
+POINTS = {L: (L, "resid_post") for L in (0, 1, 2, ADD_LAYER)}  # every demo SAE reads resid_post
+MAX_READOUTS = 6
+HOT, COLD = 2.0, 1e6  # thresholds of the two monitors on the steered feature: one it crosses, one it never reaches
+
+
+@pytest.fixture(scope="module")
+def feature(logit_lens_feature):
+    return logit_lens_feature[:2]  # (layer 2, a feature a strength of 15 visibly steers)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, feature):
+    layer, f = feature
+    flags = ["--api-key", KEY, "--admin-api-key", ADMIN, "--steer-layers", str(ADD_LAYER)]
+    flags += ["--data-dir", str(tmp_path_factory.mktemp("library")), "--max-readouts", str(MAX_READOUTS)]
+    flags += ["--monitor", f"hot={layer}:{f}:{HOT}", "--monitor", f"cold={layer}:{f}:{COLD}", "--monitor", "l0=0:3"]
+    proc = ServerProc(tmp_path_factory.mktemp("serve"), *flags)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server.url, KEY)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def probe(server):
+    """A vector "probe" in the library at layers 1 and 3 (the add-only layer), random directions of norms 3 and 7."""
+    g = torch.Generator().manual_seed(7)
+    dirs = {1: torch.randn(256, generator=g) * 3 / 16, ADD_LAYER: torch.randn(256, generator=g) * 7 / 16}
+    admin = openai_client(server.url, ADMIN)
+    body = {"name": "probe", "directions": {str(k): v.tolist() for k, v in dirs.items()}}
+    admin.post("/steering/vectors", body=body, cast_to=object)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The independent reference: an eager transformers model and sae-lens's SAEs."""
+    return eager_model(DEMO_MODEL), {L: load_lens(DEMO_SAES / f"layer_{L}") for L in (0, 1, 2)}
+
+
+def grab(ref, ids: list[int], n_prompt: int, spec=None) -> dict[int, torch.Tensor]:
+    """{layer: (seq, d_model)} the reference's stream at each layer's hook point after `spec`'s edits there."""
+    model, lenses = ref
+    out = {}
+    logprobs(model, lenses, POINTS, ids, n_prompt, spec, grab=out)
+    return out
+
+
+def want_series(ref, stream: dict, label: dict, dirs: dict) -> np.ndarray:
+    """The reference's values of one series over all positions: sae-lens's encode, or the projection on the unit
+    direction (numpy, float64)."""
+    h = stream[label["layer"]]
+    if "feature" in label:
+        with torch.no_grad():
+            return ref[1][label["layer"]].encode(h.float())[:, label["feature"]].double().numpy()
+    d = dirs[label["layer"]].double().numpy()
+    return h.double().numpy() @ (d / np.linalg.norm(d))
+
+
+def close(got, want) -> float:
+    """Relative error of a series: ||got - want|| / ||want|| (0 when both are all zero: a feature that never fired)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not want.any():
+        return float(np.abs(got).max())
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.fixture(scope="module")
+def busy(ref, demo_tokenizer) -> dict[int, int]:
+    """{layer: the feature firing at the most positions of PROMPTS[1]} for layers 0 and 1, by the reference."""
+    ids = demo_tokenizer.encode(PROMPTS[1])
+    stream = grab(ref, ids, len(ids))
+    out = {}
+    for L in (0, 1):
+        with torch.no_grad():
+            acts = ref[1][L].encode(stream[L])  # (seq, d_sae)
+        out[L] = int(((acts > 0).sum(0) * 1e6 + acts.sum(0)).argmax())
+    return out
+
+
+def test_readouts_equal_the_reference_for_steered_and_plain_choices_of_one_batch(
+    client, ref, probe, feature, busy, demo_tokenizer
+):
+    layer, f = feature
+    steered = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4}]}
+    specs = [None, steered | {"positions": "all"}]
+    feats = [{"layer": layer, "feature": f}, {"layer": 0, "feature": busy[0]}, {"layer": 1, "feature": busy[1]}]
+    readout = {"features": feats, "vectors": ["probe"]}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[1],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"steering": specs, "return_token_ids": True, "readout": readout | {"prompt": True}},
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[1])
+    assert r.choices[0].token_ids != r.choices[1].token_ids  # the edits changed the text
+    for choice, spec in zip(r.choices, specs, strict=True):
+        got = choice.readout
+        forwarded = prompt + choice.token_ids[:-1]  # the last generated token is never fed back
+        assert got["positions"] == list(range(len(forwarded))) and got["token_ids"] == forwarded
+        labels = feats + [{"vector": "probe", "layer": 1}, {"vector": "probe", "layer": ADD_LAYER}]
+        assert [{k: s[k] for k in s if k not in ("values", "pooled")} for s in got["series"]] == labels
+        stream = grab(ref, forwarded, len(prompt), spec)
+        for s in got["series"]:
+            want = want_series(ref, stream, s, probe)
+            assert close(s["values"], want) <= 1e-5, s
+            assert "vector" in s or s["layer"] == layer or (want > 0).sum() >= 3  # busy: not a vacuous match
+            v = np.array(s["values"])
+            assert s["pooled"] == pytest.approx({"mean": v.mean(), "max": v.max(), "last": v[-1]}, rel=1e-9)
+    plain, steered = (c.readout["series"][0]["values"] for c in r.choices)
+    assert max(plain) < HOT < min(steered)  # the edit at `layer` made its feature fire at every position
+
+
+def test_readout_before_the_edits_reads_only_the_edits_upstream(client, ref, feature, demo_tokenizer):
+    layer, f = feature
+    edits = [{"layer": layer, "feature": f, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4.0}]
+    prompt = demo_tokenizer.encode(PROMPTS[3])
+    got = {}
+    for when in ("before", "after"):
+        body = {"steering": {"edits": edits, "positions": "all"}, "return_token_ids": True}
+        body["readout"] = {"features": [{"layer": layer, "feature": f}], "edits": when, "pool": ["max"]}
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=5, temperature=0, extra_body=body)
+        got[when] = r.choices[0].readout["series"][0]
+    forwarded = prompt + r.choices[0].token_ids[:-1]
+    n = len(prompt) - 1  # without `prompt`: from the last prompt position on
+    upstream = grab(ref, forwarded, len(prompt), {"edits": edits[1:], "positions": "all"})
+    steered = grab(ref, forwarded, len(prompt), {"edits": edits, "positions": "all"})
+    label = {"layer": layer, "feature": f}
+    assert close(got["before"]["values"], want_series(ref, upstream, label, {})[n:]) <= 1e-5
+    assert close(got["after"]["values"], want_series(ref, steered, label, {})[n:]) <= 1e-5
+    assert set(got["before"]["pooled"]) == {"max"}
+    assert max(got["before"]["values"]) < HOT < min(got["after"]["values"])  # the two readings differ: can flip
+
+
+def test_monitors_count_exactly_the_crossings_of_the_reference(client, http, ref, feature, demo_tokenizer):
+    """Planted both ways: the steered request's tokens all cross the `hot` threshold, the plain one's none; `cold`
+    is never crossed; the histogram observes one value per generated token."""
+    layer, f = feature
+    wait_idle(http)
+    before = {m: metric(http, "functok:monitor_activation_count", monitor=m) for m in ("hot", "cold", "l0")}
+    crossed = {m: metric(http, "functok:monitor_threshold_crossings_total", monitor=m) for m in ("hot", "cold")}
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[4],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"steering": [None, spec], "return_token_ids": True},
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[4])
+    n = len(prompt) - 1
+    want_hot, tokens = 0, 0
+    for choice, s in zip(r.choices, [None, spec], strict=True):
+        assert not hasattr(choice, "readout") or choice.readout is None  # monitors are not shown in the response
+        g = len(choice.token_ids)
+        stream = grab(ref, prompt + choice.token_ids[:-1], len(prompt), s)
+        vals = want_series(ref, stream, {"layer": layer, "feature": f}, {})
+        vals = vals[n : n + g]  # one per generated token: the position that predicted it
+        assert (vals > HOT).all() if s else not (vals > HOT).any()
+        want_hot += int((vals > HOT).sum())
+        tokens += g
+    assert metric(http, "functok:monitor_threshold_crossings_total", monitor="hot") - crossed["hot"] == want_hot > 0
+    assert metric(http, "functok:monitor_threshold_crossings_total", monitor="cold") == crossed["cold"]
+    for m in ("hot", "cold", "l0"):
+        assert metric(http, "functok:monitor_activation_count", monitor=m) - before[m] == tokens
+    monitors = http.get("/v1/steering").json()["monitors"]
+    assert [m["name"] for m in monitors] == ["hot", "cold", "l0"] and monitors[2]["threshold"] is None
+
+
+@pytest.mark.parametrize(
+    "readout, field",
+    [
+        ({"features": [{"layer": 5, "feature": 1}]}, "readout.features[0].layer"),
+        ({"features": [{"layer": 2, "feature": 1 << 20}]}, "readout.features[0].feature"),
+        ({"features": [{"layer": 2}]}, "readout.features[0].feature"),
+        ({"vectors": ["nope"]}, "readout.vectors[0]"),
+        ({"vectors": ["probe"], "pool": ["median"]}, "readout.pool[0]"),
+        ({"vectors": ["probe"], "edits": "during"}, "readout.edits"),
+        ({"vectors": ["probe"], "extra": 1}, "readout.extra"),
+        ({}, "readout"),
+        ([1], "readout"),
+        ({"features": [{"layer": 2, "feature": i} for i in range(MAX_READOUTS - 1)], "vectors": ["probe"]}, "readout"),
+    ],
+)
+def test_bad_readouts_are_refused_naming_the_field(client, probe, readout, field):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, extra_body={"readout": readout})
+    assert e.value.status_code == 400 and e.value.body["param"] == field, e.value.body
+    if field == "readout" and "features" in readout:
+        assert "max_readouts" in e.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices  # still serving
