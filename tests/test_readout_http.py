@@ -4,6 +4,9 @@ openai client: every value equals an independent reference (a plain transformers
 the server's monitors reach /metrics with exactly the crossings the reference's activations give, both ways; bad
 readouts are 400s naming the field. One server for the module."""
 
+import json
+import os
+
 import httpx
 import numpy as np
 import openai
@@ -12,6 +15,7 @@ import torch
 from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
 from reference import eager_model, load_lens, logprobs
 
+from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 
 KEY, ADMIN = "sk-user-r34d", "sk-admin-r34d"
@@ -19,7 +23,8 @@ MODEL = "functok-tiny"
 ADD_LAYER = 3  # no SAE there: --steer-layers
 POINTS = {L: (L, "resid_post") for L in (0, 1, 2, ADD_LAYER)}  # every demo SAE reads resid_post
 MAX_READOUTS = 6
-HOT, COLD = 2.0, 1e6  # thresholds of the two monitors on the steered feature: one it crosses, one it never reaches
+HOT, COLD = 2.0, 1e6  # thresholds of the monitors on the steered feature: one it crosses, one it never reaches
+NO_VLLM = None if vllm_status().ok else vllm_status().line()
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +223,59 @@ def test_bad_readouts_are_refused_naming_the_field(client, probe, readout, field
     if field == "readout" and "features" in readout:
         assert "max_readouts" in e.value.body["message"]
     assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices  # still serving
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, feature):
+    if NO_VLLM:
+        pytest.skip(NO_VLLM)
+    layer, f = feature
+    flags = ["--engine", "vllm", "--max-model-len", "256", "--steer-layers", str(ADD_LAYER), "--admin-api-key", ADMIN]
+    flags += ["--data-dir", str(tmp_path_factory.mktemp("vlib")), "--monitor", f"hot={layer}:{f}:{HOT}"]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["FUNCTOK_VLLM_ARGS"] = json.dumps({"enforce_eager": True, "max_num_seqs": 8})
+    proc = ServerProc(tmp_path_factory.mktemp("vserve"), *flags, env=os.environ | env)
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.vllm
+def test_vllm_readouts_and_monitors_equal_the_reference(vllm_server, ref, feature, busy, demo_tokenizer):
+    """The same readout through `functok serve --engine vllm` (the worker's side channel): a mixed batch, steered and
+    plain, equals the reference after the edits; the monitor counts the reference's crossings; `before` is a 400."""
+    layer, f = feature
+    admin, client = openai_client(vllm_server.url, ADMIN), openai_client(vllm_server.url, timeout=600)
+    g = torch.Generator().manual_seed(11)
+    dirs = {1: torch.randn(256, generator=g), ADD_LAYER: torch.randn(256, generator=g)}
+    body = {"name": "probe", "directions": {str(k): v.tolist() for k, v in dirs.items()}}
+    admin.post("/steering/vectors", body=body, cast_to=object)
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    feats = [{"layer": layer, "feature": f}, {"layer": 1, "feature": busy[1]}]
+    readout = {"features": feats, "vectors": ["probe"], "prompt": True}
+    with httpx.Client(base_url=vllm_server.url, timeout=60) as http:
+        crossed = metric(http, "functok:monitor_threshold_crossings_total", monitor="hot")
+        r = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[1],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"steering": [None, spec], "return_token_ids": True, "readout": readout},
+        )
+        prompt, want_hot = demo_tokenizer.encode(PROMPTS[1]), 0
+        for choice, s in zip(r.choices, [None, spec], strict=True):
+            forwarded = prompt + choice.token_ids[:-1]
+            assert choice.readout["positions"] == list(range(len(forwarded)))
+            assert choice.readout["token_ids"] == forwarded
+            stream = grab(ref, forwarded, len(prompt), s)
+            for series in choice.readout["series"]:
+                assert close(series["values"], want_series(ref, stream, series, dirs)) <= 1e-5, series
+            hot = want_series(ref, stream, {"layer": layer, "feature": f}, {})[len(prompt) - 1 :] > HOT
+            want_hot += int(hot.sum())
+        assert want_hot > 0 and metric(http, "functok:monitor_threshold_crossings_total", monitor="hot") == (
+            crossed + want_hot
+        )
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"readout": readout | {"edits": "before"}}
+        )
+    assert e.value.body["param"] == "readout.edits"

@@ -32,6 +32,7 @@ from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.feature_op import XFEAT
+from functok_vllm.engines.vllm.series_op import XREAD
 from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
     EXTENSION,
@@ -42,6 +43,7 @@ from functok_vllm.engines.vllm.settings import (
 )
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
+from functok_vllm.readout_request import ReadoutRequest
 from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
@@ -57,14 +59,15 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     request for features (whose prompt is then forwarded, not read from the prefix cache, when it asks for the
     prompt's features)."""
     given_args = getattr(params, "extra_args", None) or {}
-    given, feats = given_args.get(XARG), given_args.get(XFEAT)
+    given, feats, reads = given_args.get(XARG), given_args.get(XFEAT), given_args.get(XREAD)
     if given is None and VECTORS in given_args:  # only the admission hook puts contents there, with their spec
         from vllm.exceptions import VLLMValidationError
 
         raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
-    if given is None and feats is None:
+    if given is None and feats is None and reads is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
     prompt_features = feats is not None and _features_checked(self.vllm_config, feats)
+    prompt_features |= reads is not None and _readout_checked(self.vllm_config, reads)
     if given is None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if prompt_features:
@@ -104,6 +107,23 @@ def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, Functo
     except SpecError as e:
         raise VLLMValidationError(f"{e.field}: {e.message}", parameter=e.field) from None
     return spec, cfg
+
+
+def _readout_checked(vllm_config, given) -> bool:
+    """VLLMValidationError unless `given` is a readout this engine can read (`series_op.py`); whether it reads the
+    prompt (whose positions must then be forwarded, not read from the prefix cache)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not isinstance(given, dict) or not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
+        msg = f"readouts need `functok serve --engine vllm` and the functok worker extension ({EXTENSION})"
+        raise VLLMValidationError(f"readout: {msg}", parameter="readout")
+    if compat.cuda_graphs(vllm_config):
+        msg = "readouts need an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
+        raise VLLMValidationError(f"readout: {msg}", parameter="readout")
+    try:
+        return ReadoutRequest.from_dict(given).prompt
+    except (ValueError, TypeError, KeyError) as e:
+        raise VLLMValidationError(f"readout: not a readout ({e})", parameter="readout") from None
 
 
 def _features_checked(vllm_config, given) -> bool:

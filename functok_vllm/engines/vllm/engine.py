@@ -30,7 +30,15 @@ from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, 
 from functok_vllm.engines.vllm.batch_state import TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.feature_op import XFEAT
-from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
+from functok_vllm.engines.vllm.outputs import (
+    FeatureReader,
+    entries,
+    logprobs_of,
+    merge_series,
+    prompt_logprobs_of,
+    vllm_sampling,
+)
+from functok_vllm.engines.vllm.series_op import XREAD
 from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, XARG, from_additional_config
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
@@ -177,6 +185,10 @@ class VLLMEngine(Engine):
         if self.llm is None or self._stopped:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
+        reads = request.readout
+        if reads is not None and any(p.before for p in reads.probes):
+            msg = "'before' is read by the transformers engine only (the vLLM worker reads after the steering op)"
+            raise RequestError("readout.edits", msg)
         need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
         if need:
             self.budget.check(need)
@@ -189,11 +201,13 @@ class VLLMEngine(Engine):
         n = len(ids)
         score_only = p.max_tokens == 0  # vLLM generates at least one token: it is dropped here
         cap = self.max_model_len if p.max_tokens is None else p.max_tokens
-        extra = {TAG: rid} if spec is not None or fr is not None else {}
+        extra = {TAG: rid} if spec is not None or fr is not None or reads is not None else {}
         if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
             extra[XARG] = spec
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
+        if reads is not None:
+            extra[XREAD] = reads.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
         out_ids: list[int] = []
         feat_sent = 0  # generated tokens whose feature entries have been read
@@ -225,6 +239,8 @@ class VLLMEngine(Engine):
                     feat_sent += len(rows)
                     if "prompt" in got:
                         d.prompt_features = entries(ids, 0, got["prompt"], fr.layers)
+                if reads is not None and reason in ("stop", "length"):
+                    d.readout = await self._readout(rid, ids + out_ids)
                 first = False
                 yield d
         except EngineStopped:  # shut down while it waited for the clamp pool: an abort, as for a queued request
@@ -249,9 +265,27 @@ class VLLMEngine(Engine):
                     log.debug("abort of %s failed", rid, exc_info=True)
                 if fr is not None:
                     await self.reader.drop(rid)
+                if reads is not None:
+                    try:
+                        await self.llm.collective_rpc("functok_readout_drop", args=(rid,))
+                    except Exception:
+                        log.debug("could not drop the readout of %s", rid, exc_info=True)
             self._inflight.discard(rid)
             if held:
                 self.budget.release(need)
+
+    async def _readout(self, rid: str, ids: list[int]) -> dict | None:
+        """The finished request's readout from the workers: {"positions", "token_ids", "values"}; None (logged) when
+        no worker can say."""
+        try:
+            got = merge_series(await self.llm.collective_rpc("functok_readout", args=(rid,)))
+        except Exception:
+            log.warning("could not read the readout of request %s", rid, exc_info=True)
+            return None
+        if got is None:
+            log.warning("no worker read the readout of request %s", rid)
+            return None
+        return got | {"token_ids": [ids[p] for p in got["positions"]]}
 
     async def _applied(self, rid: str) -> int:
         """Positions where the worker steered the request (0, logged, when it cannot say: never a guess)."""
