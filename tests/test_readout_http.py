@@ -6,6 +6,8 @@ readouts are 400s naming the field. One server for the module."""
 
 import json
 import os
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
 from reference import eager_model, load_lens, logprobs
 
+from functok_vllm.activation_capture import read_capture
 from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
 
@@ -279,3 +282,75 @@ def test_vllm_readouts_and_monitors_equal_the_reference(vllm_server, ref, featur
             model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"readout": readout | {"edits": "before"}}
         )
     assert e.value.body["param"] == "readout.edits"
+
+
+@pytest.mark.vllm
+def test_vllm_capture_and_a_vector_from_examples_equal_the_reference(vllm_server, ref, feature, demo_tokenizer):
+    """Capture through the same side channel: the transformers engine's format, equal to the reference after the
+    edits for a steered and a plain choice of one batch, at every position and at function positions; a vector from
+    pairs computed on vLLM is the reference's mean difference; `edits: "before"` is a 400."""
+    layer, f = feature
+    client = openai_client(vllm_server.url, timeout=600)
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[2],
+        max_tokens=5,
+        temperature=0,
+        extra_body={
+            "steering": [None, spec],
+            "return_token_ids": True,
+            "capture": {"layers": [layer, ADD_LAYER], "positions": "all"},
+        },
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[2])
+    for choice, s in zip(r.choices, [None, spec], strict=True):
+        got = read_capture(choice.capture)
+        forwarded = prompt + choice.token_ids[:-1]
+        assert got["positions"].tolist() == list(range(len(forwarded))) and got["token_ids"].tolist() == forwarded
+        want = grab(ref, forwarded, len(prompt), s)
+        for L in (layer, ADD_LAYER):
+            t = got[f"blocks.{L}.hook_resid_post"]
+            err = ((t.double() - want[L].double()).norm(dim=-1) / want[L].double().norm(dim=-1)).max()
+            assert t.dtype == torch.float32 and float(err) <= 1e-5, L
+    body = {"capture": {"layers": [1], "positions": "last_function"}}
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, temperature=0, extra_body=body)
+    ids, fn = demo_tokenizer.encode(PROMPTS[0]), set(http_function_tokens(vllm_server))
+    at = max(i for i, t in enumerate(ids) if t in fn)
+    got = read_capture(r.choices[0].capture)
+    assert got["positions"].tolist() == [at]
+    want = grab(ref, ids, len(ids))[1][at]
+    assert float((got["blocks.1.hook_resid_post"][0] - want).norm() / want.norm()) <= 1e-5
+    pairs = [
+        ("The king said to his son", "The man said to his son"),
+        ("The queen walked in and", "The woman walked in and"),
+    ]
+    admin = openai_client(vllm_server.url, ADMIN)
+    examples = {"positive": [p for p, _ in pairs], "negative": [n for _, n in pairs], "layers": [1], "position": "last"}
+    admin.post("/steering/vectors", body={"name": "royal", "examples": examples}, cast_to=object)
+    got = np.array(admin.get("/steering/vectors/royal", cast_to=object)["directions"]["1"], np.float64)
+    reads = {t: grab(ref, demo_tokenizer.encode(t), 1)[1][-1].double().numpy() for pair in pairs for t in pair}
+    want = np.mean([reads[p] - reads[n] for p, n in pairs], axis=0)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"capture": {"layers": [1], "edits": "before"}}
+        )
+    assert e.value.body["param"] == "capture.edits"
+
+
+def http_function_tokens(server) -> list[int]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        return http.get("/v1/steering").json()["function_tokens"]["ids"]
+
+
+def test_a_bad_monitor_stops_the_server_at_start_naming_it():
+    def serve(*monitors: str):
+        flags = [x for m in monitors for x in ("--monitor", m)]
+        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), *flags, "--port", "1"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    r = serve("ok=2:5", "bad=9:1")  # checked against the SAEs once they are loaded
+    assert r.returncode == 2 and "--monitor bad: no SAE is loaded at layer 9" in r.stderr, r.stderr[-2000:]
+    r = serve("bad=2:1:nan")  # the form, before any model loads
+    assert r.returncode == 2 and "--monitor 'bad=2:1:nan'" in r.stderr and "Traceback" not in r.stderr

@@ -4,12 +4,13 @@ A request (or a server monitor) names the series it wants read at every position
 the SAE at a layer (its activation exactly as the SAE's `encode` computes it: `SAE.encode_features`, only that
 feature's columns where the architecture allows, the full encode otherwise) or a unit direction there (the value is
 the projection `h . u`). The engines group a request's series by (layer, before-or-after its edits) into one
-`ProbeGroup` each and call `values` on the rows of the tensor at that layer's hook point: two matmuls over the rows
-asked for, never a loop per token.
+`ProbeGroup` each, whose `ProbeSet` (shared by every request that reads the same series) computes `values` on the
+rows of the tensor at that layer's hook point: two matmuls over the rows asked for, never a loop per token.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -36,36 +37,60 @@ class Probe:
         return cls(int(d["layer"]), feature, direction, bool(d.get("before", False)))
 
 
-@dataclass
-class ProbeGroup:
-    """The series of one request read at one layer at one moment (before or after its edits there)."""
+class ProbeSet:
+    """Features of one SAE and unit directions read together at one layer: their encoder columns and directions
+    stacked once, on the device. Requests that read the same series share one (`ProbeSets`), so a forward computes
+    it once over all their rows."""
 
-    cols: torch.Tensor  # (n,) the request's series this group fills, features first, then directions
-    features: torch.Tensor | None  # (nf,) SAE feature ids, on the device
-    U: torch.Tensor | None  # (d_model, nv) unit directions, on the device
+    def __init__(self, sae: SAE | None, features: list[int], directions: list[tuple[float, ...]], device):
+        self.encode = None
+        if features:
+            ids = torch.tensor(features, dtype=torch.long, device=device)  # (nf,)
+            self.encode = sae.column_encoder(ids)  # (rows, d_in) -> (rows, nf)
+        self.U = torch.tensor(directions, dtype=torch.float32, device=device).T.contiguous() if directions else None
+        self.dtype = sae.W_dec.dtype if sae is not None else torch.float32
 
     @torch.no_grad()
-    def values(self, sae: SAE | None, h: torch.Tensor) -> torch.Tensor:
-        """h (rows, d_model) -> (rows, n) values, in float32."""
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """h (rows, d_model) -> (rows, n) values in float32: the features' activations, then the projections."""
         parts = []
-        if self.features is not None:
-            parts.append(sae.encode_features(h.to(sae.W_dec.dtype), self.features).float())  # (rows, nf)
+        if self.encode is not None:
+            parts.append(self.encode(h.to(self.dtype)).float())  # (rows, nf)
         if self.U is not None:
             parts.append(h.float() @ self.U)  # (rows, nv)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def probe_groups(probes: tuple[Probe, ...], device) -> dict[tuple[int, bool], ProbeGroup]:
-    """{(layer, before): ProbeGroup} of a request's probes, each column index its position in `probes`."""
-    at: dict[tuple[int, bool], tuple[list, list]] = {}
-    for i, p in enumerate(probes):
-        feats, dirs = at.setdefault((p.layer, p.before), ([], []))
-        (feats if p.feature is not None else dirs).append(i)
-    out = {}
-    for key, (feats, dirs) in at.items():
-        f = torch.tensor([probes[i].feature for i in feats], dtype=torch.long, device=device) if feats else None
-        u = None
-        if dirs:
-            u = torch.tensor([probes[i].direction for i in dirs], dtype=torch.float32, device=device).T.contiguous()
-        out[key] = ProbeGroup(torch.tensor(feats + dirs, dtype=torch.long, device=device), f, u)
-    return out
+@dataclass
+class ProbeGroup:
+    """The series of one request read at one layer at one moment (before or after its edits there)."""
+
+    cols: list[int]  # the request's series this group fills, in the order of `pset`'s values
+    pset: ProbeSet
+
+
+class ProbeSets:
+    """Interns ProbeSets by what they read, so that requests asking for the same series (the server's monitors, a
+    dashboard's readout) share one; at most `size` kept, least recently used dropped."""
+
+    def __init__(self, saes: dict, device, size: int = 256):
+        self.saes, self.device, self.size = saes, device, size  # {layer: SAE}
+        self.sets: OrderedDict = OrderedDict()
+
+    def groups(self, probes: tuple[Probe, ...]) -> dict[tuple[int, bool], ProbeGroup]:
+        """{(layer, before): ProbeGroup} of a request's probes, each column index its position in `probes`."""
+        at: dict[tuple[int, bool], tuple[list, list]] = {}
+        for i, p in enumerate(probes):
+            feats, dirs = at.setdefault((p.layer, p.before), ([], []))
+            (feats if p.feature is not None else dirs).append(i)
+        out = {}
+        for (layer, before), (feats, dirs) in at.items():
+            f = [probes[i].feature for i in feats]
+            d = [probes[i].direction for i in dirs]
+            key = (layer, tuple(f), tuple(d))
+            pset = self.sets.pop(key, None) or ProbeSet(self.saes.get(layer), f, d, self.device)
+            self.sets[key] = pset
+            while len(self.sets) > self.size:
+                self.sets.popitem(last=False)
+            out[(layer, before)] = ProbeGroup(feats + dirs, pset)
+        return out

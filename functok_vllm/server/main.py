@@ -233,6 +233,10 @@ def serve(args) -> int:
     config.metrics_public = args.metrics_public
     config.allowed_hosts = allowed_hosts(args.allowed_hosts, args.host)
     config.monitors = tuple(args.monitor or ())
+    from functok_vllm.server.monitors import parse_monitor
+
+    for text in config.monitors:  # the form now; the layer and feature once the SAEs are loaded (create_app)
+        parse_monitor(text)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     engine = build_engine(args, config)

@@ -31,10 +31,10 @@ import torch
 from functok_vllm.activation_capture import encode_capture, select_rows
 from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import last_function_position
-from functok_vllm.core.readout import probe_groups
+from functok_vllm.core.readout import ProbeSets
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.feature_plan import Readout, entry, layer_fn
+from functok_vllm.engines.hf.feature_plan import Readout, entry, layer_fn, plan_series, series_values
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
@@ -103,7 +103,9 @@ class Batcher:
         self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
         self.capture: dict[int, list] = {}  # this forward's capture plan: layer -> [(Seq, its flattened rows)]
-        self.reads: dict[int, list] = {}  # this forward's readout plan: layer -> [(Seq, its rows, its buffer)]
+        self.reads: dict[int, list] = {}  # this forward's readout plan: layer -> [SeriesRead]
+        saes = {layer: op.sae for layer, op in table.layers.items()} if table else {}
+        self.probe_sets = ProbeSets(saes, self.device)  # requests reading the same series share their tensors
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
@@ -172,16 +174,6 @@ class Batcher:
             for layer in seq.req.capture.layers:
                 self.capture.setdefault(layer, []).append((seq, rows))
 
-    def _plan_reads(self, wants: list[tuple[Seq, slice, list[int]]]) -> None:
-        """This forward's readout plan from (request, its flattened rows, their positions) of the requests that read
-        series: a fresh (rows, series) buffer each, filled by the hooks."""
-        self.reads = {}
-        for seq, rows, positions in wants:
-            buf = torch.zeros(len(positions), len(seq.req.readout.probes), device=self.device)  # (rows, series)
-            seq.read_out.append((positions, buf))
-            for layer in {layer for layer, _ in seq.groups}:
-                self.reads.setdefault(layer, []).append((seq, rows, buf))
-
     def _drain(self, block: bool) -> None:
         try:
             msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
@@ -233,9 +225,9 @@ class Batcher:
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
         self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
         if r.readout is not None:  # every prompt position, or only the one that predicts the first token
-            seq.groups = probe_groups(r.readout.probes, self.device)
+            seq.groups = self.probe_sets.groups(r.readout.probes)
             first = 0 if r.readout.prompt else n - 1
-            self._plan_reads([(seq, slice(first, n), list(range(first, n)))])
+            self.reads = plan_series([(seq, first, list(range(first, n)))], self.device)
         else:
             self.reads = {}
         scoring = r.prompt_logprobs is not None
@@ -275,7 +267,8 @@ class Batcher:
         if wants:
             self.readout.plan(wants)
         self._plan_capture([(s, slice(i, i + 1)) for i, s in enumerate(rows) if s.req.capture is not None])
-        self._plan_reads([(s, slice(i, i + 1), [at[i]]) for i, s in enumerate(rows) if s.req.readout is not None])
+        reading = [(s, i, [at[i]]) for i, s in enumerate(rows) if s.req.readout is not None]
+        self.reads = plan_series(reading, self.device) if reading else {}
         with self._hooks(steer):
             out = self.model(
                 input_ids=ids[:, None],
@@ -383,10 +376,9 @@ class Batcher:
 
     def _readout(self, seq: Seq) -> dict:
         """The request's series: {"positions", "token_ids", "values": [[a float per series] per position]}."""
-        positions = [p for ps, _ in seq.read_out for p in ps]
+        positions, values = series_values(seq.read_out, len(seq.req.readout.probes))
         ids = seq.req.prompt_ids + seq.out_ids
-        values = torch.cat([buf for _, buf in seq.read_out]).tolist() if positions else []
-        return {"positions": positions, "token_ids": [ids[p] for p in positions], "values": values}
+        return {"positions": positions, "token_ids": [ids[p] for p in positions], "values": values.tolist()}
 
     def _capture_blob(self, seq: Seq) -> bytes:
         """The request's capture: the rows its forwards copied out, at the positions it asked for."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from functok_vllm.core.readout import ProbeSet
 from functok_vllm.core.top_features import rows_to_lists, top_features
 from functok_vllm.feature_request import FeatureRequest
 
@@ -79,8 +80,8 @@ def entry(token_id: int, position: int, layers: dict, fr: FeatureRequest) -> dic
 def layer_fn(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None, reads: list | None = None):
     """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
     vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, the copies of the rows
-    capturing requests asked for (`keep`: [(Seq, rows)]) and the series reading requests asked for (`reads`: [(Seq,
-    rows, buffer)]), each before or after the edits as the request asked."""
+    capturing requests asked for (`keep`: [(Seq, rows)]) and the series reading requests asked for (`reads`:
+    [SeriesRead]), each before or after the edits as the request asked."""
 
     def stream(x, residual):
         return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
@@ -91,7 +92,7 @@ def layer_fn(layer: int, op, add: bool, readout: Readout | None, keep: list | No
         if before:
             keep_rows(layer, pre, before)
         if reads:
-            read_series(layer, op.sae, pre, reads, before=True)
+            read_series(pre, reads, before=True)
         out = op.steered_hidden(hidden, residual) if add else None
         after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
         if readout is not None or after or reads:
@@ -100,19 +101,63 @@ def layer_fn(layer: int, op, add: bool, readout: Readout | None, keep: list | No
                 readout.observe(layer, op.sae, h)
             keep_rows(layer, h, after)
             if reads:
-                read_series(layer, op.sae, h, reads, before=False)
+                read_series(h, reads, before=False)
         return out
 
     return fn
 
 
-def read_series(layer: int, sae, h: torch.Tensor, reads: list, before: bool) -> None:
-    """Each reading request's series at this layer and moment, from its rows of h (tokens, d_model), into its
-    (rows, series) buffer of this forward: one `ProbeGroup.values` (two matmuls) per request."""
-    for seq, rows, buf in reads:
-        g = seq.groups.get((layer, before))
-        if g is not None:
-            buf[:, g.cols] = g.values(sae, h[rows])
+@dataclass(eq=False)
+class SeriesRead:
+    """One ProbeSet read at one layer and moment in one forward, for every request that reads it there."""
+
+    pset: ProbeSet
+    before: bool
+    rows: list[int]  # flattened token indices of the forward, request after request
+    idx: torch.Tensor | None = None  # the rows on the device
+    vals: torch.Tensor | None = None  # (rows, n) set by the hook
+
+
+def plan_series(wants: list, device) -> dict[int, list[SeriesRead]]:
+    """This forward's series plan: layer -> its SeriesReads, from (request, its first flattened row, the positions of
+    its rows) of the requests that read series; each request notes (positions, [(its columns, read, first row, end
+    row)]) in its `read_out`. Host-side list work per request; the hooks do one gather and `values` per read."""
+    reads: dict = {}
+    for seq, first, positions in wants:
+        k, parts = len(positions), []
+        for key, g in seq.groups.items():
+            r = reads.get((key, id(g.pset)))
+            if r is None:
+                r = reads[(key, id(g.pset))] = SeriesRead(g.pset, key[1], [])
+            parts.append((g.cols, r, len(r.rows), len(r.rows) + k))
+            r.rows.extend(range(first, first + k))
+        seq.read_out.append((positions, parts))
+    out: dict[int, list[SeriesRead]] = {}
+    for ((layer, _), _), r in reads.items():
+        r.idx = torch.tensor(r.rows, dtype=torch.long, device=device)
+        out.setdefault(layer, []).append(r)
+    return out
+
+
+def read_series(h: torch.Tensor, reads: list[SeriesRead], before: bool) -> None:
+    """The planned reads of this layer at this moment, from h (tokens, d_model)."""
+    for r in reads:
+        if r.before == before:
+            r.vals = r.pset.values(h[r.idx])
+
+
+def series_values(read_out: list, n: int) -> tuple[list[int], torch.Tensor]:
+    """A finished request's (positions, (positions, n) values) from the reads its forwards noted: one `cat` and one
+    column write per group of series."""
+    positions = [p for ps, _ in read_out for p in ps]
+    out = torch.zeros(len(positions), n)
+    chunks: dict[tuple, list] = {}
+    for _, parts in read_out:
+        for cols, r, a, b in parts:
+            chunks.setdefault(tuple(cols), []).append(r.vals[a:b])
+    for cols, got in chunks.items():
+        out[:, list(cols)] = torch.cat(got).cpu()
+    return positions, out
 
 
 def keep_rows(layer: int, h: torch.Tensor, keep: list) -> None:

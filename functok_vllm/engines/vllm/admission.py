@@ -26,13 +26,14 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
+from functok_vllm.activation_capture import CaptureRequest
 from functok_vllm.core.batch import last_function_position
 from functok_vllm.core.function_tokens import FunctionTokens
 from functok_vllm.core.spec import SpecError
 from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encode_payloads
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.feature_op import XFEAT
-from functok_vllm.engines.vllm.series_op import XREAD
+from functok_vllm.engines.vllm.series_op import XCAPTURE, XREAD
 from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
     EXTENSION,
@@ -60,14 +61,16 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     prompt's features)."""
     given_args = getattr(params, "extra_args", None) or {}
     given, feats, reads = given_args.get(XARG), given_args.get(XFEAT), given_args.get(XREAD)
+    caps = given_args.get(XCAPTURE)
     if given is None and VECTORS in given_args:  # only the admission hook puts contents there, with their spec
         from vllm.exceptions import VLLMValidationError
 
         raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
-    if given is None and feats is None and reads is None:
+    if given is None and feats is None and reads is None and caps is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
     prompt_features = feats is not None and _features_checked(self.vllm_config, feats)
     prompt_features |= reads is not None and _readout_checked(self.vllm_config, reads)
+    prompt_features |= caps is not None and _readout_checked(self.vllm_config, caps, "capture")
     if given is None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if prompt_features:
@@ -109,21 +112,21 @@ def _validated(vllm_config, given, payload) -> tuple[SteeringSpec | None, Functo
     return spec, cfg
 
 
-def _readout_checked(vllm_config, given) -> bool:
-    """VLLMValidationError unless `given` is a readout this engine can read (`series_op.py`); whether it reads the
-    prompt (whose positions must then be forwarded, not read from the prefix cache)."""
+def _readout_checked(vllm_config, given, param: str = "readout") -> bool:
+    """VLLMValidationError unless `given` is a readout (or a capture) this engine can read (`series_op.py`); whether it
+    reads the prompt (whose positions must then be forwarded, not read from the prefix cache)."""
     from vllm.exceptions import VLLMValidationError
 
     if not isinstance(given, dict) or not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
-        msg = f"readouts need `functok serve --engine vllm` and the functok worker extension ({EXTENSION})"
-        raise VLLMValidationError(f"readout: {msg}", parameter="readout")
+        msg = f"needs `functok serve --engine vllm` and the functok worker extension ({EXTENSION})"
+        raise VLLMValidationError(f"{param}: {msg}", parameter=param)
     if compat.cuda_graphs(vllm_config):
-        msg = "readouts need an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
-        raise VLLMValidationError(f"readout: {msg}", parameter="readout")
+        msg = "needs an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
+        raise VLLMValidationError(f"{param}: {msg}", parameter=param)
     try:
-        return ReadoutRequest.from_dict(given).prompt
+        return ReadoutRequest.from_dict(given).prompt if param == "readout" else bool(CaptureRequest.from_dict(given))
     except (ValueError, TypeError, KeyError) as e:
-        raise VLLMValidationError(f"readout: not a readout ({e})", parameter="readout") from None
+        raise VLLMValidationError(f"{param}: not a {param} object ({e})", parameter=param) from None
 
 
 def _features_checked(vllm_config, given) -> bool:

@@ -1,4 +1,5 @@
-"""Readouts of chosen series on a vLLM worker: which rows of each step a request's `readout` reads, and its values.
+"""Readouts and captures on a vLLM worker: which rows of each step a request's `readout` or `capture` reads, and what
+it keeps of them.
 
 The series travel on the side channel of `features` (`feature_op.py`): the request carries its probes in
 `extra_args["functok_readout"]` (`ReadoutRequest.to_dict`: feature ids and unit directions, plain data); the
@@ -7,10 +8,13 @@ feature readout op, which runs right after the steering op at every steering lay
 request that reads series, the tokens of its rows whose positions it has not read yet (every prompt position with
 `prompt`, else from the last prompt position on: chunked prefill and a recomputation after preemption read each
 position once); `observe` fills the request's (rows, series) buffer of the step with `ProbeGroup.values` over those
-rows. The API process takes a request's values once, when it has finished (`collective_rpc("functok_readout")`).
+rows. `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`): every position from
+the first prompt token on, a copy of its rows at each captured layer (only the latest row for `positions: "last"`).
+The API process takes a request's values or rows once, when it has finished (`collective_rpc("functok_readout")`,
+`collective_rpc("functok_capture")`), and forms the answer there.
 
 Only after the edits: this op sits after the steering op, so `edits: "before"` is refused on this engine. A request
-without `readout` costs a dictionary lookup per step.
+without `readout` or `capture` costs a dictionary lookup per step.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from functok_vllm.core.readout import probe_groups
+from functok_vllm.activation_capture import CaptureRequest
+from functok_vllm.core.readout import ProbeSets
 from functok_vllm.readout_request import ReadoutRequest
 
 log = logging.getLogger("functok.vllm")
 XREAD = "functok_readout"  # extra_args key: ReadoutRequest.to_dict() (set by functok's VLLMEngine or a Python caller)
+XCAPTURE = "functok_capture"  # extra_args key: CaptureRequest.to_dict()
 KEEP_DONE = 64  # finished requests whose values wait to be taken
 
 
@@ -35,23 +41,43 @@ class Piece:
 
     start: int
     count: int
-    buf: torch.Tensor
+    buf: torch.Tensor | dict  # (count, series) values; for a capture {layer: (count, d_model) copy}
     idx: torch.Tensor  # (count,) the rows of the step's tokens, on the device
     seen: set = field(default_factory=set)  # layers whose op filled it (a forward that did not run fills none)
 
 
 @dataclass
 class SeriesReader:
-    req: ReadoutRequest
-    groups: dict  # (layer, False) -> ProbeGroup of the probes this worker holds
+    req: ReadoutRequest | CaptureRequest
+    groups: dict  # (layer, False) -> ProbeGroup of the probes this worker holds; a capture: (layer, False) -> None
     prompt_len: int
     upto: int = 0  # positions below this have been planned
     pieces: list[Piece] = field(default_factory=list)
 
 
 class SeriesReadout:
+    key = XREAD
+
+    def _parse(self, given: dict) -> ReadoutRequest:
+        return ReadoutRequest.from_dict(given)
+
+    def _groups(self, req) -> dict:
+        return self.sets.groups(req.probes)
+
+    def _first(self, m: SeriesReader) -> int:
+        """The first position the request reads."""
+        return 0 if m.req.prompt else m.prompt_len - 1
+
+    def _buffer(self, m: SeriesReader, count: int):
+        return torch.zeros(count, len(m.req.probes), device=self.device)
+
+    def _fill(self, layer: int, m: SeriesReader, piece: Piece, x: torch.Tensor) -> None:
+        g = m.groups[(layer, False)]
+        piece.buf[:, g.cols] = g.pset.values(x)
+
     def __init__(self, saes: dict, layers, device):
         self.saes, self.layers, self.device = saes, set(layers), device  # SAEs and every steering layer held here
+        self.sets = ProbeSets(saes, device)  # requests reading the same series share their tensors
         self.meta: dict[str, SeriesReader] = {}  # running requests with a readout, by vLLM request id
         self.tag_of: dict[str, str] = {}
         self.by_tag: dict[str, SeriesReader] = {}
@@ -59,19 +85,17 @@ class SeriesReadout:
         self.plan: dict[int, list[tuple[SeriesReader, Piece]]] | None = None  # layer -> what it reads this step
 
     def add_request(self, req_id: str, prompt_len: int, extra: dict | None, tag: str) -> None:
-        given = (extra or {}).get(XREAD)
+        given = (extra or {}).get(self.key)
         if given is None:
             return
         try:
-            req = ReadoutRequest.from_dict(given)
+            req = self._parse(given)
         except (ValueError, TypeError, KeyError) as e:
-            log.error("request %s: its readout cannot be read: %s", req_id, e)
+            log.error("request %s: its %s cannot be read: %s", req_id, self.key, e)
             return
-        mine = tuple(p for p in req.probes if p.layer in self.layers and not p.before)
-        if not mine:
+        groups = {k: g for k, g in self._groups(req).items() if k[0] in self.layers and not k[1]}
+        if not groups:
             return
-        groups = probe_groups(req.probes, self.device)
-        groups = {k: g for k, g in groups.items() if k[0] in self.layers and not k[1]}
         r = SeriesReader(req, groups, prompt_len)
         self.meta[req_id] = self.by_tag[tag] = r
         self.tag_of[req_id] = tag
@@ -101,12 +125,12 @@ class SeriesReadout:
             if m is None:
                 continue
             start, first, last = int(starts[r]), int(qsl[r]), int(qsl[r + 1])
-            lo = max(start, m.upto, 0 if m.req.prompt else m.prompt_len - 1)
+            lo = max(start, m.upto, self._first(m))
             hi = start + (last - first)
             if lo >= hi:
                 continue
             idx = torch.arange(first + lo - start, first + hi - start).to(self.device)
-            piece = Piece(lo, hi - lo, torch.zeros(hi - lo, len(m.req.probes), device=self.device), idx)
+            piece = Piece(lo, hi - lo, self._buffer(m, hi - lo), idx)
             m.pieces.append(piece)
             m.upto = hi
             for layer in {layer for layer, _ in m.groups}:
@@ -119,8 +143,7 @@ class SeriesReadout:
             x = hidden.reshape(-1, d)[piece.idx]  # (count, d_model)
             if residual is not None:
                 x = x + residual.reshape(-1, d)[piece.idx]
-            g = m.groups[(layer, False)]
-            piece.buf[:, g.cols] = g.values(self.saes.get(layer), x)
+            self._fill(layer, m, piece, x)
             piece.seen.add(layer)
 
     def end_step(self) -> None:
@@ -136,7 +159,7 @@ class SeriesReadout:
         full = [p for p in r.pieces if p.seen >= layers]  # a planned forward that did not run left no values
         positions = [p.start + j for p in full for j in range(p.count)]
         values = torch.cat([p.buf for p in full]).tolist() if full else []
-        cols = sorted(int(c) for g in r.groups.values() for c in g.cols.tolist())
+        cols = sorted(c for g in r.groups.values() for c in g.cols)
         r.pieces = []
         return {"positions": positions, "values": values, "columns": cols}
 
@@ -145,3 +168,44 @@ class SeriesReadout:
         r = self.by_tag.get(tag)
         if r is not None:
             r.pieces = []
+
+
+class CaptureCopy(SeriesReadout):
+    """A request's `capture` on the worker: copies of its rows at each captured layer held here, after the edits."""
+
+    key = XCAPTURE
+
+    def _parse(self, given: dict) -> CaptureRequest:
+        return CaptureRequest.from_dict(given)
+
+    def _groups(self, req) -> dict:
+        return dict.fromkeys(((layer, req.edits == "before") for layer in req.layers), None)
+
+    def _first(self, m: SeriesReader) -> int:
+        return 0
+
+    def _buffer(self, m: SeriesReader, count: int):
+        return {}
+
+    def _fill(self, layer: int, m: SeriesReader, piece: Piece, x: torch.Tensor) -> None:
+        if m.req.positions == "last":  # only the latest row is ever returned: earlier pieces let go of theirs
+            for p in m.pieces[:-1]:
+                p.buf.clear()
+                p.count = 0
+            piece.buf[layer] = x[-1:].clone()
+            piece.start, piece.count = piece.start + piece.count - 1, 1
+        else:
+            piece.buf[layer] = x.clone()
+
+    def take(self, tag: str) -> dict | None:
+        """A finished request's rows: {"positions", "rows": {layer: float32 bytes of its (positions, d_model) rows}}
+        (bytes: `collective_rpc` carries plain data); None if this worker knows no such request. Forgets it."""
+        r = self.done.pop(tag, None) or self.by_tag.get(tag)
+        if r is None:
+            return None
+        layers = {layer for layer, _ in r.groups}
+        full = [p for p in r.pieces if p.seen >= layers and p.count]
+        positions = [p.start + j for p in full for j in range(p.count)]
+        rows = {L: torch.cat([p.buf[L] for p in full]).float().cpu().numpy().tobytes() if full else b"" for L in layers}
+        r.pieces = []
+        return {"positions": positions, "rows": rows}

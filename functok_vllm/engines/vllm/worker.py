@@ -108,7 +108,7 @@ class SteeringRunnerMixin:
             else:
                 pos = positions if positions.dim() == 1 else positions[0]  # M-RoPE (3, tokens): row 0 is the text
                 st.prepare(compat.batch_rows(self), ids[: pos.shape[0]], pos, compat.query_start_loc(self))
-                if ro.meta or ro.series.meta:  # host-side plan of this forward's feature readout and series
+                if ro.meta or ro.series.meta or ro.capture.meta:  # host-side plans: features, series, captures
                     ro.prepare(compat.batch_rows(self), *compat.row_starts_and_qsl(self))
         cap = self.functok_capture
         try:
@@ -191,6 +191,18 @@ class SteeringWorkerExtension:
         ro = self.model_runner.functok_readout
         if ro is not None:
             ro.series.drop(tag)
+
+    def functok_request_capture(self, tag: str) -> dict | None:
+        """The rows a finished request named `tag` captured (`series_op.CaptureCopy.take`: {"positions", "rows"}),
+        once; None if this worker knows no such request. For `collective_rpc`."""
+        ro = self.model_runner.functok_readout
+        return ro.capture.take(tag) if ro is not None else None
+
+    def functok_request_capture_drop(self, tag: str) -> None:
+        """Forget the rows of a request that ended without reading them (aborted)."""
+        ro = self.model_runner.functok_readout
+        if ro is not None:
+            ro.capture.drop(tag)
 
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""
