@@ -169,6 +169,17 @@ def test_readout_before_the_edits_reads_only_the_edits_upstream(client, ref, fea
     assert max(got["before"]["values"]) < HOT < min(got["after"]["values"])  # the two readings differ: can flip
 
 
+def test_a_streamed_readout_comes_whole_on_the_finishing_chunk(client, probe, feature):
+    layer, f = feature
+    body = {"readout": {"features": [{"layer": layer, "feature": f}], "vectors": ["probe"], "pool": ["last"]}}
+    kw = dict(model=MODEL, prompt=PROMPTS[5], max_tokens=5, temperature=0, extra_body=body)
+    whole = client.completions.create(**kw).choices[0].readout
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert all(getattr(c, "readout", None) is None for c in chunks if c.finish_reason is None)
+    assert [c.readout for c in chunks if c.finish_reason is not None] == [whole]
+    assert len(whole["positions"]) == 5 and whole["series"][0]["pooled"] == {"last": whole["series"][0]["values"][-1]}
+
+
 def test_monitors_count_exactly_the_crossings_of_the_reference(client, http, ref, feature, demo_tokenizer):
     """Planted both ways: the steered request's tokens all cross the `hot` threshold, the plain one's none; `cold`
     is never crossed; the histogram observes one value per generated token."""
