@@ -7,11 +7,12 @@ feature readout op, which runs right after the steering op at every steering lay
 `SeriesReadout.observe` when the step has a plan. `prepare` (host-side, before each forward) plans, for each running
 request that reads series, the tokens of its rows whose positions it has not read yet (every prompt position with
 `prompt`, else from the last prompt position on: chunked prefill and a recomputation after preemption read each
-position once); `observe` fills the request's (rows, series) buffer of the step with `ProbeGroup.values` over those
-rows. `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`): every position from
-the first prompt token on, a copy of its rows at each captured layer (only the latest row for `positions: "last"`).
-The API process takes a request's values or rows once, when it has finished (`collective_rpc("functok_readout")`,
-`collective_rpc("functok_capture")`), and forms the answer there.
+position once), batched by ProbeSet: `observe` gathers the rows of every request reading the same series at once,
+computes `ProbeSet.values` once and writes each request's slice into its (rows, series) buffer of the step.
+`CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`), one request a batch: every
+position from the first prompt token on, a copy of its rows at each captured layer (only the latest row for
+`positions: "last"`). The API process takes a request's values or rows once, when it has finished
+(`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there.
 
 Only after the edits: this op sits after the steering op, so `edits: "before"` is refused on this engine. A request
 without `readout` or `capture` costs a dictionary lookup per step.
@@ -42,8 +43,16 @@ class Piece:
     start: int
     count: int
     buf: torch.Tensor | dict  # (count, series) values; for a capture {layer: (count, d_model) copy}
-    idx: torch.Tensor  # (count,) the rows of the step's tokens, on the device
     seen: set = field(default_factory=set)  # layers whose op filled it (a forward that did not run fills none)
+
+
+@dataclass(eq=False)
+class Batch:
+    """What one layer reads in one step for the requests that share a ProbeSet (a capture: for one request)."""
+
+    rows: list[int]  # flattened token indices of the step, request after request
+    members: list = field(default_factory=list)  # (SeriesReader, Piece, its first row here, its end row)
+    idx: torch.Tensor | None = None  # the rows on the device
 
 
 @dataclass
@@ -71,9 +80,14 @@ class SeriesReadout:
     def _buffer(self, m: SeriesReader, count: int):
         return torch.zeros(count, len(m.req.probes), device=self.device)
 
-    def _fill(self, layer: int, m: SeriesReader, piece: Piece, x: torch.Tensor) -> None:
-        g = m.groups[(layer, False)]
-        piece.buf[:, g.cols] = g.pset.values(x)
+    def _batch_key(self, layer: int, m: SeriesReader):
+        return id(m.groups[(layer, False)].pset)  # requests reading the same series: one `values` call for all
+
+    def _fill(self, layer: int, batch: Batch, x: torch.Tensor) -> None:
+        """x (rows, d_model): the batch's rows of the stream."""
+        vals = batch.members[0][0].groups[(layer, False)].pset.values(x)  # (rows, n)
+        for m, piece, a, b in batch.members:
+            piece.buf[:, m.groups[(layer, False)].cols] = vals[a:b]
 
     def __init__(self, saes: dict, layers, device):
         self.saes, self.layers, self.device = saes, set(layers), device  # SAEs and every steering layer held here
@@ -82,7 +96,7 @@ class SeriesReadout:
         self.tag_of: dict[str, str] = {}
         self.by_tag: dict[str, SeriesReader] = {}
         self.done: OrderedDict[str, SeriesReader] = OrderedDict()
-        self.plan: dict[int, list[tuple[SeriesReader, Piece]]] | None = None  # layer -> what it reads this step
+        self.plan: dict[int, list[Batch]] | None = None  # layer -> what it reads this step
 
     def add_request(self, req_id: str, prompt_len: int, extra: dict | None, tag: str) -> None:
         given = (extra or {}).get(self.key)
@@ -119,7 +133,7 @@ class SeriesReadout:
         self.plan = None
         if not self.meta:
             return
-        plan: dict[int, list] = {}
+        batches: dict[tuple, Batch] = {}
         for r, rid in enumerate(rows):
             m = self.meta.get(rid)
             if m is None:
@@ -129,22 +143,28 @@ class SeriesReadout:
             hi = start + (last - first)
             if lo >= hi:
                 continue
-            idx = torch.arange(first + lo - start, first + hi - start).to(self.device)
-            piece = Piece(lo, hi - lo, self._buffer(m, hi - lo), idx)
+            piece = Piece(lo, hi - lo, self._buffer(m, hi - lo))
             m.pieces.append(piece)
             m.upto = hi
             for layer in {layer for layer, _ in m.groups}:
-                plan.setdefault(layer, []).append((m, piece))
+                b = batches.setdefault((layer, self._batch_key(layer, m)), Batch([]))
+                b.members.append((m, piece, len(b.rows), len(b.rows) + hi - lo))
+                b.rows.extend(range(first + lo - start, first + hi - start))
+        plan: dict[int, list[Batch]] = {}
+        for (layer, _), b in batches.items():
+            b.idx = torch.tensor(b.rows, dtype=torch.long).to(self.device)
+            plan.setdefault(layer, []).append(b)
         self.plan = plan or None
 
     def observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
-        for m, piece in self.plan.get(layer, ()):
-            d = hidden.shape[-1]
-            x = hidden.reshape(-1, d)[piece.idx]  # (count, d_model)
+        d = hidden.shape[-1]
+        for batch in self.plan.get(layer, ()):
+            x = hidden.reshape(-1, d)[batch.idx]  # (rows, d_model)
             if residual is not None:
-                x = x + residual.reshape(-1, d)[piece.idx]
-            self._fill(layer, m, piece, x)
-            piece.seen.add(layer)
+                x = x + residual.reshape(-1, d)[batch.idx]
+            self._fill(layer, batch, x)
+            for _, piece, _, _ in batch.members:
+                piece.seen.add(layer)
 
     def end_step(self) -> None:
         self.plan = None
@@ -187,7 +207,11 @@ class CaptureCopy(SeriesReadout):
     def _buffer(self, m: SeriesReader, count: int):
         return {}
 
-    def _fill(self, layer: int, m: SeriesReader, piece: Piece, x: torch.Tensor) -> None:
+    def _batch_key(self, layer: int, m: SeriesReader):
+        return id(m)  # a batch of one request
+
+    def _fill(self, layer: int, batch: Batch, x: torch.Tensor) -> None:
+        (m, piece, _, _) = batch.members[0]
         if m.req.positions == "last":  # only the latest row is ever returned: earlier pieces let go of theirs
             for p in m.pieces[:-1]:
                 p.buf.clear()
