@@ -8,7 +8,7 @@ feature readout op, which runs right after the steering op at every steering lay
 request that reads series, the tokens of its rows whose positions it has not read yet (every prompt position with
 `prompt`, else from the last prompt position on: chunked prefill and a recomputation after preemption read each
 position once), batched by ProbeSet: `observe` gathers the rows of every request reading the same series at once,
-computes `ProbeSet.values` once and writes each request's slice into its (rows, series) buffer of the step.
+computes `ProbeSet.values` once and notes each request's slice of it (no tensor op per request; `take` gathers them).
 `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`), one request a batch: every
 position from the first prompt token on, a copy of its rows at each captured layer (only the latest row for
 `positions: "last"`). The API process takes a request's values or rows once, when it has finished
@@ -42,7 +42,7 @@ class Piece:
 
     start: int
     count: int
-    buf: torch.Tensor | dict  # (count, series) values; for a capture {layer: (count, d_model) copy}
+    buf: list | dict  # a readout's [(columns, Batch, first row, end row)]; a capture's {layer: (count, d_model) copy}
     seen: set = field(default_factory=set)  # layers whose op filled it (a forward that did not run fills none)
 
 
@@ -53,6 +53,7 @@ class Batch:
     rows: list[int]  # flattened token indices of the step, request after request
     members: list = field(default_factory=list)  # (SeriesReader, Piece, its first row here, its end row)
     idx: torch.Tensor | None = None  # the rows on the device
+    vals: torch.Tensor | None = None  # (rows, n) a readout's values, set by the op
 
 
 @dataclass
@@ -78,16 +79,16 @@ class SeriesReadout:
         return 0 if m.req.prompt else m.prompt_len - 1
 
     def _buffer(self, m: SeriesReader, count: int):
-        return torch.zeros(count, len(m.req.probes), device=self.device)
+        return []  # (its columns, the Batch, first row, end row) per layer: its values stay in the batch's tensor
 
     def _batch_key(self, layer: int, m: SeriesReader):
         return id(m.groups[(layer, False)].pset)  # requests reading the same series: one `values` call for all
 
     def _fill(self, layer: int, batch: Batch, x: torch.Tensor) -> None:
         """x (rows, d_model): the batch's rows of the stream."""
-        vals = batch.members[0][0].groups[(layer, False)].pset.values(x)  # (rows, n)
-        for m, piece, a, b in batch.members:
-            piece.buf[:, m.groups[(layer, False)].cols] = vals[a:b]
+        batch.vals = batch.members[0][0].groups[(layer, False)].pset.values(x)  # (rows, n)
+        for m, piece, a, b in batch.members:  # host-side notes only: no tensor op per request
+            piece.buf.append((m.groups[(layer, False)].cols, batch, a, b))
 
     def __init__(self, saes: dict, layers, device):
         self.saes, self.layers, self.device = saes, set(layers), device  # SAEs and every steering layer held here
@@ -178,7 +179,14 @@ class SeriesReadout:
         layers = {layer for layer, _ in r.groups}
         full = [p for p in r.pieces if p.seen >= layers]  # a planned forward that did not run left no values
         positions = [p.start + j for p in full for j in range(p.count)]
-        values = torch.cat([p.buf for p in full]).tolist() if full else []
+        out = torch.zeros(len(positions), len(r.req.probes))  # (positions, series)
+        chunks: dict[tuple, list] = {}
+        for p in full:
+            for cols, batch, a, b in p.buf:
+                chunks.setdefault(tuple(cols), []).append(batch.vals[a:b])
+        for cols, got in chunks.items():  # one cat and one column write per group of series
+            out[:, list(cols)] = torch.cat(got).float().cpu()
+        values = out.tolist()
         cols = sorted(c for g in r.groups.values() for c in g.cols)
         r.pieces = []
         return {"positions": positions, "values": values, "columns": cols}
