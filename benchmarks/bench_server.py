@@ -52,10 +52,10 @@ def specs(n: int) -> list[SteeringSpec]:
 class EngineModes:
     """16 concurrent requests through HFEngine in-process, unsteered or each with its own spec."""
 
-    def __init__(self, ps, ss, tokens, threads):
+    def __init__(self, ps, ss, tokens, threads, **config):
         saes = sorted(DEMO_SAES.glob("layer_*"))
         self.engine = HFEngine(
-            HFEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, max_running=len(ps), threads=threads)
+            HFEngineConfig(DEMO_MODEL, saes, DEMO_FUNCTION_TOKENS, max_running=len(ps), threads=threads, **config)
         )
         self.ps, self.ss, self.params, self.n = ps, ss, SamplingParams(0, max_tokens=tokens, ignore_eos=True), 0
         self.loop = asyncio.new_event_loop()

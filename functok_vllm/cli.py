@@ -1,4 +1,5 @@
-"""The `functok` command: serve, function-tokens, train-demo, train-saes, sae-eval, analyze."""
+"""The `functok` command: serve, function-tokens, train-demo, train-saes, sae-eval, prepare-model, capture,
+vector-from-examples, analyze."""
 
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def _sae_eval(args):
 
 def _prepare_model(args) -> int:
     from functok_vllm.smollm2 import main
+
+    return main(args)
+
+
+def _capture(args) -> int:
+    from functok_vllm.analysis.activation_shards import main
 
     return main(args)
 
@@ -195,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--description", default="", help="stored with the vector")
     ve.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server [600]")
     ve.set_defaults(func=_vector_from_examples)
+
+    from functok_vllm.analysis.commands import positive_int
+
+    ca = sub.add_parser(
+        "capture", help="write many prompts' activations at the steering layers to disk in safetensors shards"
+    )
+    ca.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} or {"text": ...} per line')
+    ca.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    ca.add_argument("--model", default=str(DEMO_MODEL), help="model directory [the demo model]")
+    ca.add_argument("--saes", default=None, help="SAE directory or directory of them [sae_weights/MODEL_NAME]")
+    ca.add_argument("--function-tokens", default=None, help="[MODEL/function_tokens.json or the shipped one]")
+    ca.add_argument("--layers", type=int, nargs="+", default=None, help="steering layers [every SAE layer]")
+    ca.add_argument("--positions", default="all", choices=["all", "last", "function", "last_function"])
+    ca.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ca.add_argument("--shard-rows", type=positive_int, default=65536, help="rows (positions) per shard [65536]")
+    ca.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="[hf]; vllm where it can capture")
+    ca.add_argument("--threads", type=positive_int, default=2, help="torch threads of the transformers engine [2]")
+    ca.set_defaults(func=_capture)
 
     from functok_vllm.analysis.commands import add_parser as add_analyze
 

@@ -11,6 +11,9 @@ the objects the engines apply, so no field is written twice. The user-facing obj
                {"vector": "refusal", "mode": "cap", "max": 1.5}],
      "positions": "last_function"}
 
+`positions` is a name (`POSITIONS`) or a position object (`Positions`: a base selector narrowed by windows, chat
+roles and token ids), e.g. `{"select": "function", "last_prompt": 8, "first_generated": 4, "exclude_ids": [13]}`.
+
 `parse_steering` is the one way in, called once per process where input enters it (functok's HTTP edge, vLLM's
 admission hook for stock `vllm serve`, a vLLM worker): schema, limits, the loaded SAEs (`SteeringInfo`) and the
 vectors' names (resolved once to their content and bound to this engine's layers, so a spec keeps the numbers it
@@ -28,22 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from functok_vllm.core.spec import CLAMPS, MODES, POSITIONS, PROJECTIONS, STRENGTH_UNITS, SpecError
 from functok_vllm.core.vector import Vector
+from functok_vllm.positions import AnyPositions, Positions, check_positions
 from functok_vllm.steering_setup import SteeringInfo, SteeringLimits
-from functok_vllm.validation import describe, shown
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
-
-
-class Strict(BaseModel):
-    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
+from functok_vllm.steering_when import Condition, check_condition, check_numbers
+from functok_vllm.validation import FieldError, Strict, StrictFloat, StrictInt, describe, shown
 
 # mode -> (fields it needs, fields it may take) among the numbers of an edit; `cap` needs `min` or `max` or both
 MODE_FIELDS = {
@@ -57,14 +52,6 @@ MODE_FIELDS = {
 NUMBERS = ("strength", "value", "min", "max")
 
 
-class FieldError(ValueError):
-    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.field = name
-
-
 class Edit(Strict):
     """The numbers every edit may carry, checked against its mode (`MODE_FIELDS`).
 
@@ -72,6 +59,7 @@ class Edit(Strict):
     at a layer), with p = h . v read from the tensor h at the hook point before this request's edits:
     `project_out` removes it (h -= p v), `cap` clamps it into [min, max] (either bound may be left out), `set` sets it
     to `value`. `strength_unit: "token_norm"` makes an add's strength relative: strength * |h| * v per token.
+    `when` (a `Condition`) gates any mode per token: where it does not hold the edit adds exactly nothing.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -80,6 +68,7 @@ class Edit(Strict):
     min: StrictFloat | None = None  # cap: lowest projection onto the unit direction (None: no lower bound)
     max: StrictFloat | None = None  # cap: highest projection (None: no upper bound)
     strength_unit: Literal[STRENGTH_UNITS] | None = None  # add: "token_norm" = in units of the token's norm |h|
+    when: Condition | None = None  # act only at tokens where this holds (None: at every selected token)
 
     @model_validator(mode="after")
     def _fields_fit_mode(self):
@@ -176,7 +165,7 @@ class VectorEdit(Edit):
         return isinstance(other, VectorEdit) and self.model_dump() == other.model_dump()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.model_dump().items()))
+        return hash(json.dumps(self.model_dump(), sort_keys=True))
 
 
 def _edit_kind(v) -> str:
@@ -198,8 +187,17 @@ class SteeringSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
     edits: tuple[AnyEdit, ...] = ()
-    positions: Literal[POSITIONS] = "function"
+    positions: AnyPositions = "function"
     _info: SteeringInfo | None = PrivateAttr(None)  # what `parse_steering` checked it against (this process)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _positions_form(cls, data):
+        if isinstance(data, dict) and not isinstance(data.get("positions", ""), str | dict | Positions):
+            names = ", ".join(POSITIONS)
+            msg = f"must be a name ({names}) or a position object, got {shown(data['positions'])}"
+            raise FieldError("positions", msg)
+        return data
 
     @classmethod
     def from_dict(cls, obj: dict) -> SteeringSpec:
@@ -216,6 +214,13 @@ class SteeringSpec(Strict):
         return tuple(e for e in self.edits if isinstance(e, VectorEdit))
 
     @property
+    def contents(self) -> dict:
+        """{version: Vector} of every bound vector the spec names, in its edits and in their conditions."""
+        out = {v.version: v.content for v in self.vectors if v.content is not None}
+        conds = [e.when for e in self.edits if e.when is not None and e.when.content is not None]
+        return out | {c.version: c.content for c in conds}
+
+    @property
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.features} | {layer for v in self.vectors for layer in v.at})
 
@@ -223,9 +228,21 @@ class SteeringSpec(Strict):
     def is_noop(self) -> bool:
         return not self.edits
 
+    @property
+    def select(self) -> str:
+        """The base selector (`POSITIONS`) of `positions`."""
+        return self.positions if isinstance(self.positions, str) else self.positions.select
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The chat roles `positions` selects by (empty: none)."""
+        return () if isinstance(self.positions, str) else self.positions.roles or ()
+
     def user_form(self) -> dict:
         """The steering object a user would send for this spec (vectors with their version)."""
-        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": self.positions}
+        pos = self.positions
+        pos = pos if isinstance(pos, str) else pos.model_dump(exclude_none=True, exclude_defaults=True)
+        return {"edits": [e.model_dump(exclude_none=True) for e in self.edits], "positions": pos}
 
     def key(self) -> str:
         return json.dumps(self.user_form(), sort_keys=True, separators=(",", ":"))
@@ -280,6 +297,11 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
     limits, info = ctx.limits, ctx.info
     if len(spec.edits) > limits.max_edits:
         raise SpecError(f"{param}.edits", f"{len(spec.edits)} edits; at most {limits.max_edits} are allowed")
+    check_positions(spec, limits, f"{param}.positions")
+    n_when = sum(e.when is not None for e in spec.edits)
+    if n_when > limits.max_conditions:
+        msg = f"{n_when} edits with 'when'; at most {limits.max_conditions} are allowed (max_conditions)"
+        raise SpecError(f"{param}.edits", msg)
     if spec.is_noop:
         return None
     edits, clamped, projected = [], set(), set()
@@ -293,10 +315,12 @@ def parse_steering(given, param: str, ctx: SteeringContext) -> SteeringSpec | No
             projected.add(direction)
         if isinstance(e, VectorEdit):
             check_numbers(limits, e.numbers(), where)
-            edits.append(_bind(e, ctx, where))
-            continue
-        check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
-        if e.mode in CLAMPS:
+            e = _bind(e, ctx, where)
+        else:
+            check_feature(info, limits, e.layer, e.feature, e.numbers(), where)
+        if e.when is not None:
+            e = _bind_condition(e, ctx, f"{where}.when")
+        if isinstance(e, FeatureEdit) and e.mode in CLAMPS:
             if not info.clamp_ok[e.layer]:
                 arch = info.sae[e.layer]["architecture"]
                 raise SpecError(
@@ -319,7 +343,7 @@ def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -
     vectors resolving to the content they carry."""
     if spec._info is not None and (spec._info is ctx.info or spec._info.accepts_like(ctx.info)):
         return spec
-    carried = {v.version: v.content for v in spec.vectors if v.content is not None}
+    carried = spec.contents
 
     def lookup(name: str, version: str | None) -> Vector:
         if version in carried:
@@ -331,35 +355,45 @@ def checked(spec: SteeringSpec, ctx: SteeringContext, param: str = "steering") -
     return parse_steering(spec.user_form(), param, SteeringContext(ctx.info, ctx.limits, lookup))
 
 
-def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
-    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+def _resolve(name: str, version: str | None, ctx: SteeringContext, where: str) -> tuple[Vector, dict]:
+    """(content, {layer: direction}) of a named vector at this engine's layers; SpecError naming `{where}.vector`."""
     if ctx.lookup is None:
         raise SpecError(f"{where}.vector", "this server has no steering vectors")
     try:
-        v = ctx.lookup(e.vector, e.version)
+        v = ctx.lookup(name, version)
     except LookupError as err:
         raise SpecError(f"{where}.vector", err.args[0] if err.args else str(err)) from None
     info = ctx.info
     if info.d_model is not None and v.d_model != info.d_model:
-        msg = f"vector {e.vector!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
+        msg = f"vector {name!r} is {v.d_model} wide; this model's d_model is {info.d_model}"
         raise SpecError(f"{where}.vector", msg)
     try:
-        at = v.at(info.hook_layers)
+        return v, v.at(info.hook_layers)
     except KeyError as err:
-        msg = f"vector {e.vector!r} has directions at {err.args[0]}, where this server does not steer; "
+        msg = f"vector {name!r} has directions at {err.args[0]}, where this server does not steer; "
         raise SpecError(f"{where}.vector", msg + info.describe_layers()) from None
+
+
+def _bind_condition(e: Edit, ctx: SteeringContext, where: str) -> Edit:
+    """The edit with its `when` checked at every layer where the edit acts (`steering_when.check_condition`) and,
+    for a vector condition, bound to the vector's content; SpecError naming `{where}.feature` / `.vector` etc."""
+    layers = [e.layer] if isinstance(e, FeatureEdit) else sorted(e.at)
+    resolve = lambda name, version: _resolve(name, version, ctx, where)  # noqa: E731
+    out = e.model_copy(update={"when": check_condition(e.when, layers, ctx.info, ctx.limits, resolve, where)})
+    if isinstance(e, VectorEdit):
+        out._content, out._at = e.content, dict(e.at)
+    return out
+
+
+def _bind(e: VectorEdit, ctx: SteeringContext, where: str) -> VectorEdit:
+    """The edit bound to its vector's content and to this engine's layers; SpecError naming `{where}.vector`."""
+    v, at = _resolve(e.vector, e.version, ctx, where)
     if e.mode != "add" or e.per_norm:  # these act on the unit direction, which a zero direction does not have
         zero = [layer for layer, d in at.items() if not bool(d.abs().max() > 0)]
         if zero:
             msg = f"vector {e.vector!r} is zero at layer {zero[0]}: it has no direction to {e.mode} along"
             raise SpecError(f"{where}.{'strength_unit' if e.mode == 'add' else 'mode'}", msg)
     return e.bound(v, at)
-
-
-def check_numbers(limits: SteeringLimits, values: dict, where: str) -> None:
-    for name, v in values.items():
-        if abs(v) > limits.max_abs_strength:
-            raise SpecError(f"{where}.{name}", f"{v!r} exceeds the limit of {limits.max_abs_strength:g}")
 
 
 def check_feature(

@@ -29,16 +29,35 @@ class SteeringLimits:
         "project_out/cap/set columns per layer shared by the running batch (at least max-edits); a request that "
         "does not fit waits",
     )
+    max_conditions: int = _limit(8, "edits with a 'when' condition per request; more get 400")
+    max_condition_columns: int = _limit(
+        32,
+        "condition columns per layer shared by the running batch (one per conditional edit and layer where it acts; "
+        "at least max-conditions; each is read at every token of every step); a request that does not fit waits",
+    )
     max_abs_strength: float = _limit(1000.0, "largest |strength|, |value|, |min| and |max| of an edit; larger get 400")
+    max_position_ids: int = _limit(
+        256, "token ids in a position object's token_ids and in its exclude_ids (each); more get 400"
+    )
 
     def __post_init__(self):
-        for f in ("max_edits", "max_clamps", "max_projections"):
+        for f in (
+            "max_edits",
+            "max_clamps",
+            "max_projections",
+            "max_conditions",
+            "max_condition_columns",
+            "max_position_ids",
+        ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a whole number of at least 1, got {v!r}")
         for f in ("max_clamps", "max_projections"):
             if getattr(self, f) < self.max_edits:
                 raise ValueError(f"{f} ({getattr(self, f)}) must be at least max_edits ({self.max_edits})")
+        if self.max_condition_columns < self.max_conditions:
+            msg = f"max_condition_columns ({self.max_condition_columns}) must be at least max_conditions"
+            raise ValueError(f"{msg} ({self.max_conditions})")
         s = self.max_abs_strength
         if isinstance(s, bool) or not isinstance(s, int | float) or not 0 < s <= MAX_ABS_STRENGTH:
             raise ValueError(f"max_abs_strength must be in (0, {MAX_ABS_STRENGTH:g}], got {s!r}")

@@ -1,12 +1,32 @@
-"""Readable messages from pydantic validation errors: the dotted path of the first bad field and what is wrong."""
+"""Readable messages from pydantic validation errors (the dotted path of the first bad field and what is wrong), and
+the strict base every user-facing object shares."""
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from functok_vllm.core.spec import SpecError
+
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]  # strict floats take JSON ints too, but never strings or bools
+
+
+class Strict(BaseModel):
+    """Our own objects forbid unknown keys (a misspelt `strenght` is an error, not a silent no-op) and NaN/Inf."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FieldError(ValueError):
+    """A value error of one field of an edit, raised where pydantic only knows the edit: the parser names the field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.field = name
+
 
 MAX_SHOWN = 120  # characters of a bad value echoed back in an error message
 UNION_TAG = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?")  # how pydantic names union members

@@ -54,29 +54,47 @@ def projected(h: torch.Tensor, d: torch.Tensor, e: dict) -> torch.Tensor:
     return (target - p)[:, None] * v
 
 
+def holds(lens, h: torch.Tensor, when: dict) -> torch.Tensor:
+    """(tokens,) bool: where an edit's condition holds, read from h as it arrives: sae-lens's activation of
+    when["feature"], or the projection of h onto when["direction"] / its norm, strictly between "above" and "below"
+    (a missing threshold: none)."""
+    if "feature" in when:
+        with torch.no_grad():
+            reading = lens.encode(h)[:, when["feature"]]
+    else:
+        d = when["direction"].float()
+        reading = h @ (d / d.norm())
+    return (reading > when.get("above", -float("inf"))) & (reading < when.get("below", float("inf")))
+
+
 def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
     """(tokens, d) update of the tensor h an SAE reads, for its edits: add s * W_dec[f] (with strength_unit
     "token_norm": s * |h| * W_dec[f] / |W_dec[f]| per token); clamp/ablate: sae-lens's reconstruction with the feature
     set to the value, minus its reconstruction as is (the SAE's error is kept); project_out/cap/set: `projected` on
-    the decoder row. An edit with a "direction" (a vector's at this layer) uses it instead of a decoder row. Every
-    term reads h as it arrives."""
+    the decoder row. An edit with a "direction" (a vector's at this layer) uses it instead of a decoder row; an edit
+    with "when" acts only at the tokens where `holds`. Every term and every condition reads h as it arrives."""
     out = torch.zeros_like(h)
-    clamps = [e for e in edits if e.get("mode", "add") in ("clamp", "ablate")]
-    for e in edits:
+    every = torch.ones(h.shape[0], dtype=torch.bool)
+    where = [holds(lens, h, e["when"]) if "when" in e else every for e in edits]  # before any encode for clamps
+    clamps = [(e, w) for e, w in zip(edits, where, strict=True) if e.get("mode", "add") in ("clamp", "ablate")]
+    for e, w in zip(edits, where, strict=True):
         d = e["direction"].float() if "direction" in e else lens.W_dec[e["feature"]].float()
         mode = e.get("mode", "add")
         if mode == "add" and e.get("strength_unit") == "token_norm":
-            out += e["strength"] * h.norm(dim=-1, keepdim=True) * (d / d.norm())
+            term = e["strength"] * h.norm(dim=-1, keepdim=True) * (d / d.norm())
         elif mode == "add":
-            out += e["strength"] * d
+            term = e["strength"] * d.expand_as(h)
         elif mode in ("project_out", "cap", "set"):
-            out += projected(h, d, e)
+            term = projected(h, d, e)
+        else:
+            continue
+        out += term * w[:, None]
     if clamps:
         with torch.no_grad():
             acts = lens.encode(h)
             before = lens.decode(acts)
-            for e in clamps:
-                acts[:, e["feature"]] = e.get("value", 0.0)
+            for e, w in clamps:
+                acts[w, e["feature"]] = e.get("value", 0.0)
             lens.encode(h)  # sae-lens keeps per-token normalisation coefficients from encode for one decode
             out += lens.decode(acts) - before
     return out

@@ -27,21 +27,33 @@ TOL = 1e-3
 ARGS = ["--max-tokens", "3000", "--seq-len", "100", "--batch-size", "8", "--threads", "2"]
 
 
-def coverage(engine: str, out: Path) -> subprocess.CompletedProcess:
-    cmd = [FUNCTOK, "analyze", "coverage", "--engine", engine, "--out", str(out), *ARGS]
+def coverage(engine: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [FUNCTOK, "analyze", "coverage", "--engine", engine, "--out", str(out), *ARGS, *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # the CLI finds the CPU platform itself
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))
-def test_vllm_coverage_equals_transformers_coverage(tmp_path):
-    hf, vl = tmp_path / "hf", tmp_path / "vllm"
+@pytest.fixture(scope="module")
+def hf_coverage(tmp_path_factory) -> Path:
+    hf = tmp_path_factory.mktemp("hf")
     r = coverage("transformers", hf)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = coverage("vllm", vl)
+    return hf
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_vllm_coverage_equals_transformers_coverage(tmp_path, hf_coverage, tp):
+    """At tensor-parallel 1 and 2 (two CPU ranks, one core each; rank 0 writes the tables): the same tables as the
+    transformers engine, hence as each other."""
+    if tp > len(os.sched_getaffinity(0)):
+        pytest.skip(f"tensor-parallel {tp} needs {tp} cores; this process has {len(os.sched_getaffinity(0))}")
+    hf, vl = hf_coverage, tmp_path / "vllm"
+    r = coverage("vllm", vl, "--tensor-parallel-size", str(tp))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "coverage (vLLM)" in r.stderr  # the capture ran on vLLM, with its progress bar
+    assert f"tensor_parallel_size={tp}" in r.stderr  # vLLM's own config line: it ran with that many ranks
 
     a, b = json.loads((hf / "coverage.json").read_text()), json.loads((vl / "coverage.json").read_text())
     assert a["tokens"] == b["tokens"] > 2900  # text tokens (document separators add no edges and are not counted)

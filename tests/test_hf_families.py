@@ -96,13 +96,14 @@ def build(family: str, root) -> tuple:
     return model_dir, root / "sae", layer, w_dec[3]
 
 
-def serve(model_dir, sae_dir, cases, extras=None, deltas=None) -> tuple[list, list, dict, HFEngine]:
+def serve(model_dir, sae_dir, cases, extras=None, deltas=None, function_tokens=DEMO_FUNCTION_TOKENS):
     """Run `cases` [(prompt ids, spec)] concurrently on one engine: tokens, per-step log-probs, stats, the engine.
 
     The test wraps the worker's sampler to read the whole (vocab,) rows it samples from. `extras`: GenerateRequest
     keywords (logprobs, features, ...) for every case; `deltas` (a dict) receives each case's deltas by index.
+    Returns (tokens, per-step log-probs, stats, the engine).
     """
-    eng = HFEngine(HFEngineConfig(model_dir, [sae_dir], DEMO_FUNCTION_TOKENS, max_running=8, warmup=False))
+    eng = HFEngine(HFEngineConfig(model_dir, [sae_dir], function_tokens, max_running=8, warmup=False))
     seen: dict[str, list[torch.Tensor]] = {}
     sample = eng.batcher._sample
 

@@ -181,16 +181,6 @@ def test_ablate_removes_the_features_decoder_share_at_steered_positions(demo_sae
     assert torch.equal(after[~steered], before[~steered])
 
 
-def test_add_delta_equals_delta_while_no_clamp_is_owned(demo_saes, resid):
-    table = SteeringTable(demo_saes, max_slots=4, max_clamps=4, max_tokens=len(resid))
-    add = table.acquire(spec({"layer": 1, "feature": 3, "strength": 5.0}))
-    table.set_slot_index(torch.arange(len(resid)) % 2 * add)
-    assert not table.clamps_in_use(1)
-    assert torch.equal(table.layers[1].add_delta(resid), table.layers[1].delta(resid))
-    table.acquire(spec({"layer": 1, "feature": 4, "mode": "ablate"}))
-    assert table.clamps_in_use(1) and not table.clamps_in_use(2)
-
-
 def test_add_strength_zero_is_exactly_no_change(demo_saes, resid):
     table = SteeringTable(demo_saes, max_slots=4, max_clamps=4, max_tokens=len(resid))
     table.set_slot_index(torch.full((len(resid),), table.acquire(spec({"layer": 1, "feature": 3, "strength": 0.0}))))
@@ -208,25 +198,27 @@ def test_core_imports_no_engine_or_server_libraries():
 
 def test_projection_columns_are_a_pool_of_their_own_and_release_frees(demo_saes, resid):
     """Two projection columns at layer 1: a third waits (SlotsFull) while clamps still fit; a released spec's columns
-    and norm-relative row are free again, and the layer's extra terms are then exact zeros (`add_delta` == `delta`)."""
+    and norm-relative row are free again, and the layer's update is then exactly its plain add row again."""
     table = SteeringTable(demo_saes, max_slots=8, max_clamps=4, max_projections=2, max_tokens=len(resid))
     two = spec(
         {"layer": 1, "feature": 3, "mode": "project_out"}, {"layer": 1, "feature": 4, "mode": "set", "value": 1.0}
     )
     s = table.acquire(two)
-    assert (table.layers[1].proj_owner == s).sum() == 2 and not table.clamps_in_use(2)
+    assert (table.layers[1].proj_owner == s).sum() == 2 and (table.layers[2].proj_owner == -1).all()
     with pytest.raises(SlotsFull, match="2 projection columns"):
         table.acquire(spec({"layer": 1, "feature": 5, "mode": "cap", "max": 0.0}))
     assert table.acquire(spec({"layer": 1, "feature": 5, "mode": "ablate"}))  # the clamp pool is another
     norm = table.acquire(spec({"layer": 2, "feature": 5, "strength": 0.5, "strength_unit": "token_norm"}))
-    assert table.clamps_in_use(2)
+    assert table.layers[2].norm_add_table[norm].abs().sum() > 0
     unit = demo_saes[2].W_dec[5] / demo_saes[2].W_dec[5].norm()
     table.set_slot_index(torch.full((len(resid),), norm))
     assert torch.allclose(table.layers[2].delta(resid), 0.5 * resid.norm(dim=-1, keepdim=True) * unit, atol=1e-5)
     table.release(two)
     table.release(spec({"layer": 2, "feature": 5, "strength": 0.5, "strength_unit": "token_norm"}))
-    assert (table.layers[1].proj_owner == -1).all() and not table.clamps_in_use(2)
-    assert torch.equal(table.layers[2].add_delta(resid), table.layers[2].delta(resid))
+    assert (table.layers[1].proj_owner == -1).all() and not table.layers[2].norm_add_table.any()
+    add = table.acquire(spec({"layer": 2, "feature": 3, "strength": 2.0}))
+    table.set_slot_index(torch.full((len(resid),), add))
+    assert torch.equal(table.layers[2].delta(resid), table.layers[2].add_table[add].expand_as(resid))
 
 
 def test_projection_maths_on_a_real_residual(demo_saes, resid):

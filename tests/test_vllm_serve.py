@@ -34,7 +34,14 @@ BAD = {  # spec -> the field the 400 names
     '{"edits": [{"layer": 2, "feature": 1, "strength": 1.0}': "not a valid JSON object",
     '{"edits": [{"layer": 2, "feature": 1, "strenght": 1.0}]}': "strenght",
     '{"edits": [{"layer": 2, "feature": 1, "mode": "clamp"}]}': "needs 'value'",
+    '{"edits": [{"layer": 2, "feature": 1, "strength": 1.0}], "positions": {"token_ids": [1, 9000]}}': (
+        "steering.positions.token_ids[1]: token id 9000 is outside the vocabulary"
+    ),
+    '{"edits": [{"layer": 2, "feature": 1, "strength": 1.0}], "positions": {"roles": ["user"]}}': (
+        "stock vllm serve does not: use functok serve"
+    ),
 }
+CHAT = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Tell me of the war."}]
 
 
 def start(cmd: list[str], log_path, env: dict) -> tuple[subprocess.Popen, str]:
@@ -222,6 +229,23 @@ class TestFunctokServeVLLM:
                 max_tokens=4,
                 extra_body={"vllm_xargs": {"steering": next(iter(BAD))}},
             )
+
+    def test_chat_roles_steer_exactly_the_user_s_tokens_and_the_assistant_s(self, functok_vllm, demo_tokenizer):
+        """The server's role codes reach the vLLM worker (`extra_args["functok_roles"]`): steered_positions counts the
+        user's content tokens, found here as its own tokens in the rendered prompt, or every generated token fed."""
+        _, url = functok_vllm
+        ids = demo_tokenizer.encode(
+            demo_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+        )
+        user = demo_tokenizer.encode(CHAT[1]["content"])
+        assert any(ids[s : s + len(user)] == user for s in range(len(ids))) and len(user) < len(ids)
+        for roles in (["user"], ["assistant"]):
+            steering = {"edits": SPEC["edits"], "positions": {"roles": roles}}
+            body = {"model": "functok-tiny", "messages": CHAT, "max_tokens": 6, "temperature": 0, "steering": steering}
+            r = httpx.post(f"{url}/v1/chat/completions", json={**body, "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = len(user) if roles == ["user"] else r.json()["usage"]["completion_tokens"] - 1
+            assert r.json()["steering"]["steered_positions"] == want, (roles, r.json()["steering"])
 
     def test_reactivation_scoring_is_a_501_that_says_where_it_runs(self, functok_vllm):
         _, url = functok_vllm

@@ -75,6 +75,12 @@ def add_engine(p, how: str) -> None:
         default="transformers",
         help=f"run the forwards on transformers (default) or on vLLM ({how})",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="--engine vllm: shard the model over this many GPUs (on CPU: ranks sharing this process's cores)",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -187,7 +187,7 @@ def main(args) -> int:
     )
     layers = cfg.layers and list(cfg.layers)
     if getattr(args, "engine", "transformers") == "vllm":
-        am = load_vllm(args.model, args.saes, args.function_tokens, layers)
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size)
     else:
         am = load_hf(args.model, args.saes, args.function_tokens, layers)
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)

@@ -182,7 +182,8 @@ def main(args) -> int:
     if getattr(args, "engine", "transformers") == "vllm":
         from functok_vllm.analysis.vllm_model import open_vllm
 
-        am, open_model = open_vllm(args.model, args.function_tokens)  # tokenizer + mask here, models in vLLM
+        tp = args.tensor_parallel_size
+        am, open_model = open_vllm(args.model, args.function_tokens, tp)  # tokenizer + mask here, models in vLLM
     else:
         am, open_model = load_hf(args.model, None, args.function_tokens), None
     stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)

@@ -46,12 +46,13 @@ class VLLMAnalysisModel(TokenizerMixin):
         tokenizer_dir: Path | None = None,  # training checkpoints hold no tokenizer: the final model's is used
         dtype: str = "float32",
         engine_args: dict | None = None,
+        tensor_parallel_size: int = 1,  # ranks of vLLM's tensor parallelism (capture: rank 0 writes the tables)
     ):
         from transformers import AutoConfig, AutoTokenizer
 
         from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, cpu_defaults, from_additional_config
 
-        cpu_defaults()
+        cpu_defaults(tensor_parallel_size)
         from vllm import LLM
 
         tokenizer_dir = tokenizer_dir or model_dir
@@ -82,6 +83,8 @@ class VLLMAnalysisModel(TokenizerMixin):
             enable_prefix_caching=False,  # a cached prefix is not forwarded again: its edges and losses would be missed
             max_model_len=int(mc.max_position_embeddings),
             seed=0,
+            tensor_parallel_size=tensor_parallel_size,
+            **({"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}),
             **extension,
         )
         self.llm = LLM(**(args | (engine_args or {})))
@@ -143,7 +146,11 @@ class VLLMAnalysisModel(TokenizerMixin):
 
 
 def load_vllm(
-    model_dir: str | Path, saes_dir: str | Path, function_tokens: str | Path, layers: list[int] | None = None
+    model_dir: str | Path,
+    saes_dir: str | Path,
+    function_tokens: str | Path,
+    layers: list[int] | None = None,
+    tensor_parallel_size: int = 1,
 ) -> VLLMAnalysisModel:
     """Check every input first (cheap, as `load_hf` does), then start vLLM with the SAEs of `layers` (default: all)."""
     from functok_vllm.analysis.model import check_model_dir, load_function_tokens, sae_configs
@@ -151,7 +158,8 @@ def load_vllm(
     require_vllm()
     model_dir = check_model_dir(model_dir)
     load_function_tokens(function_tokens)
-    return VLLMAnalysisModel(model_dir, [c.path for c in sae_configs(saes_dir, layers).values()], Path(function_tokens))
+    saes = [c.path for c in sae_configs(saes_dir, layers).values()]
+    return VLLMAnalysisModel(model_dir, saes, Path(function_tokens), tensor_parallel_size=tensor_parallel_size)
 
 
 @dataclass
@@ -166,7 +174,7 @@ class TokenizerOnly(TokenizerMixin):
         return self.fn_mask.shape[0]
 
 
-def open_vllm(model_dir: str | Path, function_tokens: str | Path):
+def open_vllm(model_dir: str | Path, function_tokens: str | Path, tensor_parallel_size: int = 1):
     """For `loss-split --engine vllm`: (tokenizer + function-token mask, a function that starts a checkpoint on vLLM,
     without SAEs, using the final model's tokenizer). Inputs are checked first, as `load_vllm` does."""
     from transformers import AutoConfig, AutoTokenizer
@@ -180,6 +188,7 @@ def open_vllm(model_dir: str | Path, function_tokens: str | Path):
     base = TokenizerOnly(AutoTokenizer.from_pretrained(str(model_dir)), function_token_mask(fts, vocab))
 
     def open_model(path: Path) -> VLLMAnalysisModel:
-        return VLLMAnalysisModel(Path(path), [], Path(function_tokens), tokenizer_dir=model_dir)
+        fts, tp = Path(function_tokens), tensor_parallel_size
+        return VLLMAnalysisModel(Path(path), [], fts, tokenizer_dir=model_dir, tensor_parallel_size=tp)
 
     return base, open_model

@@ -14,6 +14,7 @@ CLAMPS = ("clamp", "ablate")  # modes that set one SAE feature's activation (a c
 PROJECTIONS = ("project_out", "cap", "set")  # modes that move the projection onto a unit direction (a column each)
 STRENGTH_UNITS = ("absolute", "token_norm")  # an add's strength: as given, or times the token's norm at the hook point
 POSITIONS = ("function", "last_function", "content", "prompt", "generated", "all")
+ROLES = ("system", "user", "assistant")  # chat roles a position object may select; role code = index + 1 (0: none)
 MAX_ABS_STRENGTH = 1e4  # beyond this an edit only produces NaN logits; refuse it rather than serve garbage
 
 
@@ -29,13 +30,14 @@ class SpecError(ValueError):
 class Spec(Protocol):
     """What the core reads of a steering spec (`functok_vllm.steering.SteeringSpec` is the one implementation)."""
 
-    positions: str
+    positions: str | object  # a POSITIONS name, or a position object (.select .token_ids .exclude_ids ...)
 
     @property
     def features(self) -> Sequence: ...  # SAE feature edits: .layer .feature .mode .strength .clamp_value .bounds
 
     # (.bounds: a projection edit's (lo, hi) interval for the projection onto the unit direction, else None;
-    # .per_norm: an add whose strength is in units of the token's norm)
+    # .per_norm: an add whose strength is in units of the token's norm; .when: None, or a condition with .feature
+    # (an SAE feature id, or None) .at ({layer: direction} of a vector condition) and .bounds ((above, below)))
 
     @property
     def vectors(self) -> Sequence: ...  # vector edits: .mode .strength .bounds .per_norm and .at, {layer: direction}

@@ -1,8 +1,8 @@
-"""The batched steer op and its slot tables: two gather-adds and two small column matmuls per steered layer.
+"""The batched steer op and one layer's tables: two gather-adds and a few small column matmuls per steered layer.
 
-Every request in a batch owns a *slot* (row) of a preallocated table; equal specs share a slot and row 0 is the
-zero vector for unsteered requests. Before each forward an engine writes one slot number per token into
-`slot_index` (the position policy is folded in: a token the policy does not select gets slot 0). The op reads only
+Every request in a batch owns a *slot* (row) of a preallocated table (`core.slots` allocates them); equal specs share a
+slot and row 0 is the zero vector for unsteered requests. Before each forward an engine writes one slot number per token
+into `slot_index` (the position policy is folded in: a token the policy does not select gets slot 0). The op reads only
 buffers that are updated in place, so one compiled graph (Inductor, CUDA graphs) serves every mix of requests, and
 its cost does not depend on how many distinct specs share the batch.
 
@@ -11,38 +11,20 @@ plain adds (`add_table`), adds in units of the token's norm |h| (`norm_add_table
 (one SAE feature's activation each) and projection columns (a unit direction v with an interval [lo, hi]: the
 projection p = h . v is moved to clamp(p, lo, hi); project_out is [0, 0], set is [value, value]). A layer without an
 SAE (`functok serve --steer-layers`) has no clamp columns: it adds and projects steering vectors only.
+
+A conditional edit (`when`) takes a condition column at each layer where it acts (`core.condition`): the layer reads
+every condition once per step into a (tokens, conditions) mask that gates the edit's own column (its clamp or
+projection column, or for an add the condition column's direction), so unconditional edits keep their slot row and
+ungated columns.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-
 import torch
 
+from functok_vllm.core import condition
 from functok_vllm.core.hookpoint import HookPoint
 from functok_vllm.core.sae import SAE, normalize
-from functok_vllm.core.spec import CLAMPS, PROJECTIONS, Spec
-
-
-def column_needs(spec: Spec) -> tuple[dict, dict]:
-    """({layer: clamp columns}, {layer: projection columns}) that `spec` takes in a `SteeringTable` (and in vLLM's
-    `ClampBudget`): a clamp/ablate edit one clamp column at its layer, a projection edit one projection column at its
-    layer (a vector's: at each of its layers)."""
-    clamps, proj = Counter(), Counter()
-    for e in spec.features:
-        if e.mode in CLAMPS:
-            clamps[e.layer] += 1
-        elif e.mode in PROJECTIONS:
-            proj[e.layer] += 1
-    for v in spec.vectors:
-        if v.mode in PROJECTIONS:
-            proj.update(v.at.keys())
-    return dict(clamps), dict(proj)
-
-
-class SlotsFull(RuntimeError):
-    """No free slot or clamp column right now: the engine keeps the request waiting until one is released."""
 
 
 class SteeringLayer(torch.nn.Module):
@@ -60,6 +42,7 @@ class SteeringLayer(torch.nn.Module):
         hook: HookPoint | None = None,
         d_model: int | None = None,
         max_projections: int = 64,
+        max_conditions: int = 32,
     ):
         super().__init__()
         d = sae.d_in if sae is not None else d_model
@@ -67,7 +50,7 @@ class SteeringLayer(torch.nn.Module):
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.hook = sae.cfg.hook if sae is not None else hook  # where the engine applies `delta`
         self.norm = sae.cfg.normalize_activations if sae is not None else "none"  # static: the graph is built for it
-        self.max_clamps, self.max_projections = max_clamps, max_projections
+        self.max_clamps, self.max_projections, self.max_conditions = max_clamps, max_projections, max_conditions
         self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
         self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
         self.register_buffer("norm_add_table", z(max_slots, d), persistent=False)  # (slots, d_model), times |h|
@@ -94,6 +77,7 @@ class SteeringLayer(torch.nn.Module):
         owner = torch.full((max_projections,), -1, dtype=torch.long, device=device)
         self.register_buffer("proj_owner", owner, persistent=False)
         self.sae = sae.to(device=device, dtype=dtype) if sae is not None else None
+        condition.register(self, self.sae, d, max_conditions, max_clamps, max_projections, dtype, device)
 
     def tables(self) -> tuple:
         """What `steer_delta` reads, in its argument order after h."""
@@ -114,6 +98,20 @@ class SteeringLayer(torch.nn.Module):
             self.proj_lo,
             self.proj_hi,
             self.proj_owner,
+            self.cond_W_gate,
+            self.cond_b_gate,
+            self.cond_threshold,
+            self.cond_W_mag,
+            self.cond_b_mag,
+            self.cond_is_feature,
+            self.cond_dir,
+            self.cond_above,
+            self.cond_below,
+            self.cond_owner,
+            self.cond_add,
+            self.cond_per_norm,
+            self.clamp_cond,
+            self.proj_cond,
             self.norm,
         )
 
@@ -128,15 +126,6 @@ class SteeringLayer(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
-
-    def add_delta(self, h: torch.Tensor) -> torch.Tensor:
-        """`delta(h)` when this layer has no owned clamp or projection column and no norm-relative add
-        (`SteeringTable.clamps_in_use`): the gather alone.
-
-        Equal to `delta` then (the other terms are exact zeros). For eager engines that may choose per step; compiled
-        engines call `delta`, whose graph never changes.
-        """
-        return self.add_table[self.slot_index[: h.shape[0]]]  # (tokens, d_model)
 
 
 def steer_delta(
@@ -157,27 +146,62 @@ def steer_delta(
     proj_lo,
     proj_hi,
     proj_owner,
+    cond_W_gate,
+    cond_b_gate,
+    cond_threshold,
+    cond_W_mag,
+    cond_b_mag,
+    cond_is_feature,
+    cond_dir,
+    cond_above,
+    cond_below,
+    cond_owner,
+    cond_add,
+    cond_per_norm,
+    clamp_cond,
+    proj_cond,
     norm: str,
 ) -> torch.Tensor:
     """(tokens, d_model) tensor the SAE reads -> (tokens, d_model) update: the token's slot row of the add table, plus
-    its row of the norm-relative table times |h|, plus for each projection column its slot owns (clamp(p, lo, hi) - p)
-    times the column's unit direction (p = h . direction), plus for each clamp column its slot owns (value -
-    activation) times that feature's decoder row, mapped back through the SAE's per-token output normalisation (adds
-    and projections are taken as given, in the model's space). Every term reads h as it arrived."""
+    its row of the norm-relative table times |h|, plus each conditional add its slot owns where its condition holds,
+    plus for each projection column its slot owns (and whose condition holds) (clamp(p, lo, hi) - p) times the
+    column's unit direction (p = h . direction), plus for each clamp column likewise (value - activation) times that
+    feature's decoder row, mapped back through the SAE's per-token output normalisation (adds and projections are
+    taken as given, in the model's space). Every term and every condition reads h as it arrived."""
     slot = slot_index[: h.shape[0]]  # (tokens,)
-    out = add_table[slot] + h.norm(dim=-1, keepdim=True) * norm_add_table[slot]  # (tokens, d_model)
+    h_norm = h.norm(dim=-1, keepdim=True)  # (tokens, 1)
+    out = add_table[slot] + h_norm * norm_add_table[slot]  # (tokens, d_model)
+    sae_in, scale = None, None
+    if W_dec.shape[0] > 0:  # an SAE layer (a static shape: one branch per graph, not per token)
+        x, scale, _ = normalize(h, norm)
+        sae_in = x - b_dec
+    gates = condition.holds(
+        h,
+        sae_in,
+        slot,
+        cond_W_gate,
+        cond_b_gate,
+        cond_threshold,
+        cond_W_mag,
+        cond_b_mag,
+        cond_is_feature,
+        cond_dir,
+        cond_above,
+        cond_below,
+        cond_owner,
+    )  # (tokens, conditions + 1), the last column true
+    weight = gates[:, :-1].to(h.dtype) * torch.where(cond_per_norm, h_norm, 1.0)  # (tokens, conditions)
+    out = out + weight @ cond_add
     p = h @ proj_dir.T  # (tokens, projections)
     moved = torch.minimum(torch.maximum(p, proj_lo), proj_hi) - p
-    mine = slot[:, None] == proj_owner[None, :]  # (tokens, projections)
+    mine = (slot[:, None] == proj_owner[None, :]) & gates[:, proj_cond]  # (tokens, projections)
     out = out + torch.where(mine, moved, 0) @ proj_dir  # `where`: a column's inf bound never meets another's 0
-    if W_dec.shape[0] == 0:  # an add-only layer (a static shape: one branch per graph, not per token)
+    if sae_in is None:  # an add-only layer
         return out
-    x, scale, _ = normalize(h, norm)
-    sae_in = x - b_dec
     gate = sae_in @ W_gate + b_gate  # (tokens, clamps)
     mag = gate if W_mag is None else sae_in @ W_mag + b_mag
     act = mag.relu() * (gate > threshold)
-    mine = slot[:, None] == owner[None, :]  # (tokens, clamps)
+    mine = (slot[:, None] == owner[None, :]) & gates[:, clamp_cond]  # (tokens, clamps)
     clamp = torch.where(mine, value - act, 0) @ W_dec  # (tokens, d_model); `where`: a NaN of a zero padding row
     # under per-token normalisation stays out of every column it does not own
     return out + (clamp if scale is None else clamp * scale)
@@ -203,6 +227,20 @@ def steered_hidden(
     proj_lo: torch.Tensor,
     proj_hi: torch.Tensor,
     proj_owner: torch.Tensor,
+    cond_W_gate: torch.Tensor,
+    cond_b_gate: torch.Tensor,
+    cond_threshold: torch.Tensor,
+    cond_W_mag: torch.Tensor | None,
+    cond_b_mag: torch.Tensor | None,
+    cond_is_feature: torch.Tensor,
+    cond_dir: torch.Tensor,
+    cond_above: torch.Tensor,
+    cond_below: torch.Tensor,
+    cond_owner: torch.Tensor,
+    cond_add: torch.Tensor,
+    cond_per_norm: torch.Tensor,
+    clamp_cond: torch.Tensor,
+    proj_cond: torch.Tensor,
     norm: str,
 ) -> torch.Tensor:
     """hidden + steer_delta(hidden + residual, ...): THE ADD of the vLLM path, as one op a compiler cannot see into.
@@ -232,6 +270,20 @@ def steered_hidden(
         proj_lo,
         proj_hi,
         proj_owner,
+        cond_W_gate,
+        cond_b_gate,
+        cond_threshold,
+        cond_W_mag,
+        cond_b_mag,
+        cond_is_feature,
+        cond_dir,
+        cond_above,
+        cond_below,
+        cond_owner,
+        cond_add,
+        cond_per_norm,
+        clamp_cond,
+        proj_cond,
         norm,
     )
     return hidden + delta.view(hidden.shape)
@@ -240,167 +292,3 @@ def steered_hidden(
 @steered_hidden.register_fake
 def _(hidden, residual, *tables):
     return torch.empty_like(hidden)
-
-
-@dataclass
-class _Slot:
-    slot: int
-    refs: int
-    clamp_cols: dict  # layer -> list of clamp columns
-    proj_cols: dict  # layer -> list of projection columns
-    norm_layers: set  # layers where its norm-relative table row is written
-
-
-class SteeringTable:
-    """The steering layers of one model plus the slot allocator that fills their tables.
-
-    `saes` give the SAE layers (at their hook points); `add_layers` ({layer: hook point}, `d_model` wide) the add-only
-    layers where vectors can go without an SAE (`--steer-layers`, at `resid_post`).
-    """
-
-    def __init__(
-        self,
-        saes: dict[int, SAE],
-        max_slots: int = 64,
-        max_clamps: int = 64,
-        max_tokens: int = 8192,
-        dtype=torch.float32,
-        device="cpu",
-        add_layers: dict[int, HookPoint] | None = None,
-        d_model: int | None = None,
-        max_projections: int = 64,
-    ):
-        if max_slots < 2:
-            raise ValueError("max_slots must be at least 2 (row 0 is the unsteered row)")
-        if add_layers and d_model is None:
-            raise ValueError("add-only layers need d_model")
-        self.max_slots, self.max_clamps, self.dtype, self.device = max_slots, max_clamps, dtype, torch.device(device)
-        self.max_projections = max_projections
-        self.slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        P = max_projections
-        layers = {
-            layer: SteeringLayer(sae, self.slot_index, max_slots, max_clamps, dtype, device, max_projections=P)
-            for layer, sae in saes.items()
-        }
-        for layer, hook in (add_layers or {}).items():
-            if layer in layers:
-                raise ValueError(f"layer {layer} has an SAE already; it cannot be an add-only layer too")
-            layers[layer] = SteeringLayer(None, self.slot_index, max_slots, 0, dtype, device, hook, d_model, P)
-        self.layers = dict(sorted(layers.items()))
-        self._by_key: dict[str, _Slot] = {}
-        self._free = list(range(max_slots - 1, 0, -1))
-        self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
-        self._free_proj = {layer: list(range(P - 1, -1, -1)) for layer in self.layers}
-        self._norm_refs = dict.fromkeys(self.layers, 0)  # layer -> slots with a norm-relative add there
-
-    @property
-    def slots_in_use(self) -> int:
-        return len(self._by_key)
-
-    def clamps_in_use(self, layer: int) -> bool:
-        """Does any slot own a clamp or projection column, or a norm-relative add, at this layer? If not, `add_delta`
-        equals `delta` there."""
-        op = self.layers[layer]
-        return (
-            len(self._free_cols[layer]) < op.max_clamps
-            or len(self._free_proj[layer]) < op.max_projections
-            or self._norm_refs[layer] > 0
-        )
-
-    def acquire(self, spec: Spec | None) -> int:
-        """The slot holding `spec`'s vectors, written now unless an equal spec already holds one. 0 for no steering."""
-        if spec is None or spec.is_noop:
-            return 0
-        key = spec.key()
-        if key in self._by_key:
-            self._by_key[key].refs += 1
-            return self._by_key[key].slot
-        need, need_proj = column_needs(spec)
-        if (
-            not self._free
-            or any(len(self._free_cols[layer]) < n for layer, n in need.items())
-            or any(len(self._free_proj[layer]) < n for layer, n in need_proj.items())
-        ):
-            raise SlotsFull(
-                f"steering table full ({self.max_slots - 1} slots, {self.max_clamps} clamp and "
-                f"{self.max_projections} projection columns a layer)"
-            )
-        slot = self._free.pop()
-        cols = {layer: [self._free_cols[layer].pop() for _ in range(n)] for layer, n in need.items()}
-        proj = {layer: [self._free_proj[layer].pop() for _ in range(n)] for layer, n in need_proj.items()}
-        norm_layers = self._write(slot, spec, cols, proj)
-        for layer in norm_layers:
-            self._norm_refs[layer] += 1
-        self._by_key[key] = _Slot(slot, 1, cols, proj, norm_layers)
-        return slot
-
-    def release(self, spec: Spec | None) -> None:
-        if spec is None or spec.is_noop:
-            return
-        key = spec.key()
-        entry = self._by_key[key]
-        entry.refs -= 1
-        if entry.refs:
-            return
-        del self._by_key[key]
-        for layer, cols in entry.clamp_cols.items():
-            self.layers[layer].clamp_owner[cols] = -1
-            self._free_cols[layer].extend(cols)
-        for layer, cols in entry.proj_cols.items():
-            self.layers[layer].proj_owner[cols] = -1
-            self._free_proj[layer].extend(cols)
-        for layer in entry.norm_layers:
-            self._norm_refs[layer] -= 1
-        for op in self.layers.values():
-            op.add_table[entry.slot].zero_()
-            op.norm_add_table[entry.slot].zero_()
-        self._free.append(entry.slot)
-
-    @torch.no_grad()
-    def _write(self, slot: int, spec: Spec, cols: dict, proj: dict) -> set:
-        """Write `spec` into `slot`'s rows and into the columns given to it; the layers of its norm-relative adds."""
-        used = {layer: iter(c) for layer, c in cols.items()}
-        used_proj = {layer: iter(c) for layer, c in proj.items()}
-        norm_layers = set()
-
-        def direct(layer, e, row):  # one edit's direction at one layer: an add or a projection column
-            op = self.layers[layer]
-            row = row.to(device=op.add_table.device, dtype=op.add_table.dtype)
-            unit = row / row.norm().clamp_min(torch.finfo(row.dtype).tiny)  # a zero direction stays zero: a no-op
-            if e.mode == "add" and e.per_norm:
-                op.norm_add_table[slot] += e.strength * unit
-                norm_layers.add(layer)
-            elif e.mode == "add":  # the same arithmetic for features and vectors: strength * row, into the slot's row
-                op.add_table[slot] += e.strength * row
-            else:
-                j = next(used_proj[layer])
-                op.proj_dir[j], (op.proj_lo[j], op.proj_hi[j]) = unit, e.bounds
-                op.proj_owner[j] = slot
-
-        for v in spec.vectors:
-            for layer, direction in v.at.items():
-                direct(layer, v, direction)
-        for e in spec.features:
-            op = self.layers[e.layer]
-            sae = op.sae
-            if e.mode not in CLAMPS:
-                direct(e.layer, e, sae.W_dec[e.feature])
-                continue
-            j = next(used[e.layer])
-            c = sae.cfg.arch.clamp_columns(sae, e.feature)
-            op.clamp_W_gate[:, j], op.clamp_b_gate[j], op.clamp_threshold[j] = c.w_gate, c.b_gate, c.threshold
-            if op.clamp_W_mag is not None:
-                op.clamp_W_mag[:, j], op.clamp_b_mag[j] = c.w_mag, c.b_mag
-            op.clamp_W_dec[j] = sae.W_dec[e.feature]
-            op.clamp_value[j] = e.clamp_value
-            op.clamp_owner[j] = slot
-        return norm_layers
-
-    def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
-        """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""
-        n = slot_per_token.shape[0]
-        if n > self.slot_index.shape[0]:  # transformers engine only: vLLM sizes the buffer to max_num_batched_tokens
-            self.slot_index = torch.zeros(max(n, 2 * self.slot_index.shape[0]), dtype=torch.long, device=self.device)
-            for op in self.layers.values():
-                op.slot_index = self.slot_index
-        self.slot_index[:n].copy_(slot_per_token)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from functok_vllm.activation_capture import CaptureRequest, check_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
+from functok_vllm.positions import check_position_request
 from functok_vllm.readout_request import ReadoutRequest, check_readout
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
 
@@ -130,6 +131,8 @@ class GenerateRequest:
     features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
     capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.activation_capture`
     readout: ReadoutRequest | None = None  # chosen features and vectors per position (Delta.readout)
+    # a chat prompt's role code per token (`core.batch.narrowing`: content role | turn role << 2), for positions by role
+    prompt_roles: list[int] | None = None
     # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
     stream: bool = True
 
@@ -243,6 +246,10 @@ class Engine(ABC):
         try:
             if r.steering is not None:  # parsed at the edge of this process already, or checked now (`checked`)
                 r.steering = checked(r.steering, SteeringContext(self.steering_info(), limits))
+                check_position_request(r.steering, "steering.positions", vocab_size, r.prompt_roles is not None)
+            if r.prompt_roles is not None and len(r.prompt_roles) != len(r.prompt_ids):
+                msg = f"{len(r.prompt_roles)} role codes for a prompt of {len(r.prompt_ids)} tokens"
+                raise SpecError("prompt_roles", msg)
             if r.features is not None:
                 check_features(r.features, self.steering_info())
             if r.readout is not None:

@@ -23,12 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from functok_vllm.core.hookpoint import HookPoint
-from functok_vllm.core.spec import MODES, POSITIONS, SpecError
+from functok_vllm.core.spec import MODES, POSITIONS, ROLES, SpecError
 from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
 from functok_vllm.library.store import Library, LibraryLimits, StoreError
+from functok_vllm.positions import Positions, check_position_request
 from functok_vllm.server import fanout
 from functok_vllm.server.analysis import add_analysis_route
+from functok_vllm.server.chat_roles import RolesUnavailable, role_codes
 from functok_vllm.server.choices import Format, Prompt
 from functok_vllm.server.config import ServerConfig
 from functok_vllm.server.drain import Drain
@@ -167,6 +169,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             "vectors": sorted(library.vectors()),
             "modes": list(MODES),
             "positions": list(POSITIONS),
+            "position_object": {"fields": list(Positions.model_fields), "roles": list(ROLES)},
             "limits": asdict(limits) | asdict(config.steering),
             "capabilities": CAPABILITIES,
             "monitors": metrics.monitors.cards(),
@@ -185,8 +188,19 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         request.state.steered = str(any(s.spec is not None for s in steerings)).lower()
         return steerings, listed is not None
 
-    async def run(kind, body, prompts: list[Prompt], max_tokens, request: Request, t0: float):
+    async def run(kind, body, prompts: list[Prompt], max_tokens, request: Request, t0: float, messages=None):
         steerings, listed = prepare(body, request)
+        for s in steerings:  # what only this edge knows: the vocabulary, and whether the prompt has chat roles
+            try:
+                check_position_request(s.spec, f"{s.source}.positions", engine.vocab_size, kind == "chat")
+            except SpecError as e:
+                raise APIError(400, f"{e.field}: {e.message}", e.field) from None
+        if messages is not None and any(s.spec is not None and s.spec.roles for s in steerings):
+            try:
+                prompts[0].roles = role_codes(engine.tokenizer, messages, prompts[0].ids)
+            except RolesUnavailable as e:
+                where = next(f"{s.source}.positions.roles" for s in steerings if s.spec is not None and s.spec.roles)
+                raise APIError(400, f"{where}: {e}", where) from None
         fr = features_of(body, engine.steering_info())
         cap = capture_of(body, engine.steering_info())
         readout = readout_of(body, ctx, limits.max_readouts)
@@ -256,10 +270,11 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         t0 = time.monotonic()
         try:
-            ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = engine.encode_chat(messages)
         except (TemplateError, ValueError) as e:  # ValueError: the tokenizer has no chat template
             raise APIError(400, f"messages: the model's chat template cannot render them ({e})", "messages") from None
-        return await run("chat", body, [Prompt(ids, "")], body.max_new(), request, t0)
+        return await run("chat", body, [Prompt(ids, "")], body.max_new(), request, t0, messages)
 
     return app
 

@@ -30,6 +30,7 @@ def choice_seed(seed: int | None, j: int) -> int | None:
 class Prompt:
     ids: list[int]
     text: str  # what `echo` puts in front (the prompt string, or its token ids decoded)
+    roles: list[int] | None = None  # a chat prompt's role codes (`chat_roles`), when a spec selects by role
 
 
 @dataclass

@@ -112,7 +112,9 @@ async def start(
         params = sampling_params(body, max_tokens[index[id(c.prompt)]], limits)
         params.seed = choice_seed(body.seed, j)
         rid = request_id if len(choices) == 1 else f"{request_id}-{c.index}"
-        req = GenerateRequest(rid, c.prompt.ids, params, c.steering.spec, stream=bool(body.stream), **extras)
+        spec = c.steering.spec
+        roles = c.prompt.roles if spec is not None and spec.roles else None
+        req = GenerateRequest(rid, c.prompt.ids, params, spec, stream=bool(body.stream), prompt_roles=roles, **extras)
         c.deltas = engine.generate(req)
     deadline = t0 + limits.request_timeout
     firsts = await asyncio.gather(*(next_delta(c.deltas, deadline) for c in choices), return_exceptions=True)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from functok_vllm.activation_capture import encode_capture, select_rows
-from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
-from functok_vllm.core.batch import last_function_position
+from functok_vllm.core import SlotsFull, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core.batch import Narrowing, last_function_position, narrowing, policy_code, stack_narrowings
 from functok_vllm.core.readout import ProbeSets
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
@@ -56,6 +56,7 @@ class Seq:
     slot: int = 0
     policy: int = 0
     last_fn: int = -1
+    narrow: Narrowing | None = None  # its position object's narrowing (None: a position name)
     kv: KVBuffer | None = None
     out_ids: list[int] = field(default_factory=list)
     steered: int = 0
@@ -108,6 +109,7 @@ class Batcher:
         self.probe_sets = ProbeSets(saes, self.device)  # requests reading the same series share their tensors
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
+        self._narrowed: tuple = ((), None)  # (the rows, their stacked narrowings): rebuilt when the rows change
         self.thread = threading.Thread(target=self._main, name="functok-hf-worker", daemon=True)
 
     # ---- called from the event loop thread ------------------------------------------------------------------------
@@ -214,8 +216,10 @@ class Batcher:
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device)  # (n,)
         n = ids.shape[0]
         if spec is not None and self.fn_mask is not None:
-            seq.policy = POLICY_CODES[spec.positions]
+            seq.policy = policy_code(spec.positions)
             seq.last_fn = last_function_position(ids, self.fn_mask)
+            roles = torch.tensor(r.prompt_roles) if r.prompt_roles is not None else None
+            seq.narrow = narrowing(spec.positions, prompt, self.fn_mask, roles)
         if r.sampling.penalized:
             seq.pen_row = self.pens.join(prompt)
         seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
@@ -311,6 +315,7 @@ class Batcher:
             policy=per_req("policy"),
             prompt_len=torch.tensor([len(s.req.prompt_ids) for s in seqs] + [0], device=self.device),
             last_fn=per_req("last_fn"),
+            narrow=self._narrowings(seqs),
         )
         slots = build_slot_index(step, self.fn_mask)  # (tokens,)
         self.table.set_slot_index(slots)
@@ -320,6 +325,14 @@ class Batcher:
         for s, c in zip(seqs, counts, strict=False):  # the last entry counts filler rows (always 0)
             s.steered += c
         return any(counts)
+
+    def _narrowings(self, seqs: list[Seq]):
+        """The stacked narrowings of these rows (and the filler entry), kept while the rows stay the same."""
+        rows, stacked = self._narrowed
+        if len(rows) != len(seqs) or any(a is not b for a, b in zip(rows, seqs, strict=False)):
+            stacked = stack_narrowings([s.narrow for s in seqs] + [None], self.device)
+            self._narrowed = (tuple(seqs), stacked)
+        return stacked
 
     def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """(b, vocab) logits -> (b,) tokens, on the device (no host copy here)."""

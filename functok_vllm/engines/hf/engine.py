@@ -105,6 +105,7 @@ class HFEngine(Engine):
                 max_slots=cfg.max_running + 1,  # distinct specs of a full batch always fit; row 0 is "no steering"
                 max_clamps=cfg.steering.max_clamps,
                 max_projections=cfg.steering.max_projections,
+                max_conditions=cfg.steering.max_condition_columns,
                 max_tokens=self.max_model_len,
                 dtype=dtype,
                 device=cfg.device,

@@ -3,7 +3,7 @@
 Torch and the steering core only (no vllm import), so it is tested without an engine. The model runner calls
 
 - `add_request` when the scheduler first sends a request (its spec is parsed and its metadata cached: policy,
-  ORIGINAL prompt length, last function position of the prompt),
+  ORIGINAL prompt length, last function position of the prompt, a position object's narrowing),
 - `finish` for the scheduler's finished request ids,
 - `prepare` right before every forward, with the persistent batch's row order, the step's (padded) token ids and
   absolute positions, and `query_start_loc` (row r owns tokens [qsl[r], qsl[r+1]); tokens past qsl[rows] are padding).
@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from functok_vllm.core import POLICY_CODES, SlotsFull, SteeringTable, StepIndex, build_slot_index
-from functok_vllm.core.batch import last_function_position
+from functok_vllm.core import SlotsFull, SteeringTable, StepIndex, build_slot_index
+from functok_vllm.core.batch import Narrowing, last_function_position, narrowing, policy_code, stack_narrowings
 from functok_vllm.core.spec import Spec
 
 log = logging.getLogger("functok.vllm")
+ROLES_XARG = "functok_roles"  # extra_args key: a chat prompt's role codes, one per prompt token (`narrowing`)
 TAG = "functok_id"  # extra_args key naming the request for `applied` (functok's VLLMEngine sets it; else the vLLM id)
 KEEP_DONE = 4096  # finished requests whose applied count is kept until read (stock `vllm serve` never reads them)
 
@@ -51,6 +52,7 @@ class ReqMeta:
     last_fn: int
     tag: str
     counter: int
+    narrow: Narrowing | None = None  # its position object's narrowing (None: a position name)
     slot: int = 0
     joins: int = 0  # times it became a row of the batch (more than once: preempted or not scheduled for a step)
     warned: bool = False
@@ -67,6 +69,7 @@ class BatchSteering:
         self.members: set[str] = set()  # steered requests that are rows of the persistent batch (hold a slot)
         self._rows: list[str] | None = None  # row order the per-row tensors were built for
         self._per_row: tuple[torch.Tensor, ...] = ()  # slot, policy, prompt_len, last_fn, counter: (rows + 1,) each
+        self._narrow = None  # the rows' stacked narrowings (`core.batch.Narrowings`), None when no row narrows
         self._active = False  # does any row hold a slot?
         self._dirty = 0  # slot_index[:_dirty] may be non-zero
         self._arange = torch.arange(table.slot_index.shape[0], dtype=torch.int32, device=self.device)
@@ -104,18 +107,28 @@ class BatchSteering:
             return
         if spec is None:
             return
-        policy = POLICY_CODES[spec.positions]
+        policy = policy_code(spec.positions)
         last_fn = -1
-        if spec.positions == "last_function":
+        if spec.select == "last_function":
             last_fn = last_function_position(prompt_ids, self.fn_mask_cpu)
+        try:
+            roles = (extra_args or {}).get(ROLES_XARG)
+            narrow = narrowing(
+                spec.positions, prompt_ids, self.fn_mask_cpu, None if roles is None else torch.tensor(roles)
+            )
+        except (ValueError, TypeError) as e:
+            self.bad_specs += 1
+            log.error("request %s: its positions cannot be applied, running it unsteered: %s", req_id, e)
+            return
         tag = str((extra_args or {}).get(TAG, req_id))
-        m = ReqMeta(spec, policy, len(prompt_ids), last_fn, tag, self._counter())
+        m = ReqMeta(spec, policy, len(prompt_ids), last_fn, tag, self._counter(), narrow)
         self.meta[req_id] = self.by_tag[tag] = m
         if num_cached > 0:  # once per request, on the CPU
             k = min(num_cached, len(prompt_ids))
             ids = torch.tensor(prompt_ids[:k], dtype=torch.long)
             per_req = (torch.tensor([v]) for v in (1, policy, len(prompt_ids), last_fn))  # slot 1: "steered"
-            step = StepIndex(ids, torch.arange(k), torch.zeros_like(ids), *per_req)
+            nw = stack_narrowings([narrow], "cpu")
+            step = StepIndex(ids, torch.arange(k), torch.zeros_like(ids), *per_req, nw)
             self.applied_count[m.counter] = int(build_slot_index(step, self.fn_mask_cpu).count_nonzero())
             self.counted_upto[m.counter] = k
         self.done.pop(tag, None)
@@ -158,7 +171,7 @@ class BatchSteering:
         slot, policy, prompt_len, last_fn, row_counter = self._per_row
         cu = query_start_loc[1 : len(rows) + 1]  # (rows,) end of each row's tokens
         req = torch.searchsorted(cu, self._arange[:n].to(cu.dtype), right=True)  # (tokens,) row, padding -> rows
-        step = StepIndex(input_ids[:n].long(), positions[:n], req, slot, policy, prompt_len, last_fn)
+        step = StepIndex(input_ids[:n].long(), positions[:n], req, slot, policy, prompt_len, last_fn, self._narrow)
         slots = build_slot_index(step, self.fn_mask)  # (tokens,)
         self.table.set_slot_index(slots)
         self._dirty = max(self._dirty, n)
@@ -194,6 +207,9 @@ class BatchSteering:
         cols.append((0, 0, 0, -1, 0))  # the padding row
         t = torch.tensor(cols, dtype=torch.long).T.contiguous().to(self.device)  # (5, rows + 1)
         self._per_row = tuple(t)
+        self._narrow = stack_narrowings(
+            [m.narrow if m is not None and m.slot else None for m in metas] + [None], self.device
+        )
 
     def _enter(self, rid: str, m: ReqMeta) -> None:
         m.joins += 1

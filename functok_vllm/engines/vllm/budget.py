@@ -1,9 +1,9 @@
-"""Admission of requests that take table columns on vLLM: a per-layer budget of clamp and projection columns that
-never exceeds the worker's pools.
+"""Admission of requests that take table columns on vLLM: a per-layer budget of clamp, projection and condition
+columns that never exceeds the worker's pools.
 
-`VLLMEngine` makes a request whose clamp/ablate or project_out/cap/set edits do not fit WAIT here (first come, first
-served) instead of letting the worker run it unsteered; a request that could never fit is refused (RequestError,
-HTTP 400).
+`VLLMEngine` makes a request whose clamp/ablate, project_out/cap/set or conditional edits do not fit WAIT here (first
+come, first served) instead of letting the worker run it unsteered; a request that could never fit is refused
+(RequestError, HTTP 400).
 """
 
 from __future__ import annotations
@@ -11,23 +11,32 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from functok_vllm.core.steer import column_needs
+from functok_vllm.core.slots import column_needs
 from functok_vllm.engines.base import EngineStopped, RequestError
 from functok_vllm.steering import SteeringSpec
 
-KINDS = {"clamp": ("clamp/ablate", "max_clamps"), "projection": ("project_out/cap/set", "max_projections")}
+KINDS = {
+    "clamp": ("clamp/ablate", "max_clamps"),
+    "projection": ("project_out/cap/set", "max_projections"),
+    "condition": ("condition ('when')", "max_condition_columns"),
+}
 
 
 class ClampBudget:
     """Columns per (kind, layer) that admitted requests hold, never more than the worker's pool of that kind
-    (`capacity` clamp columns, `projections` projection columns; kinds: "clamp", "projection").
+    (`capacity` clamp columns, `projections` projection columns, `conditions` condition columns; kinds: "clamp",
+    "projection", "condition").
 
     Each request counts its own columns although equal specs share them in the worker, so this never admits more than
     fits. First come, first served: a request waits until every earlier waiting one has been admitted.
     """
 
-    def __init__(self, capacity: int, projections: int | None = None):
-        self.capacity = {"clamp": capacity, "projection": capacity if projections is None else projections}
+    def __init__(self, capacity: int, projections: int | None = None, conditions: int | None = None):
+        self.capacity = {
+            "clamp": capacity,
+            "projection": capacity if projections is None else projections,
+            "condition": capacity if conditions is None else conditions,
+        }
         self.used: Counter[int] = Counter()
         self.queue: deque[tuple[Counter, asyncio.Future]] = deque()
         self.closed = False
@@ -37,8 +46,8 @@ class ClampBudget:
         """(kind, layer) -> columns the spec takes there (what `SteeringTable.acquire` takes for it)."""
         if spec is None:
             return Counter()
-        clamps, proj = column_needs(spec)
-        return Counter({("clamp", k): n for k, n in clamps.items()} | {("projection", k): n for k, n in proj.items()})
+        kinds = zip(("clamp", "projection", "condition"), column_needs(spec), strict=True)
+        return Counter({(kind, k): n for kind, cols in kinds for k, n in cols.items()})
 
     def check(self, need: Counter) -> None:
         """RequestError if the request could never be admitted."""

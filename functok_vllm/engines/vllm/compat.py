@@ -3,7 +3,8 @@
 functok steers inside stock vLLM through its documented extension points (a general plugin, a worker extension, the
 runner's `_model_forward`) and, where vLLM has none, through the internals below, read from vLLM 0.32.0's source:
 
-- API process: `InputProcessor.process_inputs` (wrapped by the admission hook, `admission.py`);
+- API process: `InputProcessor.process_inputs` (wrapped by the admission hook, `admission.py`, which keeps its
+  state on the processor: `processor_state`);
 - workers: the model runner's class (a mixin swapped in: the one class swap left, since vLLM offers no hook around
   a step), `input_batch.req_ids`/`num_reqs`, `query_start_loc`, `input_ids`, `scheduler_config.max_num_seqs`, the
   scheduler output's `scheduled_new_reqs`, `scheduled_cached_reqs.resumed_req_ids`, `finished_req_ids`,
@@ -53,6 +54,15 @@ def wrap_process_inputs(wrapper) -> None:
 
     process_inputs._functok = True
     InputProcessor.process_inputs = process_inputs
+
+
+def processor_state(processor, make):
+    """The admission state of one `InputProcessor`: `make(processor.vllm_config)` on its first use, then kept on the
+    processor itself (it lives and dies with it; no module cache, so two engines in one process never share it)."""
+    state = processor.__dict__.get("_functok_admission")
+    if state is None:
+        state = processor.__dict__["_functok_admission"] = make(processor.vllm_config)
+    return state
 
 
 def resolve_qualname(qualname: str):

@@ -32,7 +32,7 @@ from functok_vllm.activation_capture import CaptureRequest, encode_capture, sele
 from functok_vllm.core import FunctionTokens
 from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
-from functok_vllm.engines.vllm.batch_state import TAG
+from functok_vllm.engines.vllm.batch_state import ROLES_XARG, TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.outputs import (
@@ -169,7 +169,9 @@ class VLLMEngine(Engine):
             raise ValueError("logprobs_mode: functok reports log-softmax of the raw logits; leave it raw_logprobs")
         if self.steer_cfg:  # the pool the worker allocates (install_steering), from the config it is given
             worker = from_additional_config(args["additional_config"], str(c.model))
-            self.budget = ClampBudget(worker.limits.max_clamps, worker.limits.max_projections)
+            self.budget = ClampBudget(
+                worker.limits.max_clamps, worker.limits.max_projections, worker.limits.max_condition_columns
+            )
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
 
@@ -214,6 +216,8 @@ class VLLMEngine(Engine):
         extra = {TAG: rid} if any(x is not None for x in (spec, fr, reads, capture)) else {}
         if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
             extra[XARG] = spec
+            if spec.roles:  # the chat prompt's role codes the server computed, for the worker's narrowing
+                extra[ROLES_XARG] = list(request.prompt_roles)
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
         if reads is not None:

@@ -8,7 +8,7 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
   saes             SAE directories (cfg.json inside) or directories of them
   function_tokens  the function-token JSON written by `functok function-tokens` (default: MODEL/function_tokens.json
                    if the model directory has one, else the one shipped for its name)
-  max_edits, max_clamps, max_projections, max_abs_strength
+  max_edits, max_clamps, max_projections, max_conditions, max_condition_columns, max_abs_strength
                    the steering limits (`functok_vllm.steering.SteeringLimits`, the same as `functok serve`'s flags)
   steer_layers     decoder layers without an SAE where steering vectors may be added (at resid_post), as
                    `functok serve --steer-layers`: the graph is built with them
@@ -24,10 +24,9 @@ string (the user's form), which the workers parse with the same `parse_steering`
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 
 from functok_vllm.core.sae import SAEConfig, add_only_points, load_saes, sae_dirs
@@ -95,12 +94,10 @@ def from_additional_config(additional_config, model: str | None = None) -> Funct
     """The settings from `vllm_config.additional_config` (a dict, or anything else meaning "defaults") for `model`
     (vLLM's model name or directory)."""
     raw = additional_config.get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}
-    return _parse(json.dumps(raw, sort_keys=True), model)
+    return _parse(raw, model)
 
 
-@lru_cache(maxsize=8)
-def _parse(raw_json: str, model: str | None) -> FunctokConfig:
-    raw = json.loads(raw_json)
+def _parse(raw, model: str | None) -> FunctokConfig:
     if not isinstance(raw, dict) or set(raw) - KNOWN:
         unknown = sorted(set(raw) - KNOWN) if isinstance(raw, dict) else raw
         raise ValueError(f"additional_config.{CONFIG_KEY}: unknown keys {unknown}; known: {sorted(KNOWN)}")

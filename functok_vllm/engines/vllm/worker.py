@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from functok_vllm.core import FunctionTokens, SteeringTable
+from functok_vllm.core import condition as core_condition
 from functok_vllm.core import steer as core_steer
 from functok_vllm.core.sae import add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
@@ -251,6 +252,7 @@ def install_steering(runner) -> BatchSteering | None:
         add_layers=add_layers,
         d_model=mc.get_hidden_size(),
         max_projections=cfg.limits.max_projections,
+        max_conditions=cfg.limits.max_condition_columns,
     )
     for layer, op in table.layers.items():
         mod = targets[layer]
@@ -261,11 +263,12 @@ def install_steering(runner) -> BatchSteering | None:
     fn_mask = FunctionTokens.load(cfg.function_tokens).mask(mc.get_vocab_size(), device=device)
     _fingerprint(runner.vllm_config, table, cfg)
     log.info(
-        "functok steering at %s (%d slots, %d clamp and %d projection columns a layer, %d tokens a step)",
+        "functok steering at %s (%d slots, %d clamp, %d projection and %d condition columns a layer, %d tokens a step)",
         ", ".join(op.hook.name for op in table.layers.values()),
         max_slots,
         table.max_clamps,
         table.max_projections,
+        table.max_conditions,
         table.slot_index.shape[0],
     )
     return BatchSteering(table, fn_mask, lambda value, extra=None: _local_spec(value, cfg, table, extra))
@@ -290,11 +293,17 @@ def _local_spec(value, cfg: FunctokConfig, table: SteeringTable, extra: dict | N
 
 def _fingerprint(vllm_config, table: SteeringTable, cfg: FunctokConfig) -> None:
     """Make vLLM's compile-cache keys (which hash additional_config) depend on the steering in the graph."""
-    mods = (core_steer, compat, feature_readout)
+    mods = (core_steer, core_condition, compat, feature_readout)
     src = b"".join(Path(m.__file__).read_bytes() for m in mods) + Path(__file__).read_bytes()
     what = {
         "hooks": [op.hook.name for op in table.layers.values()],
-        "shapes": [table.max_slots, table.max_clamps, table.max_projections, int(table.slot_index.shape[0])],
+        "shapes": [
+            table.max_slots,
+            table.max_clamps,
+            table.max_projections,
+            table.max_conditions,
+            int(table.slot_index.shape[0]),
+        ],
         "dtype": str(table.dtype),
         "saes": [str(p) for p in cfg.saes],
         "steer_layers": list(cfg.steer_layers),
