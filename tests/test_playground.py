@@ -362,6 +362,151 @@ def test_a_named_vector_in_the_browser(server, http, browser):
     assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def page_ready(d, url: str) -> None:
+    """Open the page in this tab, entering the key when the tab has none yet."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    find = d.find_element
+    d.get(url + "/")
+    ready_or_key = lambda d: (
+        find(By.ID, "key-form").is_displayed()
+        or find(By.TAG_NAME, "body").get_attribute(  # noqa: E731
+            "data-ready"
+        )
+    )
+    WebDriverWait(d, 60, poll_frequency=0.1).until(ready_or_key)
+    if find(By.ID, "key-form").is_displayed():  # run alone: this tab has no key yet
+        find(By.ID, "api-key").send_keys(KEY, Keys.ENTER)
+    WebDriverWait(d, 60, poll_frequency=0.1).until(lambda d: find(By.TAG_NAME, "body").get_attribute("data-ready"))
+
+
+def test_a_condition_and_a_position_object_in_the_browser(server, http, browser, demo_function_tokens):
+    """An add of feature 1493 with a condition ("only where feature F of this layer is above x") and a position object
+    (function tokens, narrowed to the last 8 prompt tokens or the first 6 generated, one id excluded) set in the page's
+    controls: the page sends exactly that spec, shows the API's own text for it, and highlights the positions the
+    server counted. A bad window shows the API's 400 naming the field; a malformed id list is refused in words before
+    anything is sent; a chat roles selection shows the server's count and says why the page cannot mark the prompt."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    fn = set(demo_function_tokens.ids)
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    excluded = next(t for t in prompt_ids[-8:] if t in fn)  # a function token inside the window
+    positions = {"select": "function", "exclude_ids": [excluded], "first_generated": 6, "last_prompt": 8}
+    add = {"layer": LAYER, "feature": 1493, "mode": "add", "strength": 150.0}
+    plain, unconditional = greedy(http), greedy(http, {"edits": [add], "positions": positions})
+    # A condition that matters: the API's text differs from both the unsteered and the unconditional one.
+    for cond in ({"feature": 1493, "above": 0.5}, {"feature": 766, "above": 1.0}, {"feature": 29, "below": 2.0}):
+        spec = {"edits": [add | {"when": cond}], "positions": positions}
+        steered = greedy(http, spec)
+        if steered[0] not in (plain[0], unconditional[0]):
+            break
+    else:
+        pytest.fail("no condition among the candidates changes the text of the unconditional edit")
+    side, value = next((k, v) for k, v in cond.items() if k != "feature")
+
+    d, find = browser, browser.find_element
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    d.get_log("browser")  # drop what earlier tests logged
+    page_ready(d, server.url)
+    find(By.ID, "add-edit").click()
+    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
+    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
+        find(By.ID, name).clear()
+        find(By.ID, name).send_keys(typed, "\t")
+    assert Select(find(By.ID, "edit-0-unit")).first_selected_option.get_attribute("value") == "absolute"
+    Select(find(By.ID, "edit-0-when-kind")).select_by_value("feature")
+    find(By.ID, "edit-0-when-feature").clear()
+    find(By.ID, "edit-0-when-feature").send_keys(str(cond["feature"]), "\t")
+    Select(find(By.ID, "edit-0-when-side")).select_by_value(side)
+    find(By.ID, "edit-0-when-value").clear()
+    find(By.ID, "edit-0-when-value").send_keys(str(value))
+    find(By.CSS_SELECTOR, "#narrow summary").click()
+    assert all(not box.is_enabled() for box in d.find_elements(By.CSS_SELECTOR, "#pos-roles input"))  # completion
+    fields = {"pos-exclude-ids": str(excluded), "pos-first-generated": "6", "pos-last-prompt": "8"}
+    for name, typed in fields.items():
+        find(By.ID, name).send_keys(typed)
+    assert 'sends "positions": ' in find(By.ID, "positions-help").text
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+
+    # Record the bodies the page sends, then run.
+    d.execute_script(
+        "window.sent = []; const f = window.fetch; window.fetch = (url, o) => {"
+        " if (String(url).endsWith('/completions')) window.sent.push(JSON.parse(o.body)); return f(url, o); };"
+    )
+    states = ("panel-steered", "panel-plain")
+    done = lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states)  # noqa: E731
+    find(By.ID, "run").click()
+    wait.until(done)
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
+    errors = [find(By.CSS_SELECTOR, f"#{p} .error").text for p in states]
+    assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["done", "done"], errors
+    sent = [b["steering"] for b in d.execute_script("return window.sent") if "steering" in b]
+    assert sent == [spec], sent
+    text_of = "return document.querySelector(arguments[0] + ' .text').textContent"
+    assert (d.execute_script(text_of, "#panel-steered"), d.execute_script(text_of, "#panel-plain")) == (
+        steered[0],
+        plain[0],
+    )
+    # Highlighted: the first 6 generated tokens fed back that are function tokens and not excluded (computed here),
+    # the page's count equals the server's, and the line says the condition gates them further.
+    want = sum(t in fn and t != excluded for t in steered[1][:-1][:6])
+    assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .text .tok.steered")) == want
+    in_prompt = sum(t in fn and t != excluded for t in prompt_ids[-8:])
+    assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .prompt-strip .tok.steered")) == in_prompt
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
+    assert "where their condition held" in count.text
+
+    # A window of 0 tokens: the API's 400 names the field, in words; the unsteered panel still completes.
+    find(By.ID, "pos-first-generated").clear()
+    find(By.ID, "pos-first-generated").send_keys("0")
+    bad = {**spec, "positions": positions | {"first_generated": 0}}
+    api = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "steering": bad})
+    err = is_error_body(api, 400)
+    find(By.ID, "run").click()
+    wait.until(done)
+    assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["error", "done"]
+    message = find(By.CSS_SELECTOR, "#panel-steered .error").text
+    assert "refused the request (400)" in message and err["message"] in message, (message, err)
+    assert "steering.positions.first_generated" in message
+
+    # An id list the page cannot read: refused in words, nothing steered sent.
+    find(By.ID, "pos-first-generated").clear()
+    find(By.ID, "pos-token-ids").send_keys("262, the")
+    before = len(d.execute_script("return window.sent"))
+    find(By.ID, "run").click()
+    wait.until(done)
+    message = find(By.CSS_SELECTOR, "#panel-steered .error").text
+    assert message == 'Not sent: Only token ids: "the" is not a token id (a whole number).', message
+    assert all("steering" not in b for b in d.execute_script("return window.sent")[before:])
+
+    # Chat, the user's message only: the page highlights nothing in the prompt and shows the server's count.
+    find(By.ID, "pos-token-ids").clear()
+    for name in ("pos-exclude-ids", "pos-last-prompt"):
+        find(By.ID, name).clear()
+    find(By.CSS_SELECTOR, 'input[name="api-mode"][value="chat"]').click()
+    find(By.CSS_SELECTOR, 'input[name="pos-role"][value="user"]').click()
+    find(By.ID, "run").click()
+    wait.until(done)
+    assert find(By.ID, "panel-steered").get_attribute("data-state") == "done"
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
+    chat = d.execute_script("return window.sent")[-1]
+    assert chat["steering"]["positions"] == {"select": "function", "roles": ["user"]}, chat["steering"]
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    chat_body = {k: chat[k] for k in ("model", "messages", "max_tokens", "temperature", "steering")}
+    server_count = http.post("/v1/chat/completions", json=chat_body).json()["steering"]["steered_positions"]
+    assert count.get_attribute("data-page") == "" and count.get_attribute("data-server") == str(server_count)
+    assert "the page cannot see" in count.text and d.find_elements(By.CSS_SELECTOR, ".prompt-strip .tok.steered") == []
+    expected = ("status of 400", "status of 401")  # the refused window; the key form when this test runs alone
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert [e for e in severe if not any(x in e["message"] for x in expected)] == [], severe
+
+
 # ---- HTTP --------------------------------------------------------------------------------------------------------
 
 
@@ -371,7 +516,18 @@ def test_page_and_files_are_public_the_api_is_not(server):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     scripts = re.findall(r'src="(/static/[^"]+)"', page.text)
     assert scripts == ["/static/main.js"]
-    for name in ("main.js", "api.js", "edits.js", "finder.js", "run.js", "sweep.js", "state.js", "style.css"):
+    for name in (
+        "main.js",
+        "api.js",
+        "edits.js",
+        "condition.js",
+        "positions.js",
+        "finder.js",
+        "run.js",
+        "sweep.js",
+        "state.js",
+        "style.css",
+    ):
         r = httpx.get(f"{server.url}/static/{name}")
         assert r.status_code == 200 and r.text, name
         assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", r.text), name  # nothing from elsewhere
