@@ -1,10 +1,12 @@
-// The list of chosen edits (an SAE feature: layer, feature, mode, strength; or a named steering vector: vector,
-// strength) and the position policy: the request's "steering".
+// The list of chosen edits (an SAE feature: layer, feature, mode, strength; or a named steering vector: vector, mode,
+// strength; either with a strength unit and a condition, condition.js) and the positions: the request's "steering".
 
 import { request } from "./api.js";
 import { conditionRow, unitControl, when } from "./condition.js";
 import { initPositions, positions } from "./positions.js";
 import { $, capability, el, showError, state, showToken } from "./state.js";
+
+const VECTOR_MODES = ["add", "project_out", "cap", "set"]; // clamp and ablate need an SAE feature
 
 let changed = () => {}; // called after any change (main.js re-renders the sweep's edit list)
 
@@ -71,7 +73,7 @@ export function steeringSpec(override = null) {
   if (!state.edits.length) return null;
   const edits = state.edits.map((e, i) => {
     const strength = override && override.index === i ? override.strength : e.strength;
-    const out = e.vector ? { vector: e.vector, mode: "add" } : { layer: e.layer, feature: e.feature, mode: e.mode };
+    const out = e.vector ? { vector: e.vector, mode: e.mode } : { layer: e.layer, feature: e.feature, mode: e.mode };
     if (e.mode === "add") out.strength = strength;
     if (e.mode === "add" && e.unit === "token_norm") out.strength_unit = "token_norm";
     if (e.mode === "clamp" || e.mode === "set") out.value = strength;
@@ -134,11 +136,17 @@ function row(e, i) {
   return el("li", { class: "edit" }, ...parts);
 }
 
-// A vector edit: its name, a strength (the vector is added strength times at each of its layers, or strength times
-// each token's norm along its direction), a condition, remove.
+// A vector edit: its name, a mode (added strength times at each of its layers, or strength times each token's norm
+// along its direction; or a projection on its direction), a condition, remove.
 function vectorRow(e, i, name) {
+  const id = `edit-${i}-mode`;
+  const mode = el("select", { id, onchange: (ev) => ((e.mode = ev.target.value), render()) });
+  for (const m of VECTOR_MODES.filter((v) => state.info.modes.includes(v))) mode.append(el("option", { value: m, text: m, selected: m === e.mode }));
   return el("li", { class: "edit vector-edit", "data-vector": e.vector },
-    name, el("div", { class: "row" }, unitControl(e, i, render)), strengthRow(e, i), conditionRow(e, i, changed),
+    name,
+    el("div", { class: "row" }, el("label", { for: id }, "Mode ", mode), e.mode === "add" ? unitControl(e, i, render) : null),
+    e.mode === "project_out" ? null : strengthRow(e, i),
+    conditionRow(e, i, changed),
     removeButton(i));
 }
 

@@ -70,7 +70,9 @@ async function runSweep() {
   const index = Number($("#sweep-edit").value);
   const e = state.edits[index];
   if (!e) return showError(error, "Add an edit first: the sweep varies one edit's strength.");
-  if (e.mode === "ablate") return showError(error, "An ablation has no strength to sweep; choose an add or clamp edit.");
+  if (e.mode === "ablate" || e.mode === "project_out") {
+    return showError(error, `A ${e.mode} edit has no strength to sweep; choose an add, clamp, cap or set edit.`);
+  }
   let list, specs;
   try {
     list = strengths(e);
