@@ -462,6 +462,32 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
     assert "where their condition held" in count.text
 
+    # The last 3 function tokens of the prompt, only the ids of the last 2 (any selector: "all"): the page marks
+    # the positions computed here from the ids, and the server counts as many.
+    fn_at = [i for i, t in enumerate(prompt_ids) if t in fn][-3:]
+    allow = sorted({prompt_ids[i] for i in fn_at[-2:]})
+    Select(find(By.ID, "positions")).select_by_value("all")
+    for name in fields:
+        find(By.ID, name).clear()
+    find(By.ID, "pos-last-functions").send_keys("3")
+    find(By.ID, "pos-token-ids").send_keys(", ".join(map(str, allow)))
+    find(By.ID, "run").click()
+    wait.until(done)
+    assert d.execute_script("return window.sent")[-1]["steering"]["positions"] == {
+        "select": "all",
+        "token_ids": allow,
+        "last_functions": 3,
+    }
+    marked = [int(s.get_attribute("data-prompt")) for s in d.find_elements(By.CSS_SELECTOR, ".prompt-strip .steered")]
+    assert len(marked) >= 2 and marked == [i for i in fn_at if prompt_ids[i] in allow]
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(len(marked))
+    find(By.ID, "pos-last-functions").clear()
+    find(By.ID, "pos-token-ids").clear()
+    Select(find(By.ID, "positions")).select_by_value("function")
+    for name, typed in fields.items():
+        find(By.ID, name).send_keys(typed)
+
     # A window of 0 tokens: the API's 400 names the field, in words; the unsteered panel still completes.
     find(By.ID, "pos-first-generated").clear()
     find(By.ID, "pos-first-generated").send_keys("0")
