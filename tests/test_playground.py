@@ -429,6 +429,11 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     for name, typed in fields.items():
         find(By.ID, name).send_keys(typed)
     assert 'sends "positions": ' in find(By.ID, "positions-help").text
+    unlabeled = d.execute_script(  # the new controls are labelled too
+        "return [...document.querySelectorAll('#edits-title ~ * input, #edits-title ~ * select')]"
+        ".filter(c => !(c.labels && c.labels.length) && !c.getAttribute('aria-label')).map(c => c.outerHTML)"
+    )
+    assert unlabeled == [] and d.find_elements(By.ID, "edit-0-when-value")
     tokens = find(By.ID, "max-tokens")
     tokens.clear()
     tokens.send_keys(str(MAX_TOKENS))
@@ -462,10 +467,14 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
     assert "where their condition held" in count.text
 
-    # The last 3 function tokens of the prompt, only the ids of the last 2 (any selector: "all"): the page marks
-    # the positions computed here from the ids, and the server counts as many.
-    fn_at = [i for i, t in enumerate(prompt_ids) if t in fn][-3:]
-    allow = sorted({prompt_ids[i] for i in fn_at[-2:]})
+    # The last 3 function tokens of the prompt, and only the prompt's function-token ids but that of the first of
+    # them (any selector: "all"): the page marks the positions computed here, and the server counts as many. The
+    # window and the allowlist each matter: without either, other positions would be marked.
+    fn_all = [i for i, t in enumerate(prompt_ids) if t in fn]
+    fn_at = fn_all[-3:]
+    allow = sorted({prompt_ids[i] for i in fn_all} - {prompt_ids[fn_at[0]]})
+    want_marked = [i for i in fn_at if prompt_ids[i] in allow]
+    assert want_marked not in ([i for i in fn_all if prompt_ids[i] in allow], fn_at) and want_marked
     Select(find(By.ID, "positions")).select_by_value("all")
     for name in fields:
         find(By.ID, name).clear()
@@ -479,7 +488,7 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
         "last_functions": 3,
     }
     marked = [int(s.get_attribute("data-prompt")) for s in d.find_elements(By.CSS_SELECTOR, ".prompt-strip .steered")]
-    assert len(marked) >= 2 and marked == [i for i in fn_at if prompt_ids[i] in allow]
+    assert marked == want_marked
     count = find(By.CSS_SELECTOR, "#panel-steered .count")
     assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(len(marked))
     find(By.ID, "pos-last-functions").clear()
