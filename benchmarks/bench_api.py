@@ -8,6 +8,7 @@ One child process per engine holds the engine (in-process: HFEngine, or VLLMEngi
   prompt logprobs      the same for every prompt token too (what echo + logprobs asks)
   features             the top 8 SAE features at one layer (2) for every generated token, handed over at the end
   features streamed    the same, handed over with every delta (vLLM: one collective_rpc per delta, shared)
+  readout 8            a `readout` of 8 chosen SAE features at layer 2 for every generated token, at the end
 
 After a warm-up pass the workloads run `--repeats` times interleaved, so a busy spell on a shared machine hits each
 alike; the table shows generated tokens per second of the median run and, as the ratio, the median over repeats of
@@ -19,7 +20,7 @@ Writes benchmarks/results/bench_api-*.json. `--op` instead times the vLLM worker
 request asking (what every forward pays at every SAE layer): microseconds per call.
 
     .venv/bin/python benchmarks/bench_api.py [--engines hf,vllm] [--requests 16] [--tokens 64] [--repeats 5]
-        [--baseline DIR] [--rounds 2]
+        [--baseline DIR] [--rounds 2] [--workloads features,readout 8]
     .venv/bin/python benchmarks/bench_api.py --op
 """
 
@@ -39,11 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prompts, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed")
+MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed", "readout 8")
+READ_FEATURES = tuple(range(5, 2048, 256))  # 8 features of the layer-2 SAE, spread over its width
 
 
 def extras(mode: str) -> dict:
     """GenerateRequest keywords of a workload (none for plain, which a baseline tree without them runs too)."""
+    if mode == "readout 8":
+        from functok_vllm.core.readout import Probe
+        from functok_vllm.readout_request import ReadoutRequest
+
+        probes = tuple(Probe(2, f) for f in READ_FEATURES)
+        return {"readout": ReadoutRequest(probes, tuple({} for _ in probes), prompt=False)}
     if mode.startswith("features"):
         from functok_vllm.feature_request import FeatureRequest
 
@@ -160,6 +168,7 @@ def table(results: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default="hf,vllm")
+    ap.add_argument("--workloads", default=None, help="comma-separated workloads to run (default: all); plain always")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -180,6 +189,8 @@ def main() -> None:
     results: dict = {}
     for engine in args.engines.split(","):
         modes = [m for m in MODES if engine == "vllm" or m != "features streamed"]  # the same thing on hf
+        if args.workloads:
+            modes = ["plain", *(m for m in modes if m != "plain" and m in args.workloads.split(","))]
         runs = results.setdefault(engine, {})
         for r in range(args.rounds):
             order = ["baseline", "this tree"] if r % 2 == 0 else ["this tree", "baseline"]

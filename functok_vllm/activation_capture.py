@@ -48,6 +48,14 @@ class CaptureRequest:
     dtype: str = "float32"
     edits: str = "after"  # read the stream after this request's edits at the layer, or before them
 
+    def to_dict(self) -> dict:
+        """The form an engine passes along (vLLM's `extra_args` carry plain data)."""
+        return {"layers": list(self.layers), "positions": self.positions, "dtype": self.dtype, "edits": self.edits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaptureRequest:
+        return cls(tuple(int(x) for x in d["layers"]), str(d["positions"]), str(d["dtype"]), str(d["edits"]))
+
     def max_rows(self, forwarded: int) -> int:
         """Positions the capture may hold when `forwarded` positions are computed."""
         return forwarded if self.positions in ("all", "function") else 1

@@ -1,6 +1,8 @@
 """The README's example of a steering vector from contrastive examples, on SmolLM2-135M-Instruct: French against
 English sentence pairs, read at the last function token at layer 15, steer the "favourite city" prompt; beside it the
-shipped French feature (layer 15, feature 1516) and no steering. Writes the answers as JSON (stdout and --out).
+shipped French feature (layer 15, feature 1516) and no steering; with each answer the readout of that feature and of
+the vector over the answer (the positions that predicted its tokens: mean and max, the fraction of tokens where the
+feature fires; the unsteered answer's readout is the null). Writes the answers as JSON (stdout and --out).
 
     PYTHONPATH=$PWD .venv/bin/python scripts/french_vector_smollm2.py --strengths 1,1.5,2,3,4,8,12 \
         --out benchmarks/french_vector_smollm2.json
@@ -51,12 +53,16 @@ def main() -> int:
             card = admin.post("/steering/vectors", body={"name": "french-pairs", "examples": examples}, cast_to=object)
             out = {"vector": card, "answers": []}
 
-            def ask(steering):
+            def ask(steering) -> dict:
                 body = {"steering": steering} if steering else {}
+                body["readout"] = {"features": [{"layer": 15, "feature": 1516}], "vectors": ["french-pairs"]}
                 r = admin.chat.completions.create(
                     model=model.name, messages=ASK, max_tokens=28, temperature=0, extra_body=body
                 )
-                return r.choices[0].message.content
+                feature, vector = r.choices[0].readout["series"]
+                fires = sum(v > 0 for v in feature["values"]) / len(feature["values"])
+                read = {"feature_1516": feature["pooled"] | {"fires": fires}, "french_pairs": vector["pooled"]}
+                return {"answer": r.choices[0].message.content, "readout": read}
 
             runs = [
                 ("none", None),
@@ -67,7 +73,7 @@ def main() -> int:
             for label, steering in runs:
                 if steering:
                     steering["positions"] = "last_function"
-                out["answers"].append({"steering": label, "answer": ask(steering)})
+                out["answers"].append({"steering": label, **ask(steering)})
         finally:
             srv.stop()
     text = json.dumps(out, indent=2, ensure_ascii=False)

@@ -8,6 +8,7 @@ Each narrowed case must also move the model (it differs from the unsteered reque
 alone (the narrowing changed what was steered), so agreeing with the reference says the narrowing was applied.
 """
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,9 @@ def content_spans(tok, ids: list[int], chat=CHAT) -> list[tuple[int, int]]:
 
 
 def chat_prompt(tok):
-    """(prompt ids, role codes, content spans) of CHAT under CHAT_TEMPLATE with the demo tokenizer."""
+    """(prompt ids, role codes, content spans) of CHAT under CHAT_TEMPLATE with the demo tokenizer (a copy: the
+    session's tokenizer keeps its own template for the other test files)."""
+    tok = copy.deepcopy(tok)
     tok.chat_template = CHAT_TEMPLATE
     ids = tok.encode(
         tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,16 +145,28 @@ class SAE:
 
     def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(tokens, d_in), (n,) -> (tokens, n) activations of those features; only their columns where exact."""
+        return self.column_encoder(features)(x)
+
+    def column_encoder(self, features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(n,) feature ids -> a function (tokens, d_in) -> (tokens, n) of their activations, `encode(x)[:, features]`
+        computed from their encoder columns only (stacked once, here) where the architecture allows it, from the
+        full encode otherwise (TopK)."""
         if not self.cfg.arch.clamp_exact:
-            return self.encode(x)[:, features]
-        sae_in = self.sae_in(x)
+            return lambda x: self.encode(x)[:, features]
         cols = [self.cfg.arch.clamp_columns(self, int(f)) for f in features]
         w_gate = torch.stack([c.w_gate for c in cols], 1)  # (d_in, n)
-        gate = sae_in @ w_gate + sae_in.new_tensor([c.b_gate for c in cols])
-        mag = gate if cols[0].w_mag is None else sae_in @ torch.stack([c.w_mag for c in cols], 1)
-        if cols[0].w_mag is not None:
-            mag = mag + sae_in.new_tensor([c.b_mag for c in cols])
-        return mag.relu() * (gate > sae_in.new_tensor([c.threshold for c in cols]))
+        b_gate = w_gate.new_tensor([c.b_gate for c in cols])  # (n,)
+        threshold = w_gate.new_tensor([c.threshold for c in cols])
+        w_mag = None if cols[0].w_mag is None else torch.stack([c.w_mag for c in cols], 1)
+        b_mag = None if w_mag is None else w_gate.new_tensor([c.b_mag for c in cols])
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            sae_in = self.sae_in(x)
+            gate = torch.addmm(b_gate.to(sae_in.dtype), sae_in, w_gate.to(sae_in.dtype))  # (tokens, n)
+            mag = gate if w_mag is None else torch.addmm(b_mag.to(sae_in.dtype), sae_in, w_mag.to(sae_in.dtype))
+            return mag.relu() * (gate > threshold.to(sae_in.dtype))
+
+        return encode
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """(tokens, d_sae) -> (tokens, d_in). With per-token normalisation, `x` (the encoded input) is needed."""

@@ -17,6 +17,7 @@ from functok_vllm.activation_capture import CaptureRequest, check_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.feature_request import FeatureRequest, check_features
 from functok_vllm.positions import check_position_request
+from functok_vllm.readout_request import ReadoutRequest, check_readout
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -129,6 +130,7 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: none
     features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
     capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.activation_capture`
+    readout: ReadoutRequest | None = None  # chosen features and vectors per position (Delta.readout)
     # a chat prompt's role code per token (`core.batch.narrowing`: content role | turn role << 2), for positions by role
     prompt_roles: list[int] | None = None
     # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
@@ -159,6 +161,9 @@ class Delta:
     features: list[FeatureEntry] | None = None  # the next generated tokens' entries, in order (see FeatureEntry)
     prompt_features: list[FeatureEntry] | None = None  # first delta (or with the first features): every prompt token
     capture: bytes | None = None  # last delta of a request that asked: the safetensors blob (`capture.encode_capture`)
+    # last delta of a request that asked: {"positions", "token_ids", "values"}, values[i] one float per series at
+    # positions[i] (`readout_request.py`)
+    readout: dict | None = None
 
 
 class Engine(ABC):
@@ -247,6 +252,8 @@ class Engine(ABC):
                 raise SpecError("prompt_roles", msg)
             if r.features is not None:
                 check_features(r.features, self.steering_info())
+            if r.readout is not None:
+                check_readout(r.readout, self.steering_info())
             if r.capture is not None:
                 if not self.supports_capture:
                     msg = f"{type(self).__name__} does not capture activations; serve with the transformers engine"

@@ -47,6 +47,7 @@ from functok_vllm.server.protocol import (
     Steering,
     capture_of,
     features_of,
+    readout_of,
     resolve_steering,
     resolve_steering_list,
 )
@@ -90,7 +91,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
     presets = build_presets(engine, config, library)
     ctx = presets.ctx
     limits = config.limits
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, config.monitors)
     started = int(time.time())
     drain = Drain(limits.drain_timeout)
     stopped = False
@@ -171,6 +172,7 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             "position_object": {"fields": list(Positions.model_fields), "roles": list(ROLES)},
             "limits": asdict(limits) | asdict(config.steering),
             "capabilities": CAPABILITIES,
+            "monitors": metrics.monitors.cards(),
         }
 
     tt = TokenText(engine.tokenizer)
@@ -201,6 +203,8 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
                 raise APIError(400, f"{where}: {e}", where) from None
         fr = features_of(body, engine.steering_info())
         cap = capture_of(body, engine.steering_info())
+        readout = readout_of(body, ctx, limits.max_readouts)
+        engine_readout = readout.joined(metrics.monitors.request) if readout else metrics.monitors.request
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         choices = fanout.plan(prompts, steerings, body.n, limits, listed)
         param = "messages" if kind == "chat" else "prompt"
@@ -222,11 +226,12 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             prompt_lp = lp if echo else None
         fanout.check_prompt_scoring(prompt_lp, choices, limits)
         extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr, "capture": cap}
+        extras["readout"] = engine_readout
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(
             kind, tt, lp is not None, echo, body.return_token_ids, fr is not None, fr is not None and fr.prompt
         )
-        fmt.capture = cap is not None
+        fmt.capture, fmt.readout = cap is not None, readout
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(
             kind,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from functok_vllm.engines.base import Delta
+from functok_vllm.readout_request import ReadoutRequest, pooled
 from functok_vllm.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echo_logprobs
 from functok_vllm.server.protocol import Steering
 
@@ -44,6 +45,7 @@ class Format:
     features: bool = False
     prompt_features: bool = False
     capture: bool = False
+    readout: ReadoutRequest | None = None  # the request's own series (the engine reads the monitors' after them)
 
 
 @dataclass(eq=False)
@@ -60,6 +62,7 @@ class Choice:
     features: list = field(default_factory=list)
     prompt_features: list = field(default_factory=list)
     capture: bytes | None = None  # the engine's safetensors blob, from the last delta
+    readout: dict | None = None  # the engine's readout (every series, the monitors' too), from the last delta
     last: Delta | None = None
     offset: int = 0  # completions text_offset of the next streamed token
     started: bool = False  # its first chunk has been sent
@@ -72,6 +75,7 @@ class Choice:
         self.features += d.features or ()
         self.prompt_features += d.prompt_features or ()
         self.capture = d.capture or self.capture
+        self.readout = d.readout or self.readout
         self.last = d
 
     @property
@@ -101,6 +105,8 @@ class Choice:
             body["prompt_features"] = self.prompt_features
         if fmt.capture:
             body["capture"] = capture_object(self.capture)
+        if fmt.readout is not None:
+            body["readout"] = readout_object(fmt.readout, self.readout)
         return body
 
     def chunk(self, fmt: Format, d: Delta) -> dict | None:
@@ -132,6 +138,8 @@ class Choice:
             body["steering"] = self.report()
             if fmt.capture:
                 body["capture"] = capture_object(self.capture)
+            if fmt.readout is not None:
+                body["readout"] = readout_object(fmt.readout, self.readout)
         return body
 
     def role_chunk(self) -> dict:
@@ -149,6 +157,18 @@ def capture_object(blob: bytes | None) -> dict | None:
     if blob is None:
         return None
     return {"format": "safetensors", "encoding": "base64", "bytes": len(blob), "data": base64.b64encode(blob).decode()}
+
+
+def readout_object(req: ReadoutRequest, got: dict | None) -> dict | None:
+    """A choice's `readout`: the positions read, their tokens, and one entry per series the request named (its
+    label, its value at each position, pooled); None when the request ended without one (aborted, failed)."""
+    if got is None:
+        return None
+    series = []
+    for j, label in enumerate(req.labels):
+        values = [row[j] for row in got["values"]]
+        series.append({**label, "values": values, "pooled": pooled(values, req.pool)})
+    return {"positions": got["positions"], "token_ids": got["token_ids"], "series": series}
 
 
 def _end(lp: dict, offset: int) -> int:

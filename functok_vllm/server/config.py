@@ -61,6 +61,10 @@ class Limits:
         "activation bytes a request's `capture` may return (before base64): choices x positions (prompt + max_tokens "
         "for 'all' and 'function') x layers x d_model x dtype size; more get 413, before any work starts",
     )
+    max_readouts: int = _limit(
+        32,
+        "series one request's `readout` may read (each feature, and each vector once per layer it has); more get 400",
+    )
     max_example_prompts: int = _limit(
         256, "prompts (positive and negative together) one steering vector from examples may use; more get 400"
     )
@@ -93,7 +97,7 @@ class Limits:
                 raise CLIError(f"limits.{f.name} must be a whole number, got {v!r}")
         at_least_one = ("max_tokens", "max_running", "max_body_bytes", "max_choices", "max_feature_values")
         at_least_one += ("max_connections", "max_header_bytes", "max_prompt_logprob_values")
-        at_least_one += ("max_capture_bytes", "max_example_prompts", "max_example_tokens")
+        at_least_one += ("max_capture_bytes", "max_example_prompts", "max_example_tokens", "max_readouts")
         for name in (*at_least_one, "max_analysis_prompts", "max_vector_bytes"):
             if getattr(self, name) < 1:
                 raise CLIError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
@@ -122,6 +126,7 @@ class ServerConfig:
     # Host header names (no port) requests may carry; None: any. `functok serve` bound to loopback defaults to the
     # loopback names, so that a web page cannot reach an unkeyed local server by DNS rebinding (`--allowed-hosts`).
     allowed_hosts: tuple[str, ...] | None = None
+    monitors: tuple[str, ...] = ()  # `--monitor NAME=LAYER:FEATURE[:THRESHOLD]`, each (`server.monitors`)
 
     def __post_init__(self):
         for name, spec in self.presets.items():

@@ -79,6 +79,15 @@ def add_parser(sub) -> None:
         default=True,
         help="serve /metrics without the API key (default: yes)",
     )
+    sp.add_argument(
+        "--monitor",
+        action="append",
+        default=None,
+        metavar="NAME=LAYER:FEATURE[:THRESHOLD]",
+        help="read this SAE feature on every generated token of every request and export it to /metrics as the "
+        "histogram functok:monitor_activation{monitor=NAME} and, with a threshold, the counter "
+        "functok:monitor_threshold_crossings_total of tokens above it; repeat for several (docs/reading.md)",
+    )
     sp.add_argument("--engine", choices=ENGINES, default="hf")
     sp.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     sp.add_argument("--max-model-len", type=int, default=None)
@@ -223,6 +232,11 @@ def serve(args) -> int:
     config.data_dir = Path(args.data_dir) if args.data_dir else None
     config.metrics_public = args.metrics_public
     config.allowed_hosts = allowed_hosts(args.allowed_hosts, args.host)
+    config.monitors = tuple(args.monitor or ())
+    from functok_vllm.server.monitors import parse_monitor
+
+    for text in config.monitors:  # the form now; the layer and feature once the SAEs are loaded (create_app)
+        parse_monitor(text)
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     engine = build_engine(args, config)

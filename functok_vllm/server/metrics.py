@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 
 from functok_vllm.engines.base import Engine
+from functok_vllm.server.monitors import Monitors
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,8 +32,9 @@ class _EngineStats:
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, monitors: tuple[str, ...] = ()):
         r = self.registry = CollectorRegistry()
+        self.monitors = Monitors(monitors, engine.steering_info(), r)  # CLIError naming a bad one
         self.requests = Counter(
             "functok:requests",
             "HTTP requests to the generation and analysis endpoints, by endpoint, status code and whether steered.",

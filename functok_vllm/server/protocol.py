@@ -17,6 +17,7 @@ from functok_vllm.activation_capture import CaptureRequest, parse_capture
 from functok_vllm.core.spec import SpecError
 from functok_vllm.engines.base import MAX_LOGPROBS, RequestError, SamplingParams
 from functok_vllm.feature_request import FeatureRequest, parse_features
+from functok_vllm.readout_request import ReadoutRequest, parse_readout
 from functok_vllm.server.config import Limits
 from functok_vllm.server.openai_errors import APIError
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringSpec, Strict, parse_steering
@@ -72,6 +73,7 @@ class _Common(Strict):
     steering: SpecGiven | list[SpecGiven] = None  # one spec (or preset name), or a list of them: one choice each
     features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
     capture: dict[str, Any] | None = None  # {"layers", "positions", "dtype"}: activation_capture.py
+    readout: dict[str, Any] | None = None  # {"features", "vectors", "pool", "prompt", "edits"}: readout_request.py
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
 
     @model_validator(mode="after")
@@ -167,6 +169,15 @@ def capture_of(req: _Common, info: SteeringInfo) -> CaptureRequest | None:
     """The request's `capture`, checked against the steering layers; APIError 400 naming the field when it is bad."""
     try:
         return parse_capture(req.capture, info)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
+
+
+def readout_of(req: _Common, ctx: SteeringContext, max_series: int) -> ReadoutRequest | None:
+    """The request's `readout`, checked against the SAEs and steering layers, its vectors resolved in the library;
+    APIError 400 naming the field when it is bad."""
+    try:
+        return parse_readout(req.readout, ctx.info, ctx.lookup, max_series)
     except SpecError as e:
         raise APIError(400, f"{e.field}: {e.message}", e.field) from None
 

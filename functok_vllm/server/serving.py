@@ -49,6 +49,8 @@ class Job:
             metrics.generation_tokens.inc(d.completion_tokens)
             metrics.steered_positions.inc(d.steered_positions)
             metrics.finished.labels(d.finish_reason, _steered(c)).inc()
+            first = len(self.fmt.readout.probes) if self.fmt.readout is not None else 0
+            metrics.monitors.observe(d.readout, first, d.prompt_tokens, d.completion_tokens)
 
     @property
     def deadline(self) -> float:

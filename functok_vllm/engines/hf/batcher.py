@@ -31,9 +31,10 @@ import torch
 from functok_vllm.activation_capture import encode_capture, select_rows
 from functok_vllm.core import SlotsFull, SteeringTable, StepIndex, build_slot_index
 from functok_vllm.core.batch import Narrowing, last_function_position, narrowing, policy_code, stack_narrowings
+from functok_vllm.core.readout import ProbeSets
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.feature_plan import Readout, entry
+from functok_vllm.engines.hf.feature_plan import Readout, entry, layer_fn, plan_series, series_values
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
@@ -62,6 +63,8 @@ class Seq:
     pen_row: int = -1  # its row of the sampler's PenaltyCounts (-1: no penalties)
     pending: dict = field(default_factory=dict)  # prompt extras for the next delta (prompt_logprobs, prompt_features)
     captured: dict = field(default_factory=dict)  # layer -> [(rows, d_model) tensors], one per forward, when it asked
+    groups: dict = field(default_factory=dict)  # its readout's ProbeGroups by (layer, before), when it asked
+    read_out: list = field(default_factory=list)  # [(positions, (rows, series) buffer)], one per forward
 
     def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
         """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
@@ -101,6 +104,9 @@ class Batcher:
         self.layers = decoder_layers(model)
         self.readout = Readout(self.device)  # this forward's feature readout plan (empty: nothing to read)
         self.capture: dict[int, list] = {}  # this forward's capture plan: layer -> [(Seq, its flattened rows)]
+        self.reads: dict[int, list] = {}  # this forward's readout plan: layer -> [SeriesRead]
+        saes = {layer: op.sae for layer, op in table.layers.items()} if table else {}
+        self.probe_sets = ProbeSets(saes, self.device)  # requests reading the same series share their tensors
         self.pens = sampling.PenaltyCounts(max_running, model.get_output_embeddings().weight.shape[0], self.device)
         self._stop = False
         self._narrowed: tuple = ((), None)  # (the rows, their stacked narrowings): rebuilt when the rows change
@@ -158,9 +164,9 @@ class Batcher:
         for layer, op in self.table.layers.items() if self.table else ():
             add = steer and self._live[layer] > 0
             read = bool(self.readout.plans) and op.sae is not None
-            keep = self.capture.get(layer)
-            if add or read or keep:
-                fns.append((op.hook, _callback(layer, op, add, self.readout if read else None, keep)))
+            keep, reads = self.capture.get(layer), self.reads.get(layer)
+            if add or read or keep or reads:
+                fns.append((op.hook, layer_fn(layer, op, add, self.readout if read else None, keep, reads)))
         return hooked(self.layers, fns)
 
     def _plan_capture(self, wants: list[tuple[Seq, slice]]) -> None:
@@ -222,6 +228,12 @@ class Batcher:
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
         self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
+        if r.readout is not None:  # every prompt position, or only the one that predicts the first token
+            seq.groups = self.probe_sets.groups(r.readout.probes)
+            first = 0 if r.readout.prompt else n - 1
+            self.reads = plan_series([(seq, first, list(range(first, n)))], self.device)
+        else:
+            self.reads = {}
         scoring = r.prompt_logprobs is not None
         tap = HiddenTap(self.model) if scoring else contextlib.nullcontext()  # the head then computes 1 row
         with self._hooks(steer), tap:
@@ -259,6 +271,8 @@ class Batcher:
         if wants:
             self.readout.plan(wants)
         self._plan_capture([(s, slice(i, i + 1)) for i, s in enumerate(rows) if s.req.capture is not None])
+        reading = [(s, i, [at[i]]) for i, s in enumerate(rows) if s.req.readout is not None]
+        self.reads = plan_series(reading, self.device) if reading else {}
         with self._hooks(steer):
             out = self.model(
                 input_ids=ids[:, None],
@@ -368,7 +382,16 @@ class Batcher:
         if seq.req.capture is not None and reason in ("stop", "length"):
             d.capture = self._capture_blob(seq)
         seq.captured = {}
+        if seq.req.readout is not None and reason in ("stop", "length"):
+            d.readout = self._readout(seq)
+        seq.read_out = []
         seq.emit(d)
+
+    def _readout(self, seq: Seq) -> dict:
+        """The request's series: {"positions", "token_ids", "values": [[a float per series] per position]}."""
+        positions, values = series_values(seq.read_out, len(seq.req.readout.probes))
+        ids = seq.req.prompt_ids + seq.out_ids
+        return {"positions": positions, "token_ids": [ids[p] for p in positions], "values": values.tolist()}
 
     def _capture_blob(self, seq: Seq) -> bytes:
         """The request's capture: the rows its forwards copied out, at the positions it asked for."""
@@ -383,36 +406,3 @@ class Batcher:
             pick = rows
         tensors = {hooks[layer]: torch.cat(seq.captured[layer])[pick] for layer in c.layers}  # (rows, d_model)
         return encode_capture(tensors, rows, token_ids[rows], c.dtype)
-
-
-def _callback(layer: int, op, add: bool, readout: Readout | None, keep: list | None = None):
-    """The `StreamFn` of one layer for one forward: the steering op (`SteeringLayer.steered_hidden`, the same op as
-    vLLM's) when `add`, then the feature readout of the stream it leaves, when `readout`, and the copies of the rows
-    capturing requests asked for (`keep`: [(Seq, rows)])."""
-
-    def stream(x, residual):
-        return (x if residual is None else x + residual).reshape(-1, x.shape[-1])  # (tokens, d_model)
-
-    def fn(_module, hidden, residual):
-        before = [(s, r) for s, r in keep or () if s.req.capture.edits == "before"]
-        if before:
-            _keep(layer, stream(hidden, residual), before)
-        out = op.steered_hidden(hidden, residual) if add else None
-        after = [(s, r) for s, r in keep or () if s.req.capture.edits == "after"]
-        if readout is not None or after:
-            h = stream(hidden if out is None else out, residual)
-            if readout is not None:
-                readout.observe(layer, op.sae, h)
-            _keep(layer, h, after)
-        return out
-
-    return fn
-
-
-def _keep(layer: int, h: torch.Tensor, keep: list) -> None:
-    """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
-    for seq, rows in keep:
-        if seq.req.capture.positions == "last":  # only the latest row is ever returned
-            seq.captured[layer] = [h[rows][-1:].clone()]
-        else:
-            seq.captured.setdefault(layer, []).append(h[rows].clone())

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from functok_vllm.activation_capture import CaptureRequest
 from functok_vllm.core.batch import (
     ROLE_BITS,
     StepIndex,
@@ -45,6 +46,7 @@ from functok_vllm.core.vector import Vector, VectorError, decode_payloads, encod
 from functok_vllm.engines.vllm import compat
 from functok_vllm.engines.vllm.batch_state import ROLES_XARG
 from functok_vllm.engines.vllm.feature_op import XFEAT
+from functok_vllm.engines.vllm.series_op import XCAPTURE, XREAD
 from functok_vllm.engines.vllm.settings import (
     CONFIG_KEY,
     EXTENSION,
@@ -56,6 +58,7 @@ from functok_vllm.engines.vllm.settings import (
 from functok_vllm.feature_request import parse_features
 from functok_vllm.library.store import Library, LibraryError
 from functok_vllm.positions import check_position_request
+from functok_vllm.readout_request import ReadoutRequest
 from functok_vllm.steering import SteeringContext, SteeringSpec, checked, parse_steering
 
 PARAM = f"vllm_xargs.{XARG}"
@@ -96,15 +99,18 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     request for features (whose prompt is then forwarded, not read from the prefix cache, when it asks for the
     prompt's features)."""
     given_args = getattr(params, "extra_args", None) or {}
-    given, feats = given_args.get(XARG), given_args.get(XFEAT)
+    given, feats, reads = given_args.get(XARG), given_args.get(XFEAT), given_args.get(XREAD)
+    caps = given_args.get(XCAPTURE)
     if given is None and VECTORS in given_args:  # only the admission hook puts contents there, with their spec
         from vllm.exceptions import VLLMValidationError
 
         raise VLLMValidationError(f"{VECTORS} comes with a steering spec only", parameter=f"vllm_xargs.{VECTORS}")
-    if given is None and feats is None:
+    if given is None and feats is None and reads is None and caps is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
     adm = compat.processor_state(self, Admission)
     prompt_features = feats is not None and _features_checked(adm, feats)
+    prompt_features |= reads is not None and _readout_checked(adm.vllm_config, reads)
+    prompt_features |= caps is not None and _readout_checked(adm.vllm_config, caps, "capture")
     if given is None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if prompt_features:
@@ -172,6 +178,23 @@ def _roles_checked(spec: SteeringSpec, roles, prompt_ids, vocab: int) -> list[in
         msg = f"must be a list of one role code in [0, {top}) per prompt token"
         raise VLLMValidationError(f"vllm_xargs.{ROLES_XARG}: {msg}", parameter=f"vllm_xargs.{ROLES_XARG}")
     return roles
+
+
+def _readout_checked(vllm_config, given, param: str = "readout") -> bool:
+    """VLLMValidationError unless `given` is a readout (or a capture) this engine can read (`series_op.py`); whether it
+    reads the prompt (whose positions must then be forwarded, not read from the prefix cache)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not isinstance(given, dict) or not _extension_loaded(vllm_config.parallel_config.worker_extension_cls):
+        msg = f"needs `functok serve --engine vllm` and the functok worker extension ({EXTENSION})"
+        raise VLLMValidationError(f"{param}: {msg}", parameter=param)
+    if compat.cuda_graphs(vllm_config):
+        msg = "needs an engine without CUDA graphs (enforce_eager, or cudagraph_mode NONE)"
+        raise VLLMValidationError(f"{param}: {msg}", parameter=param)
+    try:
+        return ReadoutRequest.from_dict(given).prompt if param == "readout" else bool(CaptureRequest.from_dict(given))
+    except (ValueError, TypeError, KeyError) as e:
+        raise VLLMValidationError(f"{param}: not a {param} object ({e})", parameter=param) from None
 
 
 def _features_checked(adm: Admission, given) -> bool:

@@ -12,7 +12,9 @@ read from it (`collective_rpc("functok_applied")`) when the request ends, so onl
 
 Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the workers (`feature_op.py`) and fetched with
 `collective_rpc("functok_features")`: per delta when the consumer streams (one RPC shared by the requests asking at
-that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM.
+that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM. A
+`readout`'s values and a `capture`'s rows ride the same side channel (`series_op.py`), fetched once when the request
+ends (`functok_readout`, `functok_request_capture`); the capture blob is formed here, as the transformers engine's.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from functok_vllm.activation_capture import CaptureRequest, encode_capture, select_rows
 from functok_vllm.core import FunctionTokens
 from functok_vllm.core.sae import add_only_points
 from functok_vllm.engines.base import Delta, Engine, EngineFull, EngineStopped, GenerateRequest, RequestError
 from functok_vllm.engines.vllm.batch_state import ROLES_XARG, TAG
 from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.feature_op import XFEAT
-from functok_vllm.engines.vllm.outputs import FeatureReader, entries, logprobs_of, prompt_logprobs_of, vllm_sampling
+from functok_vllm.engines.vllm.outputs import (
+    FeatureReader,
+    entries,
+    logprobs_of,
+    merge_series,
+    prompt_logprobs_of,
+    vllm_sampling,
+)
+from functok_vllm.engines.vllm.series_op import XCAPTURE, XREAD
 from functok_vllm.engines.vllm.settings import CONFIG_KEY, EXTENSION, XARG, from_additional_config
 from functok_vllm.steering import SteeringInfo, SteeringLimits
 
@@ -72,6 +85,8 @@ class VLLMEngineConfig:
 
 
 class VLLMEngine(Engine):
+    supports_capture = True  # after the edits only: the workers copy capturing requests' rows out (`series_op.py`)
+
     def __init__(self, cfg: VLLMEngineConfig):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -89,8 +104,9 @@ class VLLMEngine(Engine):
         except ValueError as e:
             raise ValueError(f"--steer-layers {e}") from None
         self.function_tokens = FunctionTokens.load(self.steer_cfg.function_tokens) if self.steer_cfg else None
+        self.fn_mask = None  # (vocab,) bool: which ids are function tokens (capture's function positions)
         if self.function_tokens is not None:
-            self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now, not in the worker
+            self.fn_mask = self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now
         self.llm = None
         self.reader: FeatureReader | None = None
         self.budget: ClampBudget | None = None
@@ -179,6 +195,12 @@ class VLLMEngine(Engine):
         if self.llm is None or self._stopped:
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
+        reads, capture = request.readout, request.capture
+        msg = "'before' is read by the transformers engine only (the vLLM worker reads after the steering op)"
+        if reads is not None and any(p.before for p in reads.probes):
+            raise RequestError("readout.edits", msg)
+        if capture is not None and capture.edits == "before":
+            raise RequestError("capture.edits", msg)
         need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
         if need:
             self.budget.check(need)
@@ -191,13 +213,17 @@ class VLLMEngine(Engine):
         n = len(ids)
         score_only = p.max_tokens == 0  # vLLM generates at least one token: it is dropped here
         cap = self.max_model_len if p.max_tokens is None else p.max_tokens
-        extra = {TAG: rid} if spec is not None or fr is not None else {}
+        extra = {TAG: rid} if any(x is not None for x in (spec, fr, reads, capture)) else {}
         if spec is not None:  # the spec object parsed at this process's edge: admission turns it into its wire form
             extra[XARG] = spec
             if spec.roles:  # the chat prompt's role codes the server computed, for the worker's narrowing
                 extra[ROLES_XARG] = list(request.prompt_roles)
         if fr is not None:
             extra[XFEAT] = fr.to_dict()
+        if reads is not None:
+            extra[XREAD] = reads.to_dict()
+        if capture is not None:
+            extra[XCAPTURE] = capture.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
         out_ids: list[int] = []
         feat_sent = 0  # generated tokens whose feature entries have been read
@@ -229,6 +255,10 @@ class VLLMEngine(Engine):
                     feat_sent += len(rows)
                     if "prompt" in got:
                         d.prompt_features = entries(ids, 0, got["prompt"], fr.layers)
+                if reads is not None and reason in ("stop", "length"):
+                    d.readout = await self._readout(rid, ids + out_ids)
+                if capture is not None and reason in ("stop", "length"):
+                    d.capture = await self._capture(rid, capture, ids + out_ids)
                 first = False
                 yield d
         except EngineStopped:  # shut down while it waited for the clamp pool: an abort, as for a queued request
@@ -253,9 +283,54 @@ class VLLMEngine(Engine):
                     log.debug("abort of %s failed", rid, exc_info=True)
                 if fr is not None:
                     await self.reader.drop(rid)
+                for kind, asked in (("functok_readout_drop", reads), ("functok_request_capture_drop", capture)):
+                    if asked is not None:
+                        try:
+                            await self.llm.collective_rpc(kind, args=(rid,))
+                        except Exception:
+                            log.debug("%s of %s failed", kind, rid, exc_info=True)
             self._inflight.discard(rid)
             if held:
                 self.budget.release(need)
+
+    async def _readout(self, rid: str, ids: list[int]) -> dict | None:
+        """The finished request's readout from the workers: {"positions", "token_ids", "values"}; None (logged) when
+        no worker can say."""
+        try:
+            got = merge_series(await self.llm.collective_rpc("functok_readout", args=(rid,)))
+        except Exception:
+            log.warning("could not read the readout of request %s", rid, exc_info=True)
+            return None
+        if got is None:
+            log.warning("no worker read the readout of request %s", rid)
+            return None
+        return got | {"token_ids": [ids[p] for p in got["positions"]]}
+
+    async def _capture(self, rid: str, cap: CaptureRequest, ids: list[int]) -> bytes | None:
+        """The finished request's capture blob, as the transformers engine's (`activation_capture.encode_capture`),
+        from the rows the workers copied; None (logged) when no worker can say."""
+        try:
+            parts = [g for g in await self.llm.collective_rpc("functok_request_capture", args=(rid,)) if g]
+        except Exception:
+            log.warning("could not read the capture of request %s", rid, exc_info=True)
+            return None
+        if not parts:
+            log.warning("no worker captured request %s", rid)
+            return None
+        rows = {}
+        for g in parts:  # pipeline parallel: each rank holds its layers; tensor parallel: every rank the same
+            rows |= {L: t for L, t in g["rows"].items() if g["positions"] == parts[0]["positions"]}
+        positions = torch.tensor(parts[0]["positions"], dtype=torch.long)  # (rows,)
+        token_ids = torch.tensor(ids, dtype=torch.long)[positions]  # (rows,)
+        pick = torch.arange(len(positions))  # all, last: the worker kept only what is returned
+        if cap.positions in ("function", "last_function"):
+            pick = select_rows(cap, token_ids, self.fn_mask)
+        hooks = {layer: hook for hook, layer in self.steering_info().hook_layers.items()}
+        tensors = {}
+        for L in cap.layers:
+            got = torch.frombuffer(bytearray(rows[L]), dtype=torch.float32).reshape(len(positions), self.d_model)
+            tensors[hooks[L]] = got[pick]  # (rows, d_model)
+        return encode_capture(tensors, positions[pick], token_ids[pick], cap.dtype)
 
     async def _applied(self, rid: str) -> int:
         """Positions where the worker steered the request (0, logged, when it cannot say: never a guess)."""

@@ -30,6 +30,7 @@ import torch
 
 from functok_vllm.core.top_features import rows_to_lists, top_features
 from functok_vllm.engines.vllm import compat
+from functok_vllm.engines.vllm.series_op import CaptureCopy, SeriesReadout
 from functok_vllm.feature_request import FeatureRequest
 
 log = logging.getLogger("functok.vllm")
@@ -47,6 +48,10 @@ def read_features(
     ro = compat.forward_state(key)
     if ro is not None and ro.plan is not None:
         ro.observe(layer, hidden, residual)
+    if ro is not None and ro.series.plan is not None:  # a request's `readout` (`series_op.py`)
+        ro.series.observe(layer, hidden, residual)
+    if ro is not None and ro.capture.plan is not None:  # a request's `capture` (`series_op.py`)
+        ro.capture.observe(layer, hidden, residual)
 
 
 @read_features.register_fake
@@ -84,8 +89,10 @@ class Reader:
 
 
 class FeatureReadout:
-    def __init__(self, saes: dict, device):
+    def __init__(self, saes: dict, device, layers=()):
         self.saes, self.device = saes, device  # {layer: SAE} on the worker's device
+        self.series = SeriesReadout(saes, set(layers) | set(saes), device)  # requests' `readout`: same op, same steps
+        self.capture = CaptureCopy(saes, set(layers) | set(saes), device)  # requests' `capture`
         self.meta: dict[str, Reader] = {}  # running requests with features, by vLLM request id
         self.by_tag: dict[str, Reader] = {}
         self.tag_of: dict[str, str] = {}
@@ -93,6 +100,8 @@ class FeatureReadout:
         self.plan: StepPlan | None = None
 
     def add_request(self, req_id: str, prompt_len: int, extra: dict | None, tag: str) -> None:
+        self.series.add_request(req_id, prompt_len, extra, tag)
+        self.capture.add_request(req_id, prompt_len, extra, tag)
         given = (extra or {}).get(XFEAT)
         if given is None:
             return
@@ -110,6 +119,8 @@ class FeatureReadout:
         self.done.pop(tag, None)
 
     def finish(self, req_ids) -> None:
+        self.series.finish(req_ids)
+        self.capture.finish(req_ids)
         for rid in req_ids:
             r = self.meta.pop(rid, None)
             if r is None:
@@ -126,6 +137,8 @@ class FeatureReadout:
     def prepare(self, rows: list[str], starts, qsl) -> None:
         """Plan the next forward: `rows` its request ids in row order, `starts[r]` row r's first position, and
         `qsl` (host arrays) its token ranges (row r owns tokens [qsl[r], qsl[r + 1]))."""
+        self.series.prepare(rows, starts, qsl)
+        self.capture.prepare(rows, starts, qsl)
         self.plan = None
         if not self.meta:
             return
@@ -163,6 +176,8 @@ class FeatureReadout:
 
     def end_step(self) -> None:
         self.plan = None
+        self.series.end_step()
+        self.capture.end_step()
 
     # ---- reading (the API process, through the worker extension) --------------------------------------------------
 

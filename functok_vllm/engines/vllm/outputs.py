@@ -121,6 +121,24 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
+def merge_series(parts: list[dict | None]) -> dict | None:
+    """One request's readout from every worker's `SeriesReadout.take` ({"positions", "values", "columns"}): under
+    pipeline parallelism each rank fills the columns of the layers it holds; under tensor parallelism any one's is
+    every one's. None when no worker read it."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    out = {"positions": parts[0]["positions"], "values": [list(row) for row in parts[0]["values"]]}
+    for p in parts[1:]:
+        if p["positions"] != out["positions"]:
+            log.warning("the workers read different positions of one readout; keeping the first one's")
+            continue
+        for row, theirs in zip(out["values"], p["values"], strict=True):
+            for c in p["columns"]:
+                row[c] = theirs[c]
+    return out
+
+
 def entries(ids: list[int], first_position: int, layer_rows: list[dict], order) -> list[dict]:
     """API feature entries from a worker's rows: token ids, their positions, the layers in the request's order."""
     return [

@@ -83,7 +83,7 @@ class SteeringRunnerMixin:
         self.functok = install_steering(self)
         if self.functok is not None:
             saes = {L: op.sae for L, op in self.functok.table.layers.items() if op.sae is not None}
-            self.functok_readout = FeatureReadout(saes, self.device)
+            self.functok_readout = FeatureReadout(saes, self.device, self.functok.table.layers)
             compat.register_forward_state(self.vllm_config, READOUT_KEY, self.functok_readout)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
@@ -109,7 +109,7 @@ class SteeringRunnerMixin:
             else:
                 pos = positions if positions.dim() == 1 else positions[0]  # M-RoPE (3, tokens): row 0 is the text
                 st.prepare(compat.batch_rows(self), ids[: pos.shape[0]], pos, compat.query_start_loc(self))
-                if ro.meta:  # host-side plan of this forward's feature readout
+                if ro.meta or ro.series.meta or ro.capture.meta:  # host-side plans: features, series, captures
                     ro.prepare(compat.batch_rows(self), *compat.row_starts_and_qsl(self))
         cap = self.functok_capture
         try:
@@ -180,6 +180,30 @@ class SteeringWorkerExtension:
         ro = self.model_runner.functok_readout
         if ro is not None:
             ro.drop(tag)
+
+    def functok_readout(self, tag: str) -> dict | None:
+        """The values of the finished request named `tag` that asked for a `readout` (`series_op.SeriesReadout.take`:
+        {"positions", "values", "columns"}), once; None if this worker knows no such request. For `collective_rpc`."""
+        ro = self.model_runner.functok_readout
+        return ro.series.take(tag) if ro is not None else None
+
+    def functok_readout_drop(self, tag: str) -> None:
+        """Forget the values of a request that ended without reading them (aborted)."""
+        ro = self.model_runner.functok_readout
+        if ro is not None:
+            ro.series.drop(tag)
+
+    def functok_request_capture(self, tag: str) -> dict | None:
+        """The rows a finished request named `tag` captured (`series_op.CaptureCopy.take`: {"positions", "rows"}),
+        once; None if this worker knows no such request. For `collective_rpc`."""
+        ro = self.model_runner.functok_readout
+        return ro.capture.take(tag) if ro is not None else None
+
+    def functok_request_capture_drop(self, tag: str) -> None:
+        """Forget the rows of a request that ended without reading them (aborted)."""
+        ro = self.model_runner.functok_readout
+        if ro is not None:
+            ro.capture.drop(tag)
 
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""

@@ -1,0 +1,367 @@
+"""Readouts of chosen features and vectors over HTTP on a real `functok serve` (transformers engine), with the official
+openai client: every value equals an independent reference (a plain transformers forward with hooks, sae-lens's
+`encode`, a numpy projection), for steered and unsteered choices decoded in one batch, before and after the edits;
+the server's monitors reach /metrics with exactly the crossings the reference's activations give, both ways; bad
+readouts are 400s naming the field. One server for the module."""
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from helpers import PROMPTS, ServerProc, metric, openai_client, wait_idle
+from reference import eager_model, load_lens, logprobs
+
+from functok_vllm.activation_capture import read_capture
+from functok_vllm.engines.vllm.available import vllm_status
+from functok_vllm.paths import DEMO_MODEL, DEMO_SAES
+
+KEY, ADMIN = "sk-user-r34d", "sk-admin-r34d"
+MODEL = "functok-tiny"
+ADD_LAYER = 3  # no SAE there: --steer-layers
+POINTS = {L: (L, "resid_post") for L in (0, 1, 2, ADD_LAYER)}  # every demo SAE reads resid_post
+MAX_READOUTS = 6
+HOT, COLD = 2.0, 1e6  # thresholds of the monitors on the steered feature: one it crosses, one it never reaches
+NO_VLLM = None if vllm_status().ok else vllm_status().line()
+
+
+@pytest.fixture(scope="module")
+def feature(logit_lens_feature):
+    return logit_lens_feature[:2]  # (layer 2, a feature a strength of 15 visibly steers)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, feature):
+    layer, f = feature
+    flags = ["--api-key", KEY, "--admin-api-key", ADMIN, "--steer-layers", str(ADD_LAYER)]
+    flags += ["--data-dir", str(tmp_path_factory.mktemp("library")), "--max-readouts", str(MAX_READOUTS)]
+    flags += ["--monitor", f"hot={layer}:{f}:{HOT}", "--monitor", f"cold={layer}:{f}:{COLD}", "--monitor", "l0=0:3"]
+    proc = ServerProc(tmp_path_factory.mktemp("serve"), *flags)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server.url, KEY)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def probe(server):
+    """A vector "probe" in the library at layers 1 and 3 (the add-only layer), random directions of norms 3 and 7."""
+    g = torch.Generator().manual_seed(7)
+    dirs = {1: torch.randn(256, generator=g) * 3 / 16, ADD_LAYER: torch.randn(256, generator=g) * 7 / 16}
+    admin = openai_client(server.url, ADMIN)
+    body = {"name": "probe", "directions": {str(k): v.tolist() for k, v in dirs.items()}}
+    admin.post("/steering/vectors", body=body, cast_to=object)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The independent reference: an eager transformers model and sae-lens's SAEs."""
+    return eager_model(DEMO_MODEL), {L: load_lens(DEMO_SAES / f"layer_{L}") for L in (0, 1, 2)}
+
+
+def grab(ref, ids: list[int], n_prompt: int, spec=None) -> dict[int, torch.Tensor]:
+    """{layer: (seq, d_model)} the reference's stream at each layer's hook point after `spec`'s edits there."""
+    model, lenses = ref
+    out = {}
+    logprobs(model, lenses, POINTS, ids, n_prompt, spec, grab=out)
+    return out
+
+
+def want_series(ref, stream: dict, label: dict, dirs: dict) -> np.ndarray:
+    """The reference's values of one series over all positions: sae-lens's encode, or the projection on the unit
+    direction (numpy, float64)."""
+    h = stream[label["layer"]]
+    if "feature" in label:
+        with torch.no_grad():
+            return ref[1][label["layer"]].encode(h.float())[:, label["feature"]].double().numpy()
+    d = dirs[label["layer"]].double().numpy()
+    return h.double().numpy() @ (d / np.linalg.norm(d))
+
+
+def close(got, want) -> float:
+    """Relative error of a series: ||got - want|| / ||want|| (0 when both are all zero: a feature that never fired)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not want.any():
+        return float(np.abs(got).max())
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.fixture(scope="module")
+def busy(ref, demo_tokenizer) -> dict[int, int]:
+    """{layer: the feature firing at the most positions of PROMPTS[1]} for layers 0 and 1, by the reference."""
+    ids = demo_tokenizer.encode(PROMPTS[1])
+    stream = grab(ref, ids, len(ids))
+    out = {}
+    for L in (0, 1):
+        with torch.no_grad():
+            acts = ref[1][L].encode(stream[L])  # (seq, d_sae)
+        out[L] = int(((acts > 0).sum(0) * 1e6 + acts.sum(0)).argmax())
+    return out
+
+
+def test_readouts_equal_the_reference_for_steered_and_plain_choices_of_one_batch(
+    client, ref, probe, feature, busy, demo_tokenizer
+):
+    layer, f = feature
+    steered = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4}]}
+    specs = [None, steered | {"positions": "all"}]
+    feats = [{"layer": layer, "feature": f}, {"layer": 0, "feature": busy[0]}, {"layer": 1, "feature": busy[1]}]
+    readout = {"features": feats, "vectors": ["probe"]}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[1],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"steering": specs, "return_token_ids": True, "readout": readout | {"prompt": True}},
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[1])
+    assert r.choices[0].token_ids != r.choices[1].token_ids  # the edits changed the text
+    for choice, spec in zip(r.choices, specs, strict=True):
+        got = choice.readout
+        forwarded = prompt + choice.token_ids[:-1]  # the last generated token is never fed back
+        assert got["positions"] == list(range(len(forwarded))) and got["token_ids"] == forwarded
+        labels = feats + [{"vector": "probe", "layer": 1}, {"vector": "probe", "layer": ADD_LAYER}]
+        assert [{k: s[k] for k in s if k not in ("values", "pooled")} for s in got["series"]] == labels
+        stream = grab(ref, forwarded, len(prompt), spec)
+        for s in got["series"]:
+            want = want_series(ref, stream, s, probe)
+            assert close(s["values"], want) <= 1e-5, s
+            assert "vector" in s or s["layer"] == layer or (want > 0).sum() >= 3  # busy: not a vacuous match
+            v = np.array(s["values"])
+            assert s["pooled"] == pytest.approx({"mean": v.mean(), "max": v.max(), "last": v[-1]}, rel=1e-9)
+    plain, steered = (c.readout["series"][0]["values"] for c in r.choices)
+    assert max(plain) < HOT < min(steered)  # the edit at `layer` made its feature fire at every position
+
+
+def test_readout_before_the_edits_reads_only_the_edits_upstream(client, ref, feature, demo_tokenizer):
+    layer, f = feature
+    edits = [{"layer": layer, "feature": f, "strength": 15.0}, {"layer": 0, "feature": 3, "strength": -4.0}]
+    prompt = demo_tokenizer.encode(PROMPTS[3])
+    got = {}
+    for when in ("before", "after"):
+        body = {"steering": {"edits": edits, "positions": "all"}, "return_token_ids": True}
+        body["readout"] = {"features": [{"layer": layer, "feature": f}], "edits": when, "pool": ["max"]}
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=5, temperature=0, extra_body=body)
+        got[when] = r.choices[0].readout["series"][0]
+    forwarded = prompt + r.choices[0].token_ids[:-1]
+    n = len(prompt) - 1  # without `prompt`: from the last prompt position on
+    upstream = grab(ref, forwarded, len(prompt), {"edits": edits[1:], "positions": "all"})
+    steered = grab(ref, forwarded, len(prompt), {"edits": edits, "positions": "all"})
+    label = {"layer": layer, "feature": f}
+    assert close(got["before"]["values"], want_series(ref, upstream, label, {})[n:]) <= 1e-5
+    assert close(got["after"]["values"], want_series(ref, steered, label, {})[n:]) <= 1e-5
+    assert set(got["before"]["pooled"]) == {"max"}
+    assert max(got["before"]["values"]) < HOT < min(got["after"]["values"])  # the two readings differ: can flip
+
+
+def test_a_streamed_readout_comes_whole_on_the_finishing_chunk(client, probe, feature):
+    layer, f = feature
+    body = {"readout": {"features": [{"layer": layer, "feature": f}], "vectors": ["probe"], "pool": ["last"]}}
+    kw = dict(model=MODEL, prompt=PROMPTS[5], max_tokens=5, temperature=0, extra_body=body)
+    whole = client.completions.create(**kw).choices[0].readout
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert all(getattr(c, "readout", None) is None for c in chunks if c.finish_reason is None)
+    assert [c.readout for c in chunks if c.finish_reason is not None] == [whole]
+    assert len(whole["positions"]) == 5 and whole["series"][0]["pooled"] == {"last": whole["series"][0]["values"][-1]}
+
+
+def test_monitors_count_exactly_the_crossings_of_the_reference(client, http, ref, feature, demo_tokenizer):
+    """Planted both ways: the steered request's tokens all cross the `hot` threshold, the plain one's none; `cold`
+    is never crossed; the histogram observes one value per generated token."""
+    layer, f = feature
+    wait_idle(http)
+    before = {m: metric(http, "functok:monitor_activation_count", monitor=m) for m in ("hot", "cold", "l0")}
+    crossed = {m: metric(http, "functok:monitor_threshold_crossings_total", monitor=m) for m in ("hot", "cold")}
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[4],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"steering": [None, spec], "return_token_ids": True},
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[4])
+    n = len(prompt) - 1
+    want_hot, tokens = 0, 0
+    for choice, s in zip(r.choices, [None, spec], strict=True):
+        assert not hasattr(choice, "readout") or choice.readout is None  # monitors are not shown in the response
+        g = len(choice.token_ids)
+        stream = grab(ref, prompt + choice.token_ids[:-1], len(prompt), s)
+        vals = want_series(ref, stream, {"layer": layer, "feature": f}, {})
+        vals = vals[n : n + g]  # one per generated token: the position that predicted it
+        assert (vals > HOT).all() if s else not (vals > HOT).any()
+        want_hot += int((vals > HOT).sum())
+        tokens += g
+    assert metric(http, "functok:monitor_threshold_crossings_total", monitor="hot") - crossed["hot"] == want_hot > 0
+    assert metric(http, "functok:monitor_threshold_crossings_total", monitor="cold") == crossed["cold"]
+    for m in ("hot", "cold", "l0"):
+        assert metric(http, "functok:monitor_activation_count", monitor=m) - before[m] == tokens
+    monitors = http.get("/v1/steering").json()["monitors"]
+    assert [m["name"] for m in monitors] == ["hot", "cold", "l0"] and monitors[2]["threshold"] is None
+
+
+@pytest.mark.parametrize(
+    "readout, field",
+    [
+        ({"features": [{"layer": 5, "feature": 1}]}, "readout.features[0].layer"),
+        ({"features": [{"layer": 2, "feature": 1 << 20}]}, "readout.features[0].feature"),
+        ({"features": [{"layer": 2}]}, "readout.features[0].feature"),
+        ({"vectors": ["nope"]}, "readout.vectors[0]"),
+        ({"vectors": ["probe"], "pool": ["median"]}, "readout.pool[0]"),
+        ({"vectors": ["probe"], "edits": "during"}, "readout.edits"),
+        ({"vectors": ["probe"], "extra": 1}, "readout.extra"),
+        ({}, "readout"),
+        ([1], "readout"),
+        ({"features": [{"layer": 2, "feature": i} for i in range(MAX_READOUTS - 1)], "vectors": ["probe"]}, "readout"),
+    ],
+)
+def test_bad_readouts_are_refused_naming_the_field(client, probe, readout, field):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, extra_body={"readout": readout})
+    assert e.value.status_code == 400 and e.value.body["param"] == field, e.value.body
+    if field == "readout" and "features" in readout:
+        assert "max_readouts" in e.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices  # still serving
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, feature):
+    if NO_VLLM:
+        pytest.skip(NO_VLLM)
+    layer, f = feature
+    flags = ["--engine", "vllm", "--max-model-len", "256", "--steer-layers", str(ADD_LAYER), "--admin-api-key", ADMIN]
+    flags += ["--data-dir", str(tmp_path_factory.mktemp("vlib")), "--monitor", f"hot={layer}:{f}:{HOT}"]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["FUNCTOK_VLLM_ARGS"] = json.dumps({"enforce_eager": True, "max_num_seqs": 8})
+    proc = ServerProc(tmp_path_factory.mktemp("vserve"), *flags, env=os.environ | env)
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.vllm
+def test_vllm_readouts_and_monitors_equal_the_reference(vllm_server, ref, feature, busy, demo_tokenizer):
+    """The same readout through `functok serve --engine vllm` (the worker's side channel): a mixed batch, steered and
+    plain, equals the reference after the edits; the monitor counts the reference's crossings; `before` is a 400."""
+    layer, f = feature
+    admin, client = openai_client(vllm_server.url, ADMIN), openai_client(vllm_server.url, timeout=600)
+    g = torch.Generator().manual_seed(11)
+    dirs = {1: torch.randn(256, generator=g), ADD_LAYER: torch.randn(256, generator=g)}
+    body = {"name": "probe", "directions": {str(k): v.tolist() for k, v in dirs.items()}}
+    admin.post("/steering/vectors", body=body, cast_to=object)
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    feats = [{"layer": layer, "feature": f}, {"layer": 1, "feature": busy[1]}]
+    readout = {"features": feats, "vectors": ["probe"], "prompt": True}
+    with httpx.Client(base_url=vllm_server.url, timeout=60) as http:
+        crossed = metric(http, "functok:monitor_threshold_crossings_total", monitor="hot")
+        r = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[1],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"steering": [None, spec], "return_token_ids": True, "readout": readout},
+        )
+        prompt, want_hot = demo_tokenizer.encode(PROMPTS[1]), 0
+        for choice, s in zip(r.choices, [None, spec], strict=True):
+            forwarded = prompt + choice.token_ids[:-1]
+            assert choice.readout["positions"] == list(range(len(forwarded)))
+            assert choice.readout["token_ids"] == forwarded
+            stream = grab(ref, forwarded, len(prompt), s)
+            for series in choice.readout["series"]:
+                assert close(series["values"], want_series(ref, stream, series, dirs)) <= 1e-5, series
+            hot = want_series(ref, stream, {"layer": layer, "feature": f}, {})[len(prompt) - 1 :] > HOT
+            want_hot += int(hot.sum())
+        assert want_hot > 0 and metric(http, "functok:monitor_threshold_crossings_total", monitor="hot") == (
+            crossed + want_hot
+        )
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"readout": readout | {"edits": "before"}}
+        )
+    assert e.value.body["param"] == "readout.edits"
+
+
+@pytest.mark.vllm
+def test_vllm_capture_and_a_vector_from_examples_equal_the_reference(vllm_server, ref, feature, demo_tokenizer):
+    """Capture through the same side channel: the transformers engine's format, equal to the reference after the
+    edits for a steered and a plain choice of one batch, at every position and at function positions; a vector from
+    pairs computed on vLLM is the reference's mean difference; `edits: "before"` is a 400."""
+    layer, f = feature
+    client = openai_client(vllm_server.url, timeout=600)
+    spec = {"edits": [{"layer": layer, "feature": f, "strength": 15.0}], "positions": "all"}
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[2],
+        max_tokens=5,
+        temperature=0,
+        extra_body={
+            "steering": [None, spec],
+            "return_token_ids": True,
+            "capture": {"layers": [layer, ADD_LAYER], "positions": "all"},
+        },
+    )
+    prompt = demo_tokenizer.encode(PROMPTS[2])
+    for choice, s in zip(r.choices, [None, spec], strict=True):
+        got = read_capture(choice.capture)
+        forwarded = prompt + choice.token_ids[:-1]
+        assert got["positions"].tolist() == list(range(len(forwarded))) and got["token_ids"].tolist() == forwarded
+        want = grab(ref, forwarded, len(prompt), s)
+        for L in (layer, ADD_LAYER):
+            t = got[f"blocks.{L}.hook_resid_post"]
+            err = ((t.double() - want[L].double()).norm(dim=-1) / want[L].double().norm(dim=-1)).max()
+            assert t.dtype == torch.float32 and float(err) <= 1e-5, L
+    body = {"capture": {"layers": [1], "positions": "last_function"}}
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, temperature=0, extra_body=body)
+    ids, fn = demo_tokenizer.encode(PROMPTS[0]), set(http_function_tokens(vllm_server))
+    at = max(i for i, t in enumerate(ids) if t in fn)
+    got = read_capture(r.choices[0].capture)
+    assert got["positions"].tolist() == [at]
+    want = grab(ref, ids, len(ids))[1][at]
+    assert float((got["blocks.1.hook_resid_post"][0] - want).norm() / want.norm()) <= 1e-5
+    pairs = [
+        ("The king said to his son", "The man said to his son"),
+        ("The queen walked in and", "The woman walked in and"),
+    ]
+    admin = openai_client(vllm_server.url, ADMIN)
+    examples = {"positive": [p for p, _ in pairs], "negative": [n for _, n in pairs], "layers": [1], "position": "last"}
+    admin.post("/steering/vectors", body={"name": "royal", "examples": examples}, cast_to=object)
+    got = np.array(admin.get("/steering/vectors/royal", cast_to=object)["directions"]["1"], np.float64)
+    reads = {t: grab(ref, demo_tokenizer.encode(t), 1)[1][-1].double().numpy() for pair in pairs for t in pair}
+    want = np.mean([reads[p] - reads[n] for p, n in pairs], axis=0)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"capture": {"layers": [1], "edits": "before"}}
+        )
+    assert e.value.body["param"] == "capture.edits"
+
+
+def http_function_tokens(server) -> list[int]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        return http.get("/v1/steering").json()["function_tokens"]["ids"]
+
+
+def test_a_bad_monitor_stops_the_server_at_start_naming_it():
+    def serve(*monitors: str):
+        flags = [x for m in monitors for x in ("--monitor", m)]
+        cmd = [sys.executable, "-m", "functok_vllm.cli", "serve", "--model", str(DEMO_MODEL), *flags, "--port", "1"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    r = serve("ok=2:5", "bad=9:1")  # checked against the SAEs once they are loaded
+    assert r.returncode == 2 and "--monitor bad: no SAE is loaded at layer 9" in r.stderr, r.stderr[-2000:]
+    r = serve("bad=2:1:nan")  # the form, before any model loads
+    assert r.returncode == 2 and "--monitor 'bad=2:1:nan'" in r.stderr and "Traceback" not in r.stderr
