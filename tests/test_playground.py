@@ -542,6 +542,81 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     assert [e for e in severe if not any(x in e["message"] for x in expected)] == [], severe
 
 
+def test_a_watched_feature_in_the_browser(server, http, browser):
+    """Watch feature 1493 at layer 2 while steering with it: each token of both completions carries the API's own
+    readout value at its position (prompt tokens on the steered panel's strip too), the pooled line is the API's,
+    hovering shows the value, and a feature outside the SAE shows the API's 400 naming the field."""
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    spec = {"edits": [{"layer": LAYER, "feature": 1493, "mode": "add", "strength": 150.0}], "positions": "function"}
+    readout = {"features": [{"layer": LAYER, "feature": 1493}], "pool": ["mean", "max"], "prompt": True}
+    api = {}
+    for name, steering in (("steered", spec), ("plain", None)):
+        choice = completion(http, steering, readout=readout)["choices"][0]
+        api[name] = choice["readout"]
+        assert len(api[name]["series"][0]["values"]) == len(api[name]["positions"]) > MAX_TOKENS
+    assert api["steered"]["series"][0]["pooled"]["max"] > api["plain"]["series"][0]["pooled"]["max"]
+
+    d, find = browser, browser.find_element
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    d.get_log("browser")
+    page_ready(d, server.url)
+    find(By.ID, "add-edit").click()
+    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
+    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
+        find(By.ID, name).clear()
+        find(By.ID, name).send_keys(typed, "\t")
+    Select(find(By.ID, "watch-layer")).select_by_value(str(LAYER))
+    find(By.ID, "watch-feature").clear()
+    find(By.ID, "watch-feature").send_keys("1493")
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+    states = ("panel-steered", "panel-plain")
+    done = lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states)  # noqa: E731
+    find(By.ID, "run").click()
+    wait.until(done)
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-plain .watch-line").text)
+    shown = "return [...document.querySelectorAll(arguments[0])].map(s => Number(s.dataset.watch))"
+    strip = d.execute_script(shown, "#panel-steered .prompt-strip .tok")
+    # The page's two requests run in one batch, the API's here one at a time: equal up to float32 summation order.
+    close = dict(rel=1e-4, abs=1e-4)
+    for name in ("steered", "plain"):
+        values = api[name]["series"][0]["values"]
+        text = d.execute_script(shown, f"#panel-{name} .text .tok")
+        n = len(values) - len(text) + 1  # prompt positions, then every generated token but the last
+        assert text[:-1] == pytest.approx(values[n:], **close), name
+        if name == "steered":
+            assert strip == pytest.approx(values[:n], **close)
+        pooled = api[name]["series"][0]["pooled"]
+        line = find(By.CSS_SELECTOR, f"#panel-{name} .watch-line").text
+        mean, high = map(float, re.search(r"mean (\S+), max (\S+) over", line).groups())
+        assert (mean, high) == pytest.approx((pooled["mean"], pooled["max"]), rel=1e-3, abs=1e-3), (line, pooled)
+    top = max(v for name in api for v in api[name]["series"][0]["values"])
+    bars = d.execute_script(
+        "return [...document.querySelectorAll('.tok.watched')].map(s => Number(s.style.getPropertyValue('--w')))"
+    )
+    assert max(bars) == 1 and min(bars) >= 0 and top > 0
+    ActionChains(d).move_to_element(find(By.CSS_SELECTOR, "#panel-steered .text .tok")).perform()
+    first = d.execute_script(shown, "#panel-steered .text .tok")[0]
+    wait.until(
+        lambda d: f"Watched layer {LAYER} feature 1493 at this token: {first:.3f}" in find(By.ID, "token-info").text
+    )
+
+    # A feature outside the SAE: the API's 400 names the field, in both panels.
+    find(By.ID, "watch-feature").clear()
+    find(By.ID, "watch-feature").send_keys("2048")
+    find(By.ID, "run").click()
+    wait.until(done)
+    for p in states:
+        assert find(By.ID, p).get_attribute("data-state") == "error"
+        message = find(By.CSS_SELECTOR, f"#{p} .error").text
+        assert "refused the request (400)" in message and "readout.features[0].feature" in message, message
+    Select(find(By.ID, "watch-layer")).select_by_value("")
+
+
 # ---- HTTP --------------------------------------------------------------------------------------------------------
 
 
@@ -561,6 +636,7 @@ def test_page_and_files_are_public_the_api_is_not(server):
         "run.js",
         "sweep.js",
         "state.js",
+        "watch.js",
         "style.css",
     ):
         r = httpx.get(f"{server.url}/static/{name}")
@@ -574,7 +650,7 @@ def test_page_and_files_are_public_the_api_is_not(server):
 
 def test_steering_info_lists_capabilities(http):
     caps = http.get("/v1/steering").json()["capabilities"]
-    assert caps == {"features": True, "logprobs": True, "spec_lists": True, "vectors": True}
+    assert caps == {"features": True, "logprobs": True, "readout": True, "spec_lists": True, "vectors": True}
 
 
 def test_feature_card_matches_the_logit_lens_and_search_finds_it(http, demo_model, demo_saes):

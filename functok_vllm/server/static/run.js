@@ -10,8 +10,10 @@ import { request, stream } from "./api.js";
 import { steeringSpec } from "./edits.js";
 import { PickerError, selection } from "./positions.js";
 import { $, capability, el, showError, showToken, state } from "./state.js";
+import { showWatch, watchName, watchRequest } from "./watch.js";
 
 let controller = null; // aborts the running pair (Stop)
+let watching = null; // the last run's "readout" request (hover names its feature)
 
 export function apiMode() {
   return document.querySelector('input[name="api-mode"]:checked').value;
@@ -41,12 +43,14 @@ class Panel {
     this.error = $(".error", root);
     this.strip = $(".prompt-strip", root);
     this.count = $(".count", root);
+    this.watchLine = $(".watch-line", root);
   }
 
   reset() {
     this.tokens = []; // {id, span, steered, features}, one per generated token id
     this.fed = 0; // tokens before this index have been fed back to the model (and may be steered)
     this.report = null; // the response's "steering" object (last chunk)
+    this.readout = null; // the choice's "readout" (its last chunk), when a feature is watched
     this.finish = null;
     this.text.replaceChildren();
     showError(this.error, null);
@@ -90,6 +94,7 @@ class Panel {
     const text = choice.text !== undefined ? choice.text : (choice.delta && choice.delta.content) || "";
     const ids = choice.token_ids || [];
     if (choice.finish_reason) this.finish = choice.finish_reason;
+    if (choice.readout) this.readout = choice.readout;
     if (!text && !ids.length) return; // chat's first chunk carries only the role
     // One span per chunk (one token on this server; text held back for a partial character arrives later).
     const span = el("span", { class: "tok", "data-first": this.tokens.length }, text);
@@ -180,6 +185,8 @@ export async function runPair() {
   const { path, part } = promptPart();
   const base = { model: state.info.model, ...sampling(), ...part, stream: true, return_token_ids: true };
   if (capability("features")) base.features = { layers: featureLayers(), top_k: 5 };
+  const watched = watchRequest();
+  if (watched) base.readout = watched;
   let spec = null;
   let mistake = null;
   try {
@@ -211,6 +218,8 @@ export async function runPair() {
     panels.steered.fail("Nothing to steer: add an edit first (find a feature, then Add to edits).");
   }
   await Promise.all(jobs);
+  showWatch([panels.steered, panels.plain], watched);
+  watching = watched;
   controller = null;
   $("#run").disabled = false;
   $("#stop").disabled = true;
@@ -245,7 +254,8 @@ function describe(panel, span) {
     const t = panel.prompt[Number(span.dataset.prompt)];
     const kind = state.fnIds.has(t.id) ? "function token" : "content token";
     return [el("p", { text: `Prompt position ${span.dataset.prompt}: ${showToken(t.text)} (id ${t.id}, ${kind})` +
-      ({ true: ", steered.", false: ", not steered.", null: "; whether its role was steered is the server's to say." })[t.steered] })];
+      ({ true: ", steered.", false: ", not steered.", null: "; whether its role was steered is the server's to say." })[t.steered] }),
+    ...watchValue(t)];
   }
   const first = Number(span.dataset.first);
   const out = [];
@@ -254,9 +264,14 @@ function describe(panel, span) {
     const kind = state.fnIds.has(t.id) ? "function token" : "content token";
     const fed = first + k < panel.fed ? (t.steered ? ", steered" : ", not steered") : ", the last token (never fed back)";
     out.push(el("p", { text: `Generated token ${first + k + 1}: ${showToken(span.textContent)} (id ${t.id}, ${kind}${panel.policy ? fed : ""}).` }));
-    out.push(...featureList(t));
+    out.push(...watchValue(t), ...featureList(t));
   }
   return out;
+}
+
+function watchValue(t) {
+  if (!watching || t.watch === undefined) return [];
+  return [el("p", { class: "watch-value", text: `Watched ${watchName(watching)} at this token: ${t.watch.toFixed(3)}.` })];
 }
 
 // The features the server read where this token was predicted (the previous position: for the first token, the
