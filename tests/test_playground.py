@@ -434,6 +434,16 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
         ".filter(c => !(c.labels && c.labels.length) && !c.getAttribute('aria-label')).map(c => c.outerHTML)"
     )
     assert unlabeled == [] and d.find_elements(By.ID, "edit-0-when-value")
+    # A phone's width with the position picker open and a conditional edit: nothing wider than the screen.
+    d.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    )
+    try:
+        wait.until(lambda d: d.execute_script("return window.innerWidth") == 390)
+        widths = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1] and find(By.ID, "pos-token-ids").is_displayed(), widths
+    finally:
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     tokens = find(By.ID, "max-tokens")
     tokens.clear()
     tokens.send_keys(str(MAX_TOKENS))

@@ -9,6 +9,7 @@ export function initWatch() {
   const layer = $("#watch-layer");
   for (const l of state.info.layers) layer.append(el("option", { value: l.layer, text: `layer ${l.layer}` }));
   $("#watch").hidden = false;
+  $("#watch-legend").hidden = false;
 }
 
 // The request's "readout" (null: nothing watched).
