@@ -389,6 +389,7 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     server counted. A bad window shows the API's 400 naming the field; a malformed id list is refused in words before
     anything is sent; a chat roles selection shows the server's count and says why the page cannot mark the prompt."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     fn = set(demo_function_tokens.ids)
@@ -476,6 +477,18 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     count = find(By.CSS_SELECTOR, "#panel-steered .count")
     assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
     assert "where their condition held" in count.text
+
+    # A prompt token's id into the picker: a click on the strip, or its arrow keys and Enter (Shift: exclude).
+    find(By.CSS_SELECTOR, '#panel-steered .prompt-strip [data-prompt="0"]').click()
+    strip = find(By.CSS_SELECTOR, "#panel-steered .prompt-strip")
+    j = next(i for i, t in enumerate(prompt_ids) if t not in (excluded, prompt_ids[0]))
+    strip.send_keys(*[Keys.ARROW_RIGHT] * j)  # the clicked token is the current one: j tokens on
+    strip.send_keys(Keys.SHIFT, Keys.ENTER)
+    picked = [find(By.ID, name).get_attribute("value") for name in ("pos-token-ids", "pos-exclude-ids")]
+    assert picked == [str(prompt_ids[0]), f"{excluded}, {prompt_ids[j]}"], picked
+    find(By.ID, "pos-token-ids").clear()
+    find(By.ID, "pos-exclude-ids").clear()
+    find(By.ID, "pos-exclude-ids").send_keys(str(excluded))
 
     # The last 3 function tokens of the prompt, and only the prompt's function-token ids but that of the first of
     # them (any selector: "all"): the page marks the positions computed here, and the server counts as many. The

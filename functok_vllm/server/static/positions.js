@@ -90,6 +90,15 @@ export function positions() {
   return Object.keys(out).length > 1 ? out : select;
 }
 
+// A prompt token picked in the steered panel's strip: its id added to "Only token ids" (or "Exclude token ids").
+export function addPositionId(id, exclude = false) {
+  const input = $(exclude ? "#pos-exclude-ids" : "#pos-token-ids");
+  const have = input.value.split(/[\s,;]+/).filter(Boolean);
+  if (!have.includes(String(id))) input.value = [...have, id].join(", ");
+  $("#narrow").open = true;
+  help();
+}
+
 function help() {
   const chat = isChat();
   for (const box of document.querySelectorAll("#pos-roles input")) box.disabled = !chat;

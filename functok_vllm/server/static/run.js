@@ -8,7 +8,7 @@
 
 import { request, stream } from "./api.js";
 import { steeringSpec } from "./edits.js";
-import { PickerError, selection } from "./positions.js";
+import { PickerError, addPositionId, selection } from "./positions.js";
 import { $, capability, el, showError, showToken, state } from "./state.js";
 import { showWatch, watchName, watchRequest } from "./watch.js";
 
@@ -237,15 +237,29 @@ function initTokenInfo(panel) {
     const span = ev.target.closest(".tok");
     if (span && panel.root.contains(span)) show(span);
   });
-  // Keyboard: focus a completion, then Left/Right move from token to token.
-  panel.text.addEventListener("keydown", (ev) => {
-    if (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight") return;
-    const spans = [...panel.text.querySelectorAll(".tok")];
-    if (!spans.length) return;
-    const now = spans.findIndex((s) => s.classList.contains("current"));
-    const next = Math.max(0, Math.min(spans.length - 1, now + (ev.key === "ArrowRight" ? 1 : -1)));
-    show(spans[now < 0 ? 0 : next]);
+  // Keyboard: focus a completion (or the prompt strip), then Left/Right move from token to token.
+  for (const area of [panel.text, panel.strip].filter(Boolean)) {
+    area.addEventListener("keydown", (ev) => {
+      if (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight") return;
+      const spans = [...area.querySelectorAll(".tok")];
+      if (!spans.length) return;
+      const now = spans.findIndex((s) => s.classList.contains("current"));
+      const next = Math.max(0, Math.min(spans.length - 1, now + (ev.key === "ArrowRight" ? 1 : -1)));
+      show(spans[now < 0 ? 0 : next]);
+      ev.preventDefault();
+    });
+  }
+  if (!panel.strip) return;
+  // A prompt token's id into the position picker: click or Enter (only these ids), with Shift (exclude it).
+  const pick = (span, exclude) => {
+    if (span && span.dataset.prompt !== undefined) addPositionId(panel.prompt[Number(span.dataset.prompt)].id, exclude);
+  };
+  panel.strip.addEventListener("click", (ev) => pick(ev.target.closest(".ptok"), ev.shiftKey));
+  panel.strip.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" || ev.ctrlKey || ev.metaKey) return; // Ctrl+Enter still runs
+    pick(panel.strip.querySelector(".ptok.current"), ev.shiftKey);
     ev.preventDefault();
+    ev.stopPropagation(); // not the page's Ctrl+Enter
   });
 }
 
