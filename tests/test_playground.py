@@ -3,7 +3,9 @@ the on-disk cache) and the page itself in a real headless browser (Debian's chro
 selenium) against a live `functok serve`: find a feature, add it, run, two different completions streamed side by side
 with the steered positions highlighted and no console errors; the features of a token on hover and a one-request
 strength sweep with p(target), each equal to what the API answers; a bad strength shown in words; a phone's width; a
-steering vector from the server's library picked by name and run.
+steering vector from the server's library picked by name and run; a conditional edit and a position object set in
+the page's controls (sent as that spec, shown as the API answers it, its steered positions as the server counts
+them); a watched feature's per-token readout beside the tokens.
 
 `FUNCTOK_UPDATE_SCREENSHOT=1` also copies the desktop screenshot to docs/playground.png (the README's picture).
 """
@@ -386,8 +388,10 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     """An add of feature 1493 with a condition ("only where feature F of this layer is above x") and a position object
     (function tokens, narrowed to the last 8 prompt tokens or the first 6 generated, one id excluded) set in the page's
     controls: the page sends exactly that spec, shows the API's own text for it, and highlights the positions the
-    server counted. A bad window shows the API's 400 naming the field; a malformed id list is refused in words before
-    anything is sent; a chat roles selection shows the server's count and says why the page cannot mark the prompt."""
+    server counted. Then the last 3 function tokens with an id allowlist and the strength in token norms, prompt tokens
+    picked into the allowlist and excludes by click and keyboard, a phone's width with the picker open. A bad window
+    shows the API's 400 naming the field; a malformed id list is refused in words before anything is sent; a chat
+    roles selection shows the server's count and says why the page cannot mark the prompt."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -503,13 +507,15 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
         find(By.ID, name).clear()
     find(By.ID, "pos-last-functions").send_keys("3")
     find(By.ID, "pos-token-ids").send_keys(", ".join(map(str, allow)))
+    Select(find(By.ID, "edit-0-unit")).select_by_value("token_norm")  # the strength becomes 0.5 (× token norm)
     find(By.ID, "run").click()
     wait.until(done)
-    assert d.execute_script("return window.sent")[-1]["steering"]["positions"] == {
-        "select": "all",
-        "token_ids": allow,
-        "last_functions": 3,
+    narrowed = {
+        "edits": [add | {"strength": 0.5, "strength_unit": "token_norm", "when": cond}],
+        "positions": {"select": "all", "token_ids": allow, "last_functions": 3},
     }
+    assert d.execute_script("return window.sent")[-1]["steering"] == narrowed
+    assert d.execute_script(text_of, "#panel-steered") == greedy(http, narrowed)[0]
     marked = [int(s.get_attribute("data-prompt")) for s in d.find_elements(By.CSS_SELECTOR, ".prompt-strip .steered")]
     assert marked == want_marked
     count = find(By.CSS_SELECTOR, "#panel-steered .count")
@@ -517,6 +523,9 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     find(By.ID, "pos-last-functions").clear()
     find(By.ID, "pos-token-ids").clear()
     Select(find(By.ID, "positions")).select_by_value("function")
+    Select(find(By.ID, "edit-0-unit")).select_by_value("absolute")
+    find(By.ID, "edit-0-strength").clear()
+    find(By.ID, "edit-0-strength").send_keys("150")
     for name, typed in fields.items():
         find(By.ID, name).send_keys(typed)
 
