@@ -169,6 +169,59 @@ def test_readout_before_the_edits_reads_only_the_edits_upstream(client, ref, fea
     assert max(got["before"]["values"]) < HOT < min(got["after"]["values"])  # the two readings differ: can flip
 
 
+def test_stop_when_stops_at_the_token_the_reference_says_and_flag_reports_it(http, ref, busy, demo_tokenizer):
+    """A monitor on a busy layer-0 feature, 2 positions in a row above a threshold chosen from the reference: "flag"
+    runs to max_tokens and reports the generated token where it triggers; "stop" ends at exactly that token, with
+    the same tokens up to it; both read the values the reference gives (sae-lens encode). A threshold nothing
+    reaches never triggers: the verdict flips."""
+    label = {"layer": 0, "feature": busy[0]}
+    prompt = demo_tokenizer.encode(PROMPTS[1])
+    base = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+
+    def run(stop_when: dict) -> dict:
+        r = http.post("/v1/completions", json=base | {"stop_when": stop_when})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    probe = run({"feature": label, "above": -1e9, "action": "flag"})
+    forwarded = prompt + probe["token_ids"][:-1]
+    want = want_series(ref, grab(ref, forwarded, len(prompt)), label, {})[len(prompt) - 1 :]  # (generated,)
+    assert close(probe["monitor"]["values"], want) <= 1e-5 and probe["monitor"]["token_index"] == 0
+    pairs = np.minimum(want[:-2], want[1:-1])  # the smaller value of each two in a row, ending before the last token
+    thr = float(pairs.max()) - 1e-3 * (1 + abs(float(pairs.max())))
+    held = want > thr
+    expect = next(i for i in range(1, len(want)) if held[i - 1] and held[i])
+    assert expect < len(want) - 1
+    flag = run({"feature": label, "above": thr, "tokens": 2, "action": "flag"})
+    assert flag["finish_reason"] == "length" and len(flag["token_ids"]) == 12
+    assert flag["monitor"]["triggered"] and flag["monitor"]["token_index"] == expect
+    assert flag["monitor"]["position"] == len(prompt) - 1 + expect
+    stop = run({"feature": label, "above": thr, "tokens": 2, "action": "stop"})
+    assert stop["finish_reason"] == "stop" and stop["token_ids"] == flag["token_ids"][: expect + 1]
+    assert stop["monitor"]["triggered"] and stop["monitor"]["token_index"] == expect
+    never = run({"feature": label, "above": float(want.max()) + 1.0, "action": "stop"})
+    assert never["finish_reason"] == "length" and not never["monitor"]["triggered"]
+    assert never["token_ids"] == flag["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "stop_when, field",
+    [
+        ({"feature": {"layer": 9, "feature": 0}, "above": 1.0}, "stop_when.feature.layer"),
+        ({"feature": {"layer": 0, "feature": 10**6}, "above": 1.0}, "stop_when.feature.feature"),
+        ({"above": 1.0}, "stop_when.feature"),
+        ({"feature": {"layer": 0, "feature": 1}}, "stop_when.above"),
+        ({"feature": {"layer": 0, "feature": 1}, "above": 1.0, "tokens": 0}, "stop_when.tokens"),
+        ({"feature": {"layer": 0, "feature": 1}, "above": 1.0, "action": "explode"}, "stop_when.action"),
+        ({"vector": "nope", "above": 1.0}, "stop_when.vector"),
+    ],
+)
+def test_bad_stop_when_is_refused_naming_the_field(http, stop_when, field):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stop_when": stop_when})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field, r.json()
+
+
 def test_a_streamed_readout_comes_whole_on_the_finishing_chunk(client, probe, feature):
     layer, f = feature
     body = {"readout": {"features": [{"layer": layer, "feature": f}], "vectors": ["probe"], "pool": ["last"]}}
@@ -293,6 +346,30 @@ def test_vllm_readouts_and_monitors_equal_the_reference(vllm_server, ref, featur
             model=MODEL, prompt=PROMPTS[0], max_tokens=2, extra_body={"readout": readout | {"edits": "before"}}
         )
     assert e.value.body["param"] == "readout.edits"
+
+
+@pytest.mark.vllm
+def test_vllm_flags_a_monitor_as_the_reference_says_and_refuses_to_stop(vllm_server, ref, busy, demo_tokenizer):
+    """On vLLM a monitor's values come back when the request ends: "flag" reports where it triggers (the reference's
+    values, 2 in a row above their median); "stop" needs each value in the engine loop and is a 400 naming it."""
+    label = {"layer": 0, "feature": busy[0]}
+    base = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    with httpx.Client(base_url=vllm_server.url, timeout=600) as http:
+        r = http.post("/v1/completions", json=base | {"stop_when": {"feature": label, "above": -1e9, "action": "flag"}})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        prompt = demo_tokenizer.encode(PROMPTS[1])
+        forwarded = prompt + choice["token_ids"][:-1]
+        want = want_series(ref, grab(ref, forwarded, len(prompt)), label, {})[len(prompt) - 1 :]
+        assert close(choice["monitor"]["values"], want) <= 1e-5
+        thr = float(np.median(want))
+        held = want > thr
+        expect = next((i for i in range(1, len(want)) if held[i - 1] and held[i]), None)
+        flag = {"feature": label, "above": thr, "tokens": 2, "action": "flag"}
+        m = http.post("/v1/completions", json=base | {"stop_when": flag}).json()["choices"][0]["monitor"]
+        assert m["triggered"] == (expect is not None) and m.get("token_index") == expect
+        r = http.post("/v1/completions", json=base | {"stop_when": flag | {"action": "stop"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop_when.action", r.text
 
 
 @pytest.mark.vllm

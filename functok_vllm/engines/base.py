@@ -19,6 +19,7 @@ from functok_vllm.feature_request import FeatureRequest, check_features
 from functok_vllm.positions import check_position_request
 from functok_vllm.readout_request import ReadoutRequest, check_readout
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringLimits, SteeringSpec, checked
+from functok_vllm.stop_when import StopWhen
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing (each is one `str.find` per new text chunk)
@@ -131,6 +132,7 @@ class GenerateRequest:
     features: FeatureRequest | None = None  # the SAE features that fired (Delta.features / prompt_features)
     capture: CaptureRequest | None = None  # raw residual activations (Delta.capture), `functok_vllm.activation_capture`
     readout: ReadoutRequest | None = None  # chosen features and vectors per position (Delta.readout)
+    stop_when: StopWhen | None = None  # a monitor on one of `readout`'s series (`stop_when.py`)
     # a chat prompt's role code per token (`core.batch.narrowing`: content role | turn role << 2), for positions by role
     prompt_roles: list[int] | None = None
     # False: the consumer reads only the whole answer, so an engine may hand extras over with the last delta
@@ -254,6 +256,8 @@ class Engine(ABC):
                 check_features(r.features, self.steering_info())
             if r.readout is not None:
                 check_readout(r.readout, self.steering_info())
+            if r.stop_when is not None and not 0 <= r.stop_when.series < len(r.readout.probes if r.readout else ()):
+                raise SpecError("stop_when", "its series must be one of the request's readout series (`series`)")
             if r.capture is not None:
                 if not self.supports_capture:
                     msg = f"{type(self).__name__} does not capture activations; serve with the transformers engine"

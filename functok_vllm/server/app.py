@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from functok_vllm.engines.base import Engine, RequestError
 from functok_vllm.errors import CLIError
 from functok_vllm.library.store import Library, LibraryLimits, StoreError
 from functok_vllm.positions import Positions, check_position_request
+from functok_vllm.readout_request import ReadoutRequest
 from functok_vllm.server import fanout
 from functok_vllm.server.analysis import add_analysis_route
 from functok_vllm.server.chat_roles import RolesUnavailable, role_codes
@@ -50,6 +51,7 @@ from functok_vllm.server.protocol import (
     readout_of,
     resolve_steering,
     resolve_steering_list,
+    stop_when_of,
 )
 from functok_vllm.server.serving import Job, complete, stream
 from functok_vllm.steering import SteeringContext
@@ -204,7 +206,12 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
         fr = features_of(body, engine.steering_info())
         cap = capture_of(body, engine.steering_info())
         readout = readout_of(body, ctx, limits.max_readouts)
-        engine_readout = readout.joined(metrics.monitors.request) if readout else metrics.monitors.request
+        stop, engine_readout = stop_when_of(body, ctx), readout
+        if stop is not None:  # its series goes after the request's own, before the server's monitors
+            own = readout or ReadoutRequest((), (), False, ())
+            stop = replace(stop, series=len(own.probes))
+            engine_readout = own.joined(ReadoutRequest((stop.probe,), (stop.label,), False, ()))
+        engine_readout = engine_readout.joined(metrics.monitors.request) if engine_readout else metrics.monitors.request
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         choices = fanout.plan(prompts, steerings, body.n, limits, listed)
         param = "messages" if kind == "chat" else "prompt"
@@ -226,12 +233,12 @@ def create_app(engine: Engine, config: ServerConfig, library: Library | None = N
             prompt_lp = lp if echo else None
         fanout.check_prompt_scoring(prompt_lp, choices, limits)
         extras = {"logprobs": lp, "prompt_logprobs": prompt_lp, "features": fr, "capture": cap}
-        extras["readout"] = engine_readout
+        extras["readout"], extras["stop_when"] = engine_readout, stop
         await fanout.start(engine, body, choices, caps, rid, extras, limits, metrics, t0)
         fmt = Format(
             kind, tt, lp is not None, echo, body.return_token_ids, fr is not None, fr is not None and fr.prompt
         )
-        fmt.capture, fmt.readout = cap is not None, readout
+        fmt.capture, fmt.readout, fmt.stop_when = cap is not None, readout, stop
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(
             kind,

@@ -16,6 +16,7 @@ from functok_vllm.engines.base import Delta
 from functok_vllm.readout_request import ReadoutRequest, pooled
 from functok_vllm.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echo_logprobs
 from functok_vllm.server.protocol import Steering
+from functok_vllm.stop_when import StopWhen
 
 SEED_STEP = 0x9E3779B97F4A7C15  # an odd 64-bit constant: seeds of consecutive samples far apart
 
@@ -46,6 +47,7 @@ class Format:
     prompt_features: bool = False
     capture: bool = False
     readout: ReadoutRequest | None = None  # the request's own series (the engine reads the monitors' after them)
+    stop_when: StopWhen | None = None  # its monitor (its series follows the request's own)
 
 
 @dataclass(eq=False)
@@ -107,6 +109,8 @@ class Choice:
             body["capture"] = capture_object(self.capture)
         if fmt.readout is not None:
             body["readout"] = readout_object(fmt.readout, self.readout)
+        if fmt.stop_when is not None:
+            body["monitor"] = monitor_object(fmt.stop_when, self.readout, len(self.prompt.ids))
         return body
 
     def chunk(self, fmt: Format, d: Delta) -> dict | None:
@@ -140,6 +144,8 @@ class Choice:
                 body["capture"] = capture_object(self.capture)
             if fmt.readout is not None:
                 body["readout"] = readout_object(fmt.readout, self.readout)
+            if fmt.stop_when is not None:
+                body["monitor"] = monitor_object(fmt.stop_when, self.readout, len(self.prompt.ids))
         return body
 
     def role_chunk(self) -> dict:
@@ -169,6 +175,22 @@ def readout_object(req: ReadoutRequest, got: dict | None) -> dict | None:
         values = [row[j] for row in got["values"]]
         series.append({**label, "values": values, "pooled": pooled(values, req.pool)})
     return {"positions": got["positions"], "token_ids": got["token_ids"], "series": series}
+
+
+def monitor_object(stop: StopWhen, got: dict | None, prompt_len: int) -> dict | None:
+    """A choice's `monitor`: its series' value at each position that predicted a generated token, and whether (and
+    at which generated token, `token_index`) `tokens` consecutive values held; None without a readout (aborted)."""
+    if got is None:
+        return None
+    rows = [
+        (p, row[stop.series]) for p, row in zip(got["positions"], got["values"], strict=True) if p >= prompt_len - 1
+    ]
+    values = [v for _, v in rows]
+    at = stop.trigger(values)
+    out = {**stop.label, "action": stop.action, "triggered": at is not None, "values": values}
+    if at is not None:
+        out |= {"token_index": at, "position": rows[at][0], "value": values[at]}
+    return out
 
 
 def _end(lp: dict, offset: int) -> int:

@@ -21,6 +21,7 @@ from functok_vllm.readout_request import ReadoutRequest, parse_readout
 from functok_vllm.server.config import Limits
 from functok_vllm.server.openai_errors import APIError
 from functok_vllm.steering import SteeringContext, SteeringInfo, SteeringSpec, Strict, parse_steering
+from functok_vllm.stop_when import StopWhen, parse_stop_when
 from functok_vllm.validation import shown
 
 SpecGiven = dict[str, Any] | str | None  # a steering object, a preset name, or (in a list) None for unsteered
@@ -74,6 +75,9 @@ class _Common(Strict):
     features: dict[str, Any] | None = None  # {"layers": [...], "top_k": K, "prompt": bool}: feature_request.py
     capture: dict[str, Any] | None = None  # {"layers", "positions", "dtype"}: activation_capture.py
     readout: dict[str, Any] | None = None  # {"features", "vectors", "pool", "prompt", "edits"}: readout_request.py
+    stop_when: dict[str, Any] | None = (
+        None  # {"feature" or "vector", "above"/"below", "tokens", "action"}: stop_when.py
+    )
     vllm_xargs: dict[str, str | int | float | bool | list[str | int | float]] | None = None  # vLLM's scalar-only field
 
     @model_validator(mode="after")
@@ -178,6 +182,14 @@ def readout_of(req: _Common, ctx: SteeringContext, max_series: int) -> ReadoutRe
     APIError 400 naming the field when it is bad."""
     try:
         return parse_readout(req.readout, ctx.info, ctx.lookup, max_series)
+    except SpecError as e:
+        raise APIError(400, f"{e.field}: {e.message}", e.field) from None
+
+
+def stop_when_of(req: _Common, ctx: SteeringContext) -> StopWhen | None:
+    """The request's `stop_when`, its series checked as a readout's; APIError 400 naming the field when it is bad."""
+    try:
+        return parse_stop_when(req.stop_when, ctx.info, ctx.lookup)
     except SpecError as e:
         raise APIError(400, f"{e.field}: {e.message}", e.field) from None
 

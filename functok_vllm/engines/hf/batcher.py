@@ -34,7 +34,14 @@ from functok_vllm.core.batch import Narrowing, last_function_position, narrowing
 from functok_vllm.core.readout import ProbeSets
 from functok_vllm.engines.base import Delta, GenerateRequest, TokenLogprob
 from functok_vllm.engines.hf import sampling
-from functok_vllm.engines.hf.feature_plan import Readout, entry, layer_fn, plan_series, series_values
+from functok_vllm.engines.hf.feature_plan import (
+    Readout,
+    entry,
+    latest_value,
+    layer_fn,
+    plan_series,
+    series_values,
+)
 from functok_vllm.engines.hf.ragged import KVBuffer, RaggedAttention
 from functok_vllm.engines.hf.scoring import HiddenTap, prompt_logprobs
 from functok_vllm.engines.hf.textout import TextStream
@@ -65,6 +72,7 @@ class Seq:
     captured: dict = field(default_factory=dict)  # layer -> [(rows, d_model) tensors], one per forward, when it asked
     groups: dict = field(default_factory=dict)  # its readout's ProbeGroups by (layer, before), when it asked
     read_out: list = field(default_factory=list)  # [(positions, (rows, series) buffer)], one per forward
+    monitor_run: int = 0  # positions in a row where its stop_when held, up to the latest
 
     def delta(self, text: str, ids: list[int], finish: str | None = None, error: str | None = None, extra=None):
         """`extra`: (TokenLogprob or None, feature entry or None) of the one token in `ids`, when it asked."""
@@ -299,7 +307,17 @@ class Batcher:
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             fr = s.req.features
             feat = entry(token, at[i], feats[i][0], fr) if fr is not None else None
-            self._advance(s, token, (lps.get(i), feat) if (i in lps or fr is not None) else None)
+            hit = self._monitor_hit(s) if s.req.stop_when is not None else False
+            self._advance(s, token, (lps.get(i), feat) if (i in lps or fr is not None) else None, hit)
+
+    def _monitor_hit(self, seq: Seq) -> bool:
+        """Whether the request's `stop_when` (action "stop") triggers at the token just sampled: its series, read at
+        the position that predicted it, held for `tokens` positions in a row (one host read per such request)."""
+        stop = seq.req.stop_when
+        if stop.action != "stop":
+            return False
+        seq.monitor_run = seq.monitor_run + 1 if stop.holds(latest_value(seq.read_out, stop.series)) else 0
+        return seq.monitor_run >= stop.tokens
 
     def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> bool:
         """Write this forward's per-token slots into the steering table; count steered positions per request. Whether
@@ -349,7 +367,7 @@ class Batcher:
             self.pens,
         )
 
-    def _advance(self, seq: Seq, token: int, extra=None) -> None:
+    def _advance(self, seq: Seq, token: int, extra=None, monitor_hit: bool = False) -> None:
         seq.out_ids.append(token)
         p = seq.req.sampling
         if token in seq.stops:  # its text only with include_stop_str_in_output (vLLM's rule)
@@ -357,7 +375,7 @@ class Batcher:
             self._finish(seq, "stop", [token], text, extra=extra)
             return
         text = seq.text.push(token, check_stop=len(seq.out_ids) > p.min_tokens)
-        if seq.text.stopped:
+        if seq.text.stopped or monitor_hit:
             self._finish(seq, "stop", [token], text, extra=extra)
         elif len(seq.out_ids) >= seq.max_new:
             self._finish(seq, "length", [token], text, extra=extra)

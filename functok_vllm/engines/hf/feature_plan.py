@@ -160,6 +160,15 @@ def series_values(read_out: list, n: int) -> tuple[list[int], torch.Tensor]:
     return positions, out
 
 
+def latest_value(read_out: list, series: int) -> float:
+    """The value of series column `series` at the last row of the request's latest forward (one host read)."""
+    _, parts = read_out[-1]
+    for cols, r, _, b in parts:
+        if series in cols:
+            return float(r.vals[b - 1, list(cols).index(series)])
+    raise ValueError(f"series {series} was not read in the latest forward")
+
+
 def keep_rows(layer: int, h: torch.Tensor, keep: list) -> None:
     """Copy each capturing request's rows of h (tokens, d_model) into its `captured` list."""
     for seq, rows in keep:

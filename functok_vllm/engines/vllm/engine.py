@@ -201,6 +201,9 @@ class VLLMEngine(Engine):
             raise RequestError("readout.edits", msg)
         if capture is not None and capture.edits == "before":
             raise RequestError("capture.edits", msg)
+        if request.stop_when is not None and request.stop_when.action == "stop":
+            msg = "'stop' needs each token's value in the engine loop (the transformers engine); 'flag' works here"
+            raise RequestError("stop_when.action", msg)
         need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
         if need:
             self.budget.check(need)
