@@ -3,7 +3,9 @@ the on-disk cache) and the page itself in a real headless browser (Debian's chro
 selenium) against a live `functok serve`: find a feature, add it, run, two different completions streamed side by side
 with the steered positions highlighted and no console errors; the features of a token on hover and a one-request
 strength sweep with p(target), each equal to what the API answers; a bad strength shown in words; a phone's width; a
-steering vector from the server's library picked by name and run.
+steering vector from the server's library picked by name and run; a conditional edit and a position object set in
+the page's controls (sent as that spec, shown as the API answers it, its steered positions as the server counts
+them); a watched feature's per-token readout beside the tokens.
 
 `FUNCTOK_UPDATE_SCREENSHOT=1` also copies the desktop screenshot to docs/playground.png (the README's picture).
 """
@@ -362,6 +364,291 @@ def test_a_named_vector_in_the_browser(server, http, browser):
     assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def page_ready(d, url: str) -> None:
+    """Open the page in this tab, entering the key when the tab has none yet."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    find = d.find_element
+    d.get(url + "/")
+    ready_or_key = lambda d: (
+        find(By.ID, "key-form").is_displayed()
+        or find(By.TAG_NAME, "body").get_attribute(  # noqa: E731
+            "data-ready"
+        )
+    )
+    WebDriverWait(d, 60, poll_frequency=0.1).until(ready_or_key)
+    if find(By.ID, "key-form").is_displayed():  # run alone: this tab has no key yet
+        find(By.ID, "api-key").send_keys(KEY, Keys.ENTER)
+    WebDriverWait(d, 60, poll_frequency=0.1).until(lambda d: find(By.TAG_NAME, "body").get_attribute("data-ready"))
+
+
+def test_a_condition_and_a_position_object_in_the_browser(server, http, browser, demo_function_tokens):
+    """An add of feature 1493 with a condition ("only where feature F of this layer is above x") and a position object
+    (function tokens, narrowed to the last 8 prompt tokens or the first 6 generated, one id excluded) set in the page's
+    controls: the page sends exactly that spec, shows the API's own text for it, and highlights the positions the
+    server counted. Then the last 3 function tokens with an id allowlist and the strength in token norms, prompt tokens
+    picked into the allowlist and excludes by click and keyboard, a phone's width with the picker open. A bad window
+    shows the API's 400 naming the field; a malformed id list is refused in words before anything is sent; a chat
+    roles selection shows the server's count and says why the page cannot mark the prompt."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    fn = set(demo_function_tokens.ids)
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    excluded = next(t for t in prompt_ids[-8:] if t in fn)  # a function token inside the window
+    positions = {"select": "function", "exclude_ids": [excluded], "first_generated": 6, "last_prompt": 8}
+    add = {"layer": LAYER, "feature": 1493, "mode": "add", "strength": 150.0}
+    plain, unconditional = greedy(http), greedy(http, {"edits": [add], "positions": positions})
+    # A condition that matters: the API's text differs from both the unsteered and the unconditional one.
+    for cond in ({"feature": 1493, "above": 0.5}, {"feature": 766, "above": 1.0}, {"feature": 29, "below": 2.0}):
+        spec = {"edits": [add | {"when": cond}], "positions": positions}
+        steered = greedy(http, spec)
+        if steered[0] not in (plain[0], unconditional[0]):
+            break
+    else:
+        pytest.fail("no condition among the candidates changes the text of the unconditional edit")
+    side, value = next((k, v) for k, v in cond.items() if k != "feature")
+
+    d, find = browser, browser.find_element
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    d.get_log("browser")  # drop what earlier tests logged
+    page_ready(d, server.url)
+    find(By.ID, "add-edit").click()
+    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
+    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
+        find(By.ID, name).clear()
+        find(By.ID, name).send_keys(typed, "\t")
+    assert Select(find(By.ID, "edit-0-unit")).first_selected_option.get_attribute("value") == "absolute"
+    Select(find(By.ID, "edit-0-when-kind")).select_by_value("feature")
+    find(By.ID, "edit-0-when-feature").clear()
+    find(By.ID, "edit-0-when-feature").send_keys(str(cond["feature"]), "\t")
+    Select(find(By.ID, "edit-0-when-side")).select_by_value(side)
+    find(By.ID, "edit-0-when-value").clear()
+    find(By.ID, "edit-0-when-value").send_keys(str(value))
+    find(By.CSS_SELECTOR, "#narrow summary").click()
+    assert all(not box.is_enabled() for box in d.find_elements(By.CSS_SELECTOR, "#pos-roles input"))  # completion
+    fields = {"pos-exclude-ids": str(excluded), "pos-first-generated": "6", "pos-last-prompt": "8"}
+    for name, typed in fields.items():
+        find(By.ID, name).send_keys(typed)
+    assert 'sends "positions": ' in find(By.ID, "positions-help").text
+    unlabeled = d.execute_script(  # the new controls are labelled too
+        "return [...document.querySelectorAll('#edits-title ~ * input, #edits-title ~ * select')]"
+        ".filter(c => !(c.labels && c.labels.length) && !c.getAttribute('aria-label')).map(c => c.outerHTML)"
+    )
+    assert unlabeled == [] and d.find_elements(By.ID, "edit-0-when-value")
+    # A phone's width with the position picker open and a conditional edit: nothing wider than the screen.
+    d.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    )
+    try:
+        wait.until(lambda d: d.execute_script("return window.innerWidth") == 390)
+        widths = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1] and find(By.ID, "pos-token-ids").is_displayed(), widths
+    finally:
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+
+    # Record the bodies the page sends, then run.
+    d.execute_script(
+        "window.sent = []; const f = window.fetch; window.fetch = (url, o) => {"
+        " if (String(url).endsWith('/completions')) window.sent.push(JSON.parse(o.body)); return f(url, o); };"
+    )
+    states = ("panel-steered", "panel-plain")
+    done = lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states)  # noqa: E731
+    find(By.ID, "run").click()
+    wait.until(done)
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
+    errors = [find(By.CSS_SELECTOR, f"#{p} .error").text for p in states]
+    assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["done", "done"], errors
+    sent = [b["steering"] for b in d.execute_script("return window.sent") if "steering" in b]
+    assert sent == [spec], sent
+    text_of = "return document.querySelector(arguments[0] + ' .text').textContent"
+    assert (d.execute_script(text_of, "#panel-steered"), d.execute_script(text_of, "#panel-plain")) == (
+        steered[0],
+        plain[0],
+    )
+    # Highlighted: the first 6 generated tokens fed back that are function tokens and not excluded (computed here),
+    # the page's count equals the server's, and the line says the condition gates them further.
+    want = sum(t in fn and t != excluded for t in steered[1][:-1][:6])
+    assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .text .tok.steered")) == want
+    in_prompt = sum(t in fn and t != excluded for t in prompt_ids[-8:])
+    assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .prompt-strip .tok.steered")) == in_prompt
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
+    assert "where their condition held" in count.text
+
+    # A prompt token's id into the picker: a click on the strip, or its arrow keys and Enter (Shift: exclude).
+    find(By.CSS_SELECTOR, '#panel-steered .prompt-strip [data-prompt="0"]').click()
+    strip = find(By.CSS_SELECTOR, "#panel-steered .prompt-strip")
+    j = next(i for i, t in enumerate(prompt_ids) if t not in (excluded, prompt_ids[0]))
+    strip.send_keys(*[Keys.ARROW_RIGHT] * j)  # the clicked token is the current one: j tokens on
+    strip.send_keys(Keys.SHIFT, Keys.ENTER)
+    picked = [find(By.ID, name).get_attribute("value") for name in ("pos-token-ids", "pos-exclude-ids")]
+    assert picked == [str(prompt_ids[0]), f"{excluded}, {prompt_ids[j]}"], picked
+    find(By.ID, "pos-token-ids").clear()
+    find(By.ID, "pos-exclude-ids").clear()
+    find(By.ID, "pos-exclude-ids").send_keys(str(excluded))
+
+    # The last 3 function tokens of the prompt, and only the prompt's function-token ids but that of the first of
+    # them (any selector: "all"): the page marks the positions computed here, and the server counts as many. The
+    # window and the allowlist each matter: without either, other positions would be marked.
+    fn_all = [i for i, t in enumerate(prompt_ids) if t in fn]
+    fn_at = fn_all[-3:]
+    allow = sorted({prompt_ids[i] for i in fn_all} - {prompt_ids[fn_at[0]]})
+    want_marked = [i for i in fn_at if prompt_ids[i] in allow]
+    assert want_marked not in ([i for i in fn_all if prompt_ids[i] in allow], fn_at) and want_marked
+    Select(find(By.ID, "positions")).select_by_value("all")
+    for name in fields:
+        find(By.ID, name).clear()
+    find(By.ID, "pos-last-functions").send_keys("3")
+    find(By.ID, "pos-token-ids").send_keys(", ".join(map(str, allow)))
+    Select(find(By.ID, "edit-0-unit")).select_by_value("token_norm")  # the strength becomes 0.5 (× token norm)
+    find(By.ID, "run").click()
+    wait.until(done)
+    narrowed = {
+        "edits": [add | {"strength": 0.5, "strength_unit": "token_norm", "when": cond}],
+        "positions": {"select": "all", "token_ids": allow, "last_functions": 3},
+    }
+    assert d.execute_script("return window.sent")[-1]["steering"] == narrowed
+    assert d.execute_script(text_of, "#panel-steered") == greedy(http, narrowed)[0]
+    marked = [int(s.get_attribute("data-prompt")) for s in d.find_elements(By.CSS_SELECTOR, ".prompt-strip .steered")]
+    assert marked == want_marked
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(len(marked))
+    find(By.ID, "pos-last-functions").clear()
+    find(By.ID, "pos-token-ids").clear()
+    Select(find(By.ID, "positions")).select_by_value("function")
+    Select(find(By.ID, "edit-0-unit")).select_by_value("absolute")
+    find(By.ID, "edit-0-strength").clear()
+    find(By.ID, "edit-0-strength").send_keys("150")
+    for name, typed in fields.items():
+        find(By.ID, name).send_keys(typed)
+
+    # A window of 0 tokens: the API's 400 names the field, in words; the unsteered panel still completes.
+    find(By.ID, "pos-first-generated").clear()
+    find(By.ID, "pos-first-generated").send_keys("0")
+    bad = {**spec, "positions": positions | {"first_generated": 0}}
+    api = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "steering": bad})
+    err = is_error_body(api, 400)
+    find(By.ID, "run").click()
+    wait.until(done)
+    assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["error", "done"]
+    message = find(By.CSS_SELECTOR, "#panel-steered .error").text
+    assert "refused the request (400)" in message and err["message"] in message, (message, err)
+    assert "steering.positions.first_generated" in message
+
+    # An id list the page cannot read: refused in words, nothing steered sent.
+    find(By.ID, "pos-first-generated").clear()
+    find(By.ID, "pos-token-ids").send_keys("262, the")
+    before = len(d.execute_script("return window.sent"))
+    find(By.ID, "run").click()
+    wait.until(done)
+    message = find(By.CSS_SELECTOR, "#panel-steered .error").text
+    assert message == 'Not sent: Only token ids: "the" is not a token id (a whole number).', message
+    assert all("steering" not in b for b in d.execute_script("return window.sent")[before:])
+
+    # Chat, the user's message only: the page highlights nothing in the prompt and shows the server's count.
+    find(By.ID, "pos-token-ids").clear()
+    for name in ("pos-exclude-ids", "pos-last-prompt"):
+        find(By.ID, name).clear()
+    find(By.CSS_SELECTOR, 'input[name="api-mode"][value="chat"]').click()
+    find(By.CSS_SELECTOR, 'input[name="pos-role"][value="user"]').click()
+    find(By.ID, "run").click()
+    wait.until(done)
+    assert find(By.ID, "panel-steered").get_attribute("data-state") == "done"
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
+    chat = d.execute_script("return window.sent")[-1]
+    assert chat["steering"]["positions"] == {"select": "function", "roles": ["user"]}, chat["steering"]
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")
+    chat_body = {k: chat[k] for k in ("model", "messages", "max_tokens", "temperature", "steering")}
+    server_count = http.post("/v1/chat/completions", json=chat_body).json()["steering"]["steered_positions"]
+    assert count.get_attribute("data-page") == "" and count.get_attribute("data-server") == str(server_count)
+    assert "the page cannot see" in count.text and d.find_elements(By.CSS_SELECTOR, ".prompt-strip .tok.steered") == []
+    expected = ("status of 400", "status of 401")  # the refused window; the key form when this test runs alone
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert [e for e in severe if not any(x in e["message"] for x in expected)] == [], severe
+
+
+def test_a_watched_feature_in_the_browser(server, http, browser):
+    """Watch feature 1493 at layer 2 while steering with it: each token of both completions carries the API's own
+    readout value at its position (prompt tokens on the steered panel's strip too), the pooled line is the API's,
+    hovering shows the value, and a feature outside the SAE shows the API's 400 naming the field."""
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    spec = {"edits": [{"layer": LAYER, "feature": 1493, "mode": "add", "strength": 150.0}], "positions": "function"}
+    readout = {"features": [{"layer": LAYER, "feature": 1493}], "pool": ["mean", "max"], "prompt": True}
+    api = {}
+    for name, steering in (("steered", spec), ("plain", None)):
+        choice = completion(http, steering, readout=readout)["choices"][0]
+        api[name] = choice["readout"]
+        assert len(api[name]["series"][0]["values"]) == len(api[name]["positions"]) > MAX_TOKENS
+    assert api["steered"]["series"][0]["pooled"]["max"] > api["plain"]["series"][0]["pooled"]["max"]
+
+    d, find = browser, browser.find_element
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    d.get_log("browser")
+    page_ready(d, server.url)
+    find(By.ID, "add-edit").click()
+    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
+    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
+        find(By.ID, name).clear()
+        find(By.ID, name).send_keys(typed, "\t")
+    Select(find(By.ID, "watch-layer")).select_by_value(str(LAYER))
+    find(By.ID, "watch-feature").clear()
+    find(By.ID, "watch-feature").send_keys("1493")
+    tokens = find(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+    states = ("panel-steered", "panel-plain")
+    done = lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states)  # noqa: E731
+    find(By.ID, "run").click()
+    wait.until(done)
+    wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-plain .watch-line").text)
+    shown = "return [...document.querySelectorAll(arguments[0])].map(s => Number(s.dataset.watch))"
+    strip = d.execute_script(shown, "#panel-steered .prompt-strip .tok")
+    # The page's two requests run in one batch, the API's here one at a time: equal up to float32 summation order.
+    close = dict(rel=1e-4, abs=1e-4)
+    for name in ("steered", "plain"):
+        values = api[name]["series"][0]["values"]
+        text = d.execute_script(shown, f"#panel-{name} .text .tok")
+        n = len(values) - len(text) + 1  # prompt positions, then every generated token but the last
+        assert text[:-1] == pytest.approx(values[n:], **close), name
+        if name == "steered":
+            assert strip == pytest.approx(values[:n], **close)
+        pooled = api[name]["series"][0]["pooled"]
+        line = find(By.CSS_SELECTOR, f"#panel-{name} .watch-line").text
+        mean, high = map(float, re.search(r"mean (\S+), max (\S+) over", line).groups())
+        assert (mean, high) == pytest.approx((pooled["mean"], pooled["max"]), rel=1e-3, abs=1e-3), (line, pooled)
+    top = max(v for name in api for v in api[name]["series"][0]["values"])
+    bars = d.execute_script(
+        "return [...document.querySelectorAll('.tok.watched')].map(s => Number(s.style.getPropertyValue('--w')))"
+    )
+    assert max(bars) == 1 and min(bars) >= 0 and top > 0
+    ActionChains(d).move_to_element(find(By.CSS_SELECTOR, "#panel-steered .text .tok")).perform()
+    first = d.execute_script(shown, "#panel-steered .text .tok")[0]
+    wait.until(
+        lambda d: f"Watched layer {LAYER} feature 1493 at this token: {first:.3f}" in find(By.ID, "token-info").text
+    )
+
+    # A feature outside the SAE: the API's 400 names the field, in both panels.
+    find(By.ID, "watch-feature").clear()
+    find(By.ID, "watch-feature").send_keys("2048")
+    find(By.ID, "run").click()
+    wait.until(done)
+    for p in states:
+        assert find(By.ID, p).get_attribute("data-state") == "error"
+        message = find(By.CSS_SELECTOR, f"#{p} .error").text
+        assert "refused the request (400)" in message and "readout.features[0].feature" in message, message
+    Select(find(By.ID, "watch-layer")).select_by_value("")
+
+
 # ---- HTTP --------------------------------------------------------------------------------------------------------
 
 
@@ -371,7 +658,19 @@ def test_page_and_files_are_public_the_api_is_not(server):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     scripts = re.findall(r'src="(/static/[^"]+)"', page.text)
     assert scripts == ["/static/main.js"]
-    for name in ("main.js", "api.js", "edits.js", "finder.js", "run.js", "sweep.js", "state.js", "style.css"):
+    for name in (
+        "main.js",
+        "api.js",
+        "edits.js",
+        "condition.js",
+        "positions.js",
+        "finder.js",
+        "run.js",
+        "sweep.js",
+        "state.js",
+        "watch.js",
+        "style.css",
+    ):
         r = httpx.get(f"{server.url}/static/{name}")
         assert r.status_code == 200 and r.text, name
         assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", r.text), name  # nothing from elsewhere
@@ -383,7 +682,7 @@ def test_page_and_files_are_public_the_api_is_not(server):
 
 def test_steering_info_lists_capabilities(http):
     caps = http.get("/v1/steering").json()["capabilities"]
-    assert caps == {"features": True, "logprobs": True, "spec_lists": True, "vectors": True}
+    assert caps == {"features": True, "logprobs": True, "readout": True, "spec_lists": True, "vectors": True}
 
 
 def test_feature_card_matches_the_logit_lens_and_search_finds_it(http, demo_model, demo_saes):

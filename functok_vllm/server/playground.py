@@ -28,6 +28,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 CAPABILITIES = {
     "features": True,  # a generation request's "features": {"layers", "top_k"} -> choices[i].features per token
     "logprobs": True,  # logprobs / top_logprobs in completions and chat
+    "readout": True,  # "readout": {"features", "vectors", "pool", "prompt"} -> choices[i].readout (docs/reading.md)
     "spec_lists": True,  # "steering": [spec, ...] -> one choice per spec
     "vectors": True,  # edits that name a steering vector instead of an SAE feature (/v1/steering/vectors)
 }

@@ -1,30 +1,18 @@
-// The list of chosen edits (an SAE feature: layer, feature, mode, strength; or a named steering vector: vector,
-// strength) and the position policy: the request's "steering".
+// The list of chosen edits (an SAE feature: layer, feature, mode, strength; or a named steering vector: vector, mode,
+// strength; either with a strength unit and a condition, condition.js) and the positions: the request's "steering".
 
 import { request } from "./api.js";
+import { conditionRow, unitControl, when } from "./condition.js";
+import { initPositions, positions } from "./positions.js";
 import { $, capability, el, showError, state, showToken } from "./state.js";
 
-const POSITION_HELP = {
-  function: "every function-token position, prompt and generated",
-  last_function: "only the last function token of the prompt (the paper's method)",
-  content: "every position that is not a function token",
-  prompt: "every prompt position",
-  generated: "every generated position",
-  all: "every position",
-};
+const VECTOR_MODES = ["add", "project_out", "cap", "set"]; // clamp and ablate need an SAE feature
 
 let changed = () => {}; // called after any change (main.js re-renders the sweep's edit list)
 
 export function initEdits(onChange) {
   changed = onChange;
-  const select = $("#positions");
-  for (const p of state.info.positions) {
-    select.append(el("option", { value: p, text: p.replace("_", " ") }));
-  }
-  select.value = "function";
-  const help = () => ($("#positions-help").textContent = `Steers ${POSITION_HELP[select.value] || select.value}.`);
-  select.addEventListener("change", help);
-  help();
+  initPositions();
   $("#add-edit").addEventListener("click", () => {
     const first = state.info.layers[0];
     addEdit({ layer: first ? first.layer : 0, feature: 0 });
@@ -60,14 +48,10 @@ async function initVectors() {
 }
 
 export function addVector(name, strength = 1) {
-  state.edits.push({ vector: name, mode: "add", strength, label: "" });
+  state.edits.push({ vector: name, mode: "add", strength, label: "", unit: "absolute", when: null });
   render();
   const rows = document.querySelectorAll("#edits .strength-number");
   if (rows.length) rows[rows.length - 1].focus();
-}
-
-export function positions() {
-  return $("#positions").value;
 }
 
 function maxStrength() {
@@ -76,7 +60,7 @@ function maxStrength() {
 
 export function addEdit({ layer, feature, mode = "add", strength = null, label = "" }) {
   const s = strength === null ? Math.min(100, maxStrength()) : strength;
-  state.edits.push({ layer, feature, mode, strength: s, label });
+  state.edits.push({ layer, feature, mode, strength: s, label, unit: "absolute", when: null });
   render();
   // Move focus to the new edit's strength, so a keyboard user can set it at once.
   const rows = document.querySelectorAll("#edits .strength-number");
@@ -84,16 +68,17 @@ export function addEdit({ layer, feature, mode = "add", strength = null, label =
 }
 
 // The request's steering object for the current edits (null when there are none), optionally with one edit's
-// strength replaced (the sweep).
+// strength replaced (the sweep). Throws PickerError (positions.js) for a position field the page can name itself.
 export function steeringSpec(override = null) {
   if (!state.edits.length) return null;
   const edits = state.edits.map((e, i) => {
     const strength = override && override.index === i ? override.strength : e.strength;
-    if (e.vector) return { vector: e.vector, mode: "add", strength };
-    const out = { layer: e.layer, feature: e.feature, mode: e.mode };
+    const out = e.vector ? { vector: e.vector, mode: e.mode } : { layer: e.layer, feature: e.feature, mode: e.mode };
     if (e.mode === "add") out.strength = strength;
+    if (e.mode === "add" && e.unit === "token_norm") out.strength_unit = "token_norm";
     if (e.mode === "clamp" || e.mode === "set") out.value = strength;
     if (e.mode === "cap") out.max = strength; // the page caps from above; the API also takes "min"
+    if (e.when) out.when = when(e.when);
     return out;
   });
   return { edits, positions: positions() };
@@ -143,24 +128,35 @@ function row(e, i) {
     el("div", { class: "row" },
       el("label", { for: id("layer") }, "Layer "), layer,
       el("label", { for: id("feature") }, "Feature "), feature,
-      el("label", { for: id("mode") }, "Mode "), mode),
+      el("label", { for: id("mode") }, "Mode "), mode,
+      e.mode === "add" ? unitControl(e, i, render) : null),
   ];
   if (e.mode !== "ablate" && e.mode !== "project_out") parts.push(strengthRow(e, i));
-  parts.push(removeButton(i));
+  parts.push(conditionRow(e, i, changed), removeButton(i));
   return el("li", { class: "edit" }, ...parts);
 }
 
-// A vector edit: its name, a strength (the vector is added strength times at each of its layers), remove.
+// A vector edit: its name, a mode (added strength times at each of its layers, or strength times each token's norm
+// along its direction; or a projection on its direction), a condition, remove.
 function vectorRow(e, i, name) {
-  return el("li", { class: "edit vector-edit", "data-vector": e.vector }, name, strengthRow(e, i), removeButton(i));
+  const id = `edit-${i}-mode`;
+  const mode = el("select", { id, onchange: (ev) => ((e.mode = ev.target.value), render()) });
+  for (const m of VECTOR_MODES.filter((v) => state.info.modes.includes(v))) mode.append(el("option", { value: m, text: m, selected: m === e.mode }));
+  return el("li", { class: "edit vector-edit", "data-vector": e.vector },
+    name,
+    el("div", { class: "row" }, el("label", { for: id }, "Mode ", mode), e.mode === "add" ? unitControl(e, i, render) : null),
+    e.mode === "project_out" ? null : strengthRow(e, i),
+    conditionRow(e, i, changed),
+    removeButton(i));
 }
 
 // A slider and a number input for the same value; the number input may go past the slider (the server then
 // answers with its limit, shown in the page).
 function strengthRow(e, i) {
   const id = (name) => `edit-${i}-${name}`;
-  const m = maxStrength();
-  const word = { clamp: "Value", set: "Value", cap: "Max" }[e.mode] || "Strength";
+  const norm = e.mode === "add" && e.unit === "token_norm";
+  const m = norm ? Math.min(4, maxStrength()) : maxStrength(); // × token norm: a few units already dominate
+  const word = { clamp: "Value", set: "Value", cap: "Max" }[e.mode] || (norm ? "Strength (× token norm)" : "Strength");
   const number = el("input", { id: id("strength"), type: "number", step: "any", value: e.strength, class: "strength-number" });
   const slider = el("input", {
     id: id("slider"), type: "range", min: -m, max: m, step: m / 200, value: e.strength, class: "strength-slider",

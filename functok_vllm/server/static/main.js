@@ -5,6 +5,7 @@ import { initEdits } from "./edits.js";
 import { initFinder } from "./finder.js";
 import { initRun, runPair } from "./run.js";
 import { initSweep, refreshSweep } from "./sweep.js";
+import { initWatch } from "./watch.js";
 import { $, showError, state } from "./state.js";
 
 let started = false;
@@ -46,6 +47,7 @@ async function start() {
   initEdits(refreshSweep);
   initFinder();
   initRun();
+  initWatch();
   initSweep();
   document.body.dataset.ready = "true";
 }

@@ -1,16 +1,19 @@
 // Run: the steered and the unsteered completion stream side by side; steered positions are highlighted.
 //
-// Which positions were steered is computed here, the way the server selects them (core/batch.py): a request's
-// input positions are its prompt tokens and every generated token but the last (the last one is never fed back).
-// The policy picks among them: function tokens, the prompt's last function token, content tokens, the prompt, the
-// generated part, or all. The prompt's ids come from POST /tokenize (the same encoding as the request), the
-// generated ids from "return_token_ids"; the total is checked against the server's `steering.steered_positions`.
+// Which positions were steered is computed in the page from the request's `positions` (positions.js, the server's
+// rules). The prompt's ids come from POST /tokenize (the same encoding as the request), the generated ids from
+// "return_token_ids"; the total is checked against the server's `steering.steered_positions`. Where the page
+// cannot know (a chat roles selection: the role spans come from the server's chat template) it says so and shows
+// the server's count.
 
 import { request, stream } from "./api.js";
-import { positions, steeringSpec } from "./edits.js";
+import { steeringSpec } from "./edits.js";
+import { PickerError, addPositionId, selection } from "./positions.js";
 import { $, capability, el, showError, showToken, state } from "./state.js";
+import { showWatch, watchName, watchRequest } from "./watch.js";
 
 let controller = null; // aborts the running pair (Stop)
+let watching = null; // the last run's "readout" request (hover names its feature)
 
 export function apiMode() {
   return document.querySelector('input[name="api-mode"]:checked').value;
@@ -32,24 +35,6 @@ export function sampling() {
   return out;
 }
 
-// Would the policy steer the token `id` at a generated position (prompt policies never do)?
-function steersGenerated(policy, id) {
-  const fn = state.fnIds.has(id);
-  return { function: fn, content: !fn, generated: true, all: true }[policy] || false;
-}
-
-// (steered?) for each prompt position under the policy.
-function promptSelection(policy, ids) {
-  let last = -1;
-  ids.forEach((id, i) => {
-    if (state.fnIds.has(id)) last = i;
-  });
-  return ids.map((id, i) => {
-    const fn = state.fnIds.has(id);
-    return { function: fn, last_function: i === last, content: !fn, prompt: true, generated: false, all: true }[policy];
-  });
-}
-
 class Panel {
   constructor(root) {
     this.root = root;
@@ -58,12 +43,14 @@ class Panel {
     this.error = $(".error", root);
     this.strip = $(".prompt-strip", root);
     this.count = $(".count", root);
+    this.watchLine = $(".watch-line", root);
   }
 
   reset() {
     this.tokens = []; // {id, span, steered, features}, one per generated token id
     this.fed = 0; // tokens before this index have been fed back to the model (and may be steered)
     this.report = null; // the response's "steering" object (last chunk)
+    this.readout = null; // the choice's "readout" (its last chunk), when a feature is watched
     this.finish = null;
     this.text.replaceChildren();
     showError(this.error, null);
@@ -86,7 +73,8 @@ class Panel {
 
   async run(path, body, signal, policy) {
     this.reset();
-    this.policy = policy;
+    this.policy = policy; // the request's "positions" (a name or an object); null: unsteered
+    this.selection = policy ? selection(policy) : null;
     this.setState("running", "Streaming…");
     try {
       await stream(path, body, (chunk) => this.take(chunk), signal);
@@ -106,6 +94,7 @@ class Panel {
     const text = choice.text !== undefined ? choice.text : (choice.delta && choice.delta.content) || "";
     const ids = choice.token_ids || [];
     if (choice.finish_reason) this.finish = choice.finish_reason;
+    if (choice.readout) this.readout = choice.readout;
     if (!text && !ids.length) return; // chat's first chunk carries only the role
     // One span per chunk (one token on this server; text held back for a partial character arrives later).
     const span = el("span", { class: "tok", "data-first": this.tokens.length }, text);
@@ -121,7 +110,7 @@ class Panel {
     if (!this.policy) return;
     for (; this.fed < upTo; this.fed++) {
       const t = this.tokens[this.fed];
-      if (steersGenerated(this.policy, t.id)) {
+      if (this.selection.generated(this.fed, t.id)) {
         t.steered = true;
         t.span.classList.add("steered");
       }
@@ -130,16 +119,23 @@ class Panel {
 
   // The prompt strip and the count line of the steered panel, from the prompt's ids.
   showPrompt(tok) {
-    const chosen = promptSelection(this.policy, tok.tokens);
-    this.prompt = tok.tokens.map((id, i) => ({ id, text: tok.token_strs[i], steered: chosen[i] }));
+    const chosen = this.selection.prompt(tok.tokens); // null: the page cannot know (roles)
+    this.prompt = tok.tokens.map((id, i) => ({ id, text: tok.token_strs[i], steered: chosen ? chosen[i] : null }));
     this.strip.replaceChildren(
       el("span", { class: "strip-label", text: "Prompt: " }),
       ...this.prompt.map((t, i) =>
         el("span", { class: t.steered ? "tok ptok steered" : "tok ptok", "data-prompt": i, text: t.text })),
     );
     this.strip.hidden = false;
-    const inPrompt = chosen.filter(Boolean).length;
     const generated = this.tokens.filter((t) => t.steered).length;
+    const server = this.report ? this.report.steered_positions : null;
+    this.count.dataset.server = server === null ? "" : server;
+    this.count.textContent = (chosen ? this.countLine(chosen, generated, server, tok) : this.rolesLine(generated, server)) +
+      (this.conditional ? " Conditional edits act only at those of them where their condition held." : "");
+  }
+
+  countLine(chosen, generated, server, tok) {
+    const inPrompt = chosen.filter(Boolean).length;
     const total = inPrompt + generated;
     let line = `Steered positions: ${inPrompt} in the prompt + ${generated} generated = ${total}`;
     if (this.policy === "last_function") {
@@ -148,13 +144,18 @@ class Panel {
         ? "The prompt has no function token, so nothing was steered"
         : `The last function token of the prompt, ${showToken(tok.token_strs[i])} (position ${i} of ${chosen.length}), was steered`;
     }
-    const server = this.report ? this.report.steered_positions : null;
     this.count.dataset.page = total;
-    this.count.dataset.server = server === null ? "" : server;
-    if (server === null) line += "; the server reported no count.";
-    else if (server === total) line += `; the server counted ${server} too.`;
-    else line += `; the server counted ${server}, so the highlighting here is off by ${server - total}.`;
-    this.count.textContent = line;
+    if (server === null) return `${line}; the server reported no count.`;
+    if (server === total) return `${line}; the server counted ${server} too.`;
+    return `${line}; the server counted ${server}, so the highlighting here is off by ${server - total}.`;
+  }
+
+  // Roles: the prompt's role spans come from the chat template the server renders, which the page does not know.
+  rolesLine(generated, server) {
+    this.count.dataset.page = "";
+    const count = server === null ? "the server reported no count" : `the server counted ${server} in all`;
+    return `Steered positions: ${generated} generated are highlighted; the prompt's are not, because chat roles ` +
+      `are found in the server's chat template, which the page cannot see: ${count}.`;
   }
 }
 
@@ -184,14 +185,26 @@ export async function runPair() {
   const { path, part } = promptPart();
   const base = { model: state.info.model, ...sampling(), ...part, stream: true, return_token_ids: true };
   if (capability("features")) base.features = { layers: featureLayers(), top_k: 5 };
-  const spec = steeringSpec();
-  const policy = positions();
+  const watched = watchRequest();
+  if (watched) base.readout = watched;
+  let spec = null;
+  let mistake = null;
+  try {
+    spec = steeringSpec();
+  } catch (e) {
+    if (!(e instanceof PickerError)) throw e;
+    mistake = e.message;
+  }
   const jobs = [panels.plain.run(path, base, signal, null)];
-  if (spec) {
+  if (mistake) {
+    panels.steered.reset();
+    panels.steered.fail(`Not sent: ${mistake}`);
+  } else if (spec) {
+    panels.steered.conditional = spec.edits.some((e) => e.when);
     const tokenized = request("/tokenize", { ...part, return_token_strs: true }, signal);
     tokenized.catch(() => {}); // read below; never an unhandled rejection
     jobs.push(
-      panels.steered.run(path, { ...base, steering: spec }, signal, policy).then(async (ok) => {
+      panels.steered.run(path, { ...base, steering: spec }, signal, spec.positions).then(async (ok) => {
         if (!ok) return;
         try {
           panels.steered.showPrompt((await tokenized).body);
@@ -205,6 +218,8 @@ export async function runPair() {
     panels.steered.fail("Nothing to steer: add an edit first (find a feature, then Add to edits).");
   }
   await Promise.all(jobs);
+  showWatch([panels.steered, panels.plain], watched);
+  watching = watched;
   controller = null;
   $("#run").disabled = false;
   $("#stop").disabled = true;
@@ -222,15 +237,29 @@ function initTokenInfo(panel) {
     const span = ev.target.closest(".tok");
     if (span && panel.root.contains(span)) show(span);
   });
-  // Keyboard: focus a completion, then Left/Right move from token to token.
-  panel.text.addEventListener("keydown", (ev) => {
-    if (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight") return;
-    const spans = [...panel.text.querySelectorAll(".tok")];
-    if (!spans.length) return;
-    const now = spans.findIndex((s) => s.classList.contains("current"));
-    const next = Math.max(0, Math.min(spans.length - 1, now + (ev.key === "ArrowRight" ? 1 : -1)));
-    show(spans[now < 0 ? 0 : next]);
+  // Keyboard: focus a completion (or the prompt strip), then Left/Right move from token to token.
+  for (const area of [panel.text, panel.strip].filter(Boolean)) {
+    area.addEventListener("keydown", (ev) => {
+      if (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight") return;
+      const spans = [...area.querySelectorAll(".tok")];
+      if (!spans.length) return;
+      const now = spans.findIndex((s) => s.classList.contains("current"));
+      const next = Math.max(0, Math.min(spans.length - 1, now + (ev.key === "ArrowRight" ? 1 : -1)));
+      show(spans[now < 0 ? 0 : next]);
+      ev.preventDefault();
+    });
+  }
+  if (!panel.strip) return;
+  // A prompt token's id into the position picker: click or Enter (only these ids), with Shift (exclude it).
+  const pick = (span, exclude) => {
+    if (span && span.dataset.prompt !== undefined) addPositionId(panel.prompt[Number(span.dataset.prompt)].id, exclude);
+  };
+  panel.strip.addEventListener("click", (ev) => pick(ev.target.closest(".ptok"), ev.shiftKey));
+  panel.strip.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" || ev.ctrlKey || ev.metaKey) return; // Ctrl+Enter still runs
+    pick(panel.strip.querySelector(".ptok.current"), ev.shiftKey);
     ev.preventDefault();
+    ev.stopPropagation(); // not the page's Ctrl+Enter
   });
 }
 
@@ -239,7 +268,8 @@ function describe(panel, span) {
     const t = panel.prompt[Number(span.dataset.prompt)];
     const kind = state.fnIds.has(t.id) ? "function token" : "content token";
     return [el("p", { text: `Prompt position ${span.dataset.prompt}: ${showToken(t.text)} (id ${t.id}, ${kind})` +
-      (t.steered ? ", steered." : ", not steered.") })];
+      ({ true: ", steered.", false: ", not steered.", null: "; whether its role was steered is the server's to say." })[t.steered] }),
+    ...watchValue(t)];
   }
   const first = Number(span.dataset.first);
   const out = [];
@@ -248,9 +278,14 @@ function describe(panel, span) {
     const kind = state.fnIds.has(t.id) ? "function token" : "content token";
     const fed = first + k < panel.fed ? (t.steered ? ", steered" : ", not steered") : ", the last token (never fed back)";
     out.push(el("p", { text: `Generated token ${first + k + 1}: ${showToken(span.textContent)} (id ${t.id}, ${kind}${panel.policy ? fed : ""}).` }));
-    out.push(...featureList(t));
+    out.push(...watchValue(t), ...featureList(t));
   }
   return out;
+}
+
+function watchValue(t) {
+  if (!watching || t.watch === undefined) return [];
+  return [el("p", { class: "watch-value", text: `Watched ${watchName(watching)} at this token: ${t.watch.toFixed(3)}.` })];
 }
 
 // The features the server read where this token was predicted (the previous position: for the first token, the

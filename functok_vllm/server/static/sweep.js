@@ -70,18 +70,20 @@ async function runSweep() {
   const index = Number($("#sweep-edit").value);
   const e = state.edits[index];
   if (!e) return showError(error, "Add an edit first: the sweep varies one edit's strength.");
-  if (e.mode === "ablate") return showError(error, "An ablation has no strength to sweep; choose an add or clamp edit.");
-  let list;
+  if (e.mode === "ablate" || e.mode === "project_out") {
+    return showError(error, `A ${e.mode} edit has no strength to sweep; choose an add, clamp, cap or set edit.`);
+  }
+  let list, specs;
   try {
     list = strengths(e);
+    specs = list.map((strength) => steeringSpec({ index, strength }));
   } catch (err) {
-    return showError(error, err.message);
+    return showError(error, err.message); // a strength list or a position field the page names itself
   }
   const { path, part } = promptPart();
   const base = { model: state.info.model, ...sampling(), ...part };
   // The most alternatives the API gives (20): p(target) is known when the target is among them.
   if (capability("logprobs")) Object.assign(base, apiMode() === "chat" ? { logprobs: true, top_logprobs: 20 } : { logprobs: 20 });
-  const specs = list.map((strength) => steeringSpec({ index, strength }));
   const button = $("#sweep-run");
   button.disabled = true;
   $("#sweep-table").hidden = true;
