@@ -77,6 +77,7 @@ def run_step(st: BatchSteering, chunks: list[tuple[str, list[int], int]], pad: i
     pos = [p for _, toks, s in chunks for p in range(s, s + len(toks))] + [0] * pad
     qsl = torch.tensor(list(itertools.accumulate([0] + [len(t) for _, t, _ in chunks])), dtype=torch.int32)
     st.prepare([rid for rid, _, _ in chunks], torch.tensor(ids, dtype=torch.int32), torch.tensor(pos), qsl)
+    st.count_applied()  # what the worker does after the forward (none runs here: no spec has `when`)
     got = st.table.slot_index[: len(ids)].tolist()
     out, i = {}, 0
     for rid, toks, _ in chunks:

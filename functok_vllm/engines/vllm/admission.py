@@ -16,7 +16,9 @@ in the API process before it reaches the engine core. For a request with `extra_
 3. sets `cache_salt` from that key. vLLM's prefix cache hashes the salt into the first KV block, so a steered
    request never reuses, nor leaves behind, blocks that an unsteered or differently steered request could hit.
    Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
-   last function token) that goes into the salt too, since the same tokens are then steered differently.
+   last function token) that goes into the salt too, since the same tokens are then steered differently. A spec
+   with a conditional edit (`when`) is salted by its request id: its `steered_positions` counts where its conditions
+   held, which only its own forwards know.
 
 Without `steering` in `extra_args` the wrapper only passes the call through. What admission reads once (the settings,
 the library, the function-token mask) is an `Admission` built on a processor's first steered or feature request and
@@ -265,8 +267,8 @@ def steering_context(
 def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str, roles=None) -> str:
     """Prefix-cache salt: equal only for requests whose every cached token is steered the same way."""
     key = spec.key()
-    if prompt_ids is None:  # prompt embeddings: nothing to compare, share nothing
-        key += f"|request={request_id}"
+    if prompt_ids is None or any(e.when is not None for e in spec.edits):  # share nothing: prompt embeddings have
+        key += f"|request={request_id}"  # nothing to compare, and a conditional edit's count needs its own forwards
     elif not isinstance(spec.positions, str):  # a position object: the prompt positions it selects, exactly
         key += f"|prompt_len={len(prompt_ids)}|selected={_selected(spec, prompt_ids, fn_mask, roles)}"
     elif spec.positions in ("prompt", "generated"):

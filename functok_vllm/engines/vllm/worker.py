@@ -18,7 +18,8 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   so the compiled graph contains both ops, which read the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
   come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
-- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
+- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index
+  (and `count_applied` after the forward counts where the edits acted),
   `FeatureReadout.prepare` plans the step's feature readout (only while some request asks), and in capture mode
   (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture_session.py`) the step's token
   ids are handed to the capture hooks.
@@ -113,12 +114,14 @@ class SteeringRunnerMixin:
                     ro.prepare(compat.batch_rows(self), *compat.row_starts_and_qsl(self))
         cap = self.functok_capture
         try:
-            if cap is None:
-                return super()._model_forward(input_ids, positions, *args, **kwargs)
-            cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
-            pos = positions if positions is None or positions.dim() == 1 else positions[0]
-            cap.positions = pos[: cap.ids.shape[0]] if pos is not None else torch.ones_like(cap.ids)  # none: no start
-            return super()._model_forward(input_ids, positions, *args, **kwargs)
+            if cap is not None:
+                cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
+                pos = positions if positions is None or positions.dim() == 1 else positions[0]
+                cap.positions = pos[: cap.ids.shape[0]] if pos is not None else torch.ones_like(cap.ids)  # no start
+            out = super()._model_forward(input_ids, positions, *args, **kwargs)
+            if st is not None:
+                st.count_applied()  # device ops queued after the forward: where the edits acted
+            return out
         finally:
             if cap is not None:
                 cap.ids = cap.positions = None
