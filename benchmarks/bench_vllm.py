@@ -17,9 +17,11 @@ Per compilation mode (eager, compiled), one child process holds the vLLM instanc
 
 After a warm-up pass the workloads run `--repeats` times interleaved (a busy spell on a shared machine hits each
 alike; only one instance works at a time). The table shows generated tokens per second of the median and of the best
-run, ratios of both to the baselines, and the range of the paired per-repeat ratios (repeat r of a workload against
-repeat r of the first baseline: the spread). A steered workload whose runs left the worker's applied-token counter
-unchanged, or that met a refused spec or a full steering table, stops the run: its timing would not be of steering.
+run, ratios of both to the baselines, and against the first baseline the paired per-repeat ratios (repeat r of a
+workload against repeat r of the baseline): their median with a 95% bootstrap interval and their range (the spread);
+then K = 16 against K = 1 the same way. The null is equal speed: a ratio whose interval holds 1 is no difference.
+A steered workload whose runs left the worker's applied-token counter unchanged, or that met a refused spec or a
+full steering table, stops the run: its timing would not be of steering.
 Prefix caching is off so every repeat prefills. Writes benchmarks/results/bench_vllm[_ops]-*.json, and for ops a plot
 (`--show FILE` prints a saved one's table).
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -144,14 +147,28 @@ def child(mode: str, args) -> dict:
     }
 
 
+def paired(runs: dict, w: str, base: str, n: int = 2000) -> tuple[float, float, float]:
+    """Speed of `w` over `base` from their interleaved runs (repeat r against repeat r): the median of the paired
+    ratios and its 95% bootstrap interval (resampling repeats, seed 0). Null: equal speed, 1 inside the interval."""
+    ratios = [b / a for a, b in zip(runs[w], runs[base], strict=True)]  # times: base / w is w's speed over base's
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return statistics.median(ratios), meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
 def table(rows: list[dict], requests: int, tokens: int) -> None:
-    """Print tokens/s (median and best run), each workload's ratios to the baselines and the paired spread."""
+    """Print tokens/s (median and best run), each workload's ratios to the baselines, the paired ratio to the first
+    baseline with its interval and range, and K = 16 against K = 1."""
     n = requests * tokens
     reps = len(next(iter(rows[0]["runs_s"].values())))
     bases = baselines(rows[0]["runs_s"])
     print(f"\n{requests} requests x {tokens} tokens, greedy, float32, {reps} runs each; ratios: median (best)")
     head = "".join(f" {'vs ' + b:>15}" for b in bases)
-    print(f"{'mode':<9} {'workload':<20} {'median tok/s':>12} {'best tok/s':>11}{head} {'paired range':>13} applied")
+    paired_head = f"paired vs {bases[0]} [95% CI]"
+    print(
+        f"{'mode':<9} {'workload':<20} {'median tok/s':>12} {'best tok/s':>11}{head} {paired_head:>26} "
+        f"{'range':>9} applied"
+    )
     for r in rows:
         runs = r["runs_s"]
         med = {w: n / statistics.median(ts) for w, ts in runs.items()}
@@ -161,10 +178,16 @@ def table(rows: list[dict], requests: int, tokens: int) -> None:
         for w in runs:
             label = {"stock": "stock vLLM", "unsteered": "unsteered (ext)"}.get(w, f"steered {w}")
             vs = "".join(f" {med[w] / med[b]:>7.3f} ({best[w] / best[b]:.3f})" for b in bases)
-            paired = [b / a for a, b in zip(runs[w], runs[bases[0]], strict=True)]  # time ratio = speed ratio
-            spread = f"{min(paired):.2f}-{max(paired):.2f}" if w != bases[0] else ""
+            ratios = [b / a for a, b in zip(runs[w], runs[bases[0]], strict=True)]  # time ratio = speed ratio
+            m, lo, hi = paired(runs, w, bases[0])
+            ci = f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if w != bases[0] else ""
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if w != bases[0] else ""
             done = r.get("applied_tokens", {}).get(w, "")
-            print(f"{r['mode']:<9} {label:<20} {med[w]:>12.1f} {best[w]:>11.1f}{vs} {spread:>13} {done}")
+            print(f"{r['mode']:<9} {label:<20} {med[w]:>12.1f} {best[w]:>11.1f}{vs} {ci:>26} {spread:>9} {done}")
+        k16, k1 = ("mix K=16", "mix K=1") if "mix K=1" in runs else ("K=16", "K=1")
+        m, lo, hi = paired(runs, k16, k1)
+        verdict = "no difference resolved" if lo <= 1 <= hi else ("K = 16 slower" if hi < 1 else "K = 16 faster")
+        print(f"{r['mode']:<9} {k16} over {k1}, paired: {m:.3f} [{lo:.3f}, {hi:.3f}]: {verdict}")
 
 
 def plot(rows: list[dict], requests: int, tokens: int, out: Path) -> Path:
