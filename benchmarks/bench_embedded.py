@@ -100,7 +100,8 @@ async def served(url: str, model_name: str, a) -> float:
             return used
 
     t0 = time.perf_counter()
-    n = sum(await asyncio.gather(*(one(t) for t in prompts(a.prompts))))
+    async with client:  # closed inside this event loop (each workload runs its own `asyncio.run`)
+        n = sum(await asyncio.gather(*(one(t) for t in prompts(a.prompts))))
     return n / (time.perf_counter() - t0)
 
 
