@@ -192,7 +192,9 @@ def main(args) -> int:
     )
     layers = cfg.layers and list(cfg.layers)
     if getattr(args, "engine", "transformers") == "vllm":
-        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size)
+        sae_dtype = getattr(args, "sae_dtype", "float32")
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size, sae_dtype)
+        print(f"vLLM workers hold {am.sae_bytes():,} bytes of SAE weights (encoders only, {sae_dtype})")
     else:
         dtype = getattr(torch, getattr(args, "sae_dtype", "float32"))
         chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20
