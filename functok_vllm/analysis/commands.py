@@ -105,6 +105,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="SAE encoder dtype, on either engine (encoders only are loaded; see BENCHMARKS.md for how closely a lower "
         "dtype's firing sets agree with float32)",
     )
+    p.add_argument(
+        "--data-parallel-size",
+        type=positive_int,
+        default=1,
+        help="split the corpus windows over this many engine processes, each on its own GPU(s) (on CPU: its own "
+        "share of the cores), and merge their tables; equal to one process's",
+    )
     p.add_argument("--plan", action="store_true", help="print the memory and time the run needs, load nothing, exit")
     p.add_argument(
         "--plan-device", choices=["cpu", "a100", "h100", "h200"], default="cpu", help="device the plan is for"
