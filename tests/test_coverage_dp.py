@@ -3,6 +3,7 @@ not when a shard is missing or out of order), the window split, and `--data-para
 model against one process (the same files, byte for byte)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_fewer_windows_than_shards_is_refused():
         shard_bounds(3, 4)
 
 
-ARGS = ["--max-tokens", "3000", "--seq-len", "100", "--batch-size", "8"]
+ARGS = ["--max-tokens", "2050", "--seq-len", "100", "--batch-size", "8"]
 
 
 def coverage(out: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -102,7 +103,8 @@ def coverage(out: Path, *flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two shards need two cores")
 def test_two_shards_write_the_files_one_process_writes(tmp_path):
     """The transformers engine in two processes of one core each: coverage.json and coverage.csv byte-equal to one
-    process over the same 30 windows (the nulls' bootstrap over windows included: the window records are in order)."""
+    process over the same 20 windows and a 50-token tail (shards of 10 and 10 + tail, so batches of 8 + 2 against
+    8 + 8 + 4); the nulls' bootstrap over windows included, since the window records come back in order."""
     one, two = tmp_path / "one", tmp_path / "two"
     r = coverage(one, "--threads", "2")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,3 +121,17 @@ def test_more_shards_than_cores_is_refused_before_starting(tmp_path):
     r = coverage(tmp_path, "--data-parallel-size", str(n))
     assert r.returncode == 2, r.stderr
     assert f"{n} shards x 1 ranks need {n} cores" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failing_shard_fails_the_run_with_its_reason(tmp_path):
+    """An SAE whose cfg.json reads fine but whose weights do not: the check here passes, every shard fails loading
+    it, and the run ends with exit 2 naming the shard, the shard's own one-line reason above it, no traceback."""
+    from functok_vllm.paths import DEMO_SAES
+
+    saes = tmp_path / "saes"
+    shutil.copytree(DEMO_SAES, saes)
+    (saes / "layer_1" / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    r = coverage(tmp_path / "out", "--saes", str(saes), "--data-parallel-size", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "cannot be read as safetensors" in r.stderr and "coverage shard" in r.stderr and "failed" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "coverage.json").exists()

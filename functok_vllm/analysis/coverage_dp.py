@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -111,11 +112,15 @@ def build_graphs(args: Namespace, layers: list[int], stream: torch.Tensor, seq_l
                 env["CUDA_VISIBLE_DEVICES"] = place["cuda"]
             cmd = [sys.executable, "-m", "functok_vllm.analysis.coverage_dp", str(scratch / f"job_{i}.json")]
             procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait() for p in procs]
-        failed = [i for i, rc in enumerate(codes) if rc != 0]
+        while any(p.poll() is None for p in procs):  # the first failure ends the run (`finally` stops the rest)
+            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                break
+            time.sleep(0.5)
+        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
         if failed:
-            i = failed[0]
-            raise CLIError(f"coverage shard {i} of {n} failed (exit code {codes[i]}); its messages are above")
+            i, rc = failed[0]
+            raise CLIError(f"coverage shard {i} of {n} failed (exit code {rc}); its messages are above")
         parts = [
             {
                 layer: EdgeBits.from_state(load_file(str(scratch / f"shard_{i}" / f"layer_{layer}.safetensors")))
@@ -133,7 +138,7 @@ def build_graphs(args: Namespace, layers: list[int], stream: torch.Tensor, seq_l
 
 
 def run_shard(job: dict) -> None:
-    """A child: pin itself, open its engine, capture its windows, write out_dir/shard_i/layer_L.safetensors."""
+    """A child: pin itself, open its engine, capture its windows, write SCRATCH/shard_i/layer_L.safetensors."""
     from functok_vllm.analysis import coverage
 
     args, i, n = Namespace(**job["args"]), job["shard"], job["shards"]
