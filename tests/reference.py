@@ -100,10 +100,13 @@ def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
     return out
 
 
-def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec, grab=None) -> torch.Tensor:
+def logprobs(
+    model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec, grab=None, before=None
+) -> torch.Tensor:
     """(seq - 1, vocab) next-token log-probabilities after ids[:t], t >= 1, with `spec` applied at `points`
     ({layer: (layer index, site)}) through `lenses` ({layer: sae-lens SAE}). `grab`: a dict to fill with
-    {layer: (seq, d) tensor at that layer's hook point after the edits there} for each layer in `points`."""
+    {layer: (seq, d) tensor at that layer's hook point after the edits there} for each layer in `points`; `before`
+    (with `grab`): the same before the edits there (the edits upstream applied, as the forward went)."""
     layers, fam = blocks(model), family(model)
     seq = len(ids)
     sel = torch.zeros(seq, dtype=torch.bool)
@@ -121,6 +124,8 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
             delta = lens_delta(lenses[layer], h, edits) if edits else torch.zeros_like(h)
             new = t.clone()
             new[0, sel] += delta[sel]
+            if before is not None:
+                before[layer] = h.detach().clone()
             if grab is not None:
                 after = h.clone()
                 after[sel] += delta[sel]

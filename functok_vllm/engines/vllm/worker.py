@@ -67,10 +67,11 @@ GRAPH_KEY = "functok_graph"  # additional_config key holding the steering finger
 def steer_and_read(mod: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The hook callback (`engines.placement.StreamFn`) at every steering layer: THE ADD of the vLLM path, the core's
     opaque op `functok::steered_hidden` (hidden + delta(hidden + residual); `core/steer.py` says why it must be opaque
-    to Inductor), then the feature readout op on what it leaves (`feature_op.py`). `mod` is the hooked module, which
-    holds the layer's tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
-    out = mod.functok_steer.steered_hidden(hidden, residual)
-    torch.ops.functok.read_features(out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
+    to Inductor), then the feature readout op on what it was given and what it leaves (`feature_op.py`: readouts and
+    captures before or after this layer's edits, in one op). `mod` is the hooked module, which holds the layer's
+    tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
+    out = mod.functok_steer.steered_hidden(hidden, residual)  # never aliases `hidden`: both stay readable
+    torch.ops.functok.read_features(hidden, out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
     return out
 
 
