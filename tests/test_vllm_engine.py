@@ -213,6 +213,16 @@ def test_config_defaults_and_function_token_lookup(tmp_path):
         from_additional_config({"functok": {"sae": []}})
     with pytest.raises(ValueError, match="neither an SAE directory"):
         from_additional_config({"functok": {"saes": [str(tmp_path)], "function_tokens": str(DEMO_FUNCTION_TOKENS)}})
+    assert not demo.capture_only and demo.sae_dtype is None  # a steering engine unless asked
+    cap = from_additional_config({"functok": {"capture_only": True, "sae_dtype": "bfloat16"}}, str(DEMO_MODEL))
+    assert cap.capture_only and cap.sae_dtype == "bfloat16"
+    for bad, why in [
+        ({"capture_only": "yes"}, "capture_only: true or false"),
+        ({"capture_only": True, "sae_dtype": "int8"}, "sae_dtype: one of"),
+        ({"sae_dtype": "bfloat16"}, "sae_dtype: only with capture_only"),  # a steering engine uses the model's
+    ]:
+        with pytest.raises(ValueError, match=why):
+            from_additional_config({"functok": bad}, str(DEMO_MODEL))
 
 
 def test_cache_salt_separates_what_is_steered_differently(demo_tokenizer, demo_function_tokens):

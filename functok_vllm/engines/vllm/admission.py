@@ -110,6 +110,8 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     if given is None and feats is None and reads is None and caps is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
     adm = compat.processor_state(self, Admission)
+    if adm.cfg.capture_only:
+        _refuse_on_capture_engine(given_args)
     prompt_features = feats is not None and _features_checked(adm, feats)
     prompt_features |= reads is not None and _readout_checked(adm.vllm_config, reads)
     prompt_features |= caps is not None and _readout_checked(adm.vllm_config, caps, "capture")
@@ -134,6 +136,19 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
     sp.extra_args = extra or None
     return request
+
+
+def _refuse_on_capture_engine(given_args: dict) -> None:
+    """A capture-only engine holds encoder-only SAEs and no steering: a request that asks to steer or to read features
+    is refused (a 400 / a raise from `LLM.generate`), never run unsteered."""
+    from vllm.exceptions import VLLMValidationError
+
+    asked = next(k for k in (XARG, XFEAT, XREAD, XCAPTURE) if given_args.get(k) is not None)
+    raise VLLMValidationError(
+        f"this engine was started for capture only (additional_config.{CONFIG_KEY}.capture_only: its SAEs have no "
+        f"decoders and it installs no steering), so it cannot serve vllm_xargs.{asked}; start it without capture_only",
+        parameter=f"vllm_xargs.{asked}",
+    )
 
 
 def _validated(adm: Admission, given, payload) -> SteeringSpec | None:

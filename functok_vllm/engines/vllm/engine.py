@@ -196,11 +196,6 @@ class VLLMEngine(Engine):
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
         reads, capture = request.readout, request.capture
-        msg = "'before' is read by the transformers engine only (the vLLM worker reads after the steering op)"
-        if reads is not None and any(p.before for p in reads.probes):
-            raise RequestError("readout.edits", msg)
-        if capture is not None and capture.edits == "before":
-            raise RequestError("capture.edits", msg)
         if request.stop_when is not None and request.stop_when.action == "stop":
             msg = "'stop' needs each token's value in the engine loop (the transformers engine); 'flag' works here"
             raise RequestError("stop_when.action", msg)
