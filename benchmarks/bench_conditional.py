@@ -5,7 +5,9 @@ On the demo model (float32, CPU, `--threads` threads): `--requests` concurrent g
 through HFEngine in-process (bench_server's EngineModes), every request steered at every position ("all") at layer 1 by
 one edit of a kind, or unsteered (`none`): `add` (the baseline), `add` gated by a feature condition that holds at about
 half the tokens (`when_add`) or never (`when_never`), a gated clamp, a gated project_out, a gated norm-relative add, and
-`when_mix` (K = requests distinct conditional specs cycling through those kinds). `add_pool1` is the plain add on a
+`when_mix` (K = requests distinct conditional specs cycling through those kinds), and bench_vllm's mix (each spec one
+edit of each kind: add, conditional add, project_out, cap, norm-relative add) as 16 distinct specs (`mix_k16`) or one
+spec for every request (`mix_k1`), compared paired by repeat. `add_pool1` is the plain add on a
 second engine whose condition pool is one column a layer (`max_condition_columns` 1, default 32): the price every step
 pays for the pool. After a warm-up the kinds run in turn `--repeats` times, interleaved; the table shows each kind's
 median tokens/s and its ratios to `add` and `none`.
@@ -34,6 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_k import loadavg  # noqa: E402
 from bench_server import EngineModes  # noqa: E402
+from bench_vllm import op_spec  # noqa: E402
 from common import RESULTS, prompts, write_result  # noqa: E402
 
 from functok_vllm.core import SAE, SteeringTable  # noqa: E402
@@ -57,6 +60,9 @@ def specs(kind: str, n: int) -> list[SteeringSpec | None]:
     """n specs: one edit of `kind` on feature 100 at layer 1, none, or (`when_mix`) n distinct conditional ones."""
     if kind == "none":
         return [None] * n
+    if kind in ("mix_k16", "mix_k1"):  # bench_vllm's mix: one edit of each kind (add, when_add, project_out, cap,
+        # token_norm) per spec, 16 distinct specs or one for every request: the same work per token
+        return [SteeringSpec.from_dict(op_spec("mix", i % 16 if kind == "mix_k16" else 0)) for i in range(n)]
     if kind == "when_mix":
         edits = [{"layer": 1, "feature": 100 + 37 * i, **EDITS[MIXED[i % len(MIXED)]]} for i in range(n)]
         return [SteeringSpec.from_dict({"edits": [e], "positions": "all"}) for e in edits]
@@ -124,7 +130,7 @@ def main() -> int:
     ap.add_argument("--op-repeats", type=int, default=30)
     ap.add_argument("--op-threads", type=int, default=1)
     args = ap.parse_args()
-    kinds = list(dict.fromkeys(["none", "add", *EDITS, "when_mix", "add_pool1"]))
+    kinds = list(dict.fromkeys(["none", "add", *EDITS, "when_mix", "mix_k16", "mix_k1", "add_pool1"]))
     torch.set_num_threads(args.op_threads)
     op = op_times(kinds, args.requests, args.op_tokens, args.op_repeats)
     torch.set_num_threads(args.threads)
@@ -158,6 +164,8 @@ def main() -> int:
         engine.close()
         pool1.close()
     load["end"] = loadavg()
+    paired = sorted(a / b for a, b in zip(times["mix_k1"], times["mix_k16"], strict=True))  # speed K=16 / K=1
+    k16_vs_k1 = {"median": statistics.median(paired), "range": [paired[0], paired[-1]]}
     res = {k: {"seconds": statistics.median(t), "all_seconds": t, "tokens": tokens[k]} for k, t in times.items()}
     for r in res.values():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
@@ -174,7 +182,12 @@ def main() -> int:
             f"{k:>17}{r['tokens_per_s']:>10.1f}{r['ratio_vs_add']:>8.3f}{a[0]:>9.3f}..{a[1]:.3f}"
             f"{r['ratio_vs_none']:>9.3f}{n[0]:>9.3f}..{n[1]:.3f}"
         )
-    out = write_result("bench_conditional", {"args": vars(args), "loadavg": load, "results": res, "op": op})
+    print(
+        f"mix K = 16 vs K = 1, paired by repeat: {k16_vs_k1['median']:.3f} (range {k16_vs_k1['range'][0]:.3f}.."
+        f"{k16_vs_k1['range'][1]:.3f})"
+    )
+    result = {"args": vars(args), "loadavg": load, "results": res, "op": op, "mix_k16_vs_k1": k16_vs_k1}
+    out = write_result("bench_conditional", result)
     title = f"functok-tiny, HF engine, conditional edits at every position, {args.requests} req x {args.tokens} tok"
     png = plot(res, op, RESULTS / "conditional_vs_add.png", title)
     print(f"wrote {out}, {png}")
