@@ -191,6 +191,33 @@ class SeriesReadout:
         r.pieces = []
         return {"positions": positions, "values": values, "columns": cols}
 
+    def peek(self, asks: dict[str, list]) -> dict[str, dict]:
+        """One series of running requests, without forgetting it: {tag: [column, since]} -> {tag: {"positions",
+        "values"}} for the positions from `since` on that every layer has read (a `stop_when`'s series, read per
+        delta: the pieces are scanned from the newest back). A tag this worker does not read that column for is
+        left out."""
+        out = {}
+        for tag, (col, since) in asks.items():
+            r = self.by_tag.get(tag) or self.done.get(tag)
+            layers = [L for (L, _), g in (r.groups.items() if r else ()) if col in g.cols]
+            if not layers:
+                continue
+            fresh = []
+            for p in reversed(r.pieces):
+                if p.start + p.count <= since:
+                    break
+                fresh.append(p)
+            positions, values = [], []
+            for p in reversed(fresh):
+                if layers[0] not in p.seen:  # a planned forward that did not run (as `take`): a gap the caller sees
+                    continue
+                cols, batch, a, b = next(e for e in p.buf if col in e[0])
+                first = max(since - p.start, 0)
+                positions += range(p.start + first, p.start + p.count)
+                values += batch.vals[a + first : b, list(cols).index(col)].float().cpu().tolist()
+            out[tag] = {"positions": positions, "values": values}
+        return out
+
     def drop(self, tag: str) -> None:
         self.done.pop(tag, None)
         r = self.by_tag.get(tag)
