@@ -15,6 +15,9 @@ Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the wo
 that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM. A
 `readout`'s values and a `capture`'s rows ride the same side channel (`series_op.py`), fetched once when the request
 ends (`functok_readout`, `functok_request_capture`); the capture blob is formed here, as the transformers engine's.
+A `stop_when` with action "stop" reads its series per delta instead (`functok_monitor`, one RPC shared as features'):
+a delta is handed on only once its values are checked; at the trigger it is cut after the trigger token, the request
+is aborted in vLLM, and what the workers read past it is dropped from the readout, features and capture.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ computes `ProbeSet.values` once and notes each request's slice of it (no tensor 
 `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`), one request a batch: every
 position from the first prompt token on, a copy of its rows at each captured layer (only the latest row for
 `positions: "last"`). The API process takes a request's values or rows once, when it has finished
-(`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there.
+(`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there; a
+`stop_when` "stop" request's series is also read while it runs (`peek`, `collective_rpc("functok_monitor")`).
 
 Only after the edits: this op sits after the steering op, so `edits: "before"` is refused on this engine. A request
 without `readout` or `capture` costs a dictionary lookup per step.
