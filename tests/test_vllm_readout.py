@@ -63,3 +63,53 @@ def test_chunked_prefill_decode_and_recomputation_read_each_position_once(demo_s
     ro.finish(["a", "b", "c"])
     assert ro.take({"A": [4, True]}) == {"A": {"generated": []}}  # a's 4th token was never read: nothing to add
     assert ro.take({"B": [5, False]}) == {"B": {"generated": []}} and ro.take({"B": [5, False]}) == {}  # forgotten
+
+
+def test_a_monitor_peek_reads_each_new_position_once_and_leaves_the_readout_whole(demo_saes):
+    """`SeriesReadout.peek` (a vLLM "stop" monitor's per-delta read): column `col` at the positions from `since` on
+    that the forwards read, across chunked prefill, decode and a recomputation, equal to sae-lens's encode of the rows
+    given; a request or column it does not read is left out; `take` afterwards still returns every position."""
+    from functok_vllm.core.readout import Probe
+    from functok_vllm.engines.vllm.series_op import XREAD, SeriesReadout
+    from functok_vllm.readout_request import ReadoutRequest
+
+    g = torch.Generator().manual_seed(1)
+    s = {rid: torch.randn(30, 256, generator=g) * 3 for rid in ("a", "b")}  # (positions, d) of each request
+    lenses = {L: load_lens(DEMO_SAES / f"layer_{L}") for L in (1, 2)}
+    with torch.no_grad():
+        acts = {L: lenses[L].encode(s["a"]) for L in (1, 2)}  # (positions, d_sae)
+    f2, f1 = int((acts[2] > 0).sum(0).argmax()), int((acts[1] > 0).sum(0).argmax())  # busy: not a vacuous match
+    sr = SeriesReadout({L: demo_saes[L] for L in (1, 2)}, {1, 2}, "cpu")
+    req = ReadoutRequest((Probe(2, f2), Probe(1, f1)), ({}, {}))
+    sr.add_request("a", 20, {XREAD: req.to_dict()}, "A")
+    sr.add_request("b", 12, {XREAD: req.to_dict()}, "B")
+
+    def step(rows):
+        starts, qsl = np.array([st for _, st, _ in rows]), np.cumsum([0] + [h.shape[0] for _, _, h in rows])
+        sr.prepare([rid for rid, _, _ in rows], starts, qsl)
+        for layer in sr.plan or ():
+            sr.observe(layer, torch.cat([h for _, _, h in rows]), None)
+        sr.end_step()
+
+    step([("a", 0, s["a"][0:16]), ("b", 0, s["b"][0:12])])
+    assert sr.peek({"A": [0, 0]}) == {"A": {"positions": [], "values": []}}  # the prompt is not read: nothing yet
+    step([("a", 16, s["a"][16:20]), ("b", 12, s["b"][12:13])])
+    got = sr.peek({"A": [0, 19], "B": [1, 11], "Z": [0, 0]})
+    assert set(got) == {"A", "B"} and got["A"]["positions"] == [19] and got["B"]["positions"] == [11, 12]
+    step([("b", 0, s["b"][0:14])])  # b recomputed after preemption: only position 13 is new
+    step([("a", 20, s["a"][20:21]), ("b", 14, s["b"][14:15])])
+    step([("a", 21, s["a"][21:22])])
+    got = sr.peek({"A": [0, 20], "B": [1, 13]})
+    assert got["A"]["positions"] == [20, 21] and got["B"]["positions"] == [13, 14]
+    np.testing.assert_allclose(got["A"]["values"], acts[2][[20, 21], f2].numpy(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        want_b = lenses[1].encode(s["b"][[13, 14]])[:, f1].numpy()
+    np.testing.assert_allclose(got["B"]["values"], want_b, rtol=1e-4, atol=1e-5)
+    whole = sr.peek({"A": [1, 0]})["A"]
+    np.testing.assert_allclose(whole["values"], acts[1][19:22, f1].numpy(), rtol=1e-4, atol=1e-5)
+    assert (acts[1][19:22, f1] > 0).any() or (acts[2][19:22, f2] > 0).any()
+    sr.finish(["a"])
+    taken = sr.take("A")
+    assert taken["positions"] == [19, 20, 21]
+    np.testing.assert_allclose([row[1] for row in taken["values"]], whole["values"], rtol=1e-6)
+    assert sr.peek({"A": [0, 0]}) == {}  # taken: forgotten
