@@ -3,10 +3,13 @@
 `functok serve --engine vllm` on the demo model (float32, CPU, eager: `--compiled` for vLLM's compiled graph), one
 server for the run. Each round sends `--requests` concurrent greedy completions of exactly `--tokens` tokens
 (`ignore_eos`) in one of three modes: `plain` (none watches), `one_stop` (request 0 carries a "stop" monitor on layer
-0's feature 3 whose threshold is never reached, so it runs to the end and every one of its deltas is checked: the
-per-delta `collective_rpc` and the held-back delta are the whole extra cost), `all_stop` (every request carries it).
+0's feature 3 whose threshold is never reached, so it runs to the end and every one of its deltas is checked),
+`one_flag` (the same monitor with action "flag": the same worker-side readout, values fetched once at the end, so
+`one_stop` against `one_flag` is the per-delta `collective_rpc` and hold-back alone), `all_stop` (every request
+carries the "stop" monitor).
 After a warm-up the modes run in turn `--repeats` times, interleaved; the table shows each mode's median round
-tokens/s and its ratio to `plain`, and the median time of request 0 (the watched one) against `plain`'s request 0.
+tokens/s and its ratio to `plain` (with the quartiles of each round's ratio to the plain round run just before it:
+the spread the load leaves), and the median time of request 0 (the watched one) against `plain`'s request 0.
 The load average before and after goes into the JSON (2 shared cores: other jobs only ever add time).
 Writes benchmarks/results/bench_stop_when.json and benchmarks/results/stop_when_cost.png.
 
@@ -36,13 +39,13 @@ from functok_vllm.launch import functok_serve, start  # noqa: E402
 from functok_vllm.paths import DEMO_MODEL  # noqa: E402
 
 NEVER = {"feature": {"layer": 0, "feature": 3}, "above": 1e6, "tokens": 2, "action": "stop"}  # never reached
-MODES = ("plain", "one_stop", "all_stop")
+MODES = ("plain", "one_flag", "one_stop", "all_stop")
 
 
-async def one(c: httpx.AsyncClient, prompt: str, tokens: int, watch: bool) -> tuple[int, float]:
+async def one(c: httpx.AsyncClient, prompt: str, tokens: int, watch: str | None) -> tuple[int, float]:
     body = {"model": "functok-tiny", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     if watch:
-        body["stop_when"] = NEVER
+        body["stop_when"] = NEVER | {"action": watch}
     t0 = time.perf_counter()
     r = await c.post("/v1/completions", json=body)
     r.raise_for_status()
@@ -53,7 +56,9 @@ async def one(c: httpx.AsyncClient, prompt: str, tokens: int, watch: bool) -> tu
 
 
 async def round_(url: str, mode: str, ps: list[str], tokens: int) -> dict:
-    watch = [mode == "all_stop" or (mode == "one_stop" and i == 0) for i in range(len(ps))]
+    watch = [None] * len(ps)
+    if mode != "plain":
+        watch = ["stop"] * len(ps) if mode == "all_stop" else [mode.split("_")[1]] + watch[1:]
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         t0 = time.perf_counter()
         got = await asyncio.gather(*(one(c, p, tokens, w) for p, w in zip(ps, watch, strict=True)))
@@ -68,7 +73,7 @@ def plot(table: dict, out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(list(table), [table[m]["tokens_per_s"] for m in table], color=["#888", "#c66", "#a33"])
+    ax.bar(list(table), [table[m]["tokens_per_s"] for m in table], color=["#888", "#69c", "#c66", "#a33"])
     for i, m in enumerate(table):
         ax.text(i, table[m]["tokens_per_s"], f"{table[m]['ratio']:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("tokens/s (median round)")
@@ -108,10 +113,15 @@ def main() -> None:
     for m in MODES:
         tps = statistics.median(r["tokens_per_s"] for r in runs[m])
         first = statistics.median(r["first_s"] for r in runs[m])
+        paired = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs[m], runs["plain"], strict=True)]
         table[m] = {"tokens_per_s": tps, "ratio": tps / base, "first_s": first, "first_ratio": first / base_first}
-    print(f"{'mode':10s} {'tok/s':>8s} {'ratio':>6s} {'req0 s':>7s} {'ratio':>6s}")
+        table[m]["paired_quartiles"] = statistics.quantiles(paired, n=4)  # its round / the plain round beside it
+    print(f"{'mode':10s} {'tok/s':>8s} {'ratio':>6s} {'paired ratio quartiles':>24s} {'req0 s':>7s} {'ratio':>6s}")
     for m, t in table.items():
-        print(f"{m:10s} {t['tokens_per_s']:8.1f} {t['ratio']:6.2f} {t['first_s']:7.2f} {t['first_ratio']:6.2f}")
+        q = " ".join(f"{x:.2f}" for x in t["paired_quartiles"])
+        print(
+            f"{m:10s} {t['tokens_per_s']:8.1f} {t['ratio']:6.2f} {q:>24s} {t['first_s']:7.2f} {t['first_ratio']:6.2f}"
+        )
     print(f"load average before {load['before']}, after {load['after']}")
     setup = {k: getattr(a, k) for k in ("tokens", "requests", "repeats", "compiled")}
     path = write_result("bench_stop_when", {"setup": setup, "load": load, "table": table, "runs": runs})

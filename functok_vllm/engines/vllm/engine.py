@@ -314,7 +314,10 @@ class VLLMEngine(Engine):
             yield Delta("", [], "error", n, len(out_ids), 0, f"the vLLM engine failed: {type(e).__name__}")
         finally:
             if stream is not None:
-                await stream.aclose()  # a no-op once it has ended
+                try:
+                    await stream.aclose()  # a no-op once it has ended
+                except Exception:  # the engine is dead: nothing left to close
+                    log.debug("closing the output stream of %s failed", rid, exc_info=True)
             if submitted and not finished and self.llm is not None:
                 try:
                     await self.llm.abort(rid)  # before the budget is released: the worker frees its columns first
