@@ -410,6 +410,9 @@ def test_vllm_stops_where_the_reference_says_as_the_transformers_engine(vllm_ser
             assert other["finish_reason"] == "length" and other["token_ids"] == flag["token_ids"]
             assert other["text"] == flag["text"]
         assert not got_never["monitor"]["triggered"] and close(got_never["monitor"]["values"], want) <= 1e-5
+        last = {"stop_when": stop, "capture": {"layers": [1], "positions": "last"}}  # its row may lie past the stop
+        r = vh.post("/v1/completions", json=base | last)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "capture.positions", r.text
     hf = run(http, stop)  # the transformers engine, same request
     assert (hf["finish_reason"], hf["token_ids"], hf["text"]) == ("stop", got_stop["token_ids"], got_stop["text"])
     assert {k: v for k, v in hf["monitor"].items() if k not in ("values", "value")} == {
