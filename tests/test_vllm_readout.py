@@ -1,6 +1,7 @@
 """The vLLM worker's feature readout on its own (no engine): the positions it plans across chunked prefill, decode
 steps and a recomputation after preemption, each read exactly once, with values from sae-lens's `encode` of the
-rows it was given, and what the API process takes from it (once, in order, prompt and generated)."""
+rows it was given, and what the API process takes from it (once, in order, prompt and generated); a "stop"
+monitor's per-delta read and trigger over it."""
 
 import numpy as np
 import torch
@@ -113,3 +114,75 @@ def test_a_monitor_peek_reads_each_new_position_once_and_leaves_the_readout_whol
     assert taken["positions"] == [19, 20, 21]
     np.testing.assert_allclose([row[1] for row in taken["values"]], whole["values"], rtol=1e-6)
     assert sr.peek({"A": [0, 0]}) == {}  # taken: forgotten
+
+
+def test_a_stop_monitor_triggers_where_the_values_say_whatever_the_deltas_hold(demo_saes):
+    """`MonitorReader.hit` (the vLLM engine's per-delta check) over a real worker `SeriesReadout` (vLLM's
+    `collective_rpc` replaced by a direct call): for deltas of 1 to 4 tokens it returns the index, within the delta,
+    of the token where 2 values in a row first exceed the threshold, as the sae-lens values computed here say; a
+    threshold above every value never triggers; positions the workers have not read are an error message; requests
+    asking at the same moment share one call."""
+    import asyncio
+
+    from functok_vllm.core.readout import Probe
+    from functok_vllm.engines.vllm.outputs import MonitorReader
+    from functok_vllm.engines.vllm.series_op import XREAD, SeriesReadout
+    from functok_vllm.readout_request import ReadoutRequest
+    from functok_vllm.stop_when import StopWhen
+
+    class Workers:  # vLLM's collective_rpc to one worker holding `sr`
+        calls = 0
+
+        async def collective_rpc(self, method, args=()):
+            Workers.calls += 1
+            return [sr.peek(*args)] if method == "functok_monitor" else [None]
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 256, generator=g) * 3  # (positions, d)
+    with torch.no_grad():
+        acts = load_lens(DEMO_SAES / "layer_1").encode(h)  # (positions, d_sae)
+
+    def trigger_at(v, thr: float) -> int | None:  # written out: the first token ending 2 values in a row above thr
+        held = v > thr
+        return next((i for i in range(1, len(v)) if held[i - 1] and held[i]), None)
+
+    def latest(v) -> tuple[int, float]:  # the latest first trigger any threshold gives, and that threshold
+        return max((trigger_at(v, float(x) - 1e-4) or 0, float(x) - 1e-4) for x in np.minimum(v[:-1], v[1:]))
+
+    busy = (acts[19:31] > 0).sum(0).argsort(descending=True)[:64].tolist()
+    f = next(f for f in busy if 5 <= latest(acts[19:31, f].numpy())[0] <= 10)  # inside a delta of some splits below
+    v = acts[19:31, f].numpy()  # the monitor's values at positions 19 .. 30: tokens 0 .. 11
+    expect, thr = latest(v)
+    sr = SeriesReadout({1: demo_saes[1]}, {1}, "cpu")
+    req = ReadoutRequest((Probe(1, f),), ({},))
+    for tag in ("A", "B"):
+        sr.add_request(tag.lower(), 20, {XREAD: req.to_dict()}, tag)
+    starts, qsl = np.array([0, 0]), np.array([0, 31, 62])
+    sr.prepare(["a", "b"], starts, qsl)  # one forward of 31 positions each (prompt 20 + 11 fed back)
+    sr.observe(1, torch.cat([h[:31], h[:31]]), None)
+    sr.end_step()
+    reader = MonitorReader(Workers())
+
+    def first_hit(watch: StopWhen, sizes: list[int]) -> int | None:
+        tail, sent = [], 0
+        for n in sizes:
+            at = asyncio.run(reader.hit("A", watch, 19 + sent, n, tail))
+            assert not isinstance(at, str), at
+            if at is not None:
+                return sent + at
+            sent += n
+        return None
+
+    watch = StopWhen(Probe(1, f), {"layer": 1, "feature": f}, thr, float("inf"), 2, "stop", series=0)
+    for sizes in ([1] * 12, [3, 1, 4, 2, 2], [4, 4, 4], [2, 3, 3, 4]):
+        assert first_hit(watch, sizes) == expect, sizes
+    never = StopWhen(Probe(1, f), {}, float(v.max()) + 1.0, float("inf"), 2, "stop", series=0)
+    assert first_hit(never, [4, 4, 4]) is None
+    assert "positions 31..32" in asyncio.run(reader.hit("A", watch, 31, 2, []))  # never read
+    assert "positions" in asyncio.run(reader.hit("Z", watch, 19, 1, []))  # a request the workers do not know
+
+    async def both():
+        return await asyncio.gather(reader.hit("A", watch, 19, 12, []), reader.hit("B", watch, 19, 12, []))
+
+    before = Workers.calls
+    assert asyncio.run(both()) == [expect, expect] and Workers.calls == before + 1

@@ -267,6 +267,7 @@ class VLLMEngine(Engine):
                         yield Delta("", [], "error", n, len(out_ids), 0, at)
                         return
                     if at is not None:  # the monitor triggered at toks[at]: the last token the client gets
+                        log.info("stop_when stopped %s at token %d (a delta of %d)", rid, len(out_ids) + at, len(toks))
                         if at + 1 < len(toks):
                             text = cut_text(self._tokenizer, out_ids, toks[: at + 1], sent_text, p.skip_special_tokens)
                             toks, lps = toks[: at + 1], None if lps is None else lps[: at + 1]
