@@ -9,6 +9,7 @@ One child process per engine holds the engine (in-process: HFEngine, or VLLMEngi
   features             the top 8 SAE features at one layer (2) for every generated token, handed over at the end
   features streamed    the same, handed over with every delta (vLLM: one collective_rpc per delta, shared)
   readout 8            a `readout` of 8 chosen SAE features at layer 2 for every generated token, at the end
+  readout 8 before     the same read before the request's edits (`edits: "before"`; these requests have none)
   capture 1 layer      the residual at layer 2 at every position (prompt and generated), float16 safetensors at the
                        end; the child also reports the bytes of the answers per position captured
 
@@ -42,18 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prompts, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed", "readout 8", "capture 1 layer")
+MODES = ("plain", "logprobs", "prompt logprobs", "features", "features streamed", "readout 8", "readout 8 before")
+MODES += ("capture 1 layer",)
 BYTES = "capture bytes per position"  # not a workload: what `capture 1 layer` answered, per position captured
 READ_FEATURES = tuple(range(5, 2048, 256))  # 8 features of the layer-2 SAE, spread over its width
 
 
 def extras(mode: str) -> dict:
     """GenerateRequest keywords of a workload (none for plain, which a baseline tree without them runs too)."""
-    if mode == "readout 8":
+    if mode.startswith("readout 8"):
         from functok_vllm.core.readout import Probe
         from functok_vllm.readout_request import ReadoutRequest
 
-        probes = tuple(Probe(2, f) for f in READ_FEATURES)
+        probes = tuple(Probe(2, f, before=mode.endswith("before")) for f in READ_FEATURES)
         return {"readout": ReadoutRequest(probes, tuple({} for _ in probes), prompt=False)}
     if mode == "capture 1 layer":
         from functok_vllm.activation_capture import CaptureRequest
@@ -132,19 +134,19 @@ def op_cost(calls: int = 20000, repeats: int = 5) -> list[float]:
     """Microseconds per call of `functok::read_features` on (32, 256) tensors while no request asks."""
     import torch
 
-    from functok_vllm.engines.vllm.feature_op import FeatureReadout
+    from functok_vllm.engines.vllm.feature_op import READOUT_KEY, FeatureReadout
 
     torch.set_num_threads(2)
     FeatureReadout({}, "cpu")  # the worker's readout, with no plan
     h, r, marker = torch.randn(32, 256), torch.randn(32, 256), torch.zeros(1)
     op = torch.ops.functok.read_features
     for _ in range(calls // 10):
-        op(h, r, marker, 2)
+        op(h, h, r, marker, 2, READOUT_KEY)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
-            op(h, r, marker, 2)
+            op(h, h, r, marker, 2, READOUT_KEY)
         out.append((time.perf_counter() - t0) / calls * 1e6)
     return out
 

@@ -3,8 +3,8 @@ run.
 
 On the demo model (float32, CPU, `--threads` threads): `--requests` concurrent greedy requests of `--tokens` tokens each
 through HFEngine in-process (bench_server's EngineModes), every request steered at every position ("all") at layer 1 by
-one edit of a kind, or unsteered (`none`): `add` (the baseline), `add` gated by a feature condition that holds at some
-tokens (`when_add`) or never (`when_never`), a gated clamp, a gated project_out, a gated norm-relative add, and
+one edit of a kind, or unsteered (`none`): `add` (the baseline), `add` gated by a feature condition that holds at about
+half the tokens (`when_add`) or never (`when_never`), a gated clamp, a gated project_out, a gated norm-relative add, and
 `when_mix` (K = requests distinct conditional specs cycling through those kinds). `add_pool1` is the plain add on a
 second engine whose condition pool is one column a layer (`max_condition_columns` 1, default 32): the price every step
 pays for the pool. After a warm-up the kinds run in turn `--repeats` times, interleaved; the table shows each kind's
@@ -40,8 +40,8 @@ from functok_vllm.core import SAE, SteeringTable  # noqa: E402
 from functok_vllm.paths import DEMO_SAES  # noqa: E402
 from functok_vllm.steering import SteeringLimits, SteeringSpec  # noqa: E402
 
-FIRES = {"feature": 77, "above": 0.0}  # layer 1's feature 77 (the `calm` preset's): active at some tokens
-NEVER = {"feature": 77, "below": 0.0}  # an activation is never below 0
+FIRES = {"feature": 1746, "above": 0.0}  # layer 1's feature 1746: above 0 at about half the prompts' tokens
+NEVER = {"feature": 1746, "below": 0.0}  # an activation is never below 0
 EDITS = {  # kind -> the edit's fields besides layer and feature
     "add": {"strength": 8.0},
     "when_add": {"strength": 8.0, "when": FIRES},

@@ -100,10 +100,15 @@ def lens_delta(lens, h: torch.Tensor, edits: list[dict]) -> torch.Tensor:
     return out
 
 
-def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec, grab=None) -> torch.Tensor:
+def logprobs(
+    model, lenses: dict, points: dict, ids: list[int], n_prompt: int, spec, grab=None, before=None, acted=None
+) -> torch.Tensor:
     """(seq - 1, vocab) next-token log-probabilities after ids[:t], t >= 1, with `spec` applied at `points`
     ({layer: (layer index, site)}) through `lenses` ({layer: sae-lens SAE}). `grab`: a dict to fill with
-    {layer: (seq, d) tensor at that layer's hook point after the edits there} for each layer in `points`."""
+    {layer: (seq, d) tensor at that layer's hook point after the edits there} for each layer in `points`; `before`
+    (with `grab`): the same before the edits there (the edits upstream applied, as the forward went). `acted`: a
+    (seq,) bool tensor in which the positions where some edit acted are set (selected, and for an edit with "when",
+    where `holds` at its layer)."""
     layers, fam = blocks(model), family(model)
     seq = len(ids)
     sel = torch.zeros(seq, dtype=torch.bool)
@@ -119,8 +124,12 @@ def logprobs(model, lenses: dict, points: dict, ids: list[int], n_prompt: int, s
         def apply(t):  # (1, seq, d) tensor at the hook point (resid_mid: the attention output)
             h = t[0] if base_of is None else stash.pop(layer) + t[0]
             delta = lens_delta(lenses[layer], h, edits) if edits else torch.zeros_like(h)
+            for e in edits if acted is not None else ():
+                acted.logical_or_(sel & holds(lenses[layer], h, e["when"]) if "when" in e else sel)
             new = t.clone()
             new[0, sel] += delta[sel]
+            if before is not None:
+                before[layer] = h.detach().clone()
             if grab is not None:
                 after = h.clone()
                 after[sel] += delta[sel]

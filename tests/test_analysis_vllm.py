@@ -97,6 +97,38 @@ def test_vllm_loss_split_equals_transformers_loss_split(tmp_path):
                 assert b[group][key] == pytest.approx(stats[key], rel=1e-4), (group, key)
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM is not None, reason=str(NO_VLLM))
+def test_capture_engine_holds_encoders_only_and_refuses_steering():
+    """The engine coverage starts is capture-only: its worker holds the layer-1 JumpReLU SAE's encoder alone in the
+    asked dtype, measured on the worker (W_enc, b_enc, threshold, b_dec in bfloat16, against W_enc + W_dec + ... in
+    float32 for a steering worker, 4x more), and a request that asks to steer or read features is refused, not run
+    unsteered; a plain one still runs."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from functok_vllm.analysis.vllm_model import load_vllm
+    from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
+
+    am = load_vllm(DEMO_MODEL, DEMO_SAES, DEMO_FUNCTION_TOKENS, [1], sae_dtype="bfloat16")
+    try:
+        d_in, d_sae = am.saes[1].d_in, am.saes[1].d_sae
+        assert am.sae_bytes() == 2 * (d_in * d_sae + 2 * d_sae + d_in)  # no (d_sae, d_in) decoder, 2 bytes each
+        ids = am.tokenizer.encode("The cat sat on the mat because")
+        asks = {
+            "steering": {"edits": [{"layer": 1, "feature": 3, "strength": 8.0}], "positions": "all"},
+            "functok_features": {"layers": [1], "top_k": 4},
+        }
+        for key, value in asks.items():
+            params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={key: value})
+            with pytest.raises(VLLMValidationError, match=f"capture only .* cannot serve vllm_xargs.{key}"):
+                am.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        (out,) = am.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 2
+    finally:
+        am.close()
+
+
 def test_vllm_engine_refuses_a_layer_without_an_sae_before_starting(tmp_path):
     cmd = [FUNCTOK, "analyze", "coverage", "--engine", "vllm", "--layers", "3", "--out", str(tmp_path), *ARGS]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -45,28 +45,31 @@ def test_plan_runs_without_weights_and_its_memory_is_the_arithmetic(paper_scale,
     argv = ["analyze", "coverage", "--plan", "--model", str(model), "--saes", str(saes), "--max-tokens", "5000000"]
     assert cli_main([*argv, "--engine", "vllm", "--plan-device", "h100"]) == 0  # no weights exist: none were read
     out = capsys.readouterr().out
-    assert "SAE L31 weights: d_sae 1048576, bfloat16 + decoder" in out and "estimate by arithmetic" in out
+    assert "SAE L31 weights: d_sae 1048576, float32, encoder only" in out and "estimate by arithmetic" in out
 
     # by hand: embeddings 256000 x 3584 (tied); per layer Q, O 3584 x 16 x 256, K, V 3584 x 8 x 256, MLP 3x 3584 x 14336
     params = 256000 * 3584 + 42 * (3584 * 256 * (2 * 16 + 2 * 8) + 3 * 3584 * 14336)
     assert params == 9_241_100_288 == model_shape(model).params
     sae = {layer: (3584, D_SAE, "jumprelu") for layer in (9, 20, 31)}
-    vllm = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, engine="vllm", device="h100"))
+    bf16 = dict(engine="vllm", device="h100", sae_dtype="bfloat16")
+    vllm = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, **bf16))
     rows = {r[0].split(":")[0]: r for r in vllm.rows}
     assert rows["model"][1] == 2 * params  # bfloat16 weights
     encoder = 3584 * D_SAE * 2 + 3 * D_SAE * 2 + 3584 * 2  # W_enc, b_enc + threshold (+ a spare d_sae), b_dec
-    assert rows["SAE L9 weights"][1] == encoder + D_SAE * 3584 * 2  # vLLM's worker also holds W_dec
+    assert rows["SAE L9 weights"][1] == encoder  # the capture-only worker holds no W_dec
     chunk_rows = (2 << 30) // (D_SAE * 4)  # bf16 pre-activations + 2 bool masks per element
     assert chunk_rows == 512 and rows["capture L9"][0].startswith(f"capture L9: chunks of {chunk_rows} rows")
-    tp2 = make_plan(
-        PlanInput(model_shape(model), sae, 5_000_000, 256, 8, engine="vllm", device="h100", tensor_parallel=2)
-    )
+    tp2 = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, **bf16, tensor_parallel=2))
     assert tp2.rows[0][1] == params  # half the bf16 weights per GPU; every rank holds the SAEs and builds the graph
     assert tp2.device_bytes == vllm.device_bytes - params and tp2.host_bytes == 2 * vllm.host_bytes
+    dp4 = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, **bf16, data_parallel=4))
+    assert dp4.device_bytes == vllm.device_bytes and dp4.host_bytes == vllm.host_bytes  # per engine; all edges
+    assert dp4.seconds == pytest.approx(vllm.seconds / 4)  # four GPUs at once
     hf = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, sae_dtype="bfloat16"))
     hf_rows = {r[0].split(":")[0]: r for r in hf.rows}
     assert hf_rows["model"][1] == 4 * params and hf_rows["SAE L9 weights"][1] == encoder  # float32 model, no W_dec
-    assert hf.device_bytes < vllm.device_bytes and hf.seconds > vllm.seconds  # the CPU is slower than an H100
+    assert hf_rows["SAE L9 weights"] == rows["SAE L9 weights"]  # both engines: encoders only, in --sae-dtype
+    assert hf.seconds > vllm.seconds  # the CPU is slower than an H100
     assert DEVICES["cpu"].source.startswith("measured") and DEVICES["h100"].source.startswith("estimate")
 
 

@@ -87,14 +87,15 @@ def spec_at(spec: dict, strength: float) -> dict:
     return {**spec, "edits": [spec["edits"][0] | {"strength": strength}]}
 
 
-def greedy(http, steering=None) -> tuple[str, list[int]]:
+def greedy(http, steering=None) -> tuple[str, list[int], int]:
+    """(text, token ids, steered_positions) of the API's greedy completion of PROMPT."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
     if steering is not None:
         body["steering"] = steering
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
-    return choice["text"], choice["token_ids"]
+    return choice["text"], choice["token_ids"], (r.json()["steering"] or {}).get("steered_positions", 0)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_
     assert "Computing the feature dashboards" in d.execute_script("return window.sawProgress")
 
     # Find the chosen feature through the finder and add it.
-    word, feature, strength, (steered_text, steered_ids), (plain_text, _) = request.getfixturevalue("chosen")
+    word, feature, strength, (steered_text, steered_ids, _), (plain_text, _, _) = request.getfixturevalue("chosen")
     find(By.ID, "feature-query").clear()
     find(By.ID, "feature-query").send_keys(word)
     Select(find(By.ID, "feature-layer")).select_by_value(str(LAYER))
@@ -473,14 +474,16 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
         plain[0],
     )
     # Highlighted: the first 6 generated tokens fed back that are function tokens and not excluded (computed here),
-    # the page's count equals the server's, and the line says the condition gates them further.
+    # the page's count is theirs, the server's is the API's own (where the condition held: fewer), and the line says
+    # the condition gates them further.
     want = sum(t in fn and t != excluded for t in steered[1][:-1][:6])
     assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .text .tok.steered")) == want
     in_prompt = sum(t in fn and t != excluded for t in prompt_ids[-8:])
     assert len(d.find_elements(By.CSS_SELECTOR, "#panel-steered .prompt-strip .tok.steered")) == in_prompt
     count = find(By.CSS_SELECTOR, "#panel-steered .count")
-    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(want + in_prompt)
-    assert "where their condition held" in count.text
+    assert count.get_attribute("data-page") == str(want + in_prompt)
+    assert count.get_attribute("data-server") == str(steered[2]) and steered[2] <= want + in_prompt
+    assert "where their condition held" in count.text and "off by" not in count.text
 
     # A prompt token's id into the picker: a click on the strip, or its arrow keys and Enter (Shift: exclude).
     find(By.CSS_SELECTOR, '#panel-steered .prompt-strip [data-prompt="0"]').click()
@@ -495,8 +498,9 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
     find(By.ID, "pos-exclude-ids").send_keys(str(excluded))
 
     # The last 3 function tokens of the prompt, and only the prompt's function-token ids but that of the first of
-    # them (any selector: "all"): the page marks the positions computed here, and the server counts as many. The
-    # window and the allowlist each matter: without either, other positions would be marked.
+    # them (any selector: "all"): the page marks the positions computed here, and the server counts those of them
+    # where the condition held (the API's own count, no more). The window and the allowlist each matter: without
+    # either, other positions would be marked.
     fn_all = [i for i, t in enumerate(prompt_ids) if t in fn]
     fn_at = fn_all[-3:]
     allow = sorted({prompt_ids[i] for i in fn_all} - {prompt_ids[fn_at[0]]})
@@ -515,11 +519,13 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
         "positions": {"select": "all", "token_ids": allow, "last_functions": 3},
     }
     assert d.execute_script("return window.sent")[-1]["steering"] == narrowed
-    assert d.execute_script(text_of, "#panel-steered") == greedy(http, narrowed)[0]
+    api_text, _, api_count = greedy(http, narrowed)
+    assert d.execute_script(text_of, "#panel-steered") == api_text
     marked = [int(s.get_attribute("data-prompt")) for s in d.find_elements(By.CSS_SELECTOR, ".prompt-strip .steered")]
     assert marked == want_marked
-    count = find(By.CSS_SELECTOR, "#panel-steered .count")
-    assert count.get_attribute("data-page") == count.get_attribute("data-server") == str(len(marked))
+    count = find(By.CSS_SELECTOR, "#panel-steered .count")  # the server: those of them where the condition held
+    assert count.get_attribute("data-page") == str(len(marked)) and count.get_attribute("data-server") == str(api_count)
+    assert api_count <= len(marked) and "off by" not in count.text
     find(By.ID, "pos-last-functions").clear()
     find(By.ID, "pos-token-ids").clear()
     Select(find(By.ID, "positions")).select_by_value("function")

@@ -3,7 +3,9 @@
 prompt and generated log-probabilities against the independent reference (`reference.py`: a plain transformers
 forward whose hooks read each condition with sae-lens, or as h . v, and write the operation out) within 1e-4
 (float32). Specs without vectors go in as JSON text (what a client of stock `vllm serve` writes: the admission hook
-parses it), the others as `SteeringSpec` objects (an offline caller's).
+parses it), the others as `SteeringSpec` objects (an offline caller's). What the worker reports as applied
+(`functok_applied`, the engine's `steered_positions`) is the positions where some edit acted, counted by the
+reference: a conditional edit's where its condition held.
 
 A random Llama (fused add+norm layers) with SAEs at attn_out (gated), resid_mid (JumpReLU, per-token normalisation)
 and mlp_out, so each condition is read from h at each kind of hook point inside vLLM's compiled graph.
@@ -80,14 +82,15 @@ def test_conditional_edits_match_the_reference_on_compiled_vllm(tmp_path):
                 logprobs=0,
                 prompt_logprobs=0,
                 ignore_eos=True,
-                extra_args={"steering": s} if s is not None else None,
+                extra_args={"steering": s, "functok_id": f"c{i}"} if s is not None else None,
             )
-            for s in run
+            for i, s in enumerate(run)
         ]
         outs = llm.generate([PROMPTS[0]] * len(run), params, use_tqdm=False)
+        applied = {i: llm.collective_rpc("functok_applied", args=(f"c{i}",))[0] for i, s in enumerate(run) if s}
     finally:
         llm.llm_engine.engine_core.shutdown()
-    got_all = []
+    got_all, counts = [], []
     for i, (spec, o) in enumerate(zip(ref, outs, strict=True)):
         g = o.outputs[0]
         seq = list(o.prompt_token_ids) + list(g.token_ids)
@@ -103,9 +106,16 @@ def test_conditional_edits_match_the_reference_on_compiled_vllm(tmp_path):
         best = rows[n - 1 :].max(-1).values
         assert ((best - want[n - 1 :]) < TOL).all(), (i, spec, g.token_ids)
         got_all.append(got[: n - 1])  # the prompt's log-probabilities: the same tokens in every request
+        if spec is not None:  # what the worker applied inside the compiled graph: where some edit acted
+            acted = torch.zeros(len(seq), dtype=torch.bool)
+            logprobs(model, lenses, points, seq, n, spec, acted=acted)
+            assert applied[i] == int(acted[:-1].sum()), (i, spec, applied[i], int(acted[:-1].sum()))
+            counts.append(applied[i])
         if spec is not None and any("when" in e for e in spec["edits"]):  # the condition matters
             plain = logprobs(model, lenses, points, seq, n, unconditional(spec))
             assert float((rows - plain).abs().max()) > MOVED, (i, spec)
+    fed = len(outs[0].prompt_token_ids) + NEW - 1
+    assert fed in counts and any(0 < c < fed for c in counts), counts  # some counts are not the selector's
     for i in range(1, len(got_all)):  # agreeing with the reference is not agreeing with no steering
         moved = float((got_all[i] - got_all[0]).abs().max())
         assert moved > MOVED, (i, moved)

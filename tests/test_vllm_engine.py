@@ -77,6 +77,7 @@ def run_step(st: BatchSteering, chunks: list[tuple[str, list[int], int]], pad: i
     pos = [p for _, toks, s in chunks for p in range(s, s + len(toks))] + [0] * pad
     qsl = torch.tensor(list(itertools.accumulate([0] + [len(t) for _, t, _ in chunks])), dtype=torch.int32)
     st.prepare([rid for rid, _, _ in chunks], torch.tensor(ids, dtype=torch.int32), torch.tensor(pos), qsl)
+    st.count_applied()  # what the worker does after the forward (none runs here: no spec has `when`)
     got = st.table.slot_index[: len(ids)].tolist()
     out, i = {}, 0
     for rid, toks, _ in chunks:
@@ -212,6 +213,16 @@ def test_config_defaults_and_function_token_lookup(tmp_path):
         from_additional_config({"functok": {"sae": []}})
     with pytest.raises(ValueError, match="neither an SAE directory"):
         from_additional_config({"functok": {"saes": [str(tmp_path)], "function_tokens": str(DEMO_FUNCTION_TOKENS)}})
+    assert not demo.capture_only and demo.sae_dtype is None  # a steering engine unless asked
+    cap = from_additional_config({"functok": {"capture_only": True, "sae_dtype": "bfloat16"}}, str(DEMO_MODEL))
+    assert cap.capture_only and cap.sae_dtype == "bfloat16"
+    for bad, why in [
+        ({"capture_only": "yes"}, "capture_only: true or false"),
+        ({"capture_only": True, "sae_dtype": "int8"}, "sae_dtype: one of"),
+        ({"sae_dtype": "bfloat16"}, "sae_dtype: only with capture_only"),  # a steering engine uses the model's
+    ]:
+        with pytest.raises(ValueError, match=why):
+            from_additional_config({"functok": bad}, str(DEMO_MODEL))
 
 
 def test_cache_salt_separates_what_is_steered_differently(demo_tokenizer, demo_function_tokens):

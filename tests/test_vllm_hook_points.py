@@ -2,7 +2,10 @@
 a plain transformers forward with hooks at each hook point, activations from sae-lens), prompt and generated
 log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests; and the features
 that fired at every SAE, read out by the worker's op inside the (compiled) model and fetched as a Python caller of
-`LLM` does (`extra_args["functok_features"]`, `collective_rpc("functok_features")`), against sae-lens's encode.
+`LLM` does (`extra_args["functok_features"]`, `collective_rpc("functok_features")`), against sae-lens's encode. In
+the same batch, captures and readouts (`functok_capture`, `functok_readout`) at every hook point: the added request
+reads before its edits, the clamped and the unsteered ones after, each equal to the reference's tensor at that point
+(before: as its forward went, the edits upstream applied) within 1e-5 relative, and to sae-lens's encode of it.
 
 Random Llama (grouped-query attention, fused add+norm layers): resid_pre of block 0 (the embeddings), attn_out (a gated
 SAE), resid_mid (JumpReLU with constant_norm_rescale), mlp_out (standard with layer_norm), compiled and eager. Random
@@ -108,6 +111,33 @@ def built(tmp_path_factory):
     return out
 
 
+def reads(sites: dict, i: int) -> dict:
+    """extra_args of case i's capture and readout of every SAE layer: before the edits for the added request (1),
+    after them for the others."""
+    edits = "before" if i == 1 else "after"
+    capture = {"layers": sorted(sites), "positions": "all", "dtype": "float32", "edits": edits}
+    probes = [{"layer": L, "feature": 3 + L, "before": i == 1} for L in sorted(sites)]
+    return {"functok_capture": capture, "functok_readout": {"probes": probes, "prompt": True}}
+
+
+def check_reads(llm, tag: str, n_ids: int, stream: dict, lenses: dict) -> float:
+    """A request's capture and readout, fetched as a Python caller does, against the reference's `stream` ({layer:
+    (seq, d)}) and sae-lens's encode of it; the largest relative error."""
+    cap = llm.collective_rpc("functok_request_capture", args=(tag,))[0]
+    ro = llm.collective_rpc("functok_readout", args=(tag,))[0]
+    assert cap["positions"] == list(range(n_ids - 1)) == ro["positions"]  # the last token is never forwarded
+    worst = 0.0
+    for col, L in enumerate(sorted(stream)):
+        want = stream[L][: n_ids - 1].double()
+        got = torch.frombuffer(bytearray(cap["rows"][L]), dtype=torch.float32).view(n_ids - 1, -1).double()
+        worst = max(worst, float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()))
+        with torch.no_grad():
+            acts = lenses[L].encode(want.float())[:, 3 + L].double()
+        vals = torch.tensor([v[col] for v in ro["values"]], dtype=torch.float64)
+        worst = max(worst, float((vals - acts).norm() / acts.norm()) if acts.any() else float(vals.abs().max()))
+    return worst
+
+
 def make_llm(model_dir, sae_dirs, enforce_eager: bool):
     return steering_llm(model_dir, sae_dirs, DEMO_FUNCTION_TOKENS, enforce_eager, max_num_seqs=8)
 
@@ -130,17 +160,26 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
                 prompt_logprobs=0,
                 ignore_eos=True,
                 extra_args={"functok_features": feats, "functok_id": f"case{i}"}
+                | reads(sites, i)
                 | ({"steering": json.dumps(s)} if s else {}),
             )
             for i, s in enumerate(cases)
         ]
         outs = llm.generate([PROMPTS[0]] * len(cases), params, use_tqdm=False)
         read = llm.collective_rpc("functok_features", args=({f"case{i}": [NEW, True] for i in range(len(cases))},))[0]
+        model = eager_model(model_dir)
+        lenses = {L: load_lens(p) for L, p in saes.items()}
+        points = {L: (L, site) for L, (site, _, _) in sites.items()}
+        for i, (spec, o) in enumerate(zip(cases, outs, strict=True)):
+            ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+            after, before = {}, {}
+            logprobs(model, lenses, points, ids, len(o.prompt_token_ids), spec, after, before)
+            err = check_reads(llm, f"case{i}", len(ids), before if i == 1 else after, lenses)
+            assert err <= 1e-5, (name, mode, i, err)
+            if i == 1:  # before and after differ at every layer: reading the wrong one fails the check above
+                assert all(float((after[L] - before[L]).norm() / before[L].norm()) > 1e-3 for L in sites), name
     finally:
         llm.llm_engine.engine_core.shutdown()
-    model = eager_model(model_dir)
-    lenses = {L: load_lens(p) for L, p in saes.items()}
-    points = {L: (L, site) for L, (site, _, _) in sites.items()}
     got_first = []
     fired = 0
     for i, (spec, o) in enumerate(zip(cases, outs, strict=True)):

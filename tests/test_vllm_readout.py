@@ -89,7 +89,8 @@ def test_a_monitor_peek_reads_each_new_position_once_and_leaves_the_readout_whol
         starts, qsl = np.array([st for _, st, _ in rows]), np.cumsum([0] + [h.shape[0] for _, _, h in rows])
         sr.prepare([rid for rid, _, _ in rows], starts, qsl)
         for layer in sr.plan or ():
-            sr.observe(layer, torch.cat([h for _, _, h in rows]), None)
+            x = torch.cat([h for _, _, h in rows])
+            sr.observe(layer, x, x, None)
         sr.end_step()
 
     step([("a", 0, s["a"][0:16]), ("b", 0, s["b"][0:12])])
@@ -159,7 +160,8 @@ def test_a_stop_monitor_triggers_where_the_values_say_whatever_the_deltas_hold(d
         sr.add_request(tag.lower(), 20, {XREAD: req.to_dict()}, tag)
     starts, qsl = np.array([0, 0]), np.array([0, 31, 62])
     sr.prepare(["a", "b"], starts, qsl)  # one forward of 31 positions each (prompt 20 + 11 fed back)
-    sr.observe(1, torch.cat([h[:31], h[:31]]), None)
+    x = torch.cat([h[:31], h[:31]])
+    sr.observe(1, x, x, None)  # no edits here: the stream before and after them is the same
     sr.end_step()
     reader = MonitorReader(Workers())
 

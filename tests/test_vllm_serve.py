@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from helpers import openai_client
+from test_conditional_http import acted_count, demo_reference, gated_edits
 
 from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.engines.vllm.settings import EXTENSION
@@ -203,6 +204,27 @@ class TestFunctokServeVLLM:
         assert r["choices"][0]["text"] == steered
         n = r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
         assert r["steering"]["steered_positions"] == n - 1  # "all": every token that went through the model
+
+    def test_steered_positions_count_where_the_conditions_held(self, functok_vllm, demo_tokenizer):
+        """What the worker applied (`functok_applied`) for conditional edits: where a condition held (the same
+        independent count as the transformers engine's test), 0 for one that never holds."""
+        _, url = functok_vllm
+        ref = demo_reference()
+        prompt = demo_tokenizer.encode(PROMPT)
+        edits = gated_edits(ref, prompt)
+        never = [e | {"when": {"feature": 9, "below": 0.0}} for e in edits]  # an activation is never below 0
+        got = []
+        for steer in (edits, never):
+            body = {"model": "functok-tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+            body |= {"return_token_ids": True, "steering": {"edits": steer, "positions": "all"}}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(prompt), r.text
+            got.append(r.json())
+        seq = prompt + got[0]["choices"][0]["token_ids"]
+        want = acted_count(ref, seq, len(prompt), edits)
+        assert 0 < want < len(seq) - 1  # neither none nor every position: counting the selector would fail
+        assert got[0]["steering"]["steered_positions"] == want, (got[0]["steering"], want)
+        assert got[1]["steering"]["steered_positions"] == 0, got[1]["steering"]
 
     def test_named_vectors_steer_as_on_the_transformers_engine_and_as_their_inline_edits(self, functok_vllm, texts):
         client, url = functok_vllm

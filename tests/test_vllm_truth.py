@@ -60,11 +60,13 @@ def state(demo_saes, demo_function_tokens):
 
 
 def step(st: BatchSteering, chunks: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:
-    """One forward of chunks (request id, token ids, first position) in row order, plus 2 padding tokens."""
+    """One forward of chunks (request id, token ids, first position) in row order, plus 2 padding tokens: what the
+    worker does around it (no model runs: these specs have no `when`, so nothing inside it marks `applied`)."""
     ids = [t for _, toks, _ in chunks for t in toks] + [0, 0]
     pos = [p for _, toks, s in chunks for p in range(s, s + len(toks))] + [0, 0]
     qsl = torch.tensor(list(itertools.accumulate([0] + [len(t) for _, t, _ in chunks])), dtype=torch.int32)
     st.prepare([rid for rid, _, _ in chunks], torch.tensor(ids, dtype=torch.int32), torch.tensor(pos), qsl)
+    st.count_applied()
     got, out, i = st.table.slot_index[: len(ids)].tolist(), {}, 0
     for rid, toks, _ in chunks:
         out[rid], i = got[i : i + len(toks)], i + len(toks)

@@ -102,8 +102,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--sae-dtype",
         choices=["float32", "bfloat16", "float16"],
         default="float32",
-        help="SAE encoder dtype on the transformers engine (encoders only are loaded; see BENCHMARKS.md for how "
-        "closely a lower dtype's firing sets agree with float32)",
+        help="SAE encoder dtype, on either engine (encoders only are loaded; see BENCHMARKS.md for how closely a lower "
+        "dtype's firing sets agree with float32)",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        type=positive_int,
+        default=1,
+        help="split the corpus windows over this many engine processes, each on its own GPU(s) (on CPU: its own "
+        "share of the cores), and merge their tables; equal to one process's",
     )
     p.add_argument("--plan", action="store_true", help="print the memory and time the run needs, load nothing, exit")
     p.add_argument(

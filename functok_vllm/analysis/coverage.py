@@ -172,10 +172,31 @@ def write(summary: dict, out: Path, table_rows: int = 100) -> list[Path]:
     ]
 
 
-def main(args) -> int:
+def config_from_args(args) -> CoverageConfig:
+    return CoverageConfig(
+        tuple(args.layers) if args.layers else None,
+        args.max_tokens,
+        args.seq_len,
+        args.batch_size,
+        exclude_sinks=not args.keep_sinks,
+    )
+
+
+def open_engine(args, layers: list[int] | None):
+    """The analysis model `args.engine` names, with the SAE encoders of `layers` (None: all)."""
     from functok_vllm.analysis.model import load_hf
     from functok_vllm.analysis.vllm_model import load_vllm
 
+    sae_dtype = getattr(args, "sae_dtype", "float32")
+    if getattr(args, "engine", "transformers") == "vllm":
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size, sae_dtype)
+        print(f"vLLM workers hold {am.sae_bytes():,} bytes of SAE weights (encoders only, {sae_dtype})")
+        return am
+    chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20
+    return load_hf(args.model, args.saes, args.function_tokens, layers, True, getattr(torch, sae_dtype), chunk)
+
+
+def main(args) -> int:
     check_corpus(args.corpus)
     if getattr(args, "plan", False):
         from functok_vllm.analysis.plan import plan_from_args, render
@@ -183,22 +204,19 @@ def main(args) -> int:
         print(render(*plan_from_args(args)))
         return 0
 
-    cfg = CoverageConfig(
-        tuple(args.layers) if args.layers else None,
-        args.max_tokens,
-        args.seq_len,
-        args.batch_size,
-        exclude_sinks=not args.keep_sinks,
-    )
+    cfg = config_from_args(args)
     layers = cfg.layers and list(cfg.layers)
-    if getattr(args, "engine", "transformers") == "vllm":
-        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size)
+    if getattr(args, "data_parallel_size", 1) > 1:
+        from functok_vllm.analysis import coverage_dp
+
+        am, layers = coverage_dp.open_tokenizer(args)
+        stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
+        graphs = coverage_dp.build_graphs(args, layers, stream, cfg.seq_len)
     else:
-        dtype = getattr(torch, getattr(args, "sae_dtype", "float32"))
-        chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20
-        am = load_hf(args.model, args.saes, args.function_tokens, layers, True, dtype, chunk)  # encoders only
-    stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
-    summary = summarize(build_graphs(am, stream, cfg), am.fn_mask, am.decode, cfg.nulls)
+        am = open_engine(args, layers)
+        stream = token_stream(am.encode, am.eos_id, args.corpus, cfg.max_tokens)
+        graphs = build_graphs(am, stream, cfg)
+    summary = summarize(graphs, am.fn_mask, am.decode, cfg.nulls)
     paths = write(summary, Path(args.out), cfg.table_rows)
     for layer, s in summary["layers"].items():
         print(

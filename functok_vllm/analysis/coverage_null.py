@@ -63,11 +63,15 @@ def random_content_sets(count: torch.Tensor, fn_mask: torch.Tensor, n: int, seed
     return out
 
 
-def set_firings(g: EdgeBits, token_mask: torch.Tensor, pairs=None) -> torch.Tensor:
-    """(d_sae,) firings of each feature at the positions holding a token of the set (`pairs`: g.pairs(), reused)."""
+def set_firings(g: EdgeBits, masks: torch.Tensor, pairs=None, chunk: int = 64) -> torch.Tensor:
+    """(sets, d_sae) firings of each feature at the positions holding a token of each set; masks (sets, vocab) bool;
+    `pairs`: g.pairs(), reused. One sparse (d_sae, vocab) @ dense (vocab, sets) product per `chunk` sets (float64:
+    exact for counts below 2^53), not a gather and a bincount per set (100x slower at 200 sets, 2M edges)."""
     tokens, feats, n = g.pairs() if pairs is None else pairs
-    hit = token_mask.to(tokens.device)[tokens]
-    return torch.bincount(feats[hit], weights=n[hit].double(), minlength=g.d_sae).long().cpu()
+    ij = torch.stack([feats, tokens])
+    A = torch.sparse_coo_tensor(ij, n.double(), (g.d_sae, masks.shape[1]), check_invariants=True)  # (d_sae, vocab)
+    out = [torch.sparse.mm(A, m.T.double()).T for m in masks.cpu().split(chunk)]  # (chunk, d_sae) each
+    return torch.cat(out).round().long()
 
 
 def coverage_at(firings: torch.Tensor, total: torch.Tensor, m: int) -> float:
@@ -161,9 +165,8 @@ def layer_nulls(g: EdgeBits, fn_mask: torch.Tensor, cfg: NullConfig) -> dict:
     n_pos, n_fn = int(count.sum()), int(count[fn].sum())
     q = n_fn / n_pos if n_pos else 0.0
     pairs = g.pairs()
-    fn_f = set_firings(g, fn, pairs)
     sets = random_content_sets(count, fn, cfg.n_random, cfg.seed)
-    rand_f = [set_firings(g, s, pairs) for s in sets]
+    fn_f, *rand_f = set_firings(g, torch.stack([fn, *sets]), pairs)  # (d_sae,) each
     out = {
         "positions": n_pos,
         "sinks_excluded": g.n_sinks,

@@ -3,13 +3,14 @@
 Reads only the model's config.json (hidden size, layers, heads, MLP width, vocabulary, dtype) and each SAE's cfg.json
 (d_in, d_sae, architecture), then adds up what the capture holds and does (`core/capture.py`):
 
-  device: model weights; SAE encoders (+ decoders on vLLM, whose worker loads them for steering); one forward's
+  device: model weights; SAE encoders in `--sae-dtype` (both engines load no decoder for capture); one forward's
           activations; one encode chunk (rows x d_sae x `capture.element_bytes`); per-layer counts and window masks
   host:   the sparse edge set, at most (tokens x L0) edges of 16 bytes each (3x that while a merge sorts), and
           2 x d_sae / 8 bytes per window per layer; under tensor parallelism once per rank (each builds the graph)
   time:   matmul FLOPs (forward 2 x decoder params + attention, encoders 2 x d_in x d_sae per token and layer) at the
           device's rate, each encoder read once per chunk at its bandwidth, the per-(token, feature) active test and
-          scan, and the per-firing edge bookkeeping
+          scan, and the per-firing edge bookkeeping; with `--data-parallel-size N` on GPUs, wall-clock over N engines
+          at once (each holds what one engine holds, on its own GPUs); on a CPU the shards share its cores
 
 L0 (features firing per token) is not in cfg.json: `--l0` gives it (default 100, Gemma Scope's canonical choice).
 The CPU rates were measured on this project's machine; the GPU rates are vendor peaks times an assumed efficiency,
@@ -150,6 +151,7 @@ class PlanInput:
     chunk_bytes: int = 2 << 30
     l0: float = 100.0
     tensor_parallel: int = 1  # vLLM: the model sharded over this many GPUs; every rank holds every SAE and graph
+    data_parallel: int = 1  # engine processes over disjoint windows, each on its own tensor_parallel GPUs
 
 
 @dataclass
@@ -182,7 +184,7 @@ def make_plan(p: PlanInput) -> Plan:
     dev = DEVICES[p.device]
     m = p.model
     model_dtype = "float32" if p.engine == "transformers" else m.dtype
-    sae_dtype = p.sae_dtype if p.engine == "transformers" else model_dtype  # vLLM: the worker loads the model's
+    sae_dtype = p.sae_dtype
     msize, ssize = DTYPE_BYTES[model_dtype], DTYPE_BYTES[sae_dtype]
     rows_fwd = p.seq_len * p.batch_size  # tokens of one forward
     n_windows = math.ceil(p.tokens / p.seq_len)
@@ -192,19 +194,19 @@ def make_plan(p: PlanInput) -> Plan:
         2 * (m.params - m.embedding_params) * p.tokens + 2 * m.n_layers * p.tokens * p.seq_len * m.n_heads * m.head_dim
     )
     tp = p.tensor_parallel
+    dp = p.data_parallel if p.device != "cpu" else 1  # wall-clock divisor: on a CPU the shards share the cores
     shard = f", 1/{tp} per GPU" if tp > 1 else ""
     plan.add(
         f"model: {m.params / 1e9:.3f}B params in {model_dtype}{shard}",
         m.params * msize / tp,
         0,
-        fwd_flops / dev.matmul[model_dtype] / tp,
+        fwd_flops / dev.matmul[model_dtype] / tp / dp,
     )
     act = rows_fwd * (6 * m.d_model + 2 * m.d_mlp) * msize + p.batch_size * m.n_heads * p.seq_len**2 * msize
     plan.add(f"one forward's activations ({p.batch_size} x {p.seq_len} tokens)", act)
     for layer, (d_in, d_sae, arch) in p.saes.items():
         mats = 2 if arch == "gated" else 1
         enc = mats * d_in * d_sae * ssize + 3 * d_sae * ssize + d_in * ssize
-        dec = d_sae * d_in * ssize if p.engine == "vllm" else 0
         rows = min(rows_fwd, max(1, p.chunk_bytes // (d_sae * element_bytes(ssize, arch))))
         chunk = rows * d_sae * element_bytes(ssize, arch)
         n_chunks = math.ceil(p.tokens / rows)
@@ -216,10 +218,9 @@ def make_plan(p: PlanInput) -> Plan:
         small = 8 * (m.vocab + d_sae) + 2 * p.batch_size * d_sae  # counts + one batch's window masks
         windows = n_windows * 2 * math.ceil(d_sae / 8)
         edges = 16 * min(firings, m.vocab * d_sae)
-        what = f"SAE L{layer} weights: d_sae {d_sae}, {sae_dtype}{' + decoder' if dec else ', encoder only'}"
-        plan.add(what, enc + dec)
+        plan.add(f"SAE L{layer} weights: d_sae {d_sae}, {sae_dtype}, encoder only", enc)
         what = f"capture L{layer}: chunks of {rows} rows, edges, windows"
-        plan.add(what, chunk + small, tp * (3 * edges + windows), t_mm + t_elem + firings * dev.firing_s)
+        plan.add(what, chunk + small, tp * (3 * edges + windows), (t_mm + t_elem + firings * dev.firing_s) / dp)
     return plan
 
 
@@ -233,10 +234,11 @@ def fmt_time(s: float) -> str:
 
 def render(p: PlanInput, plan: Plan) -> str:
     dev = DEVICES[p.device]
+    per_gpu = p.tensor_parallel > 1 or (p.data_parallel > 1 and p.device != "cpu")
     lines = [
         f"plan: coverage of {p.tokens:,} tokens (windows of {p.seq_len}, {p.batch_size} a batch) on the {p.engine} "
         f"engine, {dev.name} ({dev.source}); L0 {p.l0:g} firings per token assumed",
-        f"  {'':58} {'per GPU' if p.tensor_parallel > 1 else 'device':>10} {'host':>10} {'time':>9}",
+        f"  {'':58} {'per GPU' if per_gpu else 'device':>10} {'host':>10} {'time':>9}",
     ]
     for what, d, h, s in plan.rows:
         lines.append(f"  {what:58} {fmt_bytes(d):>10} {fmt_bytes(h):>10} {fmt_time(s):>9}")
@@ -245,6 +247,11 @@ def render(p: PlanInput, plan: Plan) -> str:
     lines.append("  host edges: at most tokens x L0 distinct (token, feature) pairs, 16 B each, 3x while a merge sorts")
     if dev.memory and plan.device_bytes > dev.memory:
         lines.append(f"  does NOT fit: {fmt_bytes(plan.device_bytes)} > {fmt_bytes(dev.memory)} of device memory")
+    if p.data_parallel > 1:
+        gpus = f"{p.data_parallel} x {p.tensor_parallel} GPUs, the memory above on each engine's"
+        where = gpus if p.device != "cpu" else "the CPU's cores shared: no faster by arithmetic"
+        lines.append(f"  data parallel: {p.data_parallel} engine processes over disjoint windows ({where}); times are")
+        lines.append("  wall-clock with all running at once; the host memory is all shards' edges together")
     if p.engine == "vllm":
         lines.append("  vLLM also reserves --gpu-memory-utilization of the GPU for its KV cache (0.9 by default)")
     if p.engine == "transformers" and p.device != "cpu":
@@ -271,5 +278,6 @@ def plan_from_args(args) -> tuple[PlanInput, Plan]:
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         l0=args.l0,
         tensor_parallel=getattr(args, "tensor_parallel_size", 1),
+        data_parallel=getattr(args, "data_parallel_size", 1),
     )
     return p, make_plan(p)

@@ -1,11 +1,12 @@
 """The analysis model on the vLLM engine: coverage runs as capture mode of the steering worker extension.
 
-`functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off) with the worker extension,
-starts a capture session on every worker, sends each corpus window as a prompt with `max_tokens=1` (so each window
-token is forwarded exactly once, in whatever batches vLLM's scheduler makes), and reads back the graphs the workers
-wrote. The SAEs stay on the workers; this process reads only their cfg.json. `functok analyze loss-split --engine
-vllm` reads next-token losses from vLLM's prompt logprobs (no hooks, no SAEs). Reactivation, features and the steer
-sweep need per-position activations and logits in this process and run on the transformers engine only.
+`functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off) with the worker extension
+in capture-only mode (the workers load encoder-only SAEs in `--sae-dtype` and refuse steering), starts a capture
+session on every worker, sends each corpus window as a prompt with `max_tokens=1` (so each window token is forwarded
+exactly once, in whatever batches vLLM's scheduler makes), and reads back the graphs the workers wrote. The SAEs stay
+on the workers; this process reads only their cfg.json. `functok analyze loss-split --engine vllm` reads next-token
+losses from vLLM's prompt logprobs (no hooks, no SAEs). Reactivation, features and the steer sweep need per-position
+activations and logits in this process and run on the transformers engine only.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class VLLMAnalysisModel(TokenizerMixin):
         dtype: str = "float32",
         engine_args: dict | None = None,
         tensor_parallel_size: int = 1,  # ranks of vLLM's tensor parallelism (capture: rank 0 writes the tables)
+        sae_dtype: str | None = None,  # the workers' encoder dtype (None: the model's, `dtype`)
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -63,7 +65,8 @@ class VLLMAnalysisModel(TokenizerMixin):
         self.fn_mask = function_token_mask(FunctionTokens.load(function_tokens), self.vocab_size)
         self.saes, extension = {}, {}
         if sae_dirs:
-            raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens)}
+            raw = {"saes": [str(p) for p in sae_dirs], "function_tokens": str(function_tokens), "capture_only": True}
+            raw |= {"sae_dtype": sae_dtype} if sae_dtype is not None else {}
             try:
                 steer_cfg = from_additional_config({CONFIG_KEY: raw}, str(model_dir))
             except (ValueError, SAELoadError) as e:
@@ -122,6 +125,10 @@ class VLLMAnalysisModel(TokenizerMixin):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def sae_bytes(self) -> int:
+        """Bytes of SAE tensors the workers hold, all ranks together (`functok_sae_bytes`, measured on them)."""
+        return sum(sum(per.values()) for per in self.llm.collective_rpc("functok_sae_bytes"))
+
     def token_losses(self, batches, total: int | None = None, progress: bool = True, desc: str = "loss (vLLM)"):
         """(window (1, seq), next-token cross-entropy (1, seq - 1)) for every window of the batches, from vLLM's prompt
         logprobs: position t's loss is -log p(token t+1 | tokens <= t), read from the full distribution (raw logprobs,
@@ -151,15 +158,18 @@ def load_vllm(
     function_tokens: str | Path,
     layers: list[int] | None = None,
     tensor_parallel_size: int = 1,
+    sae_dtype: str | None = None,
 ) -> VLLMAnalysisModel:
-    """Check every input first (cheap, as `load_hf` does), then start vLLM with the SAEs of `layers` (default: all)."""
+    """Check every input first (cheap, as `load_hf` does), then start a capture-only vLLM with the encoders of the SAEs
+    of `layers` (default: all) in `sae_dtype` (default: float32, the engine's dtype here)."""
     from functok_vllm.analysis.model import check_model_dir, load_function_tokens, sae_configs
 
     require_vllm()
     model_dir = check_model_dir(model_dir)
     load_function_tokens(function_tokens)
     saes = [c.path for c in sae_configs(saes_dir, layers).values()]
-    return VLLMAnalysisModel(model_dir, saes, Path(function_tokens), tensor_parallel_size=tensor_parallel_size)
+    tp = tensor_parallel_size
+    return VLLMAnalysisModel(model_dir, saes, Path(function_tokens), tensor_parallel_size=tp, sae_dtype=sae_dtype)
 
 
 @dataclass

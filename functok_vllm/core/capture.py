@@ -160,6 +160,32 @@ class EdgeBits:
         g.n_sinks = int(state["n_sinks"])
         return g
 
+    @classmethod
+    def merge(cls, parts: list[EdgeBits]) -> EdgeBits:
+        """One graph from the graphs of consecutive corpus shards (data-parallel capture), equal to one pass over the
+        shards in order: token, feature, edge-firing and sink counts add, the edge sets unite, and the per-window
+        records follow one another in shard order. ValueError when the parts disagree on d_sae or vocabulary."""
+        if not parts:
+            raise ValueError("no graphs to merge")
+        first = parts[0]
+        for g in parts[1:]:
+            if (g.d_sae, g.vocab_size) != (first.d_sae, first.vocab_size):
+                raise ValueError(
+                    f"cannot merge a graph of d_sae {g.d_sae} over vocabulary {g.vocab_size} into one of d_sae "
+                    f"{first.d_sae} over {first.vocab_size}: the shards ran different SAEs or tokenizers"
+                )
+        out = cls(first.d_sae, first.vocab_size, first.device)
+        for g in parts:
+            g._merge()
+            out.token_count += g.token_count.to(out.device)
+            out.feature_count += g.feature_count.to(out.device)
+            out._pending.append((g.pair_key, g.pair_n))
+            out.win_fn += g.win_fn
+            out.win_all += g.win_all
+            out.n_sinks += g.n_sinks
+        out._merge()
+        return out
+
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n,) token ids -> (n, d_sae) bool edge rows on the host (all False for a token never seen)."""
         self._merge()

@@ -90,6 +90,13 @@ class SteeringTable:
                 raise ValueError(f"layer {layer} has an SAE already; it cannot be an add-only layer too")
             layers[layer] = SteeringLayer(None, self.slot_index, max_slots, 0, dtype, device, hook, d_model, P, C)
         self.layers = dict(sorted(layers.items()))
+        # What was applied: per step, `applied[t]` is whether any edit acted at token t. `set_slot_index` seeds it
+        # with its slot's `unconditional` flag (an edit without `when` at a layer held here acts at every token the
+        # positions select); each layer's op then marks the tokens where a conditional edit's condition held.
+        self.applied = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.unconditional = torch.zeros(max_slots, dtype=torch.bool, device=device)  # row 0 stays False
+        for op in self.layers.values():
+            op.applied = self.applied
         self._by_key: dict[str, _Slot] = {}
         self._free = list(range(max_slots - 1, 0, -1))
         self._free_cols = {layer: list(range(op.max_clamps - 1, -1, -1)) for layer, op in self.layers.items()}
@@ -123,6 +130,7 @@ class SteeringTable:
             for free, need in zip(pools, needs, strict=True)
         )
         self._write(slot, spec, cols, proj, conds)
+        self.unconditional[slot] = self._has_unconditional(spec)
         self._by_key[key] = _Slot(slot, 1, cols, proj, conds)
         return slot
 
@@ -147,7 +155,13 @@ class SteeringTable:
         for op in self.layers.values():
             op.add_table[entry.slot].zero_()
             op.norm_add_table[entry.slot].zero_()
+        self.unconditional[entry.slot] = False
         self._free.append(entry.slot)
+
+    def _has_unconditional(self, spec: Spec) -> bool:
+        """Whether `spec` has an edit without `when` at a layer of this table (it then acts at every selected token)."""
+        feats = any(e.when is None and e.layer in self.layers for e in spec.features)
+        return feats or any(v.when is None and any(L in self.layers for L in v.at) for v in spec.vectors)
 
     @torch.no_grad()
     def _write(self, slot: int, spec: Spec, cols: dict, proj: dict, conds: dict) -> None:
@@ -201,10 +215,14 @@ class SteeringTable:
             op.clamp_owner[j] = slot
 
     def set_slot_index(self, slot_per_token: torch.Tensor) -> None:
-        """Copy this step's (tokens,) slot numbers into the shared buffer the layers read."""
+        """Copy this step's (tokens,) slot numbers into the shared buffer the layers read, and seed `applied` with
+        the tokens whose slot has an unconditional edit (the layers' ops add those where a condition holds)."""
         n = slot_per_token.shape[0]
         if n > self.slot_index.shape[0]:  # transformers engine only: vLLM sizes the buffer to max_num_batched_tokens
-            self.slot_index = torch.zeros(max(n, 2 * self.slot_index.shape[0]), dtype=torch.long, device=self.device)
+            size = max(n, 2 * self.slot_index.shape[0])
+            self.slot_index = torch.zeros(size, dtype=torch.long, device=self.device)
+            self.applied = torch.zeros(size, dtype=torch.bool, device=self.device)
             for op in self.layers.values():
-                op.slot_index = self.slot_index
+                op.slot_index, op.applied = self.slot_index, self.applied
         self.slot_index[:n].copy_(slot_per_token)
+        self.applied[:n].copy_(self.unconditional[slot_per_token])

@@ -52,6 +52,8 @@ class SteeringLayer(torch.nn.Module):
         self.norm = sae.cfg.normalize_activations if sae is not None else "none"  # static: the graph is built for it
         self.max_clamps, self.max_projections, self.max_conditions = max_clamps, max_projections, max_conditions
         self.register_buffer("slot_index", slot_index, persistent=False)  # (max_tokens,) shared by all layers
+        applied = torch.zeros(slot_index.shape, dtype=torch.bool, device=device)  # the table shares one
+        self.register_buffer("applied", applied, persistent=False)  # (max_tokens,) steered_hidden marks it
         self.register_buffer("add_table", z(max_slots, d), persistent=False)  # (slots, d_model); row 0 stays zero
         self.register_buffer("norm_add_table", z(max_slots, d), persistent=False)  # (slots, d_model), times |h|
         b_dec = sae.b_dec if sae is not None and sae.cfg.apply_b_dec_to_input else z(d)
@@ -121,14 +123,21 @@ class SteeringLayer(torch.nn.Module):
 
     def steered_hidden(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """For a module output that is the pair (hidden, residual) summing to the tensor h the SAE reads (or one
-        tensor h, residual None): hidden plus `delta(h)`, in one opaque custom op (`functok::steered_hidden`: why)."""
-        return torch.ops.functok.steered_hidden(hidden, residual, *self.tables())
+        tensor h, residual None): hidden plus `delta(h)`, in one opaque custom op (`functok::steered_hidden`: why).
+        It also marks in `applied` (shared by the table's layers) the tokens where a conditional edit's condition
+        held here, so the engine can count the positions actually steered."""
+        return torch.ops.functok.steered_hidden(hidden, residual, self.applied, *self.tables())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
 
 
-def steer_delta(
+def steer_delta(h, *tables) -> torch.Tensor:
+    """(tokens, d_model) tensor the SAE reads -> (tokens, d_model) update (`steer_terms` without the mask)."""
+    return steer_terms(h, *tables)[0]
+
+
+def steer_terms(
     h,
     slot_index,
     add_table,
@@ -161,8 +170,9 @@ def steer_delta(
     clamp_cond,
     proj_cond,
     norm: str,
-) -> torch.Tensor:
-    """(tokens, d_model) tensor the SAE reads -> (tokens, d_model) update: the token's slot row of the add table, plus
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, d_model) tensor the SAE reads -> ((tokens, d_model) update, (tokens,) bool: some conditional edit's
+    condition held at that token). The update is the token's slot row of the add table, plus
     its row of the norm-relative table times |h|, plus each conditional add its slot owns where its condition holds,
     plus for each projection column its slot owns (and whose condition holds) (clamp(p, lo, hi) - p) times the
     column's unit direction (p = h . direction), plus for each clamp column likewise (value - activation) times that
@@ -196,21 +206,23 @@ def steer_delta(
     moved = torch.minimum(torch.maximum(p, proj_lo), proj_hi) - p
     mine = (slot[:, None] == proj_owner[None, :]) & gates[:, proj_cond]  # (tokens, projections)
     out = out + torch.where(mine, moved, 0) @ proj_dir  # `where`: a column's inf bound never meets another's 0
+    held = gates[:, :-1].any(dim=1)  # (tokens,) only a column its own slot owns can hold
     if sae_in is None:  # an add-only layer
-        return out
+        return out, held
     gate = sae_in @ W_gate + b_gate  # (tokens, clamps)
     mag = gate if W_mag is None else sae_in @ W_mag + b_mag
     act = mag.relu() * (gate > threshold)
     mine = (slot[:, None] == owner[None, :]) & gates[:, clamp_cond]  # (tokens, clamps)
     clamp = torch.where(mine, value - act, 0) @ W_dec  # (tokens, d_model); `where`: a NaN of a zero padding row
     # under per-token normalisation stays out of every column it does not own
-    return out + (clamp if scale is None else clamp * scale)
+    return out + (clamp if scale is None else clamp * scale), held
 
 
-@torch.library.custom_op("functok::steered_hidden", mutates_args=())
+@torch.library.custom_op("functok::steered_hidden", mutates_args=("applied",))
 def steered_hidden(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
+    applied: torch.Tensor,
     slot_index: torch.Tensor,
     add_table: torch.Tensor,
     norm_add_table: torch.Tensor,
@@ -248,11 +260,13 @@ def steered_hidden(
     Why opaque: traced as plain ops, Inductor (torch 2.13, vLLM 0.32's CPU backend) fused the read of the MLP's output
     in `hidden + residual` into a kernel scheduled before the `_C.onednn_mm` call that writes that output, so every
     request, steered or not, was computed from a stale buffer (issue 12). An opaque op is scheduled after its inputs
-    exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input.
+    exist, whatever the compiler fuses around it. (..., d_model) in and out; never aliases an input. `applied`
+    (max_tokens,) bool: the tokens where a conditional edit's condition held are set in place (it declares that
+    mutation, so the compiler keeps it and orders it; the engine seeds it per step, `SteeringTable.set_slot_index`).
     """
     h = hidden if residual is None else hidden + residual  # the SAE's tensor, maybe (1, tokens, d_model): vLLM's
     h = h.reshape(-1, hidden.shape[-1])  # Transformers backend keeps a batch dim; (tokens, d_model) from here
-    delta = steer_delta(
+    delta, held = steer_terms(
         h,
         slot_index,
         add_table,
@@ -286,9 +300,10 @@ def steered_hidden(
         proj_cond,
         norm,
     )
+    applied[: held.shape[0]] |= held
     return hidden + delta.view(hidden.shape)
 
 
 @steered_hidden.register_fake
-def _(hidden, residual, *tables):
+def _(hidden, residual, applied, *tables):
     return torch.empty_like(hidden)

@@ -232,7 +232,8 @@ class Batcher:
             seq.pen_row = self.pens.join(prompt)
         seq.kv = KVBuffer(n + seq.max_new)  # each layer's part shaped like the keys and values it produces
         positions = torch.arange(n, device=self.device)
-        steer = self._set_steering(ids, positions, [seq], torch.zeros(n, dtype=torch.long, device=self.device))
+        req = torch.zeros(n, dtype=torch.long, device=self.device)  # (n,) every token is this request's
+        steer = self._set_steering(ids, positions, [seq], req)
         if fr is not None:  # every prompt position, or only the one that predicts the first token
             self.readout.plan([(0, fr, list(range(n)) if fr.prompt else [n - 1])])
         self._plan_capture([(seq, slice(0, n))] if r.capture is not None else [])
@@ -253,6 +254,8 @@ class Batcher:
                 **self.ragged.forward_kwargs([seq.kv]),
             )
         seq.kv.length = n
+        if steer:
+            self._count_applied([seq], req)
         self.stats["prefills"] += 1
         logits = out.logits[0]  # (1, vocab)
         if scoring:
@@ -290,6 +293,8 @@ class Batcher:
             )
         for s in rows:
             s.kv.length += 1
+        if steer:
+            self._count_applied(rows, req)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += b
         self._next_tokens(rows, out.logits[:b, -1], at, self.readout.take() if wants else {})  # logits (b, vocab)
@@ -320,8 +325,8 @@ class Batcher:
         return seq.monitor_run >= stop.tokens
 
     def _set_steering(self, ids, positions, seqs: list[Seq], req: torch.Tensor) -> bool:
-        """Write this forward's per-token slots into the steering table; count steered positions per request. Whether
-        any token of the forward is steered."""
+        """Write this forward's per-token slots into the steering table. Whether any token of the forward is
+        steered (then `_count_applied` counts, after the forward, where the edits acted)."""
         if self.table is None or not any(s.slot for s in seqs):
             return False
         per_req = lambda attr: torch.tensor([getattr(s, attr) for s in seqs] + [0], device=self.device)  # noqa: E731
@@ -337,12 +342,15 @@ class Batcher:
         )
         slots = build_slot_index(step, self.fn_mask)  # (tokens,)
         self.table.set_slot_index(slots)
+        return bool(slots.any())  # one device sync a step
+
+    def _count_applied(self, seqs: list[Seq], req: torch.Tensor) -> None:
+        """After a steered forward: add to each request the positions where some edit acted (the table's `applied`:
+        selected with an unconditional edit, or where a conditional edit's condition held at some layer)."""
         counts = torch.zeros(len(seqs) + 1, dtype=torch.long, device=self.device)  # (requests + 1,)
-        counts.index_add_(0, req, (slots != 0).long())
-        counts = counts.tolist()  # one device sync a step
-        for s, c in zip(seqs, counts, strict=False):  # the last entry counts filler rows (always 0)
+        counts.index_add_(0, req, self.table.applied[: req.shape[0]].long())
+        for s, c in zip(seqs, counts.tolist(), strict=False):  # the last entry counts filler rows (always 0)
             s.steered += c
-        return any(counts)
 
     def _narrowings(self, seqs: list[Seq]):
         """The stacked narrowings of these rows (and the filler entry), kept while the rows stay the same."""

@@ -16,7 +16,9 @@ in the API process before it reaches the engine core. For a request with `extra_
 3. sets `cache_salt` from that key. vLLM's prefix cache hashes the salt into the first KV block, so a steered
    request never reuses, nor leaves behind, blocks that an unsteered or differently steered request could hit.
    Where the policy depends on the prompt (`prompt`, `generated`: its length; `last_function`: the position of its
-   last function token) that goes into the salt too, since the same tokens are then steered differently.
+   last function token) that goes into the salt too, since the same tokens are then steered differently. A spec
+   with a conditional edit (`when`) is salted by its request id: its `steered_positions` counts where its conditions
+   held, which only its own forwards know.
 
 Without `steering` in `extra_args` the wrapper only passes the call through. What admission reads once (the settings,
 the library, the function-token mask) is an `Admission` built on a processor's first steered or feature request and
@@ -108,6 +110,8 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
     if given is None and feats is None and reads is None and caps is None:
         return original(self, request_id, prompt, params, *args, **kwargs)
     adm = compat.processor_state(self, Admission)
+    if adm.cfg.capture_only:
+        _refuse_on_capture_engine(given_args)
     prompt_features = feats is not None and _features_checked(adm, feats)
     prompt_features |= reads is not None and _readout_checked(adm.vllm_config, reads)
     prompt_features |= caps is not None and _readout_checked(adm.vllm_config, caps, "capture")
@@ -132,6 +136,19 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
     sp.extra_args = extra or None
     return request
+
+
+def _refuse_on_capture_engine(given_args: dict) -> None:
+    """A capture-only engine holds encoder-only SAEs and no steering: a request that asks to steer or to read features
+    is refused (a 400 / a raise from `LLM.generate`), never run unsteered."""
+    from vllm.exceptions import VLLMValidationError
+
+    asked = next(k for k in (XARG, XFEAT, XREAD, XCAPTURE) if given_args.get(k) is not None)
+    raise VLLMValidationError(
+        f"this engine was started for capture only (additional_config.{CONFIG_KEY}.capture_only: its SAEs have no "
+        f"decoders and it installs no steering), so it cannot serve vllm_xargs.{asked}; start it without capture_only",
+        parameter=f"vllm_xargs.{asked}",
+    )
 
 
 def _validated(adm: Admission, given, payload) -> SteeringSpec | None:
@@ -265,8 +282,8 @@ def steering_context(
 def cache_salt(spec: SteeringSpec, prompt_ids: list[int] | None, fn_mask, request_id: str, roles=None) -> str:
     """Prefix-cache salt: equal only for requests whose every cached token is steered the same way."""
     key = spec.key()
-    if prompt_ids is None:  # prompt embeddings: nothing to compare, share nothing
-        key += f"|request={request_id}"
+    if prompt_ids is None or any(e.when is not None for e in spec.edits):  # share nothing: prompt embeddings have
+        key += f"|request={request_id}"  # nothing to compare, and a conditional edit's count needs its own forwards
     elif not isinstance(spec.positions, str):  # a position object: the prompt positions it selects, exactly
         key += f"|prompt_len={len(prompt_ids)}|selected={_selected(spec, prompt_ids, fn_mask, roles)}"
     elif spec.positions in ("prompt", "generated"):

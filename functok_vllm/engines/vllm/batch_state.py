@@ -19,9 +19,11 @@ may fall in any chunk); a preempted request that is recomputed compares its posi
 length, so tokens it generated before preemption stay "generated".
 
 What was applied: every steered request has a counter (an index into two device tensors): the positions it was
-actually steered at (slot != 0, so a request left unsteered by `SlotsFull` counts none) and the next position not yet
-counted, so a recomputed prefix is not counted twice. Each step adds to them with one scatter-add and one
-scatter-max, without a host sync; `applied(tag)` reads a request's count (the API process asks for it through the
+actually steered at (where some edit acted: a selected token of a spec with an unconditional edit, or a token where
+a conditional edit's condition held at some layer, as the steering op marks in the table's `applied` during the
+forward; a request left unsteered by `SlotsFull` counts none) and the next position not yet counted, so a recomputed
+prefix is not counted twice. After each forward (`count_applied`) one scatter-add and one scatter-max add to them,
+without a host sync; `applied(tag)` reads a request's count (the API process asks for it through the
 worker extension's `functok_applied` when the request ends). A finished request's count is kept, up to `KEEP_DONE`
 of them, until it is read.
 """
@@ -72,6 +74,7 @@ class BatchSteering:
         self._narrow = None  # the rows' stacked narrowings (`core.batch.Narrowings`), None when no row narrows
         self._active = False  # does any row hold a slot?
         self._dirty = 0  # slot_index[:_dirty] may be non-zero
+        self._step: tuple | None = None  # the prepared forward's (counter, position) per token, until counted
         self._arange = torch.arange(table.slot_index.shape[0], dtype=torch.int32, device=self.device)
         self.steered_tokens = torch.zeros((), dtype=torch.long, device=self.device)  # forwarded tokens steered
         n = 2 * table.max_slots
@@ -94,7 +97,8 @@ class BatchSteering:
 
         `num_cached`: prompt tokens the scheduler found in the prefix cache, which are not forwarded again. Their KV
         blocks carry this spec's salt (`admission.cache_salt`), so they were computed steered exactly so; the
-        positions the policy selects among them count as applied, once, here."""
+        positions the policy selects among them count as applied, once, here (a spec with `when` is salted by its
+        request, so it never finds any: where its conditions held is known only from its own forwards)."""
         self.finish([req_id])  # a streamed-input update of a known request: start over with its new prompt
         given = (extra_args or {}).get("steering")
         if given is None or prompt_ids is None:
@@ -165,6 +169,7 @@ class BatchSteering:
         if rows != self._rows:
             self._sync(rows)
         n = input_ids.shape[0]
+        self._step = None
         if not self._active:
             self.clear()
             return
@@ -175,10 +180,17 @@ class BatchSteering:
         slots = build_slot_index(step, self.fn_mask)  # (tokens,)
         self.table.set_slot_index(slots)
         self._dirty = max(self._dirty, n)
-        steered = slots != 0
+        self._step = (row_counter[req], positions[:n].long())  # (tokens,) each token's counter and position
+
+    def count_applied(self) -> None:
+        """After the forward that `prepare` set up: add to each request's count the positions where some edit acted
+        there (the table's `applied`: an unconditional edit at a selected token, or a condition that held)."""
+        if self._step is None:
+            return
+        counter, pos = self._step  # unsteered and padding rows have counter 0, the dump
+        self._step = None
+        steered = self.table.applied[: pos.shape[0]]
         self.steered_tokens += steered.sum()
-        counter = row_counter[req]  # (tokens,) each token's request counter; unsteered and padding rows: 0
-        pos = positions[:n].long()
         fresh = steered & (pos >= self.counted_upto[counter])  # not counted before (a recomputed prefix is)
         self.applied_count.index_add_(0, counter, fresh.long())
         self.counted_upto.scatter_reduce_(0, counter, pos + 1, "amax")

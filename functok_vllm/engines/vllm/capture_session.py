@@ -35,12 +35,14 @@ class RunnerCapture:
     ):
         if not compat.is_eager(runner):
             raise RuntimeError("functok capture needs an eager model (start vLLM with enforce_eager=True)")
-        steer = runner.functok
-        held = sorted(k for k, op in steer.table.layers.items() if op.sae is not None) if steer is not None else []
+        held = runner.functok_capture_saes  # a capture-only engine's encoder-only SAEs, else the steering table's
+        if held is None:
+            ops = runner.functok.table.layers.items() if runner.functok is not None else []
+            held = {k: op.sae for k, op in ops if op.sae is not None}
         missing = [layer for layer in layers if layer not in held]
         if missing:
-            raise ValueError(f"no SAE on this worker for layers {missing} (SAE layers here: {held})")
-        saes = {layer: steer.table.layers[layer].sae for layer in layers}
+            raise ValueError(f"no SAE on this worker for layers {missing} (SAE layers here: {sorted(held)})")
+        saes = {layer: held[layer] for layer in layers}
         vocab = runner.model_config.get_vocab_size()
         fn_mask = torch.zeros(vocab, dtype=torch.bool)
         fn_mask[list(fn_ids)] = True

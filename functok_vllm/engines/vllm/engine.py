@@ -203,11 +203,6 @@ class VLLMEngine(Engine):
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
         reads, capture = request.readout, request.capture
-        msg = "'before' is read by the transformers engine only (the vLLM worker reads after the steering op)"
-        if reads is not None and any(p.before for p in reads.probes):
-            raise RequestError("readout.edits", msg)
-        if capture is not None and capture.edits == "before":
-            raise RequestError("capture.edits", msg)
         watch = request.stop_when if request.stop_when is not None and request.stop_when.action == "stop" else None
         if watch is not None and capture is not None and capture.positions == "last":
             msg = "the worker keeps only its latest row, which may lie past the token a 'stop' monitor ends at"

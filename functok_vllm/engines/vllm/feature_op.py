@@ -3,11 +3,14 @@
 vLLM's protocol carries tokens, text and logprobs from the workers to the API process, nothing per token besides, so
 features travel on a side channel of our own:
 
-1. The op `functok::read_features(hidden, residual, marker, layer, key)` runs right after the steering op at each
-   SAE's hook point (`worker.steer_and_read`, in a hook placed before vLLM compiles), opaque to Dynamo/Inductor like
-   the steer op (it declares that it mutates `marker`, a one-element buffer, so the compiler keeps it and orders it
-   after its inputs exist). At run time it finds the worker's `FeatureReadout` in vLLM's forward context (registered
-   under `key` when the model was loaded; no module global), which does nothing unless the step has a plan.
+1. The op `functok::read_features(pre, hidden, residual, marker, layer, key)` runs right after the steering op at
+   each steering layer's hook point (`worker.steer_and_read`, in a hook placed before vLLM compiles), opaque to
+   Dynamo/Inductor like the steer op (it declares that it mutates `marker`, a one-element buffer, so the compiler
+   keeps it and orders it after its inputs exist). It is given both the steering op's input `pre` and its output
+   `hidden` (with `residual`, the stream before and after this layer's edits: readouts and captures with
+   `edits: "before"` read `pre`; features read `hidden`). At run time it finds the worker's `FeatureReadout` in
+   vLLM's forward context (registered under `key` when the model was loaded; no module global), which does nothing
+   unless the step has a plan.
 2. `FeatureReadout.prepare` (before every forward, host-side only: no device sync) plans the step: for each running
    request that asked for `features`, the tokens of its rows whose positions it has not read yet (every prompt
    position with `prompt`, else from the last prompt position on). The op encodes only those rows with the core's
@@ -41,21 +44,27 @@ READOUT_KEY = "functok.feature_readout"  # the worker's FeatureReadout in vLLM's
 
 @torch.library.custom_op("functok::read_features", mutates_args=("marker",))
 def read_features(
-    hidden: torch.Tensor, residual: torch.Tensor | None, marker: torch.Tensor, layer: int, key: str
+    pre: torch.Tensor,
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    marker: torch.Tensor,
+    layer: int,
+    key: str,
 ) -> None:
-    """Read out SAE features of `hidden + residual` (or `hidden`) at SAE layer `layer` for the planned rows, into the
-    `FeatureReadout` this forward carries under `key` (vLLM's forward context, `compat.forward_state`)."""
+    """Read out SAE features of `hidden + residual` (or `hidden`) at layer `layer` for the planned rows, into the
+    `FeatureReadout` this forward carries under `key` (vLLM's forward context, `compat.forward_state`); readouts and
+    captures read `hidden`, or `pre` (the steering op's input: this layer's edits not added) where they ask."""
     ro = compat.forward_state(key)
     if ro is not None and ro.plan is not None:
         ro.observe(layer, hidden, residual)
     if ro is not None and ro.series.plan is not None:  # a request's `readout` (`series_op.py`)
-        ro.series.observe(layer, hidden, residual)
+        ro.series.observe(layer, pre, hidden, residual)
     if ro is not None and ro.capture.plan is not None:  # a request's `capture` (`series_op.py`)
-        ro.capture.observe(layer, hidden, residual)
+        ro.capture.observe(layer, pre, hidden, residual)
 
 
 @read_features.register_fake
-def _(hidden, residual, marker, layer, key):
+def _(pre, hidden, residual, marker, layer, key):
     return None
 
 

@@ -2,12 +2,12 @@
 it keeps of them.
 
 The series travel on the side channel of `features` (`feature_op.py`): the request carries its probes in
-`extra_args["functok_readout"]` (`ReadoutRequest.to_dict`: feature ids and unit directions, plain data); the
-feature readout op, which runs right after the steering op at every steering layer, hands the stream it leaves to
-`SeriesReadout.observe` when the step has a plan. `prepare` (host-side, before each forward) plans, for each running
-request that reads series, the tokens of its rows whose positions it has not read yet (every prompt position with
-`prompt`, else from the last prompt position on: chunked prefill and a recomputation after preemption read each
-position once), batched by ProbeSet: `observe` gathers the rows of every request reading the same series at once,
+`extra_args["functok_readout"]` (`ReadoutRequest.to_dict`: feature ids and unit directions, plain data); the feature
+readout op, which runs right after the steering op at every steering layer, hands the stream before and after this
+layer's edits to `SeriesReadout.observe` when the step has a plan. `prepare` (host-side, before each forward) plans, for
+each running request that reads series, the tokens of its rows whose positions it has not read yet (every prompt
+position with `prompt`, else from the last prompt position on: chunked prefill and a recomputation after preemption read
+each position once), batched by ProbeSet: `observe` gathers the rows of every request reading the same series at once,
 computes `ProbeSet.values` once and notes each request's slice of it (no tensor op per request; `take` gathers them).
 `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`), one request a batch: every
 position from the first prompt token on, a copy of its rows at each captured layer (only the latest row for
@@ -15,8 +15,10 @@ position from the first prompt token on, a copy of its rows at each captured lay
 (`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there; a
 `stop_when` "stop" request's series is also read while it runs (`peek`, `collective_rpc("functok_monitor")`).
 
-Only after the edits: this op sits after the steering op, so `edits: "before"` is refused on this engine. A request
-without `readout` or `capture` costs a dictionary lookup per step.
+Before or after the edits: the op is given the steering op's input (the edits upstream applied, this layer's not: the
+transformers engine's "before") and its output, so a request with `edits: "before"` has its rows gathered from the
+first in the same op, and a batch mixing both reads each from its own tensor. A request without `readout` or
+`capture` costs a dictionary lookup per step.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ class Piece:
     start: int
     count: int
     buf: list | dict  # a readout's [(columns, Batch, first row, end row)]; a capture's {layer: (count, d_model) copy}
-    seen: set = field(default_factory=set)  # layers whose op filled it (a forward that did not run fills none)
+    seen: set = field(default_factory=set)  # (layer, before) the op filled (a forward that did not run fills none)
 
 
 @dataclass(eq=False)
 class Batch:
-    """What one layer reads in one step for the requests that share a ProbeSet (a capture: for one request)."""
+    """What one layer reads in one step, before or after its edits, for the requests that share a ProbeSet (a
+    capture: for one request)."""
 
+    key: tuple[int, bool]  # (layer, before): which tensor of the op its rows come from
     rows: list[int]  # flattened token indices of the step, request after request
     members: list = field(default_factory=list)  # (SeriesReader, Piece, its first row here, its end row)
     idx: torch.Tensor | None = None  # the rows on the device
@@ -60,7 +64,7 @@ class Batch:
 @dataclass
 class SeriesReader:
     req: ReadoutRequest | CaptureRequest
-    groups: dict  # (layer, False) -> ProbeGroup of the probes this worker holds; a capture: (layer, False) -> None
+    groups: dict  # (layer, before) -> ProbeGroup of the probes this worker holds; a capture: (layer, before) -> None
     prompt_len: int
     upto: int = 0  # positions below this have been planned
     pieces: list[Piece] = field(default_factory=list)
@@ -82,14 +86,14 @@ class SeriesReadout:
     def _buffer(self, m: SeriesReader, count: int):
         return []  # (its columns, the Batch, first row, end row) per layer: its values stay in the batch's tensor
 
-    def _batch_key(self, layer: int, m: SeriesReader):
-        return id(m.groups[(layer, False)].pset)  # requests reading the same series: one `values` call for all
+    def _batch_key(self, key: tuple[int, bool], m: SeriesReader):
+        return id(m.groups[key].pset)  # requests reading the same series: one `values` call for all
 
-    def _fill(self, layer: int, batch: Batch, x: torch.Tensor) -> None:
+    def _fill(self, batch: Batch, x: torch.Tensor) -> None:
         """x (rows, d_model): the batch's rows of the stream."""
-        batch.vals = batch.members[0][0].groups[(layer, False)].pset.values(x)  # (rows, n)
+        batch.vals = batch.members[0][0].groups[batch.key].pset.values(x)  # (rows, n)
         for m, piece, a, b in batch.members:  # host-side notes only: no tensor op per request
-            piece.buf.append((m.groups[(layer, False)].cols, batch, a, b))
+            piece.buf.append((m.groups[batch.key].cols, batch, a, b))
 
     def __init__(self, saes: dict, layers, device):
         self.saes, self.layers, self.device = saes, set(layers), device  # SAEs and every steering layer held here
@@ -109,7 +113,7 @@ class SeriesReadout:
         except (ValueError, TypeError, KeyError) as e:
             log.error("request %s: its %s cannot be read: %s", req_id, self.key, e)
             return
-        groups = {k: g for k, g in self._groups(req).items() if k[0] in self.layers and not k[1]}
+        groups = {k: g for k, g in self._groups(req).items() if k[0] in self.layers}
         if not groups:
             return
         r = SeriesReader(req, groups, prompt_len)
@@ -148,25 +152,27 @@ class SeriesReadout:
             piece = Piece(lo, hi - lo, self._buffer(m, hi - lo))
             m.pieces.append(piece)
             m.upto = hi
-            for layer in {layer for layer, _ in m.groups}:
-                b = batches.setdefault((layer, self._batch_key(layer, m)), Batch([]))
+            for key in m.groups:
+                b = batches.setdefault((key, self._batch_key(key, m)), Batch(key, []))
                 b.members.append((m, piece, len(b.rows), len(b.rows) + hi - lo))
                 b.rows.extend(range(first + lo - start, first + hi - start))
         plan: dict[int, list[Batch]] = {}
-        for (layer, _), b in batches.items():
+        for b in batches.values():
             b.idx = torch.tensor(b.rows, dtype=torch.long).to(self.device)
-            plan.setdefault(layer, []).append(b)
+            plan.setdefault(b.key[0], []).append(b)
         self.plan = plan or None
 
-    def observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+    def observe(self, layer: int, pre: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """pre, hidden: the steering op's input and output at `layer` (before and after this layer's edits), each
+        (..., d_model) and, with `residual`, summing to the stream."""
         d = hidden.shape[-1]
         for batch in self.plan.get(layer, ()):
-            x = hidden.reshape(-1, d)[batch.idx]  # (rows, d_model)
+            x = (pre if batch.key[1] else hidden).reshape(-1, d)[batch.idx]  # (rows, d_model)
             if residual is not None:
                 x = x + residual.reshape(-1, d)[batch.idx]
-            self._fill(layer, batch, x)
+            self._fill(batch, x)
             for _, piece, _, _ in batch.members:
-                piece.seen.add(layer)
+                piece.seen.add(batch.key)
 
     def end_step(self) -> None:
         self.plan = None
@@ -177,8 +183,7 @@ class SeriesReadout:
         r = self.done.pop(tag, None) or self.by_tag.get(tag)
         if r is None:
             return None
-        layers = {layer for layer, _ in r.groups}
-        full = [p for p in r.pieces if p.seen >= layers]  # a planned forward that did not run left no values
+        full = [p for p in r.pieces if p.seen >= set(r.groups)]  # a planned forward that did not run left no values
         positions = [p.start + j for p in full for j in range(p.count)]
         out = torch.zeros(len(positions), len(r.req.probes))  # (positions, series)
         chunks: dict[tuple, list] = {}
@@ -200,8 +205,8 @@ class SeriesReadout:
         out = {}
         for tag, (col, since) in asks.items():
             r = self.by_tag.get(tag) or self.done.get(tag)
-            layers = [L for (L, _), g in (r.groups.items() if r else ()) if col in g.cols]
-            if not layers:
+            keys = [k for k, g in (r.groups.items() if r else ()) if col in g.cols]  # its (layer, before)
+            if not keys:
                 continue
             fresh = []
             for p in reversed(r.pieces):
@@ -210,7 +215,7 @@ class SeriesReadout:
                 fresh.append(p)
             positions, values = [], []
             for p in reversed(fresh):
-                if layers[0] not in p.seen:  # a planned forward that did not run (as `take`): a gap the caller sees
+                if keys[0] not in p.seen:  # a planned forward that did not run (as `take`): a gap the caller sees
                     continue
                 cols, batch, a, b = next(e for e in p.buf if col in e[0])
                 first = max(since - p.start, 0)
@@ -227,7 +232,8 @@ class SeriesReadout:
 
 
 class CaptureCopy(SeriesReadout):
-    """A request's `capture` on the worker: copies of its rows at each captured layer held here, after the edits."""
+    """A request's `capture` on the worker: copies of its rows at each captured layer held here, after its edits there
+    or before them."""
 
     key = XCAPTURE
 
@@ -243,11 +249,12 @@ class CaptureCopy(SeriesReadout):
     def _buffer(self, m: SeriesReader, count: int):
         return {}
 
-    def _batch_key(self, layer: int, m: SeriesReader):
+    def _batch_key(self, key: tuple[int, bool], m: SeriesReader):
         return id(m)  # a batch of one request
 
-    def _fill(self, layer: int, batch: Batch, x: torch.Tensor) -> None:
+    def _fill(self, batch: Batch, x: torch.Tensor) -> None:
         (m, piece, _, _) = batch.members[0]
+        layer = batch.key[0]  # one capture reads each layer once (all before, or all after)
         if m.req.positions == "last":  # only the latest row is ever returned: earlier pieces let go of theirs
             for p in m.pieces[:-1]:
                 p.buf.clear()
@@ -264,7 +271,7 @@ class CaptureCopy(SeriesReadout):
         if r is None:
             return None
         layers = {layer for layer, _ in r.groups}
-        full = [p for p in r.pieces if p.seen >= layers and p.count]
+        full = [p for p in r.pieces if p.seen >= set(r.groups) and p.count]
         positions = [p.start + j for p in full for j in range(p.count)]
         rows = {L: torch.cat([p.buf[L] for p in full]).float().cpu().numpy().tobytes() if full else b"" for L in layers}
         r.pieces = []

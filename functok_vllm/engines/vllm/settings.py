@@ -14,6 +14,10 @@ directory's name: sae_weights/NAME and models/NAME/function_tokens.json, e.g. fo
                    `functok serve --steer-layers`: the graph is built with them
   library          a steering library directory (`functok serve --data-dir`): the API process resolves vector names
                    in requests (`{"vector": "name", "strength": s}`) from it; read-only, nothing here writes to it
+  capture_only     true: the engine is for capture (offline analysis, `capture_session.py`) only; the workers load
+                   each SAE's encoder alone (no W_dec: half the memory) and install no steering, and the API process
+                   refuses every request that asks to steer or read features (a 400, never silently unsteered)
+  sae_dtype        with capture_only: the encoders' dtype ("float32", "bfloat16", "float16"; default the model's)
 
 Everything here is torch-free apart from what the core imports, and reads SAE metadata from cfg.json only, so the API
 process validates specs without loading weights. A request's spec travels as `extra_args["steering"]`: a JSON string
@@ -38,7 +42,8 @@ XARG = "steering"  # sampling_params.extra_args[XARG]
 EXTENSION = "functok_vllm.engines.vllm.worker.SteeringWorkerExtension"
 LIMIT_KEYS = {f.name for f in fields(SteeringLimits)}
 VECTORS = "functok_vectors"  # sampling_params.extra_args[VECTORS]: the contents of the vectors a spec names
-KNOWN = {"saes", "function_tokens", "steer_layers", "library"} | LIMIT_KEYS
+KNOWN = {"saes", "function_tokens", "steer_layers", "library", "capture_only", "sae_dtype"} | LIMIT_KEYS
+SAE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class FunctokConfig:
     limits: SteeringLimits = field(default_factory=SteeringLimits)
     steer_layers: tuple[int, ...] = ()
     library: Path | None = None
+    capture_only: bool = False  # encoder-only SAEs, no steering: see the module docstring
+    sae_dtype: str | None = None  # capture_only: the encoders' dtype; None: the model's
 
     @cached_property
     def sae_configs(self) -> dict[int, SAEConfig]:
@@ -107,6 +114,13 @@ def _parse(raw, model: str | None) -> FunctokConfig:
     library = raw.get("library")
     if library is not None and not isinstance(library, str):
         raise ValueError(f"additional_config.{CONFIG_KEY}.library: a directory, got {library!r}")
+    capture_only, sae_dtype = raw.get("capture_only", False), raw.get("sae_dtype")
+    if not isinstance(capture_only, bool):
+        raise ValueError(f"additional_config.{CONFIG_KEY}.capture_only: true or false, got {capture_only!r}")
+    if sae_dtype is not None and sae_dtype not in SAE_DTYPES:
+        raise ValueError(f"additional_config.{CONFIG_KEY}.sae_dtype: one of {list(SAE_DTYPES)}, got {sae_dtype!r}")
+    if sae_dtype is not None and not capture_only:  # steering adds decoder rows to the stream in the model's dtype
+        raise ValueError(f"additional_config.{CONFIG_KEY}.sae_dtype: only with capture_only (steering: the model's)")
     shipped = shipped_saes(Path(model)) if model else None
     given = raw.get("saes", [str(shipped)] if shipped is not None else [])
     if isinstance(given, str):
@@ -127,7 +141,13 @@ def _parse(raw, model: str | None) -> FunctokConfig:
         raise ValueError(f"additional_config.{CONFIG_KEY}.{e}") from None
     try:
         cfg = FunctokConfig(
-            tuple(sae_dirs(given)), fn, limits, tuple(sorted(set(steer_layers))), Path(library) if library else None
+            tuple(sae_dirs(given)),
+            fn,
+            limits,
+            tuple(sorted(set(steer_layers))),
+            Path(library) if library else None,
+            capture_only,
+            sae_dtype,
         )
     except ValueError as e:
         raise ValueError(f"additional_config.{CONFIG_KEY}.saes: {e}") from None

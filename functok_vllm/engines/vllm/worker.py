@@ -18,10 +18,15 @@ which vLLM 0.32 uses on CPU: there is no Triton). The mixin overrides three runn
   so the compiled graph contains both ops, which read the table's buffers: graph inputs updated in place.
 - `execute_model`: new requests' metadata is cached (`BatchSteering.add_request`; a steering vector's directions
   come with the request, `extra_args["functok_vectors"]`, never from a file), finished ones are released.
-- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index,
+- `_model_forward` (vLLM's documented override point): `BatchSteering.prepare` writes the per-token slot index
+  (and `count_applied` after the forward counts where the edits acted),
   `FeatureReadout.prepare` plans the step's feature readout (only while some request asks), and in capture mode
   (`functok_capture_begin` / `functok_capture_save`, offline analysis, see `capture_session.py`) the step's token
   ids are handed to the capture hooks.
+
+Capture-only engines (`additional_config.functok.capture_only`, what `functok analyze coverage --engine vllm` starts):
+`load_model` loads each SAE's encoder alone, in `sae_dtype` (`capture_saes`), and installs no steering; the API
+process refuses steering and feature requests on them (`admission.py`).
 
 Layer outputs. A vLLM decoder layer returns `(hidden_states, residual)`; the residual stream after the layer is their
 sum, which the next layer's fused add+norm (or the final norm) forms. The hook makes a steered layer return
@@ -45,7 +50,7 @@ import torch
 from functok_vllm.core import FunctionTokens, SteeringTable
 from functok_vllm.core import condition as core_condition
 from functok_vllm.core import steer as core_steer
-from functok_vllm.core.sae import add_only_points, load_saes
+from functok_vllm.core.sae import SAE, add_only_points, load_saes
 from functok_vllm.core.vector import decode_payloads
 from functok_vllm.engines import placement
 from functok_vllm.engines.vllm import compat
@@ -63,10 +68,11 @@ GRAPH_KEY = "functok_graph"  # additional_config key holding the steering finger
 def steer_and_read(mod: torch.nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The hook callback (`engines.placement.StreamFn`) at every steering layer: THE ADD of the vLLM path, the core's
     opaque op `functok::steered_hidden` (hidden + delta(hidden + residual); `core/steer.py` says why it must be opaque
-    to Inductor), then the feature readout op on what it leaves (`feature_op.py`). `mod` is the hooked module, which
-    holds the layer's tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
-    out = mod.functok_steer.steered_hidden(hidden, residual)
-    torch.ops.functok.read_features(out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
+    to Inductor), then the feature readout op on what it was given and what it leaves (`feature_op.py`: readouts and
+    captures before or after this layer's edits, in one op). `mod` is the hooked module, which holds the layer's
+    tables (`functok_steer`, a submodule: its buffers are the graph's inputs, updated in place)."""
+    out = mod.functok_steer.steered_hidden(hidden, residual)  # never aliases `hidden`: both stay readable
+    torch.ops.functok.read_features(hidden, out, residual, mod.functok_marker, mod.functok_layer, READOUT_KEY)
     return out
 
 
@@ -76,11 +82,16 @@ class SteeringRunnerMixin:
     functok: BatchSteering | None = None
     functok_readout: FeatureReadout | None = None
     functok_capture: RunnerCapture | None = None  # a capture session (offline analysis), see capture.py
+    functok_capture_saes: dict[int, SAE] | None = None  # capture-only engines: {layer: encoder-only SAE}
     functok_step_tokens = 0
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
-        self.functok = install_steering(self)
+        cfg = from_additional_config(self.vllm_config.additional_config, self.model_config.model)
+        if cfg.capture_only:
+            self.functok_capture_saes = capture_saes(self, cfg)
+            return
+        self.functok = install_steering(self, cfg)
         if self.functok is not None:
             saes = {L: op.sae for L, op in self.functok.table.layers.items() if op.sae is not None}
             self.functok_readout = FeatureReadout(saes, self.device, self.functok.table.layers)
@@ -113,12 +124,14 @@ class SteeringRunnerMixin:
                     ro.prepare(compat.batch_rows(self), *compat.row_starts_and_qsl(self))
         cap = self.functok_capture
         try:
-            if cap is None:
-                return super()._model_forward(input_ids, positions, *args, **kwargs)
-            cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
-            pos = positions if positions is None or positions.dim() == 1 else positions[0]
-            cap.positions = pos[: cap.ids.shape[0]] if pos is not None else torch.ones_like(cap.ids)  # none: no start
-            return super()._model_forward(input_ids, positions, *args, **kwargs)
+            if cap is not None:
+                cap.ids = ids[: self.functok_step_tokens]  # (tokens,) the rows the capture hooks read
+                pos = positions if positions is None or positions.dim() == 1 else positions[0]
+                cap.positions = pos[: cap.ids.shape[0]] if pos is not None else torch.ones_like(cap.ids)  # no start
+            out = super()._model_forward(input_ids, positions, *args, **kwargs)
+            if st is not None:
+                st.count_applied()  # device ops queued after the forward: where the edits acted
+            return out
         finally:
             if cap is not None:
                 cap.ids = cap.positions = None
@@ -211,16 +224,50 @@ class SteeringWorkerExtension:
         if ro is not None:
             ro.capture.drop(tag)
 
+    def functok_sae_bytes(self) -> dict[int, int]:
+        """{layer: bytes} of the SAE tensors this worker holds (each storage once), for `collective_rpc`: what a
+        capture-only engine saves is measured here, not assumed."""
+        runner = self.model_runner
+        saes = runner.functok_capture_saes
+        if saes is None:
+            st = runner.functok
+            saes = {k: op.sae for k, op in st.table.layers.items() if op.sae is not None} if st is not None else {}
+        return {layer: sae_bytes(sae) for layer, sae in saes.items()}
+
     def functok_stats(self) -> dict[str, int]:
         """Counters of this worker's steering (for `collective_rpc("functok_stats")`)."""
         st = self.model_runner.functok
         return st.stats() if st is not None else {}
 
 
-def install_steering(runner) -> BatchSteering | None:
+def sae_bytes(sae: SAE) -> int:
+    """Bytes of the tensors one SAE object holds (its stored tensors and what its architecture derived), each
+    storage counted once."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in vars(sae).values()
+        if isinstance(t, torch.Tensor)
+    }
+    storages |= {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in sae.tensors.values()}
+    return sum(storages.values())
+
+
+def capture_saes(runner, cfg: FunctokConfig) -> dict[int, SAE]:
+    """A capture-only engine's SAEs: {layer: SAE} with encoders only (`SAE.load(decoder=False)`), in `cfg.sae_dtype`
+    (default the model's), on this worker's device; only those at layers this rank holds (pipeline parallel)."""
+    mc = runner.model_config
+    layers = placement.decoder_layers(runner.get_model())
+    configs = load_saes(list(cfg.saes), mc.get_hidden_size(), len(layers), weights=False)
+    mine = [c.path for c in configs.values() if compat.held(layers[placement.layer_of(c.hook)])]
+    dtype = getattr(torch, cfg.sae_dtype) if cfg.sae_dtype else mc.dtype
+    saes = load_saes(mine, mc.get_hidden_size(), len(layers), runner.device, dtype, decoder=False)
+    log.info("functok capture-only: encoder-only SAEs at layers %s in %s, no steering", sorted(saes), dtype)
+    return saes
+
+
+def install_steering(runner, cfg: FunctokConfig) -> BatchSteering | None:
     """Attach the steering layers to the loaded model (before warm-up/compile) and return the per-step state (None
     without SAEs or steering layers: nothing to steer)."""
-    cfg = from_additional_config(runner.vllm_config.additional_config, runner.model_config.model)
     if not (cfg.saes or cfg.steer_layers):
         log.warning("functok: no SAEs or steer_layers for %s; requests run unsteered", runner.model_config.model)
         return None

@@ -3,8 +3,8 @@
 // Which positions were steered is computed in the page from the request's `positions` (positions.js, the server's
 // rules). The prompt's ids come from POST /tokenize (the same encoding as the request), the generated ids from
 // "return_token_ids"; the total is checked against the server's `steering.steered_positions`. Where the page
-// cannot know (a chat roles selection: the role spans come from the server's chat template) it says so and shows
-// the server's count.
+// cannot know (a chat roles selection: the role spans come from the server's chat template; a conditional edit:
+// the server counts only the selected positions where its condition held) it says so and shows the server's count.
 
 import { request, stream } from "./api.js";
 import { steeringSpec } from "./edits.js";
@@ -130,8 +130,9 @@ class Panel {
     const generated = this.tokens.filter((t) => t.steered).length;
     const server = this.report ? this.report.steered_positions : null;
     this.count.dataset.server = server === null ? "" : server;
-    this.count.textContent = (chosen ? this.countLine(chosen, generated, server, tok) : this.rolesLine(generated, server)) +
-      (this.conditional ? " Conditional edits act only at those of them where their condition held." : "");
+    this.count.textContent = chosen ? this.countLine(chosen, generated, server, tok) :
+      this.rolesLine(generated, server) +
+        (this.conditional ? " Conditional edits act only at those of them where their condition held." : "");
   }
 
   countLine(chosen, generated, server, tok) {
@@ -146,6 +147,10 @@ class Panel {
     }
     this.count.dataset.page = total;
     if (server === null) return `${line}; the server reported no count.`;
+    if (this.conditional && server <= total) {
+      return `${line} selected; the server counted ${server} where an edit acted: conditional edits act only at ` +
+        "those of them where their condition held, which the page cannot see.";
+    }
     if (server === total) return `${line}; the server counted ${server} too.`;
     return `${line}; the server counted ${server}, so the highlighting here is off by ${server - total}.`;
   }
