@@ -8,8 +8,10 @@ or the projection on a vector's unit direction at `layer`, after the request's e
 predicts a generated token. The monitor *triggers* at the generated token whose predicting position completes
 `tokens` consecutive positions where the value is strictly above `above` and strictly below `below`.
 `action: "stop"` ends the generation there (that token is the last one; finish_reason "stop"), which needs the
-value per step in the engine loop: the transformers engine; `"flag"` lets it run and reports where it would have
-triggered, on both engines. Either way the choice's `monitor` says whether, where (the position and the generated
+value per step in the engine loop: the transformers engine checks it after each step (`_monitor_hit`), the vLLM
+engine fetches each delta's values from the workers and holds the delta back until they are checked, then aborts
+the request (`engines/vllm/engine.py`; stock `vllm serve` cannot); `"flag"` lets it run and reports where it would
+have triggered, on both engines. Either way the choice's `monitor` says whether, where (the position and the generated
 token's index) and with which values. A bad object is a SpecError naming the field (`stop_when.tokens`).
 """
 

@@ -345,28 +345,81 @@ def test_vllm_readouts_and_monitors_equal_the_reference(vllm_server, ref, featur
         )
 
 
+def same_monitor(a: dict, b: dict) -> bool:
+    """Two `monitor` objects agree: every field equal, the values within float32 batching noise (rel 1e-5)."""
+    rest = lambda m: {k: v for k, v in m.items() if k not in ("values", "value")}  # noqa: E731
+    return rest(a) == rest(b) and close(a["values"], b["values"]) <= 1e-5 and close([a["value"]], [b["value"]]) <= 1e-5
+
+
 @pytest.mark.vllm
-def test_vllm_flags_a_monitor_as_the_reference_says_and_refuses_to_stop(vllm_server, ref, busy, demo_tokenizer):
-    """On vLLM a monitor's values come back when the request ends: "flag" reports where it triggers (the reference's
-    values, 2 in a row above their median); "stop" needs each value in the engine loop and is a 400 naming it."""
+def test_vllm_stops_where_the_reference_says_as_the_transformers_engine(vllm_server, http, ref, busy, demo_tokenizer):
+    """A "stop" monitor on vLLM (its series read per delta from the workers): a flag request's values equal the
+    reference's (sae-lens encode of a plain forward), and a threshold chosen from them (2 in a row above it) gives a
+    trigger index computed here; in one batch beside a plain request and one whose threshold is never reached, the
+    stopped request's tokens are the unstopped run cut at that index (streamed too: nothing past it reaches the
+    client), and its text, tokens, log-probs and `monitor` equal the transformers engine's; the other two run to
+    max_tokens unchanged."""
     label = {"layer": 0, "feature": busy[0]}
-    base = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "return_token_ids": True}
-    with httpx.Client(base_url=vllm_server.url, timeout=600) as http:
-        r = http.post("/v1/completions", json=base | {"stop_when": {"feature": label, "above": -1e9, "action": "flag"}})
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        prompt = demo_tokenizer.encode(PROMPTS[1])
-        forwarded = prompt + choice["token_ids"][:-1]
-        want = want_series(ref, grab(ref, forwarded, len(prompt)), label, {})[len(prompt) - 1 :]
-        assert close(choice["monitor"]["values"], want) <= 1e-5
-        thr = float(np.median(want))
+    base = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    base["logprobs"] = 2
+    prompt = demo_tokenizer.encode(PROMPTS[1])
+    with httpx.Client(base_url=vllm_server.url, timeout=600) as vh:
+
+        def run(client, stop_when: dict | None, stream: bool = False) -> dict:
+            body = base | ({"stop_when": stop_when} if stop_when else {})
+            if not stream:
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]
+            got = {"token_ids": [], "text": "", "finish_reason": None}
+            with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        c = json.loads(line[6:])["choices"][0]
+                        got["token_ids"] += c.get("token_ids") or []
+                        got["text"] += c["text"]
+                        got["finish_reason"] = c["finish_reason"] or got["finish_reason"]
+                        got["monitor"] = c.get("monitor", got.get("monitor"))
+            return got
+
+        flag = run(vh, {"feature": label, "above": -1e9, "action": "flag"})
+        forwarded = prompt + flag["token_ids"][:-1]
+        want = want_series(ref, grab(ref, forwarded, len(prompt)), label, {})[len(prompt) - 1 :]  # (generated,)
+        assert flag["finish_reason"] == "length" and close(flag["monitor"]["values"], want) <= 1e-5
+        pairs = np.minimum(want[:-2], want[1:-1])  # each two in a row, ending before the last token
+        thr = float(pairs.max()) - 1e-3 * (1 + abs(float(pairs.max())))
         held = want > thr
-        expect = next((i for i in range(1, len(want)) if held[i - 1] and held[i]), None)
-        flag = {"feature": label, "above": thr, "tokens": 2, "action": "flag"}
-        m = http.post("/v1/completions", json=base | {"stop_when": flag}).json()["choices"][0]["monitor"]
-        assert m["triggered"] == (expect is not None) and m.get("token_index") == expect
-        r = http.post("/v1/completions", json=base | {"stop_when": flag | {"action": "stop"}})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "stop_when.action", r.text
+        expect = next(i for i in range(1, len(want)) if held[i - 1] and held[i])
+        assert expect < len(want) - 1  # a cut that drops tokens
+        stop = {"feature": label, "above": thr, "tokens": 2, "action": "stop"}
+        never = stop | {"above": float(want.max()) + 1.0}
+        with ThreadPoolExecutor(4) as pool:  # one batch: stopped, streamed stopped, plain, never triggered
+            jobs = [
+                pool.submit(run, vh, s, st) for s, st in ((stop, False), (stop, True), (None, False), (never, False))
+            ]
+            got_stop, got_streamed, got_plain, got_never = (j.result() for j in jobs)
+        cut = flag["token_ids"][: expect + 1]
+        assert got_stop["finish_reason"] == got_streamed["finish_reason"] == "stop"
+        assert got_stop["token_ids"] == got_streamed["token_ids"] == cut
+        assert got_stop["text"] == got_streamed["text"] == demo_tokenizer.decode(cut)
+        assert same_monitor(got_stop["monitor"], got_streamed["monitor"])
+        m = got_stop["monitor"]
+        assert m["triggered"] and m["token_index"] == expect and m["position"] == len(prompt) - 1 + expect
+        assert close(m["values"], want[: expect + 1]) <= 1e-5
+        assert len(got_stop["logprobs"]["token_logprobs"]) == expect + 1
+        for other in (got_plain, got_never):
+            assert other["finish_reason"] == "length" and other["token_ids"] == flag["token_ids"]
+            assert other["text"] == flag["text"]
+        assert not got_never["monitor"]["triggered"] and close(got_never["monitor"]["values"], want) <= 1e-5
+        last = {"stop_when": stop, "capture": {"layers": [1], "positions": "last"}}  # its row may lie past the stop
+        r = vh.post("/v1/completions", json=base | last)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "capture.positions", r.text
+    hf = run(http, stop)  # the transformers engine, same request
+    assert (hf["finish_reason"], hf["token_ids"], hf["text"]) == ("stop", got_stop["token_ids"], got_stop["text"])
+    assert same_monitor(m, hf["monitor"])
+    np.testing.assert_allclose(got_stop["logprobs"]["token_logprobs"], hf["logprobs"]["token_logprobs"], atol=1e-4)
+    assert got_stop["logprobs"]["tokens"] == hf["logprobs"]["tokens"]
 
 
 @pytest.mark.vllm

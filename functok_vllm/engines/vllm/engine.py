@@ -15,6 +15,9 @@ Log-probabilities are vLLM's own (`outputs.py`). Features are read out on the wo
 that moment), else once when the request ends; this is what `functok serve --engine vllm` adds to stock vLLM. A
 `readout`'s values and a `capture`'s rows ride the same side channel (`series_op.py`), fetched once when the request
 ends (`functok_readout`, `functok_request_capture`); the capture blob is formed here, as the transformers engine's.
+A `stop_when` with action "stop" reads its series per delta instead (`functok_monitor`, one RPC shared as features'):
+a delta is handed on only once its values are checked; at the trigger it is cut after the trigger token, the request
+is aborted in vLLM, and what the workers read past it is dropped from the readout, features and capture.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from functok_vllm.engines.vllm.budget import ClampBudget
 from functok_vllm.engines.vllm.feature_op import XFEAT
 from functok_vllm.engines.vllm.outputs import (
     FeatureReader,
+    MonitorReader,
+    cut_text,
     entries,
     logprobs_of,
     merge_series,
@@ -109,6 +114,7 @@ class VLLMEngine(Engine):
             self.fn_mask = self.function_tokens.mask(self.vocab_size)  # ids outside the vocabulary: refused now
         self.llm = None
         self.reader: FeatureReader | None = None
+        self.monitor: MonitorReader | None = None
         self.budget: ClampBudget | None = None
         self._stopped = False
         self._inflight: set[str] = set()
@@ -174,6 +180,7 @@ class VLLMEngine(Engine):
             )
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.reader = FeatureReader(self.llm)
+        self.monitor = MonitorReader(self.llm)
 
     async def shutdown(self) -> None:
         """Requests still running or waiting end with finish_reason "abort"; later ones get EngineStopped."""
@@ -196,9 +203,10 @@ class VLLMEngine(Engine):
             raise EngineStopped("the engine is not running (not started, or shutting down)")
         self.check_request(request, self._inflight, self.vocab_size, self.cfg.steering)
         reads, capture = request.readout, request.capture
-        if request.stop_when is not None and request.stop_when.action == "stop":
-            msg = "'stop' needs each token's value in the engine loop (the transformers engine); 'flag' works here"
-            raise RequestError("stop_when.action", msg)
+        watch = request.stop_when if request.stop_when is not None and request.stop_when.action == "stop" else None
+        if watch is not None and capture is not None and capture.positions == "last":
+            msg = "the worker keeps only its latest row, which may lie past the token a 'stop' monitor ends at"
+            raise RequestError("capture.positions", msg)
         need = ClampBudget.need(request.steering) if self.budget is not None else Counter()
         if need:
             self.budget.check(need)
@@ -224,29 +232,52 @@ class VLLMEngine(Engine):
             extra[XCAPTURE] = capture.to_dict()
         params = vllm_sampling(request, min(cap, self.max_model_len - n), extra or None)
         out_ids: list[int] = []
+        sent_text = ""  # the text handed on so far
+        tail: list[float] = []  # a "stop" monitor's latest values (fewer than it needs in a row: not triggered yet)
+        cut = None  # the first position past a "stop" monitor's trigger
         feat_sent = 0  # generated tokens whose feature entries have been read
         self._inflight.add(rid)
         held = submitted = finished = False
+        stream = None
         try:
             if need:
                 await self.budget.acquire(need)  # waits while the column pools are taken
                 held = True
             submitted = True
             first = True
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params, rid):
+            stream = self.llm.generate({"prompt_token_ids": ids}, params, rid)
+            async for out in stream:
                 c = out.outputs[0]
                 toks, text = ([], "") if score_only else (list(c.token_ids), c.text)
                 finished = out.finished
                 reason = FINISH.get(c.finish_reason, "error") if finished else None
                 reason = "length" if score_only and reason == "stop" else reason
                 error = f"vLLM finished the request with {c.finish_reason!r}" if reason == "error" else None
+                lps = [] if score_only else c.logprobs
+                if watch is not None and toks and reason != "error":  # held back until its values are checked
+                    at = await self.monitor.hit(rid, watch, n - 1 + len(out_ids), len(toks), tail)
+                    if isinstance(at, str):  # its values could not be read: fail it, never guess
+                        await self._abort(rid)
+                        finished = False  # so that `finally` drops what the workers hold of it
+                        yield Delta("", [], "error", n, len(out_ids), 0, at)
+                        return
+                    if at is not None:  # the monitor triggered at toks[at]: the last token the client gets
+                        log.info("stop_when stopped %s at token %d (a delta of %d)", rid, len(out_ids) + at, len(toks))
+                        if at + 1 < len(toks):
+                            text = cut_text(self._tokenizer, out_ids, toks[: at + 1], sent_text, p.skip_special_tokens)
+                            toks, lps = toks[: at + 1], None if lps is None else lps[: at + 1]
+                        if not finished:
+                            finished = True
+                            await self._abort(rid)  # out of the batch now; its values stay for the reads below
+                        reason, cut = "stop", n + len(out_ids) + at  # positions read from here on are dropped
+                sent_text += text
                 steered = await self._applied(rid) if finished and spec is not None else 0
                 d = Delta(text, toks, reason, n, len(out_ids) + len(toks), steered, error)  # counts are totals
-                d.logprobs = logprobs_of(toks, [] if score_only else c.logprobs, request.logprobs)
+                d.logprobs = logprobs_of(toks, lps, request.logprobs)
                 if first:
                     d.prompt_logprobs = prompt_logprobs_of(ids, out.prompt_logprobs, request.prompt_logprobs)
                 out_ids += toks
-                if fr is not None and (request.stream or finished) and reason != "error":
+                if fr is not None and (request.stream or finished) and reason != "error":  # (cut: then finished)
                     got = await self.reader.take(rid, len(out_ids), fr.prompt)
                     rows = got.get("generated", [])  # entries of the tokens from feat_sent on
                     d.features = entries(out_ids[feat_sent:], n - 1 + feat_sent, rows, fr.layers)
@@ -254,11 +285,15 @@ class VLLMEngine(Engine):
                     if "prompt" in got:
                         d.prompt_features = entries(ids, 0, got["prompt"], fr.layers)
                 if reads is not None and reason in ("stop", "length"):
-                    d.readout = await self._readout(rid, ids + out_ids)
+                    d.readout = await self._readout(rid, ids + out_ids, cut)
                 if capture is not None and reason in ("stop", "length"):
-                    d.capture = await self._capture(rid, capture, ids + out_ids)
+                    d.capture = await self._capture(rid, capture, ids + out_ids, cut)
                 first = False
                 yield d
+                if cut is not None:
+                    if fr is not None:
+                        await self.reader.drop(rid)  # what the worker read past the trigger
+                    break
         except EngineStopped:  # shut down while it waited for the clamp pool: an abort, as for a queued request
             finished = True
             yield Delta("", [], "abort", n, 0, 0)
@@ -274,6 +309,11 @@ class VLLMEngine(Engine):
             log.exception("vLLM failed request %s", rid)
             yield Delta("", [], "error", n, len(out_ids), 0, f"the vLLM engine failed: {type(e).__name__}")
         finally:
+            if stream is not None:
+                try:
+                    await stream.aclose()  # a no-op once it has ended
+                except Exception:  # the engine is dead: nothing left to close
+                    log.debug("closing the output stream of %s failed", rid, exc_info=True)
             if submitted and not finished and self.llm is not None:
                 try:
                     await self.llm.abort(rid)  # before the budget is released: the worker frees its columns first
@@ -291,9 +331,15 @@ class VLLMEngine(Engine):
             if held:
                 self.budget.release(need)
 
-    async def _readout(self, rid: str, ids: list[int]) -> dict | None:
-        """The finished request's readout from the workers: {"positions", "token_ids", "values"}; None (logged) when
-        no worker can say."""
+    async def _abort(self, rid: str) -> None:
+        try:
+            await self.llm.abort(rid)
+        except Exception:  # the engine is shutting down or dead: nothing left to abort
+            log.debug("abort of %s failed", rid, exc_info=True)
+
+    async def _readout(self, rid: str, ids: list[int], cut: int | None = None) -> dict | None:
+        """The finished request's readout from the workers: {"positions", "token_ids", "values"} (positions below
+        `cut` when given); None (logged) when no worker can say."""
         try:
             got = merge_series(await self.llm.collective_rpc("functok_readout", args=(rid,)))
         except Exception:
@@ -302,11 +348,14 @@ class VLLMEngine(Engine):
         if got is None:
             log.warning("no worker read the readout of request %s", rid)
             return None
+        if cut is not None:
+            k = sum(p < cut for p in got["positions"])
+            got = {"positions": got["positions"][:k], "values": got["values"][:k]}
         return got | {"token_ids": [ids[p] for p in got["positions"]]}
 
-    async def _capture(self, rid: str, cap: CaptureRequest, ids: list[int]) -> bytes | None:
+    async def _capture(self, rid: str, cap: CaptureRequest, ids: list[int], cut: int | None = None) -> bytes | None:
         """The finished request's capture blob, as the transformers engine's (`activation_capture.encode_capture`),
-        from the rows the workers copied; None (logged) when no worker can say."""
+        from the rows the workers copied (positions below `cut` when given); None (logged) when no worker can say."""
         try:
             parts = [g for g in await self.llm.collective_rpc("functok_request_capture", args=(rid,)) if g]
         except Exception:
@@ -318,7 +367,9 @@ class VLLMEngine(Engine):
         rows = {}
         for g in parts:  # pipeline parallel: each rank holds its layers; tensor parallel: every rank the same
             rows |= {L: t for L, t in g["rows"].items() if g["positions"] == parts[0]["positions"]}
-        positions = torch.tensor(parts[0]["positions"], dtype=torch.long)  # (rows,)
+        every = torch.tensor(parts[0]["positions"], dtype=torch.long)  # (rows read,)
+        keep = every < (cut if cut is not None else len(ids))  # (rows read,) none past a monitor's trigger
+        positions = every[keep]  # (rows,)
         token_ids = torch.tensor(ids, dtype=torch.long)[positions]  # (rows,)
         pick = torch.arange(len(positions))  # all, last: the worker kept only what is returned
         if cap.positions in ("function", "last_function"):
@@ -326,8 +377,8 @@ class VLLMEngine(Engine):
         hooks = {layer: hook for hook, layer in self.steering_info().hook_layers.items()}
         tensors = {}
         for L in cap.layers:
-            got = torch.frombuffer(bytearray(rows[L]), dtype=torch.float32).reshape(len(positions), self.d_model)
-            tensors[hooks[L]] = got[pick]  # (rows, d_model)
+            got = torch.frombuffer(bytearray(rows[L]), dtype=torch.float32).reshape(len(every), self.d_model)
+            tensors[hooks[L]] = got[keep][pick]  # (rows, d_model)
         return encode_capture(tensors, positions[pick], token_ids[pick], cap.dtype)
 
     async def _applied(self, rid: str) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from functok_vllm.engines.base import GenerateRequest, TokenLogprob
+from functok_vllm.stop_when import StopWhen
 
 log = logging.getLogger("functok.engine")
 
@@ -65,20 +66,19 @@ def prompt_logprobs_of(prompt_ids: list[int], prompt_logprobs, n: int | None) ->
     return [None if d is None else token_logprob(t, d, n) for t, d in zip(prompt_ids, prompt_logprobs, strict=True)]
 
 
-class FeatureReader:
-    """Reads feature entries from the workers: concurrent `take`s share one `collective_rpc` (those that arrive while
-    one is in flight share the next)."""
+class SharedRPC:
+    """Asks the workers one `collective_rpc(method, args=({tag: ask, ...},))` for all the requests that ask at the same
+    time (those that arrive while one is in flight share the next); each gets `combine` of the workers' answers for
+    its tag."""
 
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, llm, method: str, combine):
+        self.llm, self.method, self.combine = llm, method, combine
         self.asks: dict[str, tuple[list, asyncio.Future]] = {}
         self.task: asyncio.Task | None = None
 
-    async def take(self, tag: str, upto: int, prompt: bool) -> dict:
-        """{"prompt": [...] (once, when asked), "generated": [...]}: entries ({"L": [[feature, activation]...]}) of the
-        generated tokens not taken before, up to `upto`."""
+    async def ask(self, tag: str, ask: list):
         fut = asyncio.get_running_loop().create_future()
-        self.asks[tag] = ([upto, prompt], fut)
+        self.asks[tag] = (ask, fut)
         if self.task is None or self.task.done():
             self.task = asyncio.ensure_future(self._pump())
         return await fut
@@ -87,7 +87,7 @@ class FeatureReader:
         while self.asks:
             batch, self.asks = self.asks, {}
             try:
-                got = await self.llm.collective_rpc("functok_features", args=({t: a for t, (a, _) in batch.items()},))
+                got = await self.llm.collective_rpc(self.method, args=({t: a for t, (a, _) in batch.items()},))
             except Exception as e:
                 for _, fut in batch.values():
                     if not fut.done():
@@ -95,13 +95,62 @@ class FeatureReader:
                 continue
             for tag, (_, fut) in batch.items():
                 if not fut.done():
-                    fut.set_result(merge([g.get(tag, {}) for g in got if g]))
+                    fut.set_result(self.combine([g[tag] for g in got if g and tag in g]))
+
+
+class FeatureReader(SharedRPC):
+    """Reads feature entries from the workers, one shared `collective_rpc("functok_features")` at a time."""
+
+    def __init__(self, llm):
+        super().__init__(llm, "functok_features", merge)
+
+    async def take(self, tag: str, upto: int, prompt: bool) -> dict:
+        """{"prompt": [...] (once, when asked), "generated": [...]}: entries ({"L": [[feature, activation]...]}) of the
+        generated tokens not taken before, up to `upto`."""
+        return await self.ask(tag, [upto, prompt])
 
     async def drop(self, tag: str) -> None:
         try:
             await self.llm.collective_rpc("functok_features_drop", args=(tag,))
         except Exception:
             log.debug("could not drop the features of %s", tag, exc_info=True)
+
+
+class MonitorReader(SharedRPC):
+    """Reads a `stop_when`'s series of running requests as their deltas arrive, one shared
+    `collective_rpc("functok_monitor")` at a time (`series_op.SeriesReadout.peek`)."""
+
+    def __init__(self, llm):
+        super().__init__(llm, "functok_monitor", lambda parts: parts[0] if parts else None)
+
+    async def hit(self, tag: str, watch: StopWhen, since: int, count: int, tail: list[float]) -> int | None | str:
+        """Where a "stop" monitor triggers among the `count` tokens of a delta, whose predicting positions start at
+        `since`: an index into them, or None (`tail`, its latest values, updated), or an error message when the
+        workers cannot give each value (pipeline parallel: the rank holding its layer reads it)."""
+        want = list(range(since, since + count))
+        try:
+            got = await self.ask(tag, [watch.series, since])  # {"positions", "values"} from `since` on, or None
+        except Exception as e:
+            log.warning("could not read the stop_when series of request %s", tag, exc_info=True)
+            return f"could not read stop_when's values from the vLLM workers ({type(e).__name__})"
+        if got is None or got["positions"][:count] != want:
+            have = None if got is None else got["positions"][:count]
+            log.error(
+                "request %s: stop_when's values at positions %s are missing (the workers have %s)", tag, want, have
+            )
+            return f"the vLLM workers have no stop_when values at positions {since}..{since + count - 1}"
+        seen = tail + got["values"][:count]
+        at = watch.trigger(seen)
+        if at is None:
+            tail[:] = seen[len(seen) - watch.tokens + 1 :]  # a run that can still complete
+            return None
+        return at - (len(seen) - count)
+
+
+def cut_text(tokenizer, before: list[int], kept: list[int], sent: str, skip_special: bool) -> str:
+    """The text of `kept`, the tokens of a delta up to a monitor's trigger (vLLM's text covers the whole delta)."""
+    full = tokenizer.decode(before + kept, skip_special_tokens=skip_special)
+    return full[len(sent) :] if full.startswith(sent) else tokenizer.decode(kept, skip_special_tokens=skip_special)
 
 
 def merge(parts: list[dict]) -> dict:

@@ -12,7 +12,8 @@ computes `ProbeSet.values` once and notes each request's slice of it (no tensor 
 `CaptureCopy` does the same for a request's `capture` (`extra_args["functok_capture"]`), one request a batch: every
 position from the first prompt token on, a copy of its rows at each captured layer (only the latest row for
 `positions: "last"`). The API process takes a request's values or rows once, when it has finished
-(`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there.
+(`collective_rpc("functok_readout")`, `collective_rpc("functok_request_capture")`), and forms the answer there; a
+`stop_when` "stop" request's series is also read while it runs (`peek`, `collective_rpc("functok_monitor")`).
 
 Before or after the edits: the op is given the steering op's input (the edits upstream applied, this layer's not: the
 transformers engine's "before") and its output, so a request with `edits: "before"` has its rows gathered from the
@@ -195,6 +196,33 @@ class SeriesReadout:
         cols = sorted(c for g in r.groups.values() for c in g.cols)
         r.pieces = []
         return {"positions": positions, "values": values, "columns": cols}
+
+    def peek(self, asks: dict[str, list]) -> dict[str, dict]:
+        """One series of running requests, without forgetting it: {tag: [column, since]} -> {tag: {"positions",
+        "values"}} for the positions from `since` on that every layer has read (a `stop_when`'s series, read per
+        delta: the pieces are scanned from the newest back). A tag this worker does not read that column for is
+        left out."""
+        out = {}
+        for tag, (col, since) in asks.items():
+            r = self.by_tag.get(tag) or self.done.get(tag)
+            keys = [k for k, g in (r.groups.items() if r else ()) if col in g.cols]  # its (layer, before)
+            if not keys:
+                continue
+            fresh = []
+            for p in reversed(r.pieces):
+                if p.start + p.count <= since:
+                    break
+                fresh.append(p)
+            positions, values = [], []
+            for p in reversed(fresh):
+                if keys[0] not in p.seen:  # a planned forward that did not run (as `take`): a gap the caller sees
+                    continue
+                cols, batch, a, b = next(e for e in p.buf if col in e[0])
+                first = max(since - p.start, 0)
+                positions += range(p.start + first, p.start + p.count)
+                values += batch.vals[a + first : b, list(cols).index(col)].float().cpu().tolist()
+            out[tag] = {"positions": positions, "values": values}
+        return out
 
     def drop(self, tag: str) -> None:
         self.done.pop(tag, None)

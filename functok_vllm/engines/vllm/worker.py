@@ -200,6 +200,12 @@ class SteeringWorkerExtension:
         ro = self.model_runner.functok_readout
         return ro.series.take(tag) if ro is not None else None
 
+    def functok_monitor(self, asks: dict) -> dict:
+        """One readout series of running requests, kept for `functok_readout` (`series_op.SeriesReadout.peek`): {tag:
+        [column, since]} -> {tag: {"positions", "values"}}. For `collective_rpc`, per delta of a `stop_when` request."""
+        ro = self.model_runner.functok_readout
+        return ro.series.peek(asks) if ro is not None else {}
+
     def functok_readout_drop(self, tag: str) -> None:
         """Forget the values of a request that ended without reading them (aborted)."""
         ro = self.model_runner.functok_readout
