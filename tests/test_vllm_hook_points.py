@@ -1,6 +1,7 @@
 """SAEs at every hook point in the vLLM engine, compiled and eager, against the independent reference (`reference.py`:
 a plain transformers forward with hooks at each hook point, activations from sae-lens), prompt and generated
-log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests; and the features
+log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added, clamped, conditionally added
+(`when`) and projected (`project_out`, `cap`, `set`, with a norm-relative add) requests; and the features
 that fired at every SAE, read out by the worker's op inside the (compiled) model and fetched as a Python caller of
 `LLM` does (`extra_args["functok_features"]`, `collective_rpc("functok_features")`), against sae-lens's encode. In
 the same batch, captures and readouts (`functok_capture`, `functok_readout`) at every hook point: the added request
@@ -24,7 +25,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import steering_llm  # noqa: E402
-from reference import check_features, eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
+from reference import check_features, eager_model, lens_sae, lens_top, load_lens, logprobs, random_model  # noqa: E402
 
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
@@ -87,12 +88,36 @@ RUNS += [(f, "eager") for f in ("mistral", "qwen2", "qwen3", "phi3")]
 PROMPTS = ["The old house by the river was empty, and the children of the village said that"]
 
 
-def specs(sites: dict) -> list:
+PROJECTIONS = ({"mode": "project_out"}, {"mode": "cap", "min": -0.5, "max": 0.5}, {"mode": "set", "value": 1.0})
+
+
+def gate_features(model, lenses: dict, points: dict, ids: list[int]) -> dict:
+    """{layer: a feature of its SAE active at about half of the positions of `ids`, unsteered}: a `when` on it holds
+    at some tokens and not at others (asserted on the reference)."""
+    grab = {}
+    logprobs(model, lenses, points, ids, len(ids), None, grab)
+    share = {L: (lens_top(lenses[L], h, 1)[0] > 0).float().mean(0) for L, h in grab.items()}  # (d_sae,) each
+    return {L: int((s - 0.5).abs().argmin()) for L, s in share.items()}
+
+
+def specs(sites: dict, gates: dict) -> list:
+    """Unsteered, add, clamp on the prompt, a conditional add at every layer (gated by `gates`), and projections
+    (project_out, cap, set in turn by layer) with a norm-relative add: issue 25's operations at every hook point."""
     layers = sorted(sites)
+    project = [{"layer": L, "feature": 3 + L, **PROJECTIONS[i % 3]} for i, L in enumerate(layers)]
+    norm_add = {"layer": layers[0], "feature": 7, "strength": 0.5, "strength_unit": "token_norm"}
     return [
         None,
         {"edits": [{"layer": L, "feature": 3 + L, "strength": 3.0} for L in layers], "positions": "all"},
         {"edits": [{"layer": L, "feature": 1, "mode": "clamp", "value": 4.0} for L in layers], "positions": "prompt"},
+        {
+            "edits": [
+                {"layer": L, "feature": 3 + L, "strength": 3.0, "when": {"feature": gates[L], "above": 0.0}}
+                for L in layers
+            ],
+            "positions": "all",
+        },
+        {"edits": [*project, norm_add], "positions": "all"},
     ]
 
 
@@ -144,11 +169,16 @@ def make_llm(model_dir, sae_dirs, enforce_eager: bool):
 
 @pytest.mark.parametrize("name,mode", RUNS, ids=[f"{n}-{m}" for n, m in RUNS])
 def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
+    from transformers import AutoTokenizer
     from vllm import SamplingParams
 
     root, model_dir, saes = built[name]
     sites = CASES[name][2]
-    cases = specs(sites)
+    model = eager_model(model_dir)
+    lenses = {L: load_lens(p) for L, p in saes.items()}
+    points = {L: (L, site) for L, (site, _, _) in sites.items()}
+    ids = AutoTokenizer.from_pretrained(str(model_dir))(PROMPTS[0]).input_ids
+    cases = specs(sites, gate_features(model, lenses, points, ids))
     llm = make_llm(model_dir, saes.values(), mode == "eager")
     feats = {"layers": sorted(sites), "top_k": 4, "prompt": True}
     try:
@@ -167,13 +197,12 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
         ]
         outs = llm.generate([PROMPTS[0]] * len(cases), params, use_tqdm=False)
         read = llm.collective_rpc("functok_features", args=({f"case{i}": [NEW, True] for i in range(len(cases))},))[0]
-        model = eager_model(model_dir)
-        lenses = {L: load_lens(p) for L, p in saes.items()}
-        points = {L: (L, site) for L, (site, _, _) in sites.items()}
         for i, (spec, o) in enumerate(zip(cases, outs, strict=True)):
             ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
-            after, before = {}, {}
-            logprobs(model, lenses, points, ids, len(o.prompt_token_ids), spec, after, before)
+            after, before, acted = {}, {}, torch.zeros(len(ids), dtype=torch.bool)
+            logprobs(model, lenses, points, ids, len(o.prompt_token_ids), spec, after, before, acted)
+            if i == 3:  # the condition held at some positions and not at others: the gate was tested both ways
+                assert 0 < int(acted.sum()) < len(ids), (name, int(acted.sum()))
             err = check_reads(llm, f"case{i}", len(ids), before if i == 1 else after, lenses)
             assert err <= 1e-5, (name, mode, i, err)
             if i == 1:  # before and after differ at every layer: reading the wrong one fails the check above
@@ -203,7 +232,7 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
         best = rows[n - 1 :].max(-1).values
         assert ((best - want[n - 1 :]) < TOL).all(), (name, mode, spec, g.token_ids)
         got_first.append(got)
-    for i in (1, 2):
+    for i in range(1, len(cases)):
         assert float((got_first[i] - got_first[0]).abs().max()) > 1e-3, (name, i)
     assert fired > 0, name
 
