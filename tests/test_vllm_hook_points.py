@@ -1,6 +1,7 @@
 """SAEs at every hook point in the vLLM engine, compiled and eager, against the independent reference (`reference.py`:
 a plain transformers forward with hooks at each hook point, activations from sae-lens), prompt and generated
-log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added and clamped requests; and the features
+log-probabilities within 1e-4 (float32), in one batch mixing unsteered, added, clamped, conditionally added
+(`when`) and projected (`project_out`, `cap`, `set`, with a norm-relative add) requests; and the features
 that fired at every SAE, read out by the worker's op inside the (compiled) model and fetched as a Python caller of
 `LLM` does (`extra_args["functok_features"]`, `collective_rpc("functok_features")`), against sae-lens's encode. In
 the same batch, captures and readouts (`functok_capture`, `functok_readout`) at every hook point: the added request
@@ -24,7 +25,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import steering_llm  # noqa: E402
-from reference import check_features, eager_model, lens_sae, load_lens, logprobs, random_model  # noqa: E402
+from reference import check_features, eager_model, lens_sae, lens_top, load_lens, logprobs, random_model  # noqa: E402
 
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL  # noqa: E402
@@ -87,12 +88,43 @@ RUNS += [(f, "eager") for f in ("mistral", "qwen2", "qwen3", "phi3")]
 PROMPTS = ["The old house by the river was empty, and the children of the village said that"]
 
 
-def specs(sites: dict) -> list:
+PROJECTIONS = ({"mode": "project_out"}, {"mode": "cap", "min": -0.5, "max": 0.5}, {"mode": "set", "value": 1.0})
+
+
+def conditional(gates: dict) -> dict:
+    """An add at each gated layer, applied only where {layer: (feature, threshold)}'s feature is above it."""
+    edits = [{"layer": L, "feature": 3 + L, "strength": 3.0, "when": {"feature": f, "above": t}} for L, (f, t) in gates]
+    return {"edits": edits, "positions": "all"}
+
+
+def gate_features(model, lenses: dict, points: dict, ids: list[int]) -> list:
+    """[(layer, (feature, threshold))], each read from the stream its edit sees (the gated adds upstream applied):
+    the feature active at most positions there, cut at its median, so the gate holds at about half of them. A layer
+    where no feature is active at two positions is left ungated (GPT-2's random SAEs here fire on no unsteered token:
+    no conditional request there; `test_conditional.py` gates GPT-2 in the transformers engine)."""
+    gates = []
+    for L in sorted(points):
+        before = {}
+        logprobs(model, lenses, points, ids, len(ids), conditional(gates), {}, before)
+        acts = lens_top(lenses[L], before[L], 1)[0]  # (seq, d_sae)
+        f = int((acts > 0).sum(0).argmax())
+        if int((acts[:, f] > 0).sum()) >= 2:
+            gates.append((L, (f, float(acts[:, f].median()))))
+    return gates
+
+
+def specs(sites: dict, gates: list) -> list:
+    """Unsteered, add, clamp on the prompt, conditional adds (`gates`), and projections (project_out, cap, set in turn
+    by layer) with a norm-relative add: issue 25's operations at the hook points."""
     layers = sorted(sites)
+    project = [{"layer": L, "feature": 3 + L, **PROJECTIONS[i % 3]} for i, L in enumerate(layers)]
+    norm_add = {"layer": layers[0], "feature": 7, "strength": 0.5, "strength_unit": "token_norm"}
     return [
         None,
         {"edits": [{"layer": L, "feature": 3 + L, "strength": 3.0} for L in layers], "positions": "all"},
         {"edits": [{"layer": L, "feature": 1, "mode": "clamp", "value": 4.0} for L in layers], "positions": "prompt"},
+        *([conditional(gates)] if gates else []),
+        {"edits": [*project, norm_add], "positions": "all"},
     ]
 
 
@@ -144,11 +176,17 @@ def make_llm(model_dir, sae_dirs, enforce_eager: bool):
 
 @pytest.mark.parametrize("name,mode", RUNS, ids=[f"{n}-{m}" for n, m in RUNS])
 def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
+    from transformers import AutoTokenizer
     from vllm import SamplingParams
 
     root, model_dir, saes = built[name]
     sites = CASES[name][2]
-    cases = specs(sites)
+    model = eager_model(model_dir)
+    lenses = {L: load_lens(p) for L, p in saes.items()}
+    points = {L: (L, site) for L, (site, _, _) in sites.items()}
+    ids = AutoTokenizer.from_pretrained(str(model_dir))(PROMPTS[0]).input_ids
+    gates = gate_features(model, lenses, points, ids)
+    cases = specs(sites, gates)
     llm = make_llm(model_dir, saes.values(), mode == "eager")
     feats = {"layers": sorted(sites), "top_k": 4, "prompt": True}
     try:
@@ -167,13 +205,13 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
         ]
         outs = llm.generate([PROMPTS[0]] * len(cases), params, use_tqdm=False)
         read = llm.collective_rpc("functok_features", args=({f"case{i}": [NEW, True] for i in range(len(cases))},))[0]
-        model = eager_model(model_dir)
-        lenses = {L: load_lens(p) for L, p in saes.items()}
-        points = {L: (L, site) for L, (site, _, _) in sites.items()}
         for i, (spec, o) in enumerate(zip(cases, outs, strict=True)):
             ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
             after, before = {}, {}
             logprobs(model, lenses, points, ids, len(o.prompt_token_ids), spec, after, before)
+            for L, (f, t) in gates if i == 3 else ():  # each gate held at some positions and not at others (what
+                held = lens_top(lenses[L], before[L], 1)[0][:, f] > t  # it reads: the stream before the edits there)
+                assert 0 < int(held.sum()) < len(held), (name, L, int(held.sum()))
             err = check_reads(llm, f"case{i}", len(ids), before if i == 1 else after, lenses)
             assert err <= 1e-5, (name, mode, i, err)
             if i == 1:  # before and after differ at every layer: reading the wrong one fails the check above
@@ -203,7 +241,7 @@ def test_every_hook_point_matches_the_reference_on_vllm(built, name, mode):
         best = rows[n - 1 :].max(-1).values
         assert ((best - want[n - 1 :]) < TOL).all(), (name, mode, spec, g.token_ids)
         got_first.append(got)
-    for i in (1, 2):
+    for i in range(1, len(cases)):
         assert float((got_first[i] - got_first[0]).abs().max()) > 1e-3, (name, i)
     assert fired > 0, name
 

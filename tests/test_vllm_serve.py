@@ -226,6 +226,27 @@ class TestFunctokServeVLLM:
         assert got[0]["steering"]["steered_positions"] == want, (got[0]["steering"], want)
         assert got[1]["steering"]["steered_positions"] == 0, got[1]["steering"]
 
+    def test_a_condition_that_never_holds_is_unsteered_and_one_that_always_holds_is_the_edit(self, functok_vllm):
+        """Exactly, log-probabilities included: a gate that is all zeros adds nothing, one that is all ones adds
+        what the plain edit adds (requests one at a time, so each runs in a batch of the same shape)."""
+        _, url = functok_vllm
+        add = {"layer": 1, "feature": 100, "strength": 8.0}
+        runs = {}
+        for name, edit in {
+            "unsteered": None,
+            "plain": add,
+            "always": add | {"when": {"feature": 9, "above": -1.0}},  # an activation is never below 0
+            "never": add | {"when": {"feature": 9, "below": 0.0}},
+        }.items():
+            body = {"model": "functok-tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+            body |= {"return_token_ids": True} | ({"steering": {"edits": [edit], "positions": "all"}} if edit else {})
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            c = r.json()["choices"][0]
+            runs[name] = (c["token_ids"], c["logprobs"]["token_logprobs"])
+        assert runs["never"] == runs["unsteered"] and runs["always"] == runs["plain"]
+        assert runs["plain"] != runs["unsteered"]  # the edit moves the model: the two equalities say something
+
     def test_named_vectors_steer_as_on_the_transformers_engine_and_as_their_inline_edits(self, functok_vllm, texts):
         client, url = functok_vllm
         assert complete(client, NAMED, "functok-tiny") == texts["named"]
