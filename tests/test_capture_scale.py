@@ -51,10 +51,12 @@ def test_plan_runs_without_weights_and_its_memory_is_the_arithmetic(paper_scale,
     params = 256000 * 3584 + 42 * (3584 * 256 * (2 * 16 + 2 * 8) + 3 * 3584 * 14336)
     assert params == 9_241_100_288 == model_shape(model).params
     sae = {layer: (3584, D_SAE, "jumprelu") for layer in (9, 20, 31)}
-    bf16 = dict(engine="vllm", device="h100", sae_dtype="bfloat16")
+    bf16 = dict(engine="vllm", device="h100", sae_dtype="bfloat16", model_dtype="auto")  # the config's bfloat16
     vllm = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, **bf16))
     rows = {r[0].split(":")[0]: r for r in vllm.rows}
     assert rows["model"][1] == 2 * params  # bfloat16 weights
+    f32 = make_plan(PlanInput(model_shape(model), sae, 5_000_000, 256, 8, engine="vllm", device="h100"))
+    assert {r[0].split(":")[0]: r for r in f32.rows}["model"][1] == 4 * params  # --model-dtype's default: what runs
     encoder = 3584 * D_SAE * 2 + 3 * D_SAE * 2 + 3584 * 2  # W_enc, b_enc + threshold (+ a spare d_sae), b_dec
     assert rows["SAE L9 weights"][1] == encoder  # the capture-only worker holds no W_dec
     chunk_rows = (2 << 30) // (D_SAE * 4)  # bf16 pre-activations + 2 bool masks per element

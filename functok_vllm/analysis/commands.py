@@ -106,6 +106,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "dtype's firing sets agree with float32)",
     )
     p.add_argument(
+        "--model-dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="--engine vllm: the model's dtype (auto: its config's, e.g. bfloat16 for Gemma-2; default float32, in "
+        "which vLLM's tables equal the transformers engine's); the transformers engine always runs float32",
+    )
+    p.add_argument(
         "--data-parallel-size",
         type=positive_int,
         default=1,

@@ -189,7 +189,8 @@ def open_engine(args, layers: list[int] | None):
 
     sae_dtype = getattr(args, "sae_dtype", "float32")
     if getattr(args, "engine", "transformers") == "vllm":
-        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size, sae_dtype)
+        dtype = getattr(args, "model_dtype", "float32")
+        am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size, sae_dtype, dtype)
         print(f"vLLM workers hold {am.sae_bytes():,} bytes of SAE weights (encoders only, {sae_dtype})")
         return am
     chunk = getattr(args, "chunk_mb", CHUNK_BYTES >> 20) << 20

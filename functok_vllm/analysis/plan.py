@@ -146,6 +146,7 @@ class PlanInput:
     seq_len: int
     batch_size: int
     engine: str = "transformers"  # the transformers analysis runs the model in float32 on the CPU
+    model_dtype: str = "float32"  # vLLM's model dtype (`--model-dtype`; "auto": the config's)
     device: str = "cpu"
     sae_dtype: str = "float32"
     chunk_bytes: int = 2 << 30
@@ -183,7 +184,8 @@ def element_bytes(itemsize: int, architecture: str) -> int:
 def make_plan(p: PlanInput) -> Plan:
     dev = DEVICES[p.device]
     m = p.model
-    model_dtype = "float32" if p.engine == "transformers" else m.dtype
+    model_dtype = "float32" if p.engine == "transformers" else p.model_dtype
+    model_dtype = m.dtype if model_dtype == "auto" else model_dtype
     sae_dtype = p.sae_dtype
     msize, ssize = DTYPE_BYTES[model_dtype], DTYPE_BYTES[sae_dtype]
     rows_fwd = p.seq_len * p.batch_size  # tokens of one forward
@@ -275,6 +277,7 @@ def plan_from_args(args) -> tuple[PlanInput, Plan]:
         engine=getattr(args, "engine", "transformers"),
         device=args.plan_device,
         sae_dtype=args.sae_dtype,
+        model_dtype=getattr(args, "model_dtype", "float32"),
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         l0=args.l0,
         tensor_parallel=getattr(args, "tensor_parallel_size", 1),

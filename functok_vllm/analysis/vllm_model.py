@@ -159,9 +159,10 @@ def load_vllm(
     layers: list[int] | None = None,
     tensor_parallel_size: int = 1,
     sae_dtype: str | None = None,
+    dtype: str = "float32",
 ) -> VLLMAnalysisModel:
-    """Check every input first (cheap, as `load_hf` does), then start a capture-only vLLM with the encoders of the SAEs
-    of `layers` (default: all) in `sae_dtype` (default: float32, the engine's dtype here)."""
+    """Check every input first (cheap, as `load_hf` does), then start a capture-only vLLM running the model in
+    `dtype` ("auto": its config's) with the encoders of the SAEs of `layers` (default: all) in `sae_dtype`."""
     from functok_vllm.analysis.model import check_model_dir, load_function_tokens, sae_configs
 
     require_vllm()
@@ -169,7 +170,8 @@ def load_vllm(
     load_function_tokens(function_tokens)
     saes = [c.path for c in sae_configs(saes_dir, layers).values()]
     tp = tensor_parallel_size
-    return VLLMAnalysisModel(model_dir, saes, Path(function_tokens), tensor_parallel_size=tp, sae_dtype=sae_dtype)
+    fts = Path(function_tokens)
+    return VLLMAnalysisModel(model_dir, saes, fts, dtype=dtype, tensor_parallel_size=tp, sae_dtype=sae_dtype)
 
 
 @dataclass
