@@ -365,6 +365,20 @@ def test_a_named_vector_in_the_browser(server, http, browser):
     assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def one_edit(d, url: str) -> None:
+    """A fresh page (earlier tests' browser log dropped) with one edit: layer LAYER, feature 1493, strength 150."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d.get_log("browser")
+    page_ready(d, url)
+    d.find_element(By.ID, "add-edit").click()
+    Select(d.find_element(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
+    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
+        d.find_element(By.ID, name).clear()
+        d.find_element(By.ID, name).send_keys(typed, "\t")
+
+
 def page_ready(d, url: str) -> None:
     """Open the page in this tab, entering the key when the tab has none yet."""
     from selenium.webdriver.common.by import By
@@ -415,13 +429,7 @@ def test_a_condition_and_a_position_object_in_the_browser(server, http, browser,
 
     d, find = browser, browser.find_element
     wait = WebDriverWait(d, 60, poll_frequency=0.1)
-    d.get_log("browser")  # drop what earlier tests logged
-    page_ready(d, server.url)
-    find(By.ID, "add-edit").click()
-    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
-    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
-        find(By.ID, name).clear()
-        find(By.ID, name).send_keys(typed, "\t")
+    one_edit(d, server.url)
     assert Select(find(By.ID, "edit-0-unit")).first_selected_option.get_attribute("value") == "absolute"
     Select(find(By.ID, "edit-0-when-kind")).select_by_value("feature")
     find(By.ID, "edit-0-when-feature").clear()
@@ -599,13 +607,7 @@ def test_a_watched_feature_in_the_browser(server, http, browser):
 
     d, find = browser, browser.find_element
     wait = WebDriverWait(d, 60, poll_frequency=0.1)
-    d.get_log("browser")
-    page_ready(d, server.url)
-    find(By.ID, "add-edit").click()
-    Select(find(By.ID, "edit-0-layer")).select_by_value(str(LAYER))
-    for name, typed in (("edit-0-feature", "1493"), ("edit-0-strength", "150")):
-        find(By.ID, name).clear()
-        find(By.ID, name).send_keys(typed, "\t")
+    one_edit(d, server.url)
     Select(find(By.ID, "watch-layer")).select_by_value(str(LAYER))
     find(By.ID, "watch-feature").clear()
     find(By.ID, "watch-feature").send_keys("1493")
