@@ -99,17 +99,18 @@ def conditional(gates: dict) -> dict:
 
 def gate_features(model, lenses: dict, points: dict, ids: list[int]) -> list:
     """[(layer, (feature, threshold))], each read from the stream its edit sees (the gated adds upstream applied):
-    the feature active at most positions there, cut at its median, so the gate holds at about half of them. A layer
-    where no feature is active at two positions is left ungated (GPT-2's random SAEs here fire on no unsteered token:
-    no conditional request there; `test_conditional.py` gates GPT-2 in the transformers engine)."""
+    the feature active at most positions there, cut between its two middle values, so the gate holds at about half.
+    A layer where no feature is active at two positions is left ungated (GPT-2's random SAEs here fire on no
+    unsteered token: no conditional request there; `test_conditional.py` gates GPT-2 in the transformers engine)."""
     gates = []
     for L in sorted(points):
         before = {}
         logprobs(model, lenses, points, ids, len(ids), conditional(gates), {}, before)
         acts = lens_top(lenses[L], before[L], 1)[0]  # (seq, d_sae)
         f = int((acts > 0).sum(0).argmax())
-        if int((acts[:, f] > 0).sum()) >= 2:
-            gates.append((L, (f, float(acts[:, f].median()))))
+        v = acts[:, f].sort().values
+        if int((v > 0).sum()) >= 2:  # cut halfway between the two middle values: no position sits on the threshold,
+            gates.append((L, (f, float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)))  # where 1e-7 could flip it
     return gates
 
 
