@@ -203,12 +203,18 @@ def test_playground_in_a_browser(server, http, browser, request, tmp_path, demo_
     tokens.clear()
     tokens.send_keys(str(MAX_TOKENS))
 
-    # Run with Ctrl+Enter; both panels stream to the end.
+    # Run with Ctrl+Enter; both panels stream to the end. A short run can pass through "running" between two
+    # polls, so the page records every state the steered panel takes.
+    d.execute_script(
+        "window.steeredStates = []; const panel = document.getElementById('panel-steered');"
+        "new MutationObserver(() => window.steeredStates.push(panel.dataset.state))"
+        ".observe(panel, {attributes: true, attributeFilter: ['data-state']});"
+    )
     t0 = time.monotonic()
     find(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
-    wait.until(lambda d: find(By.ID, "panel-steered").get_attribute("data-state") == "running")
     states = ("panel-steered", "panel-plain")
     wait.until(lambda d: all(find(By.ID, p).get_attribute("data-state") in ("done", "error") for p in states))
+    assert "running" in d.execute_script("return window.steeredStates")
     wait.until(lambda d: find(By.CSS_SELECTOR, "#panel-steered .count").text)
     errors = [find(By.CSS_SELECTOR, f"#{p} .error").text for p in states]
     assert [find(By.ID, p).get_attribute("data-state") for p in states] == ["done", "done"], errors
