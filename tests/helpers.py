@@ -2,15 +2,19 @@
 error bodies and metrics. A plain module (tests import it by name; pytest puts tests/ on the path)."""
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from functok_vllm.launch import Server, ServerStartError, functok_serve, start
 from functok_vllm.paths import DEMO_MODEL
 
+MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
 PROMPTS = [
     "The king said to his son",
     "Once upon a time, there was a",
@@ -87,9 +91,34 @@ def batch_state(saes, function_tokens, max_clamps: int):
     )
 
 
-def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = False, functok=None, **kw):
+@contextmanager
+def vllm_in_process(in_process: bool):
+    """vLLM's engine core and worker in this process (`in_process`), or in their own processes as in serving.
+
+    In this process an engine starts about 20 s sooner on 2 cores (no two processes importing vLLM and torch); the
+    worker, its steering op and the compiled model are the same code. Left as found: vLLM's environment reads (its
+    in-process engine caches them) and `torch.set_num_threads` (its CPU worker replaces it with a no-op)."""
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()
+    before, set_threads = os.environ.get(MP), torch.set_num_threads
+    os.environ[MP] = "0" if in_process else "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[MP]
+        else:
+            os.environ[MP] = before
+        torch.set_num_threads = set_threads
+        vllm.envs.disable_envs_cache()
+
+
+def steering_llm(model, saes=None, function_tokens=None, enforce_eager=False, functok=None, in_process=True, **kw):
     """vLLM's offline `LLM` with the steering worker extension, float32, seed 0, no prefix caching unless asked;
-    `saes`/`function_tokens` None: the SAEs shipped for the model; `functok`: more additional_config["functok"] keys."""
+    `saes`/`function_tokens` None: the SAEs shipped for the model; `functok`: more additional_config["functok"] keys;
+    `in_process`: see `vllm_in_process` (False where the test sets environment variables for vLLM's processes, or
+    where the model runs on vLLM's Transformers backend, which changes the transformers class the reference uses)."""
     from vllm import LLM
 
     from functok_vllm.engines.vllm.settings import EXTENSION
@@ -98,15 +127,27 @@ def steering_llm(model, saes=None, function_tokens=None, enforce_eager: bool = F
     if saes is not None:
         extra |= {"saes": [str(p) for p in saes], "function_tokens": str(function_tokens)}
     args = dict(max_model_len=256, max_num_seqs=16, enable_prefix_caching=False) | kw
-    return LLM(
-        model=str(model),
-        dtype="float32",
-        seed=0,
-        enforce_eager=enforce_eager,
-        worker_extension_cls=EXTENSION,
-        additional_config={"functok": extra} if extra else {},
-        **args,
-    )
+    with vllm_in_process(in_process):
+        return LLM(
+            model=str(model),
+            dtype="float32",
+            seed=0,
+            enforce_eager=enforce_eager,
+            worker_extension_cls=EXTENSION,
+            additional_config={"functok": extra} if extra else {},
+            **args,
+        )
+
+
+def worker_stats(llm) -> dict:
+    """The worker's `functok_stats` once it has been told which requests finished. vLLM tells it in the next step's
+    schedule: served, the engine core's loop runs that step at once; in this process nothing runs it until the next
+    request, so it is run here (a step with nothing scheduled)."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    if isinstance(llm.llm_engine.engine_core, InprocClient):
+        llm.llm_engine.step()
+    return llm.collective_rpc("functok_stats")[0]
 
 
 def write_gguf(path: Path, directions: dict, arch: str = "controlvector") -> bytes:

@@ -12,7 +12,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import batch_state, steering_llm  # noqa: E402
+from helpers import batch_state, steering_llm, worker_stats  # noqa: E402
 
 from functok_vllm.core import POSITIONS, SpecError, Vector  # noqa: E402
 from functok_vllm.core.batch import last_function_position  # noqa: E402
@@ -412,7 +412,7 @@ class TestCompiled:
         assert {k: list(o.outputs[0].token_ids) for k, o in zip(keys, outs, strict=True)} == {
             k: reference[k][0] for k in keys
         }
-        stats = compiled.collective_rpc("functok_stats")[0]
+        stats = worker_stats(compiled)
         assert stats["steered_tokens"] > 0 and stats["slots_in_use"] == 0
 
     def test_a_vector_at_an_sae_layer_and_an_add_only_layer_matches_transformers(

@@ -171,8 +171,8 @@ def check_reads(llm, tag: str, n_ids: int, stream: dict, lenses: dict) -> float:
     return worst
 
 
-def make_llm(model_dir, sae_dirs, enforce_eager: bool):
-    return steering_llm(model_dir, sae_dirs, DEMO_FUNCTION_TOKENS, enforce_eager, max_num_seqs=8)
+def make_llm(model_dir, sae_dirs, enforce_eager: bool, in_process: bool = True):
+    return steering_llm(model_dir, sae_dirs, DEMO_FUNCTION_TOKENS, enforce_eager, in_process=in_process, max_num_seqs=8)
 
 
 @pytest.mark.parametrize("name,mode", RUNS, ids=[f"{n}-{m}" for n, m in RUNS])
@@ -251,6 +251,6 @@ def test_resid_mid_where_vllm_has_no_fused_norm_is_refused_by_name(built, tmp_pa
     _, model_dir, _ = built["gpt2"]
     sae = lens_sae(tmp_path / "mid", "standard", 256, "blocks.1.hook_resid_mid")
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):  # vLLM's words for a worker's error
-        make_llm(model_dir, [sae], enforce_eager=True)
+        make_llm(model_dir, [sae], enforce_eager=True, in_process=False)  # as served: the line is the worker's log
     log = "".join(capfd.readouterr())  # the worker's own log line, naming the SAE, its hook and the layer class
     assert f"{sae}: cannot apply an SAE at blocks.1.hook_resid_mid on vLLM: GPT2Block adds its attention" in log

@@ -144,6 +144,10 @@ RUNS = [(c, "compiled") for c in CASES] + [("smollm2-135m", "eager")]
 # of the opaque `functok::steered_hidden`, clamp and ablate requests here were off by up to 0.1 in log-probability,
 # and this test failed; with the op it passes.
 AVX2_CASE = ("random-llama-gqa", "compiled")
+# vLLM's engine runs in the test's process (`helpers.vllm_in_process`) but for the AVX2 case (its environment is for
+# vLLM's processes) and GPT-NeoX: vLLM's Transformers backend changes transformers' GPTNeoXModel class, which the
+# reference then runs.
+OWN_PROCESSES = ("random-gpt-neox",)
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +158,12 @@ def case(request, tmp_path_factory):
     return model, root / "saes", fn, layers
 
 
-def vllm_outputs(case, enforce_eager: bool, cases: list) -> dict:
+def vllm_outputs(case, enforce_eager: bool, cases: list, in_process: bool) -> dict:
     """(prompt ids, prompt logprobs, generated ids, generated logprobs) for every (prompt, spec), in one batch."""
     from vllm import SamplingParams
 
     model, saes, fn, layers = case
-    llm = steering_llm(model, [saes], fn, enforce_eager)
+    llm = steering_llm(model, [saes], fn, enforce_eager, in_process=in_process)
     try:
         params = [
             SamplingParams(
@@ -256,11 +260,12 @@ def reference(case):
 
 @pytest.mark.parametrize("case,mode", sorted(RUNS), indirect=["case"], ids=[f"{c}-{m}" for c, m in sorted(RUNS)])
 def test_vllm_matches_a_plain_forward_with_hooks(request, monkeypatch, case, reference, mode):
-    if (request.node.callspec.params["case"], mode) == AVX2_CASE:
+    name = request.node.callspec.params["case"]
+    if (name, mode) == AVX2_CASE:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # inherited by vLLM's engine and worker processes
         monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
     cases = specs(*case[3], reference.gate)
-    got = vllm_outputs(case, mode == "eager", cases)
+    got = vllm_outputs(case, mode == "eager", cases, in_process=name not in OWN_PROCESSES and (name, mode) != AVX2_CASE)
     for (i, j), (prompt_ids, prompt_lp, gen_ids, gen_lp) in got.items():
         ids = prompt_ids + gen_ids
         acted = torch.zeros(len(ids), dtype=torch.bool)

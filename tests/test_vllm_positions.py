@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import steering_llm  # noqa: E402
+from helpers import steering_llm, worker_stats  # noqa: E402
 from reference import eager_model, load_lens, logprobs  # noqa: E402
 from test_hook_points import PROMPTS  # noqa: E402
 from test_positions import EDITS, MOVED, PLAIN_CASES, TOL, chat_prompt, role_cases  # noqa: E402
@@ -51,7 +51,7 @@ def test_position_objects_match_the_reference_on_compiled_vllm(demo_tokenizer):
             llm.generate([{"prompt_token_ids": chat}], params({"roles": ["user"]}, None), use_tqdm=False)
         prompts = [{"prompt_token_ids": ids} for ids, _, _ in items]
         outs = llm.generate(prompts, [params(pos, roles) for _, (pos, _, _), roles in items], use_tqdm=False)
-        stats = llm.collective_rpc("functok_stats")[0]
+        stats = worker_stats(llm)
     finally:
         llm.llm_engine.engine_core.shutdown()
     model = eager_model(DEMO_MODEL)
