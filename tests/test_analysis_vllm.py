@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import vllm_in_process
 
 from functok_vllm.engines.vllm.available import vllm_status
 from functok_vllm.paths import DEMO_MODEL
@@ -110,7 +111,8 @@ def test_capture_engine_holds_encoders_only_and_refuses_steering():
     from functok_vllm.analysis.vllm_model import load_vllm
     from functok_vllm.paths import DEMO_FUNCTION_TOKENS, DEMO_SAES
 
-    am = load_vllm(DEMO_MODEL, DEMO_SAES, DEMO_FUNCTION_TOKENS, [1], sae_dtype="bfloat16")
+    with vllm_in_process(True):  # as `functok analyze` runs it at one rank
+        am = load_vllm(DEMO_MODEL, DEMO_SAES, DEMO_FUNCTION_TOKENS, [1], sae_dtype="bfloat16")
     try:
         d_in, d_sae = am.saes[1].d_in, am.saes[1].d_sae
         assert am.sae_bytes() == 2 * (d_in * d_sae + 2 * d_sae + d_in)  # no (d_sae, d_in) decoder, 2 bytes each

@@ -189,6 +189,9 @@ def open_engine(args, layers: list[int] | None):
 
     sae_dtype = getattr(args, "sae_dtype", "float32")
     if getattr(args, "engine", "transformers") == "vllm":
+        from functok_vllm.engines.vllm.settings import offline_in_process
+
+        offline_in_process(args.tensor_parallel_size)
         dtype = getattr(args, "model_dtype", "float32")
         am = load_vllm(args.model, args.saes, args.function_tokens, layers, args.tensor_parallel_size, sae_dtype, dtype)
         print(f"vLLM workers hold {am.sae_bytes():,} bytes of SAE weights (encoders only, {sae_dtype})")

@@ -181,8 +181,10 @@ def main(args) -> int:
         raise CLIError("no checkpoints to evaluate")
     if getattr(args, "engine", "transformers") == "vllm":
         from functok_vllm.analysis.vllm_model import open_vllm
+        from functok_vllm.engines.vllm.settings import offline_in_process
 
         tp = args.tensor_parallel_size
+        offline_in_process(tp)
         am, open_model = open_vllm(args.model, args.function_tokens, tp)  # tokenizer + mask here, models in vLLM
     else:
         am, open_model = load_hf(args.model, None, args.function_tokens), None

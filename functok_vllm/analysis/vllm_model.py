@@ -1,6 +1,7 @@
 """The analysis model on the vLLM engine: coverage runs as capture mode of the steering worker extension.
 
-`functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off) with the worker extension
+`functok analyze coverage --engine vllm` builds a `vllm.LLM` (eager, prefix caching off; at one rank its engine
+core and worker run in the CLI's process, `settings.offline_in_process`) with the worker extension
 in capture-only mode (the workers load encoder-only SAEs in `--sae-dtype` and refuse steering), starts a capture
 session on every worker, sends each corpus window as a prompt with `max_tokens=1` (so each window token is forwarded
 exactly once, in whatever batches vLLM's scheduler makes), and reads back the graphs the workers wrote. The SAEs stay
