@@ -27,6 +27,12 @@ def _bind_vllm_workers_to_this_test_worker_s_core() -> None:
 _bind_vllm_workers_to_this_test_worker_s_core()
 
 
+def pytest_configure(config):
+    """Probe vLLM once, in the first pytest process: the answer is kept in the environment (`vllm_status`), which the
+    xdist workers inherit, so they do not each start the 5-second probe while collecting."""
+    vllm_status()
+
+
 def pytest_report_header(config):
     """Say on the first lines whether the vLLM tests run here and on which kernels (they skip, with this reason)."""
     return vllm_status().line()
