@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ r._run_in_subprocess = lambda fn: fn()  # this process is the child vLLM would s
 for name in sys.argv[1:]:
     r.ModelRegistry.models[name].inspect_model_cls()
 """
-INSPECTING = pytest.StashKey[subprocess.Popen]()
+INSPECTING = pytest.StashKey[tuple]()
 
 
 def pytest_configure(config):
@@ -62,13 +63,16 @@ def pytest_configure(config):
     process also starts the one child that inspects `MODEL_CLASSES` while the workers collect; a test that needs a
     class before it is done inspects that class itself, as vLLM does (the cache is written atomically)."""
     if vllm_status().ok and not hasattr(config, "workerinput"):
-        child = subprocess.Popen([sys.executable, "-c", INSPECT, *MODEL_CLASSES], stdout=subprocess.DEVNULL)
-        config.stash[INSPECTING] = child
+        log = tempfile.TemporaryFile()  # its warnings (no Triton on CPU) are shown only if it fails
+        child = subprocess.Popen([sys.executable, "-c", INSPECT, *MODEL_CLASSES], stdout=log, stderr=log)
+        config.stash[INSPECTING] = child, log
 
 
 def pytest_unconfigure(config):
-    child = config.stash.get(INSPECTING, None)
+    child, log = config.stash.get(INSPECTING, (None, None))
     if child is not None and child.wait() != 0:
+        log.seek(0)
+        print(log.read().decode(errors="replace")[-3000:])
         print(f"functok: inspecting vLLM's model classes failed (exit {child.returncode}); the tests inspected them")
 
 
