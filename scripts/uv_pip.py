@@ -6,8 +6,9 @@ pip took 73 s to resolve and install the project's requirements into a fresh vir
 much of it parsing index pages in Python; uv took 8 s and 3 s for the same pinned versions (constraints.txt pins
 them; compared package by package). uv reads no pip configuration, and this machine's decides where packages come
 from (the local CPU torch wheel, local indexes), so the settings `pip config list` reports are passed on: the
-indexes, find-links, constraints, certificates and timeout, with pip's way of choosing among indexes (the best
-version from any of them). A setting uv has no equivalent for is named on stderr and not passed. Files are copied
+indexes, find-links, constraints, certificates and timeout (a variable already set in the environment is kept), with
+pip's way of choosing among indexes (the best version from any of them). A setting uv has no equivalent for is named
+on stderr and not passed. Files are copied
 (the cache is often on another file system) and not compiled: the Makefile's `bytecode` step compiles them.
 """
 
@@ -26,20 +27,32 @@ FLAGS = {  # pip setting -> uv flag, once per value
 }
 ENVIRONMENT = {"cert": "SSL_CERT_FILE", "timeout": "UV_HTTP_TIMEOUT", "default-timeout": "UV_HTTP_TIMEOUT"}
 ENVIRONMENT |= {"proxy": "HTTPS_PROXY"}
-IGNORED = {"disable-pip-version-check", "no-cache-dir", "progress-bar", "quiet", "verbose", "root-user-action"}
+IGNORED = {
+    "config-file",
+    "disable-pip-version-check",
+    "no-cache-dir",
+    "progress-bar",
+    "quiet",
+    "verbose",
+    "root-user-action",
+}
 
 
 def pip_settings() -> dict[str, str]:
-    """pip's settings as it applies them: `pip config list` prints each file's and the environment's (`:env:`) in the
-    order pip loads them, a later one replacing an earlier one of the same name."""
+    """pip's settings for `pip install`, as it applies them: `pip config list` prints `section.name=value` sorted, for
+    the sections of every configuration file pip reads (already merged) and `:env:` for PIP_* variables; `install`
+    replaces `global`, and a variable replaces both (other commands' sections do not apply)."""
     out = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
     ).stdout
-    settings = {}
+    rank = {"global": 0, "install": 1, ":env:": 2}
+    lines = []
     for line in out.splitlines():
         key, _, value = line.partition("=")
-        settings[key.split(".", 1)[-1]] = shlex.split(value)[0] if value else ""
-    return settings
+        section, _, name = key.rpartition(".")
+        if section in rank:
+            lines.append((rank[section], name, shlex.split(value)[0] if value else ""))
+    return {name: value for _, name, value in sorted(lines, key=lambda t: t[0])}
 
 
 def uv_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
