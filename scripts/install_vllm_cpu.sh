@@ -44,7 +44,7 @@ SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 : >>"$LOG"
 pip_() { "$PY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || die "pip $* failed"; }
 # Installs go through uv with pip's configuration (scripts/uv_pip.py: 3 s for the requirements below against pip's 51),
-# and write no bytecode (the Makefile's `bytecode` step compiles them).
+# which writes no bytecode: what this script installed is compiled below, before the kernel check imports vLLM.
 uv_() { "$PY" "$SCRIPT_DIR/uv_pip.py" "$@" >>"$LOG" 2>&1 || die "uv pip install $* failed"; }
 # The top-level packages and modules of the distributions whose .dist-info directories are named on stdin (their
 # RECORD lists every installed file), for compileall.

